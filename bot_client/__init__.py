@@ -1,0 +1,1 @@
+"""tradebus bot_client: the trading bot's publisher."""

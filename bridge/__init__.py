@@ -1,0 +1,1 @@
+"""tradebus bridge: the aiohttp WebSocket edge between the bus and browsers."""

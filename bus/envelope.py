@@ -1,0 +1,205 @@
+"""The bus envelope: encoding and decoding of the three-frame message, no I/O.
+
+A bus message is ZeroMQ multipart ``[topic, meta, payload]`` (docs/protocol.md):
+
+* ``topic``: the UTF-8 topic, e.g. ``market_data.BTC-USD``;
+* ``meta``: big-endian ``version:u8 flags:u8 epoch:u64 seq:u64 publish_ns:u64`` then the
+  UTF-8 source id (the rest of the frame);
+* ``payload``: the UTF-8 JSON object a browser receives, encoded once by the publisher:
+  ``{"type", "data", "timestamp", "topic", "source", "epoch", "seq"}``.
+
+Routers (proxy, bridge) read the topic and meta frames and pass the payload bytes on
+untouched; only end consumers decode it.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import orjson
+
+from bus.errors import EnvelopeError
+
+WIRE_VERSION: Final = 1
+META_HEADER: Final = struct.Struct(">BBQQQ")
+META_HEADER_SIZE: Final = META_HEADER.size  # 26 bytes
+MAX_PAYLOAD_BYTES: Final = 1024 * 1024
+
+_pack_header = META_HEADER.pack
+_unpack_header = META_HEADER.unpack_from
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    """The metadata frame: who published, in which run (epoch), which position, when."""
+
+    source: str
+    epoch: int
+    seq: int
+    publish_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A decoded bus event, as analytics programs see it."""
+
+    topic: str
+    type: str
+    data: dict[str, Any]
+    timestamp: str
+    source: str
+    epoch: int
+    seq: int
+    publish_ns: int
+    payload: bytes
+
+    @property
+    def meta(self) -> Meta:
+        return Meta(self.source, self.epoch, self.seq, self.publish_ns)
+
+
+def encode_meta(source: bytes, epoch: int, seq: int, publish_ns: int) -> bytes:
+    """Pack the metadata frame; ``source`` is the already-encoded source id."""
+    return _pack_header(WIRE_VERSION, 0, epoch, seq, publish_ns) + source
+
+
+def decode_meta(frame: bytes | memoryview) -> Meta:
+    """Unpack a metadata frame, raising EnvelopeError when it is malformed."""
+    if len(frame) < META_HEADER_SIZE + 1:
+        raise EnvelopeError(f"meta frame is {len(frame)} bytes, expected at least 27")
+    version, _flags, epoch, seq, publish_ns = _unpack_header(frame)
+    if version != WIRE_VERSION:
+        raise EnvelopeError(f"meta frame has wire version {version}, expected {WIRE_VERSION}")
+    try:
+        source = bytes(frame[META_HEADER_SIZE:]).decode()
+    except UnicodeDecodeError as error:
+        raise EnvelopeError(f"meta frame source id is not UTF-8: {error}") from None
+    return Meta(source, epoch, seq, publish_ns)
+
+
+def meta_position(frame: bytes | memoryview) -> tuple[int, int]:
+    """(epoch, seq) of a metadata frame, for routers that need nothing else."""
+    _version, _flags, epoch, seq, _publish_ns = _unpack_header(frame)
+    return epoch, seq
+
+
+def meta_source(frame: bytes | memoryview) -> bytes:
+    return bytes(frame[META_HEADER_SIZE:])
+
+
+def meta_publish_ns(frame: bytes | memoryview) -> int:
+    publish_ns: int = _unpack_header(frame)[4]
+    return publish_ns
+
+
+_second_cache: list[Any] = [-1, ""]
+
+
+def format_timestamp(ns: int) -> str:
+    """ISO-8601 UTC with microseconds and a ``Z``: ``2024-01-20T10:30:00.123456Z``.
+
+    The formatted second is cached because publishers call this for every event.
+    """
+    seconds, rest = divmod(ns, 1_000_000_000)
+    if _second_cache[0] != seconds:
+        _second_cache[0] = seconds
+        _second_cache[1] = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_second_cache[1]}.{rest // 1000:06d}Z"
+
+
+def encode_payload(
+    type_name: str,
+    data: Any,
+    timestamp: str,
+    topic: str,
+    source: str,
+    epoch: int,
+    seq: int,
+    default: Callable[[Any], Any] | None = None,
+) -> bytes:
+    """The payload JSON, field order fixed: type, data, timestamp, topic, source, epoch, seq."""
+    try:
+        return orjson.dumps(
+            {
+                "type": type_name,
+                "data": data,
+                "timestamp": timestamp,
+                "topic": topic,
+                "source": source,
+                "epoch": epoch,
+                "seq": seq,
+            },
+            default=default,
+            option=orjson.OPT_NON_STR_KEYS,
+        )
+    except TypeError as error:
+        raise EnvelopeError(
+            f"event data of type {type_name!r} is not JSON-encodable: {error}"
+        ) from None
+
+
+def encode_event(
+    topic: str,
+    type_name: str,
+    data: Any,
+    source: str,
+    epoch: int,
+    seq: int,
+    *,
+    publish_ns: int | None = None,
+    timestamp: str | None = None,
+    default: Callable[[Any], Any] | None = None,
+) -> list[bytes]:
+    """Encode one event into its three frames (inputs are assumed validated)."""
+    now = time.time_ns() if publish_ns is None else publish_ns
+    payload = encode_payload(
+        type_name,
+        data,
+        timestamp if timestamp is not None else format_timestamp(now),
+        topic,
+        source,
+        epoch,
+        seq,
+        default,
+    )
+    return [topic.encode(), encode_meta(source.encode(), epoch, seq, now), payload]
+
+
+def decode_event(frames: Sequence[bytes | memoryview]) -> Event:
+    """Decode a three-frame bus message, raising EnvelopeError when it is malformed."""
+    if len(frames) != 3:
+        raise EnvelopeError(f"bus message has {len(frames)} frames, expected 3")
+    topic_frame, meta_frame, payload_frame = frames
+    try:
+        topic = bytes(topic_frame).decode()
+    except UnicodeDecodeError:
+        raise EnvelopeError("topic frame is not UTF-8") from None
+    meta = decode_meta(meta_frame)
+    payload = bytes(payload_frame)
+    try:
+        body = orjson.loads(payload)
+    except orjson.JSONDecodeError as error:
+        raise EnvelopeError(f"payload of {topic!r} is not JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise EnvelopeError(f"payload of {topic!r} is not a JSON object")
+    type_name = body.get("type")
+    data = body.get("data")
+    if not isinstance(type_name, str) or not isinstance(data, dict):
+        raise EnvelopeError(f"payload of {topic!r} lacks a string 'type' or an object 'data'")
+    timestamp = body.get("timestamp")
+    return Event(
+        topic=topic,
+        type=type_name,
+        data=data,
+        timestamp=timestamp if isinstance(timestamp, str) else "",
+        source=meta.source,
+        epoch=meta.epoch,
+        seq=meta.seq,
+        publish_ns=meta.publish_ns,
+        payload=payload,
+    )

@@ -1,0 +1,30 @@
+"""The bus package's exception tree.
+
+BusError
+├── TopicError        a topic or pattern breaks the grammar (also a ValueError)
+├── EnvelopeError     a multipart message is not a valid bus envelope
+├── EndpointError     an endpoint cannot be bound or connected
+└── SnapshotError     the snapshot service did not answer usefully
+"""
+
+from __future__ import annotations
+
+
+class BusError(Exception):
+    """Root of every error raised by the bus package."""
+
+
+class TopicError(BusError, ValueError):
+    """A topic, pattern or source id does not follow the grammar in docs/protocol.md."""
+
+
+class EnvelopeError(BusError, ValueError):
+    """A received multipart message is not a well-formed bus envelope."""
+
+
+class EndpointError(BusError):
+    """A ZeroMQ endpoint could not be bound or connected (bad address, port in use)."""
+
+
+class SnapshotError(BusError):
+    """The proxy's snapshot service refused a request or did not answer in time."""

@@ -1,0 +1,386 @@
+"""The XSUB/XPUB proxy with a last-value cache and a snapshot service.
+
+Forwarding is libzmq's own ``zmq_proxy_steerable`` loop in a thread that holds no GIL, so
+no Python code runs per forwarded message. The proxy's capture socket copies every
+forwarded message, in forwarding order and subscription messages included, to the cache
+thread, which keeps the latest event of every topic and answers snapshot requests.
+
+Consistent snapshots (no gap, no unmarked duplicate between snapshot and live stream):
+a subscriber first subscribes to its patterns and to the marker ``\\x00sync.<nonce>``, then
+asks for a snapshot naming that nonce. The marker's subscription passes through the proxy
+after the subscriber's other subscriptions took effect, and the capture stream shows it at
+exactly that point, so the cache answers with the state as of that point: every earlier
+event is in the snapshot, every later one reaches the subscriber live. Events that arrive
+live *and* in the snapshot carry the same (source, epoch, seq) and are dropped by the
+subscriber's sequence tracker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+import zmq
+
+from bus.envelope import decode_meta
+from bus.errors import EndpointError, EnvelopeError, TopicError
+from bus.sequence import SeqStatus, SequenceTracker
+from bus.topics import Pattern
+
+DEFAULT_FRONTEND: Final = "tcp://127.0.0.1:5555"
+DEFAULT_BACKEND: Final = "tcp://127.0.0.1:5556"
+DEFAULT_SNAPSHOT: Final = "tcp://127.0.0.1:5557"
+
+SNAPSHOT_COMMAND: Final = b"SNAPSHOT"
+SYNC_PREFIX: Final = b"\x00sync."
+STATUS_OK: Final = b"ok"
+STATUS_UNSYNCED: Final = b"unsynced"
+STATUS_ERROR: Final = b"error"
+
+_SUBSCRIBE: Final = 1
+_SYNC_SUBSCRIPTION: Final = bytes([_SUBSCRIBE]) + SYNC_PREFIX
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    frontend: str = DEFAULT_FRONTEND
+    backend: str = DEFAULT_BACKEND
+    snapshot: str = DEFAULT_SNAPSHOT
+    # Per-peer queues, in messages. At the frontend a full queue makes libzmq stop reading
+    # that publisher (its own send queue then fills); at the backend a full subscriber
+    # queue drops that subscriber's messages, which its sequence tracker reports as a gap.
+    frontend_hwm: int = 100_000
+    backend_hwm: int = 100_000
+    # Capture queue to the cache thread; overflowing it drops cache updates (counted as
+    # cache gaps), never forwarded messages.
+    capture_hwm: int = 200_000
+    cache: bool = True
+    cache_max_topics: int = 100_000
+    sync_timeout: float = 2.0
+    heartbeat_ms: int = 2_000
+
+
+@dataclass
+class CacheStats:
+    events: int = 0
+    invalid: int = 0
+    gaps: int = 0
+    missed: int = 0
+    evictions: int = 0
+    snapshots: int = 0
+    unsynced_snapshots: int = 0
+    bad_requests: int = 0
+    topics: int = 0
+    by_type: dict[str, int] = field(default_factory=dict)
+
+
+def _bind(socket: zmq.Socket[bytes], endpoint: str, role: str) -> str:
+    try:
+        socket.bind(endpoint)
+    except zmq.ZMQError as error:
+        raise EndpointError(f"cannot bind {role} socket to {endpoint}: {error.strerror}") from None
+    bound: bytes = socket.getsockopt(zmq.LAST_ENDPOINT)  # type: ignore[assignment]
+    return bound.decode()
+
+
+class LastValueCache:
+    """Latest (meta, payload) per topic, fed from the capture stream. Not thread-safe."""
+
+    def __init__(self, max_topics: int) -> None:
+        self.max_topics = max_topics
+        self.entries: dict[bytes, tuple[bytes, bytes]] = {}
+        self.tracker = SequenceTracker()
+        self.stats = CacheStats()
+
+    def update(self, topic: bytes, meta: bytes, payload: bytes) -> None:
+        try:
+            parsed = decode_meta(meta)
+        except EnvelopeError:
+            self.stats.invalid += 1
+            return
+        stats = self.stats
+        stats.events += 1
+        type_name = topic.split(b".", 1)[0].decode(errors="replace")
+        stats.by_type[type_name] = stats.by_type.get(type_name, 0) + 1
+        result = self.tracker.observe(parsed.source, topic, parsed.epoch, parsed.seq)
+        if result.status is SeqStatus.GAP:
+            stats.gaps += 1
+            stats.missed += result.missed
+        entries = self.entries
+        if topic not in entries and len(entries) >= self.max_topics:
+            evicted = next(iter(entries))
+            del entries[evicted]
+            stats.evictions += 1
+        entries[topic] = (meta, payload)
+        stats.topics = len(entries)
+
+    def matching(self, patterns: list[Pattern]) -> list[bytes]:
+        """Frames ``topic, meta, payload, ...`` for every cached topic matching a pattern."""
+        frames: list[bytes] = []
+        for topic in sorted(self.entries):
+            text = topic.decode(errors="replace")
+            if not patterns or any(p.matches(text) for p in patterns):
+                meta, payload = self.entries[topic]
+                frames += (topic, meta, payload)
+        return frames
+
+
+class Proxy:
+    """Binds the three sockets and runs the forwarder and cache threads."""
+
+    def __init__(
+        self,
+        config: ProxyConfig | None = None,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+    ) -> None:
+        self.config = config or ProxyConfig()
+        self._own_context = context is None
+        self.context: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context()
+        self.cache = LastValueCache(self.config.cache_max_topics)
+        self.frontend_endpoint = ""
+        self.backend_endpoint = ""
+        self.snapshot_endpoint = ""
+        self._sockets: list[zmq.Socket[bytes]] = []
+        self._threads: list[threading.Thread] = []
+        self._forwarder_control: zmq.Socket[bytes] | None = None
+        self._cache_control: zmq.Socket[bytes] | None = None
+        self._stopped = threading.Event()
+        self._started = False
+        self._tag = f"{id(self):x}"
+
+    # -- life cycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind every socket (raising EndpointError) and start forwarding."""
+        if self._started:
+            raise RuntimeError("proxy already started")
+        self._started = True
+        try:
+            self._start()
+        except BaseException:
+            self._close_sockets()
+            raise
+
+    def _socket(self, kind: int) -> zmq.Socket[bytes]:
+        socket: zmq.Socket[bytes] = self.context.socket(kind)
+        socket.linger = 0
+        self._sockets.append(socket)
+        return socket
+
+    def _start(self) -> None:
+        config = self.config
+        frontend = self._socket(zmq.XSUB)
+        frontend.rcvhwm = config.frontend_hwm
+        backend = self._socket(zmq.XPUB)
+        backend.sndhwm = config.backend_hwm
+        for socket in (frontend, backend):
+            socket.setsockopt(zmq.HEARTBEAT_IVL, config.heartbeat_ms)
+            socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, config.heartbeat_ms * 3)
+        self.frontend_endpoint = _bind(frontend, config.frontend, "publisher (XSUB)")
+        self.backend_endpoint = _bind(backend, config.backend, "subscriber (XPUB)")
+        # Every publisher receives this subscribe-all on connection: all events reach the
+        # cache, and publishers may take it as their "connected" signal.
+        frontend.send(bytes([_SUBSCRIBE]))
+
+        capture: zmq.Socket[bytes] | None = None
+        if config.cache:
+            snapshot = self._socket(zmq.ROUTER)
+            snapshot.setsockopt(zmq.ROUTER_MANDATORY, 0)
+            self.snapshot_endpoint = _bind(snapshot, config.snapshot, "snapshot (ROUTER)")
+            capture = self._socket(zmq.PUB)
+            capture.sndhwm = config.capture_hwm
+            capture.bind(f"inproc://tradebus-capture-{self._tag}")
+            capture_in = self._socket(zmq.SUB)
+            capture_in.rcvhwm = config.capture_hwm
+            capture_in.subscribe(b"")
+            capture_in.connect(f"inproc://tradebus-capture-{self._tag}")
+            cache_control_in = self._socket(zmq.PAIR)
+            cache_control_in.bind(f"inproc://tradebus-cache-control-{self._tag}")
+            self._cache_control = self._socket(zmq.PAIR)
+            self._cache_control.connect(f"inproc://tradebus-cache-control-{self._tag}")
+            cache_thread = threading.Thread(
+                target=self._run_cache,
+                args=(capture_in, snapshot, cache_control_in),
+                name="tradebus-cache",
+                daemon=True,
+            )
+            self._threads.append(cache_thread)
+
+        control_in = self._socket(zmq.PAIR)
+        control_in.bind(f"inproc://tradebus-proxy-control-{self._tag}")
+        self._forwarder_control = self._socket(zmq.PAIR)
+        self._forwarder_control.connect(f"inproc://tradebus-proxy-control-{self._tag}")
+        forwarder = threading.Thread(
+            target=self._run_forwarder,
+            args=(frontend, backend, capture, control_in),
+            name="tradebus-forwarder",
+            daemon=True,
+        )
+        self._threads.append(forwarder)
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop both threads and close every socket. Safe to call more than once."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self._forwarder_control is not None:
+            self._forwarder_control.send(b"TERMINATE")
+        if self._cache_control is not None:
+            self._cache_control.send(b"STOP")
+        for thread in self._threads:
+            thread.join(timeout)
+        self._close_sockets()
+        if self._own_context:
+            self.context.term()
+
+    def _close_sockets(self) -> None:
+        for socket in self._sockets:
+            socket.close(linger=0)
+        self._sockets.clear()
+
+    def __enter__(self) -> Proxy:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- threads ------------------------------------------------------------------------
+    @staticmethod
+    def _run_forwarder(
+        frontend: zmq.Socket[bytes],
+        backend: zmq.Socket[bytes],
+        capture: zmq.Socket[bytes] | None,
+        control: zmq.Socket[bytes],
+    ) -> None:
+        with contextlib.suppress(zmq.ContextTerminated):
+            zmq.proxy_steerable(frontend, backend, capture, control)
+
+    def _run_cache(
+        self,
+        capture: zmq.Socket[bytes],
+        snapshot: zmq.Socket[bytes],
+        control: zmq.Socket[bytes],
+    ) -> None:
+        cache = self.cache
+        poller = zmq.Poller()
+        poller.register(capture, zmq.POLLIN)
+        poller.register(snapshot, zmq.POLLIN)
+        poller.register(control, zmq.POLLIN)
+        seen_syncs: dict[bytes, float] = {}
+        # nonce -> [(reply envelope, patterns, deadline)]
+        parked: dict[bytes, list[tuple[list[bytes], list[Pattern], float]]] = {}
+        recv_capture = capture.recv_multipart
+        timeout_ms = 100
+        while True:
+            ready = dict(poller.poll(timeout_ms))
+            if control in ready:
+                return
+            now = time.monotonic()
+            if capture in ready:
+                # drain in bursts: poll once per batch, not once per message
+                for _ in range(10_000):
+                    try:
+                        frames = recv_capture(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    if len(frames) == 3:
+                        cache.update(frames[0], frames[1], frames[2])
+                    elif len(frames) == 1 and frames[0].startswith(_SYNC_SUBSCRIPTION):
+                        nonce = frames[0][len(_SYNC_SUBSCRIPTION) :]
+                        waiting = parked.pop(nonce, None)
+                        if waiting is None:
+                            seen_syncs[nonce] = now
+                        else:
+                            for envelope, patterns, _deadline in waiting:
+                                self._answer(snapshot, envelope, patterns, STATUS_OK)
+                    elif len(frames) != 1:
+                        cache.stats.invalid += 1
+            if snapshot in ready:
+                while True:
+                    try:
+                        request = snapshot.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._handle_request(snapshot, request, seen_syncs, parked, now)
+            self._expire(snapshot, seen_syncs, parked, now)
+
+    def _handle_request(
+        self,
+        snapshot: zmq.Socket[bytes],
+        request: list[bytes],
+        seen_syncs: dict[bytes, float],
+        parked: dict[bytes, list[tuple[list[bytes], list[Pattern], float]]],
+        now: float,
+    ) -> None:
+        # ROUTER frames: identity, empty delimiter (REQ or DEALER+delimiter), then the body
+        try:
+            delimiter = request.index(b"")
+        except ValueError:
+            self.cache.stats.bad_requests += 1
+            return
+        envelope, body = request[: delimiter + 1], request[delimiter + 1 :]
+        if len(body) < 2 or body[0] != SNAPSHOT_COMMAND:
+            self.cache.stats.bad_requests += 1
+            snapshot.send_multipart(
+                [
+                    *envelope,
+                    SNAPSHOT_COMMAND,
+                    STATUS_ERROR,
+                    b"expected SNAPSHOT, nonce, patterns...",
+                ]
+            )
+            return
+        try:
+            patterns = [Pattern(p.decode()) for p in body[2:]]
+        except (TopicError, UnicodeDecodeError) as error:
+            self.cache.stats.bad_requests += 1
+            snapshot.send_multipart(
+                [*envelope, SNAPSHOT_COMMAND, STATUS_ERROR, str(error).encode()]
+            )
+            return
+        nonce = body[1]
+        if not nonce or seen_syncs.pop(nonce, None) is not None:
+            self._answer(snapshot, envelope, patterns, STATUS_OK)
+            return
+        parked.setdefault(nonce, []).append((envelope, patterns, now + self.config.sync_timeout))
+
+    def _answer(
+        self,
+        snapshot: zmq.Socket[bytes],
+        envelope: list[bytes],
+        patterns: list[Pattern],
+        status: bytes,
+    ) -> None:
+        self.cache.stats.snapshots += 1
+        if status == STATUS_UNSYNCED:
+            self.cache.stats.unsynced_snapshots += 1
+        snapshot.send_multipart(
+            [*envelope, SNAPSHOT_COMMAND, status, *self.cache.matching(patterns)]
+        )
+
+    def _expire(
+        self,
+        snapshot: zmq.Socket[bytes],
+        seen_syncs: dict[bytes, float],
+        parked: dict[bytes, list[tuple[list[bytes], list[Pattern], float]]],
+        now: float,
+    ) -> None:
+        for nonce in [n for n, waiting in parked.items() if waiting[0][2] <= now]:
+            for envelope, patterns, _deadline in parked.pop(nonce):
+                self._answer(snapshot, envelope, patterns, STATUS_UNSYNCED)
+        if len(seen_syncs) > 1000 or (seen_syncs and next(iter(seen_syncs.values())) < now - 60):
+            for nonce in [n for n, seen in seen_syncs.items() if seen < now - 60]:
+                del seen_syncs[nonce]
+            while len(seen_syncs) > 1000:
+                del seen_syncs[next(iter(seen_syncs))]
+
+
+def snapshot_request(nonce: bytes, patterns: Iterable[str]) -> list[bytes]:
+    """The request body a client sends (after REQ's or its own empty delimiter frame)."""
+    return [SNAPSHOT_COMMAND, nonce, *(p.encode() for p in patterns)]

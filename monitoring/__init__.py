@@ -1,0 +1,1 @@
+"""tradebus monitoring: structured logging and metrics."""
