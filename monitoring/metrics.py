@@ -1,0 +1,198 @@
+"""Prometheus metrics of the proxy and of publishers, and a metrics HTTP endpoint.
+
+Nothing here runs per event: the collectors read the counters the components already keep
+(``Proxy.cache.stats``, a publisher's ``status()``) when Prometheus scrapes, so metrics cost
+the forwarding path nothing. The bridge exports its own metrics on its ``/metrics`` route.
+
+Metric names (all prefixed ``tradebus_``) are listed in README.md.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from monitoring.errors import MonitoringError
+
+
+class MetricsServerError(MonitoringError):
+    """The metrics HTTP endpoint could not be started."""
+
+
+class _CacheStats(Protocol):
+    events: int
+    invalid: int
+    gaps: int
+    missed: int
+    evictions: int
+    snapshots: int
+    unsynced_snapshots: int
+    bad_requests: int
+    topics: int
+    by_type: dict[str, int]
+
+
+def _copy_counts(counts: Mapping[str, int]) -> dict[str, int]:
+    # The owning thread may add a key while a scrape copies the dict; a retry sees it whole.
+    for _ in range(10):
+        try:
+            return dict(counts)
+        except RuntimeError:
+            continue
+    return {}
+
+
+class ProxyCollector(Collector):
+    """The proxy's forwarding and cache figures, read from ``stats`` at scrape time.
+
+    Every forwarded event passes through the cache's capture stream, so the cache's counts
+    are the proxy's "events in": by type, gaps seen per (source, topic), topics held.
+    """
+
+    def __init__(self, stats: Callable[[], _CacheStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self._stats()
+        by_type = CounterMetricFamily(
+            "tradebus_proxy_events",
+            "Events forwarded by the proxy, by event type",
+            labels=["type"],
+        )
+        for type_name, count in sorted(_copy_counts(stats.by_type).items()):
+            by_type.add_metric([type_name], count)
+        yield by_type
+        yield CounterMetricFamily(
+            "tradebus_proxy_invalid_messages",
+            "Messages with a malformed envelope seen by the proxy's cache (not cached)",
+            value=stats.invalid,
+        )
+        yield CounterMetricFamily(
+            "tradebus_proxy_gaps",
+            "Sequence gaps seen by the proxy per (source, topic): events lost before the proxy"
+            " or cache updates dropped at the capture high-water mark",
+            value=stats.gaps,
+        )
+        yield CounterMetricFamily(
+            "tradebus_proxy_missed_events",
+            "Events missing in those gaps",
+            value=stats.missed,
+        )
+        yield GaugeMetricFamily(
+            "tradebus_proxy_cache_topics",
+            "Topics held in the last-value cache",
+            value=stats.topics,
+        )
+        yield CounterMetricFamily(
+            "tradebus_proxy_cache_evictions",
+            "Topics evicted from the last-value cache because it was full",
+            value=stats.evictions,
+        )
+        snapshots = CounterMetricFamily(
+            "tradebus_proxy_snapshots",
+            "Snapshot requests answered, by outcome",
+            labels=["status"],
+        )
+        snapshots.add_metric(["ok"], stats.snapshots - stats.unsynced_snapshots)
+        snapshots.add_metric(["unsynced"], stats.unsynced_snapshots)
+        snapshots.add_metric(["error"], stats.bad_requests)
+        yield snapshots
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+class PublisherCollector(Collector):
+    """A publisher's ``status()`` as metrics, labelled with its source id.
+
+    ``status`` returns a mapping with (any of) ``connected``, ``sent``, ``queued``,
+    ``dropped`` (type -> count) and ``reconnects``, as bot_client publishers do.
+    """
+
+    def __init__(self, status: Callable[[], Mapping[str, Any]], source: str) -> None:
+        self._status = status
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        status = self._status()
+        labels = ["source"]
+        value = [self._source]
+
+        def gauge(name: str, text: str, figure: Any) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(name, text, labels=labels)
+            family.add_metric(value, _number(figure))
+            return family
+
+        def counter(name: str, text: str, figure: Any) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, text, labels=labels)
+            family.add_metric(value, _number(figure))
+            return family
+
+        yield gauge(
+            "tradebus_publisher_connected",
+            "1 when the publisher is connected to the bus or bridge",
+            bool(status.get("connected")),
+        )
+        yield counter(
+            "tradebus_publisher_sent_events", "Events handed to the network", status.get("sent")
+        )
+        yield gauge(
+            "tradebus_publisher_queue_size",
+            "Events held while disconnected or waiting to be sent",
+            status.get("queued"),
+        )
+        yield counter(
+            "tradebus_publisher_reconnects",
+            "Connection attempts after the first",
+            status.get("reconnects"),
+        )
+        dropped = CounterMetricFamily(
+            "tradebus_publisher_dropped_events",
+            "Events dropped because the queue was full, by event type",
+            labels=["source", "type"],
+        )
+        drops = status.get("dropped")
+        if isinstance(drops, Mapping):
+            for type_name, count in sorted(_copy_counts(drops).items()):
+                dropped.add_metric([self._source, type_name], _number(count))
+        yield dropped
+
+
+class MetricsServer:
+    """Serves a registry as ``GET /metrics`` (any path, in fact) on its own thread."""
+
+    def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0):
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        except OSError as error:
+            raise MetricsServerError(
+                f"cannot serve metrics on {host}:{port}: {error.strerror or error}"
+            ) from None
+        self.host = host
+        self.port: int = self._server.server_port
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The registry in Prometheus text format (for tests and for embedding in other servers)."""
+    return generate_latest(registry)

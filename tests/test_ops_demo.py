@@ -1,0 +1,149 @@
+"""The demo bot's simulation: a pure generator, tested with plain values."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+
+import pytest
+
+from bus.errors import TopicError
+from bus.topics import make_topic
+from tradebus.demo import DemoEvent, DemoSession, DemoSettings, rsi
+
+START = 1_705_746_600.0  # 2024-01-20T10:30:00Z
+
+
+def take(session: DemoSession, seconds: float) -> list[DemoEvent]:
+    return list(itertools.takewhile(lambda e: e.at <= seconds, session.events()))
+
+
+def test_same_seed_same_session() -> None:
+    first = take(DemoSession(random.Random(7), START), 60)
+    second = take(DemoSession(random.Random(7), START), 60)
+    other = take(DemoSession(random.Random(8), START), 60)
+    assert first == second
+    assert first != other
+
+
+def test_a_session_has_every_kind_of_event_in_time_order() -> None:
+    events = take(DemoSession(random.Random(1), START), 120)
+    kinds = Counter(e.type for e in events)
+    for kind in (
+        "market_data",
+        "ai_decision",
+        "trading_decision",
+        "trading_loop",
+        "indicator_update",
+        "position_update",
+        "trade_execution",
+        "system_status",
+        "performance_update",
+    ):
+        assert kinds[kind] > 0, kind
+    assert [e.at for e in events] == sorted(e.at for e in events)
+    # 3 symbols every 0.25 s for 120 s
+    assert kinds["market_data"] == 3 * 480
+    # a heartbeat at start and every 5 s
+    assert kinds["system_status"] == 1 + 24
+    for event in events:
+        make_topic(event.type, event.key)  # every topic is valid
+
+
+def test_events_have_the_guides_shapes() -> None:
+    events = take(DemoSession(random.Random(3), START), 120)
+    first = {e.type: e.data for e in reversed(events)}
+    assert set(first["market_data"]) == {"symbol", "price", "timestamp"}
+    assert first["market_data"]["timestamp"].startswith("2024-01-20T10:")
+    assert {"action", "reasoning", "confidence", "timestamp"} <= set(first["ai_decision"])
+    decision = first["trading_decision"]
+    assert {
+        "request_id",
+        "action",
+        "confidence",
+        "reasoning",
+        "price",
+        "quantity",
+        "leverage",
+        "indicators",
+        "risk_analysis",
+        "timestamp",
+    } <= set(decision)
+    assert set(decision["risk_analysis"]) == {"stop_loss", "take_profit", "risk_reward_ratio"}
+    assert decision["action"] in {"BUY", "SELL", "HOLD"}
+    assert 0.5 <= decision["confidence"] <= 0.95
+    assert set(first["system_status"]) >= {"status", "health", "errors", "timestamp"}
+    assert {
+        "symbol",
+        "side",
+        "size",
+        "entry_price",
+        "current_price",
+        "unrealized_pnl",
+    } <= set(first["position_update"])
+
+
+def test_risk_figures_are_consistent_with_the_action() -> None:
+    events = take(DemoSession(random.Random(5), START), 600)
+    decisions = [e.data for e in events if e.type == "trading_decision"]
+    trades = [d for d in decisions if d["action"] != "HOLD"]
+    assert trades, "ten minutes without a trade is not a believable session"
+    for d in trades:
+        risk = d["risk_analysis"]
+        if d["action"] == "BUY":
+            assert risk["stop_loss"] < d["price"] < risk["take_profit"]
+        else:
+            assert risk["take_profit"] < d["price"] < risk["stop_loss"]
+        loss = abs(d["price"] - risk["stop_loss"])
+        gain = abs(risk["take_profit"] - d["price"])
+        assert gain / loss == pytest.approx(risk["risk_reward_ratio"], rel=0.02)
+
+
+def test_positions_track_pnl_of_the_current_price() -> None:
+    session = DemoSession(random.Random(11), START)
+    events = take(session, 600)
+    updates = [e.data for e in events if e.type == "position_update" and e.data["side"] != "flat"]
+    assert updates
+    for u in updates:
+        direction = 1 if u["side"] == "long" else -1
+        expected = (u["current_price"] - u["entry_price"]) * u["size"] * direction
+        assert u["unrealized_pnl"] == pytest.approx(expected, abs=0.01)
+    # every opened position is closed by a later execution or still open at the end
+    executions = [e.data for e in events if e.type == "trade_execution"]
+    opens = sum(1 for x in executions if x["trade_action"] == "OPEN")
+    closes = sum(1 for x in executions if x["trade_action"].startswith("CLOSE_"))
+    assert opens - closes == len(session.positions)
+    assert session.trades == closes
+
+
+def test_prices_walk_but_stay_believable() -> None:
+    events = take(DemoSession(random.Random(2), START), 600)
+    btc = [e.data["price"] for e in events if e.type == "market_data" and e.key == "BTC-USD"]
+    assert len(set(btc)) > len(btc) // 2  # it moves
+    # but not absurdly in ten minutes
+    assert min(btc) > 0.7 * 45_000
+    assert max(btc) < 1.3 * 45_000
+
+
+def test_settings_choose_symbols_and_pace() -> None:
+    settings = DemoSettings(symbols=("BTC/USD", "ETH-PERP"), tick=1.0, decision_every=2.0)
+    events = take(DemoSession(random.Random(4), START, settings), 10)
+    assert {e.key for e in events if e.type == "market_data"} == {"BTC/USD", "ETH-PERP"}
+    assert sum(e.type == "trading_decision" for e in events) == 5
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(TopicError):
+        DemoSettings(symbols=("BTC USD",))
+    with pytest.raises(ValueError, match="tick"):
+        DemoSettings(tick=0)
+    with pytest.raises(ValueError, match="at least one symbol"):
+        DemoSettings(symbols=())
+
+
+def test_rsi() -> None:
+    assert rsi([1.0]) == 50.0
+    assert rsi([1.0, 2.0, 3.0]) == 100.0
+    assert rsi([3.0, 2.0, 1.0]) == 0.0
+    assert rsi([1.0, 2.0, 1.0, 2.0, 1.0]) == pytest.approx(50.0)
