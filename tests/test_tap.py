@@ -1,0 +1,132 @@
+"""tradebus tap: the pure counting and formatting, then the real client against a bridge."""
+
+from __future__ import annotations
+
+import pytest
+
+from tradebus.tap import (
+    TapStats,
+    format_event,
+    format_summary,
+    guide_events,
+    parse_timestamp_ns,
+    percentile,
+    with_query,
+)
+
+T0 = 1_705_746_600_000_000_000  # 2024-01-20T10:30:00Z
+
+
+def event(topic: str, seq: int, published_ns: int, source: str = "bot") -> dict[str, object]:
+    return {
+        "type": topic.split(".")[0],
+        "data": {"price": 1.0},
+        "timestamp": guide_events("market_data", published_ns)[0]["timestamp"],
+        "topic": topic,
+        "source": source,
+        "epoch": 7,
+        "seq": seq,
+    }
+
+
+def test_counts_events_by_type_rate_and_latency() -> None:
+    stats = TapStats(started_ns=T0)
+    for seq in range(1, 11):
+        sent = T0 + seq * 100_000_000
+        assert stats.observe(event("market_data.BTC-USD", seq, sent), sent + seq * 1_000_000) == (
+            "event"
+        )
+    stats.observe(event("ai_decision", 1, T0), T0 + 2_000_000)
+    summary = stats.summary(T0 + 2_000_000_000)
+    assert summary["events"] == 11
+    assert summary["by_type"] == {"ai_decision": 1, "market_data": 10}
+    assert summary["rate_per_s"] == 5.5
+    assert summary["gaps"] == 0
+    latency = summary["latency_ms"]
+    assert latency["count"] == 11
+    assert latency["p50"] == 5.0
+    assert latency["max"] == 10.0
+    assert latency["p99"] == 10.0
+
+
+def test_gaps_from_sequence_and_from_the_bridge_and_duplicates() -> None:
+    stats = TapStats(started_ns=T0)
+    for seq in (1, 2, 5, 5, 6):  # 3 and 4 missing, 5 twice
+        stats.observe(event("market_data.BTC-USD", seq, T0), T0)
+    stats.observe({"type": "gap", "topic": "ai_decision", "source": "bot", "missed": 3}, T0)
+    summary = stats.summary(T0 + 1)
+    assert summary["gaps"] == 2
+    assert summary["missed"] == 5
+    assert summary["duplicates"] == 1
+    assert summary["control"] == {"gap": 1}
+
+
+def test_snapshot_events_are_not_live_and_do_not_count_latency() -> None:
+    stats = TapStats(started_ns=T0)
+    stats.observe({"type": "snapshot_begin", "mode": "snapshot", "recovered": True}, T0)
+    assert stats.observe(event("market_data.BTC-USD", 40, T0 - 60 * 10**9), T0) == "snapshot"
+    stats.observe({"type": "snapshot_end", "mode": "snapshot", "recovered": True, "count": 1}, T0)
+    stats.observe(event("market_data.BTC-USD", 41, T0), T0 + 1_000_000)
+    summary = stats.summary(T0 + 1)
+    assert summary["events"] == 1
+    assert summary["snapshot_events"] == 1
+    assert summary["latency_ms"]["count"] == 1
+    assert summary["latency_ms"]["max"] == 1.0
+    assert summary["gaps"] == 0
+
+
+def test_control_messages_and_errors() -> None:
+    stats = TapStats(started_ns=T0)
+    stats.observe({"type": "connection_established", "server": "tradebus"}, T0)
+    stats.observe({"type": "error", "code": "bad_pattern", "message": "no"}, T0)
+    stats.observe(["not", "an", "object"], T0)
+    # the bot's own "error" event type is an event, not a bridge error
+    bot_error = {"type": "error", "data": {"message": "x", "level": "ERROR"}, "topic": "error"}
+    assert stats.observe(bot_error, T0) == "event"
+    summary = stats.summary(T0 + 1)
+    assert summary["control"] == {"connection_established": 1, "error": 1, "invalid": 1}
+    assert summary["errors"] == ["bad_pattern: no"]
+    assert summary["events"] == 1
+    assert "error from bridge: bad_pattern: no" in format_summary(summary)
+
+
+def test_guide_events_have_the_guides_shapes() -> None:
+    every = guide_events("all", T0)
+    assert [e["type"] for e in every] == [
+        "market_data",
+        "ai_decision",
+        "trading_decision",
+        "system_status",
+        "position_update",
+    ]
+    assert every[0]["data"] == {
+        "symbol": "BTC-USD",
+        "price": 45000.0,
+        "timestamp": "2024-01-20T10:30:00.000000Z",
+    }
+    assert every[2]["data"]["risk_analysis"]["risk_reward_ratio"] == 2.0
+    assert [e["type"] for e in guide_events("system_status", T0)] == ["system_status"]
+
+
+def test_timestamps_percentiles_urls_and_lines() -> None:
+    assert parse_timestamp_ns("2024-01-20T10:30:00.000123Z") == T0 + 123_000
+    assert parse_timestamp_ns("2024-01-20T10:30:00+00:00") == T0
+    assert parse_timestamp_ns("2024-01-20T10:30:00") is None  # no zone: not comparable
+    assert parse_timestamp_ns("yesterday") is None
+    assert parse_timestamp_ns(12) is None
+    assert percentile([], 0.5) == 0.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0
+    assert percentile([float(i) for i in range(1, 101)], 0.99) == 99.0
+    assert with_query("ws://h:1/ws", {"topics": "a,b"}) == "ws://h:1/ws?topics=a%2Cb"
+    assert with_query("ws://h:1/ws?token=x", {"role": "publisher"}) == (
+        "ws://h:1/ws?token=x&role=publisher"
+    )
+    line = format_event(event("market_data.BTC-USD", 3, T0), T0 + 1_500_000, "event")
+    assert line.startswith("10:30:00.001 market_data.BTC-USD #3 from bot 1.5ms ")
+    assert '"price":1.0' in line
+
+
+@pytest.mark.parametrize("kind", ["market_data", "all"])
+def test_guide_events_are_stamped(kind: str) -> None:
+    for e in guide_events(kind, T0 + 5_000):
+        assert e["timestamp"] == "2024-01-20T10:30:00.000005Z"
