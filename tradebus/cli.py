@@ -18,6 +18,8 @@ from tradebus import __version__
 COMMANDS: dict[str, str] = {
     "proxy": "bus.cli",
     "tap": "tradebus.tap",
+    "record": "tradebus.record",
+    "replay": "tradebus.replay",
 }
 
 

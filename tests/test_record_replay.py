@@ -1,0 +1,230 @@
+"""record -> file -> replay -> record: the round trip is lossless, over a real proxy."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import orjson
+import pytest
+import zmq
+
+from bus.envelope import encode_event
+from bus.proxy import Proxy, ProxyConfig
+from tradebus.record import (
+    RecordedEvent,
+    RecordingError,
+    RecordStats,
+    Restamper,
+    connect_publisher,
+    parse_line,
+    read_recording,
+    record,
+    replay,
+    schedule,
+)
+from tests.conftest import scaled
+
+Ctx = zmq.Context[zmq.Socket[bytes]]
+
+
+class Recorder:
+    """``record`` on a thread, ready once its subscription is in force."""
+
+    def __init__(self, proxy: Proxy, context: Ctx, path: Path, patterns: list[str], count: int):
+        self.path = path
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+        self.stats: RecordStats | None = None
+        self.error: BaseException | None = None
+
+        def work() -> None:
+            try:
+                with open(path, "wb") as out:
+                    self.stats = record(
+                        out,
+                        patterns,
+                        self.stop,
+                        endpoint=proxy.backend_endpoint,
+                        snapshot_endpoint=proxy.snapshot_endpoint,
+                        count=count,
+                        ready=self.ready,
+                        context=context,
+                    )
+            except BaseException as error:
+                self.error = error
+                self.ready.set()
+
+        self.thread = threading.Thread(target=work, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(scaled(10)), "recorder never became ready"
+        assert self.error is None, self.error
+
+    def join(self) -> list[RecordedEvent]:
+        self.thread.join(scaled(20))
+        self.stop.set()
+        self.thread.join(scaled(5))
+        assert not self.thread.is_alive(), "recorder did not finish"
+        assert self.error is None, self.error
+        with open(self.path, "rb") as lines:
+            return list(read_recording(lines))
+
+
+def key(event: RecordedEvent) -> tuple[str, str, int, int, bytes]:
+    return (event.topic, event.source, event.epoch, event.seq, event.payload)
+
+
+def test_round_trip_is_lossless(proxy: Proxy, zmq_context: Ctx, tmp_path: Path) -> None:
+    wanted = 600
+    first = Recorder(
+        proxy, zmq_context, tmp_path / "first.jsonl", ["market_data", "*.ETH-USD"], wanted
+    )
+    publisher = connect_publisher(zmq_context, proxy.frontend_endpoint, scaled(5))
+    published = []
+    try:
+        for n in range(1, 301):
+            for source, symbol in (("bot-a", "BTC-USD"), ("bot-b", "ETH-USD")):
+                frames = encode_event(
+                    f"market_data.{symbol}",
+                    "market_data",
+                    {"symbol": symbol, "price": 45000.0 + n / 7, "note": "é✓", "n": n},
+                    source,
+                    1_700_000_000_000_000_000,
+                    n,
+                )
+                publisher.send_multipart(frames)
+                published.append(frames)
+            # not recorded: no pattern matches it
+            publisher.send_multipart(encode_event("ai_decision", "ai_decision", {}, "bot-a", 1, n))
+    finally:
+        publisher.close(linger=scaled(5_000))
+    recorded = first.join()
+    assert first.stats is not None
+    assert first.stats.events == wanted
+    assert first.stats.gaps == 0
+    assert sorted((e.topic, e.source, e.seq, e.payload) for e in recorded) == sorted(
+        (f[0].decode(), f[1][26:].decode(), int.from_bytes(f[1][10:18]), f[2]) for f in published
+    )
+
+    # Backtesting replays into a fresh bus: one that saw these (source, epoch, seq)
+    # positions drops them as duplicates (that is what `replay --source` is for).
+    with Proxy(
+        ProxyConfig(
+            frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*", snapshot="tcp://127.0.0.1:*"
+        ),
+        context=zmq_context,
+    ) as fresh:
+        second = Recorder(fresh, zmq_context, tmp_path / "second.jsonl", ["*"], wanted)
+        replayer = connect_publisher(zmq_context, fresh.frontend_endpoint, scaled(5))
+        try:
+            sent = replay(iter(recorded), replayer, threading.Event(), speed=None)
+        finally:
+            replayer.close(linger=scaled(5_000))
+        assert sent == wanted
+        again = second.join()
+    assert [key(e) for e in again] == [key(e) for e in recorded]
+    # the replay's publish time is its own; the recording keeps the original one
+    assert min(e.publish_ns for e in again) > max(e.publish_ns for e in recorded)
+
+
+def test_recorder_writes_gap_lines(proxy: Proxy, zmq_context: Ctx, tmp_path: Path) -> None:
+    recorder = Recorder(proxy, zmq_context, tmp_path / "gaps.jsonl", ["*"], 2)
+    publisher = connect_publisher(zmq_context, proxy.frontend_endpoint, scaled(5))
+    try:
+        for seq in (1, 5):
+            publisher.send_multipart(encode_event("ai_decision", "ai_decision", {}, "bot", 9, seq))
+    finally:
+        publisher.close(linger=scaled(5_000))
+    events = recorder.join()
+    assert [e.seq for e in events] == [1, 5]
+    assert recorder.stats is not None
+    assert (recorder.stats.gaps, recorder.stats.missed) == (1, 3)
+    lines = (tmp_path / "gaps.jsonl").read_bytes().splitlines()
+    assert orjson.loads(lines[0])["tradebus_recording"] == 1
+    gap = orjson.loads(lines[2])["gap"]
+    assert (gap["first_seq"], gap["last_seq"], gap["restart"]) == (2, 4, False)
+
+
+def sample(recv_ns: int, seq: int = 1, topic: str = "market_data.BTC-USD") -> RecordedEvent:
+    payload = orjson.dumps(
+        {
+            "type": "market_data",
+            "data": {"price": 1.5},
+            "timestamp": "2024-01-20T10:30:00.000000Z",
+            "topic": topic,
+            "source": "bot",
+            "epoch": 3,
+            "seq": seq,
+        }
+    )
+    return RecordedEvent(recv_ns, topic, "bot", 3, seq, recv_ns - 10, payload)
+
+
+def test_schedule_keeps_scales_or_drops_the_pace() -> None:
+    events = [sample(1_000_000_000), sample(1_500_000_000), sample(3_000_000_000)]
+    assert [o for o, _ in schedule(events, 1.0)] == [0.0, 0.5, 2.0]
+    assert [o for o, _ in schedule(events, 2.0)] == [0.0, 0.25, 1.0]
+    assert [o for o, _ in schedule(events, None)] == [0.0, 0.0, 0.0]
+
+
+def test_lines_round_trip_and_bad_lines_say_where() -> None:
+    event = sample(5_000, seq=4)
+    assert parse_line(event.to_line(), "x") == event
+    snap = RecordedEvent(1, "a", "s", 1, 1, 1, b'{"type":"a","data":{}}', snapshot=True)
+    assert parse_line(snap.to_line(), "x") == snap
+    assert parse_line(b'{"tradebus_recording": 1}', "x") is None
+    assert parse_line(b'{"gap": {}}', "x") is None
+    with pytest.raises(RecordingError, match="rec line 2: not JSON"):
+        list(read_recording(io.BytesIO(b'{"tradebus_recording": 1}\n{oops\n'), "rec"))
+    with pytest.raises(RecordingError, match="format 2"):
+        parse_line(b'{"tradebus_recording": 2}', "x")
+    with pytest.raises(RecordingError, match="'seq' must be a whole number"):
+        parse_line(event.to_line().replace(b'"seq":4', b'"seq":-1'), "x")
+    with pytest.raises(RecordingError, match="topic"):
+        parse_line(event.to_line().replace(b"market_data.BTC-USD", b"bad topic", 1), "x")
+
+
+def test_restamper_renumbers_under_a_new_source() -> None:
+    restamp = Restamper("replayer", 77)
+    first = restamp(sample(1, seq=40))
+    second = restamp(sample(2, seq=41))
+    other = restamp(sample(3, seq=9, topic="market_data.ETH-USD"))
+    assert [(e.source, e.epoch, e.seq) for e in (first, second, other)] == [
+        ("replayer", 77, 1),
+        ("replayer", 77, 2),
+        ("replayer", 77, 1),
+    ]
+    body = orjson.loads(second.payload)
+    assert body["source"] == "replayer"
+    assert body["seq"] == 2
+    assert body["data"] == {"price": 1.5}
+    assert body["timestamp"] == "2024-01-20T10:30:00.000000Z"
+
+
+def tradebus(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tradebus", *args],
+        capture_output=True,
+        text=True,
+        timeout=scaled(30),
+        env={**os.environ, "TRADEBUS_LOG_LEVEL": "WARNING"},
+    )
+
+
+def test_cli_replay_errors_are_one_line(tmp_path: Path) -> None:
+    missing = tradebus("replay", str(tmp_path / "nope.jsonl"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip().count("\n") == 0
+    assert "cannot read" in missing.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"tradebus_recording": 1}\nnot json\n')
+    # a valid file but no proxy there: a clear error naming the endpoint
+    result = tradebus(
+        "replay", str(bad), "--frontend", "tcp://127.0.0.1:1", "--connect-timeout", "0.3"
+    )
+    assert result.returncode == 2
+    assert "no bus proxy answered at tcp://127.0.0.1:1" in result.stderr

@@ -1,0 +1,461 @@
+"""``tradebus record`` / ``tradebus replay``: bus topics to a JSON-lines file and back.
+
+A recording is one JSON object per line:
+
+* first a header: ``{"tradebus_recording": 1, "patterns": [...], "endpoint": ..., "started": ISO}``;
+* one line per event: ``{"recv_ns", "topic", "source", "epoch", "seq", "publish_ns",
+  "payload"}`` where ``payload`` is the event's payload JSON *as a string*, byte for byte as
+  it crossed the bus (``json.loads(line["payload"])`` gives the event), and ``"snapshot":
+  true`` on events that came from the proxy's snapshot with ``--snapshot``;
+* ``{"gap": {"topic", "source", "epoch", "first_seq", "last_seq", "restart"}}`` where the
+  recorder saw events missing, so a recording says where it is incomplete.
+
+Replay publishes every event again with its topic, payload bytes, source, epoch and seq
+unchanged (only the meta frame's publish time is the replay's, so latency figures stay
+meaningful): recording a replay gives back the same events. ``--source`` instead
+republishes under a new source id and epoch with fresh sequence numbers, for replaying into
+a bus where the original source is still live. Pacing follows the recorder's receive
+times, scaled by ``--speed``, or ``--as-fast-as-possible``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any, Final
+
+import orjson
+import zmq
+
+from bus.envelope import encode_meta, encode_payload, format_timestamp
+from bus.errors import BusError, EnvelopeError, SnapshotError
+from bus.proxy import DEFAULT_BACKEND, DEFAULT_SNAPSHOT
+from bus.subscriber import BlockingSubscriber, Gap, resolve_backend, resolve_snapshot
+from bus.topics import validate_source, validate_topic
+from monitoring.errors import ToolError
+from monitoring.logging import configure_logging, get_logger
+
+HELP = "record bus topics to a JSON-lines file (see `tradebus replay`)"
+FORMAT_VERSION: Final = 1
+
+
+class RecordingError(ToolError):
+    """A recording file is malformed or cannot be read or written."""
+
+
+# -- pure core: lines in and out ----------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    recv_ns: int
+    topic: str
+    source: str
+    epoch: int
+    seq: int
+    publish_ns: int
+    payload: bytes
+    snapshot: bool = False
+
+    def to_line(self) -> bytes:
+        body: dict[str, Any] = {
+            "recv_ns": self.recv_ns,
+            "topic": self.topic,
+            "source": self.source,
+            "epoch": self.epoch,
+            "seq": self.seq,
+            "publish_ns": self.publish_ns,
+            "payload": self.payload.decode(),
+        }
+        if self.snapshot:
+            body["snapshot"] = True
+        return orjson.dumps(body) + b"\n"
+
+
+def header_line(patterns: list[str], endpoint: str, started_ns: int) -> bytes:
+    return (
+        orjson.dumps(
+            {
+                "tradebus_recording": FORMAT_VERSION,
+                "patterns": patterns,
+                "endpoint": endpoint,
+                "started": format_timestamp(started_ns),
+            }
+        )
+        + b"\n"
+    )
+
+
+def gap_line(gap: Gap) -> bytes:
+    return (
+        orjson.dumps(
+            {
+                "gap": {
+                    "topic": gap.topic,
+                    "source": gap.source,
+                    "epoch": gap.epoch,
+                    "first_seq": gap.first_seq,
+                    "last_seq": gap.last_seq,
+                    "restart": gap.restart,
+                }
+            }
+        )
+        + b"\n"
+    )
+
+
+def _int(body: dict[str, Any], name: str, where: str) -> int:
+    value = body.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise RecordingError(f"{where}: {name!r} must be a whole number, got {value!r}")
+    return value
+
+
+def parse_line(line: bytes, where: str) -> RecordedEvent | None:
+    """The event on one line; None for the header and gap lines; RecordingError otherwise."""
+    try:
+        body = orjson.loads(line)
+    except orjson.JSONDecodeError as error:
+        raise RecordingError(f"{where}: not JSON ({error})") from None
+    if not isinstance(body, dict):
+        raise RecordingError(f"{where}: expected a JSON object")
+    if "tradebus_recording" in body:
+        if body["tradebus_recording"] != FORMAT_VERSION:
+            raise RecordingError(
+                f"{where}: recording format {body['tradebus_recording']!r}, "
+                f"this tradebus reads {FORMAT_VERSION}"
+            )
+        return None
+    if "gap" in body:
+        return None
+    payload = body.get("payload")
+    if not isinstance(payload, str):
+        raise RecordingError(f"{where}: 'payload' must be the event's JSON as a string")
+    try:
+        topic = validate_topic(body.get("topic"))
+        source = validate_source(body.get("source"))
+    except BusError as error:
+        raise RecordingError(f"{where}: {error}") from None
+    return RecordedEvent(
+        recv_ns=_int(body, "recv_ns", where),
+        topic=topic,
+        source=source,
+        epoch=_int(body, "epoch", where),
+        seq=_int(body, "seq", where),
+        publish_ns=_int(body, "publish_ns", where),
+        payload=payload.encode(),
+        snapshot=body.get("snapshot") is True,
+    )
+
+
+def read_recording(lines: Iterable[bytes], name: str = "recording") -> Iterator[RecordedEvent]:
+    """The events of a recording, lazily, in file order."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        event = parse_line(line, f"{name} line {number}")
+        if event is not None:
+            yield event
+
+
+def schedule(events: Iterable[RecordedEvent], speed: float | None) -> Iterator[tuple[float, Any]]:
+    """(seconds after the replay's start, event): the recorder's pace divided by ``speed``.
+
+    ``speed`` None means as fast as possible (every offset 0).
+    """
+    first: int | None = None
+    for event in events:
+        if speed is None:
+            yield 0.0, event
+            continue
+        if first is None:
+            first = event.recv_ns
+        yield max(0, event.recv_ns - first) / 1e9 / speed, event
+
+
+class Restamper:
+    """Republishes events under a new source and epoch, numbering each topic from 1."""
+
+    def __init__(self, source: str, epoch: int) -> None:
+        self.source = validate_source(source)
+        self.epoch = epoch
+        self._seqs: dict[str, int] = {}
+
+    def __call__(self, event: RecordedEvent) -> RecordedEvent:
+        try:
+            body = orjson.loads(event.payload)
+        except orjson.JSONDecodeError as error:
+            raise RecordingError(f"event {event.topic} #{event.seq}: payload not JSON") from error
+        if not isinstance(body, dict):
+            raise RecordingError(f"event {event.topic} #{event.seq}: payload not an object")
+        seq = self._seqs.get(event.topic, 0) + 1
+        self._seqs[event.topic] = seq
+        timestamp = body.get("timestamp")
+        try:
+            payload = encode_payload(
+                str(body.get("type", event.topic.split(".", 1)[0])),
+                body.get("data", {}),
+                timestamp if isinstance(timestamp, str) else format_timestamp(event.publish_ns),
+                event.topic,
+                self.source,
+                self.epoch,
+                seq,
+            )
+        except EnvelopeError as error:
+            raise RecordingError(str(error)) from None
+        return RecordedEvent(
+            event.recv_ns, event.topic, self.source, self.epoch, seq, event.publish_ns, payload
+        )
+
+
+# -- I/O adapters --------------------------------------------------------------------------------
+@dataclass
+class RecordStats:
+    events: int = 0
+    snapshot_events: int = 0
+    gaps: int = 0
+    missed: int = 0
+    by_topic: dict[str, int] = field(default_factory=dict)
+
+
+def record(
+    out: IO[bytes],
+    patterns: list[str],
+    stop: threading.Event,
+    *,
+    endpoint: str = DEFAULT_BACKEND,
+    snapshot_endpoint: str = DEFAULT_SNAPSHOT,
+    with_snapshot: bool = False,
+    duration: float | None = None,
+    count: int | None = None,
+    ready: threading.Event | None = None,
+    context: zmq.Context[zmq.Socket[bytes]] | None = None,
+    clock_ns: Callable[[], int] = time.time_ns,
+) -> RecordStats:
+    """Write matching bus events to ``out`` until ``stop``, ``duration`` or ``count``.
+
+    The subscriber syncs with the proxy's snapshot service, so once ``ready`` is set every
+    event published from then on is recorded.
+    """
+    log = get_logger("record")
+    stats = RecordStats()
+    subscriber = BlockingSubscriber(
+        patterns,
+        endpoint=endpoint,
+        snapshot=True,
+        snapshot_endpoint=snapshot_endpoint,
+        context=context,
+    )
+    try:
+        subscriber.start()
+    except SnapshotError as error:
+        if with_snapshot:
+            raise ToolError(str(error)) from None
+        # A proxy without a cache cannot sync: record anyway, from whenever the
+        # subscription takes effect.
+        log.warning("record.unsynced", reason=str(error))
+        subscriber = BlockingSubscriber(patterns, endpoint=endpoint, context=context)
+        subscriber.start()
+    out.write(header_line(patterns, endpoint, clock_ns()))
+    skip_snapshot = 0 if with_snapshot else subscriber.stats.snapshot_events
+    in_snapshot = subscriber.stats.snapshot_events
+    log.info("record.started", endpoint=endpoint, patterns=patterns)
+    if ready is not None:
+        ready.set()
+    deadline = None if duration is None else time.monotonic() + duration
+    try:
+        while not stop.is_set():
+            if count is not None and stats.events >= count:
+                break
+            wait = 0.2
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    break
+            item = subscriber.recv(wait)
+            if item is None:
+                out.flush()
+                continue
+            if isinstance(item, Gap):
+                stats.gaps += 1
+                stats.missed += item.missed
+                out.write(gap_line(item))
+                log.warning("record.gap", topic=item.topic, missed=item.missed)
+                continue
+            from_snapshot = in_snapshot > 0
+            in_snapshot -= from_snapshot
+            if skip_snapshot:
+                skip_snapshot -= 1
+                continue
+            out.write(
+                RecordedEvent(
+                    clock_ns(),
+                    item.topic,
+                    item.source,
+                    item.epoch,
+                    item.seq,
+                    item.publish_ns,
+                    item.payload,
+                    from_snapshot,
+                ).to_line()
+            )
+            stats.events += 1
+            stats.snapshot_events += from_snapshot
+            stats.by_topic[item.topic] = stats.by_topic.get(item.topic, 0) + 1
+    finally:
+        subscriber.close()
+        out.flush()
+    log.info("record.stopped", events=stats.events, gaps=stats.gaps, missed=stats.missed)
+    return stats
+
+
+def connect_publisher(
+    context: zmq.Context[zmq.Socket[bytes]], endpoint: str, timeout: float
+) -> zmq.Socket[bytes]:
+    """An XPUB socket connected to the proxy, returned once the proxy is known to listen.
+
+    XPUB_NODROP makes a full queue block the sender instead of dropping events: a replay
+    loses nothing.
+    """
+    socket: zmq.Socket[bytes] = context.socket(zmq.XPUB)
+    socket.setsockopt(zmq.XPUB_NODROP, 1)
+    socket.sndhwm = 100_000
+    socket.linger = int(timeout * 1000)
+    try:
+        socket.connect(endpoint)
+    except zmq.ZMQError as error:
+        socket.close(linger=0)
+        raise ToolError(f"cannot connect to {endpoint}: {error.strerror}") from None
+    # the proxy subscribes every publisher to everything on connection
+    if not socket.poll(int(timeout * 1000)):
+        socket.close(linger=0)
+        raise ToolError(f"no bus proxy answered at {endpoint} within {timeout:g} s")
+    socket.recv()
+    return socket
+
+
+def replay(
+    events: Iterable[RecordedEvent],
+    socket: zmq.Socket[bytes],
+    stop: threading.Event,
+    *,
+    speed: float | None = 1.0,
+    transform: Callable[[RecordedEvent], RecordedEvent] | None = None,
+    clock_ns: Callable[[], int] = time.time_ns,
+) -> int:
+    """Publish ``events`` on ``socket`` at the recorded pace; return how many went out."""
+    sent = 0
+    started = time.monotonic()
+    for offset, event in schedule(events, speed):
+        delay = started + offset - time.monotonic()
+        if delay > 0 and stop.wait(delay):
+            break
+        if stop.is_set():
+            break
+        out = transform(event) if transform is not None else event
+        meta = encode_meta(out.source.encode(), out.epoch, out.seq, clock_ns())
+        socket.send_multipart([out.topic.encode(), meta, out.payload])
+        sent += 1
+    return sent
+
+
+# -- command line: record ------------------------------------------------------------------------
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
+
+
+def _whole(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
+
+
+def stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return stop
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", type=Path, help="the JSON-lines file to write ('-' for stdout)")
+    parser.add_argument(
+        "--topics",
+        default="*",
+        help="comma-separated topic patterns to record (default: every topic)",
+    )
+    parser.add_argument(
+        "--backend",
+        default=None,
+        help=f"the proxy's XPUB endpoint (default $TRADEBUS__PROXY_BACKEND or {DEFAULT_BACKEND})",
+    )
+    parser.add_argument(
+        "--snapshot-endpoint",
+        default=None,
+        help="the proxy's snapshot endpoint "
+        f"(default $TRADEBUS__PROXY_SNAPSHOT or {DEFAULT_SNAPSHOT})",
+    )
+    parser.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="start the recording with the latest event of every matching topic",
+    )
+    parser.add_argument("--duration", type=_positive, help="stop after this many seconds")
+    parser.add_argument("--count", type=_whole, help="stop after this many events")
+    parser.add_argument(
+        "--append", action="store_true", help="append to the file instead of replacing it"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging()
+    patterns = [p.strip() for p in args.topics.split(",") if p.strip()] or ["*"]
+    stop = stop_on_signals()
+    to_stdout = str(args.file) == "-"
+    try:
+        out: IO[bytes] = (
+            sys.stdout.buffer if to_stdout else open(args.file, "ab" if args.append else "wb")  # noqa: SIM115
+        )
+    except OSError as error:
+        raise RecordingError(f"cannot write {args.file}: {error.strerror}") from None
+    try:
+        stats = record(
+            out,
+            patterns,
+            stop,
+            endpoint=resolve_backend(args.backend),
+            snapshot_endpoint=resolve_snapshot(args.snapshot_endpoint),
+            with_snapshot=args.snapshot,
+            duration=args.duration,
+            count=args.count,
+        )
+    finally:
+        if not to_stdout:
+            out.close()
+    where = "stdout" if to_stdout else os.fspath(args.file)
+    print(
+        f"recorded {stats.events} events ({stats.snapshot_events} from the snapshot) to "
+        f"{where}; {stats.gaps} gaps, {stats.missed} events missed",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,103 @@
+"""``tradebus replay``: publish a recording (``tradebus record``) back onto the bus."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import zmq
+
+from bus.proxy import DEFAULT_FRONTEND
+from monitoring.logging import configure_logging, get_logger
+from tradebus.record import (
+    RecordingError,
+    Restamper,
+    connect_publisher,
+    read_recording,
+    replay,
+    stop_on_signals,
+)
+
+HELP = "publish a recording back onto the bus at its pace, scaled, or as fast as possible"
+FRONTEND_VARIABLE = "TRADEBUS__PROXY_FRONTEND"
+
+
+def _speed(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a factor such as 2 or 0.5, got {text!r}"
+        ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a factor above 0, got {text!r}")
+    return value
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", type=Path, help="a recording made by `tradebus record`")
+    parser.add_argument(
+        "--frontend",
+        default=None,
+        help=f"the proxy's XSUB endpoint (default ${FRONTEND_VARIABLE} or {DEFAULT_FRONTEND})",
+    )
+    pace = parser.add_mutually_exclusive_group()
+    pace.add_argument(
+        "--speed",
+        type=_speed,
+        default=1.0,
+        help="pace factor: 2 plays twice as fast, 0.5 half as fast (default 1: original pace)",
+    )
+    pace.add_argument(
+        "--as-fast-as-possible",
+        action="store_true",
+        help="no pauses between events (nothing is dropped: sending waits for the bus)",
+    )
+    parser.add_argument(
+        "--source",
+        help="republish under this source id with a new epoch and fresh sequence numbers "
+        "(default: the recorded source, epoch and seq, unchanged)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=_speed,
+        default=5.0,
+        help="seconds to wait for the proxy (default %(default)s)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging()
+    log = get_logger("replay")
+    frontend = args.frontend or os.environ.get(FRONTEND_VARIABLE) or DEFAULT_FRONTEND
+    transform = Restamper(args.source, time.time_ns()) if args.source else None
+    try:
+        lines = open(args.file, "rb")  # noqa: SIM115
+    except OSError as error:
+        raise RecordingError(f"cannot read {args.file}: {error.strerror}") from None
+    stop = stop_on_signals()
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        socket = connect_publisher(context, frontend, args.connect_timeout)
+        try:
+            log.info("replay.started", file=os.fspath(args.file), frontend=frontend)
+            started = time.monotonic()
+            sent = replay(
+                read_recording(lines, os.fspath(args.file)),
+                socket,
+                stop,
+                speed=None if args.as_fast_as_possible else args.speed,
+                transform=transform,
+            )
+        finally:
+            socket.close()  # lingers until the proxy has every event
+    finally:
+        lines.close()
+        context.term()
+    seconds = time.monotonic() - started
+    log.info("replay.stopped", events=sent, seconds=round(seconds, 3))
+    print(f"replayed {sent} events in {seconds:.2f} s", file=sys.stderr)
+    return 0
