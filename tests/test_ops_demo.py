@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 from collections import Counter
+from typing import Any
 
 import pytest
 
 from bus.errors import TopicError
 from bus.topics import make_topic
-from tradebus.demo import DemoEvent, DemoSession, DemoSettings, rsi
+from tests.conftest import scaled
+from tradebus.demo import DemoEvent, DemoSession, DemoSettings, play, rsi
 
 START = 1_705_746_600.0  # 2024-01-20T10:30:00Z
 
@@ -147,3 +150,40 @@ def test_rsi() -> None:
     assert rsi([1.0, 2.0, 3.0]) == 100.0
     assert rsi([3.0, 2.0, 1.0]) == 0.0
     assert rsi([1.0, 2.0, 1.0, 2.0, 1.0]) == pytest.approx(50.0)
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any, str | None]] = []
+        self.first = asyncio.Event()
+
+    def publish(self, type_name: str, data: Any, key: str | None = None) -> None:
+        self.events.append((type_name, data, key))
+        self.first.set()
+
+
+async def test_play_publishes_in_order_until_the_duration() -> None:
+    sink = ListSink()
+    expected = take(DemoSession(random.Random(9), START), 10)
+    count = await play(
+        DemoSession(random.Random(9), START).events(),
+        sink,
+        asyncio.Event(),
+        speed=1000,
+        duration=10,
+    )
+    assert count == len(expected)
+    assert sink.events == [(e.type, e.data, e.key) for e in expected]
+
+
+async def test_play_stops_when_told() -> None:
+    sink = ListSink()
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        play(DemoSession(random.Random(9), START).events(), sink, stop, speed=1.0)
+    )
+    await asyncio.wait_for(sink.first.wait(), scaled(2))
+    stop.set()
+    count = await asyncio.wait_for(task, scaled(2))
+    assert count == len(sink.events)
+    assert count < 20  # the heartbeat and at most the first tick or two, not the whole session

@@ -10,16 +10,25 @@ publisher, so the demo exercises the same code path as a real bot.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
 import itertools
 import math
+import os
 import random
+import signal
+import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from bus.envelope import format_timestamp
+from bus.errors import TopicError
 from bus.topics import validate_key
+from monitoring.errors import ToolError
+from monitoring.logging import configure_logging, get_logger
 
 HELP = "run a simulated trading bot that publishes to a bus (tcp://, ipc://) or bridge (ws://)"
 
@@ -409,3 +418,189 @@ class DemoSession:
                 "timestamp": self._stamp(at),
             },
         )
+
+
+# -- adapter: pace the session on the real clock -----------------------------------------------
+class EventSink(Protocol):
+    def publish(self, type_name: str, data: Any, key: str | None = None) -> None: ...
+
+
+async def play(
+    events: Iterator[DemoEvent],
+    sink: EventSink,
+    stop: asyncio.Event,
+    *,
+    speed: float = 1.0,
+    duration: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> int:
+    """Publish ``events`` at their simulated times (divided by ``speed``) until ``stop``.
+
+    ``duration`` is in simulated seconds. Returns how many events were published.
+    """
+    started = clock()
+    published = 0
+    for event in events:
+        if duration is not None and event.at > duration:
+            break
+        delay = started + event.at / speed - clock()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+        if stop.is_set():
+            break
+        sink.publish(event.type, event.data, event.key)
+        published += 1
+    return published
+
+
+# -- command line -------------------------------------------------------------------------------
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The simulation's options (``tradebus up`` adds them with the prefix ``demo-``)."""
+    parser.add_argument(
+        f"--{prefix}symbols",
+        default=",".join(DEFAULT_SYMBOLS),
+        help="comma-separated symbols to simulate (default %(default)s)",
+    )
+    parser.add_argument(
+        f"--{prefix}seed", type=int, help="random seed: the same seed replays the same session"
+    )
+    parser.add_argument(
+        f"--{prefix}speed",
+        type=_positive,
+        default=1.0,
+        help="simulated seconds per real second (default 1)",
+    )
+
+
+def demo_settings(symbols_text: str) -> DemoSettings:
+    symbols = tuple(s.strip() for s in symbols_text.split(",") if s.strip())
+    try:
+        return DemoSettings(symbols=symbols)
+    except (ValueError, TopicError) as error:
+        raise ToolError(f"--symbols {symbols_text!r}: {error}") from None
+
+
+def make_publisher(url: str | None, source: str | None, context: Any = None) -> Any:
+    """A bot_client Publisher configured like a guide bot (SYSTEM__* variables) but enabled.
+
+    ``url`` (tcp://, ipc://, ws://, wss://) overrides the environment's. Market data is not
+    conflated unless SYSTEM__WEBSOCKET_PUBLISH_INTERVAL asks for it: the demo's charts
+    should move at the simulation's pace.
+    """
+    from bot_client.errors import PublisherError
+    from bot_client.publisher import Publisher
+    from bot_client.settings import BUS_SCHEMES, PublisherSettings
+
+    overrides: dict[str, Any] = {"enabled": True}
+    if "SYSTEM__WEBSOCKET_PUBLISH_INTERVAL" not in os.environ:
+        overrides["publish_interval"] = 0.0
+    if "SYSTEM__TRADEBUS_SOURCE_ID" not in os.environ or source:
+        overrides["source_id"] = source or "demo-bot"
+    if url:
+        scheme = url.split("://", 1)[0]
+        if scheme in BUS_SCHEMES:
+            overrides["bus_url"] = url
+        else:
+            overrides["bus_url"] = None
+            overrides["dashboard_url"] = url
+    try:
+        settings = PublisherSettings.from_env(**overrides)
+    except PublisherError as error:
+        raise ToolError(str(error)) from None
+    return Publisher(settings, context=context)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        help="where to publish: tcp://host:5555 or ipc://... (the bus proxy) or ws://host:8000/ws "
+        "(a bridge that allows publishing); default $SYSTEM__TRADEBUS_BUS_URL or "
+        "$SYSTEM__WEBSOCKET_DASHBOARD_URL or ws://localhost:8000/ws",
+    )
+    parser.add_argument(
+        "--source",
+        help="source id (default $SYSTEM__TRADEBUS_SOURCE_ID or demo-bot)",
+    )
+    add_demo_arguments(parser)
+    parser.add_argument(
+        "--duration", type=_positive, help="simulated seconds to run (default: until Ctrl-C)"
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve the publisher's Prometheus metrics on this port (127.0.0.1)",
+    )
+
+
+async def run_demo(
+    publisher: EventSink,
+    settings: DemoSettings,
+    stop: asyncio.Event,
+    *,
+    seed: int | None = None,
+    speed: float = 1.0,
+    duration: float | None = None,
+) -> int:
+    session = DemoSession(random.Random(seed), time.time(), settings)
+    return await play(session.events(), publisher, stop, speed=speed, duration=duration)
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging()
+    log = get_logger("demo")
+    settings = demo_settings(args.symbols)
+    publisher = make_publisher(args.url, args.source)
+    metrics = None
+    if args.metrics_port is not None:
+        from prometheus_client import CollectorRegistry
+
+        from monitoring.metrics import MetricsServer, PublisherCollector
+
+        registry = CollectorRegistry()
+        registry.register(PublisherCollector(publisher.status, publisher.source))
+        metrics = MetricsServer(registry, port=args.metrics_port)
+    log.info(
+        "demo.started",
+        url=publisher.settings.url,
+        source=publisher.source,
+        symbols=list(settings.symbols),
+        metrics=metrics.url if metrics else None,
+    )
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        return await run_demo(
+            publisher,
+            settings,
+            stop,
+            seed=args.seed,
+            speed=args.speed,
+            duration=args.duration,
+        )
+
+    try:
+        published = asyncio.run(main())
+    finally:
+        publisher.close()
+        if metrics is not None:
+            metrics.close()
+    log.info("demo.stopped", published=published, **_figures(publisher.status()))
+    return 0
+
+
+def _figures(status: dict[str, Any]) -> dict[str, Any]:
+    return {k: status.get(k) for k in ("sent", "queued", "dropped_total", "reconnects")}
