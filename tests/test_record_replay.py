@@ -15,6 +15,7 @@ import zmq
 
 from bus.envelope import encode_event
 from bus.proxy import Proxy, ProxyConfig
+from tests.conftest import scaled
 from tradebus.record import (
     RecordedEvent,
     RecordingError,
@@ -27,7 +28,6 @@ from tradebus.record import (
     replay,
     schedule,
 )
-from tests.conftest import scaled
 
 Ctx = zmq.Context[zmq.Socket[bytes]]
 
