@@ -17,6 +17,8 @@ from tradebus import __version__
 # command name -> module; modules are imported only when their command runs
 COMMANDS: dict[str, str] = {
     "proxy": "bus.cli",
+    "bridge": "bridge.cli",
+    "up": "tradebus.up",
     "demo": "tradebus.demo",
     "tap": "tradebus.tap",
     "record": "tradebus.record",

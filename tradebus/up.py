@@ -1,0 +1,196 @@
+"""``tradebus up``: the whole stack in one process: proxy, bridge and a demo bot.
+
+The proxy forwards on its own threads (libzmq), the bridge and the demo bot share one
+asyncio loop, and the demo bot publishes straight onto the bus through bot_client, exactly
+like a real bot would. The bridge lets loopback connections publish, so a bot configured as
+the guide says (``SYSTEM__WEBSOCKET_DASHBOARD_URL=ws://localhost:8000/ws``) reaches the
+dashboard too. Ctrl-C or SIGTERM stops everything in reverse order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
+
+from bus.proxy import Proxy, ProxyConfig
+from monitoring.logging import configure_logging, get_logger
+from monitoring.metrics import MetricsServer, ProxyCollector, PublisherCollector
+from tradebus.demo import add_demo_arguments, demo_settings, make_publisher, run_demo
+
+HELP = "run proxy + bridge + demo bot in one process and print the dashboard URL"
+
+DEFAULT_METRICS_PORT = 9100
+
+
+class RegistryCollector(Collector):
+    """Re-exports another registry, so one scrape of ``tradebus up`` sees the bridge too."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        return self._registry.collect()
+
+
+def _setting(name: str, default: object) -> str:
+    return os.environ.get(name, str(default))
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0..65535, got {text!r}")
+    return value
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--host",
+        default=_setting("TRADEBUS__BRIDGE_HOST", "127.0.0.1"),
+        help="address the bridge and metrics listen on (default %(default)s)",
+    )
+    parser.add_argument(
+        "--port",
+        type=_port,
+        default=_setting("TRADEBUS__BRIDGE_PORT", 8000),
+        help="the bridge's HTTP/WebSocket port; 0 picks a free one (default %(default)s)",
+    )
+    parser.add_argument(
+        "--frontend",
+        default=_setting("TRADEBUS__PROXY_FRONTEND", "tcp://127.0.0.1:5555"),
+        help="the proxy's publisher endpoint (default %(default)s; tcp://127.0.0.1:* = any port)",
+    )
+    parser.add_argument(
+        "--backend",
+        default=_setting("TRADEBUS__PROXY_BACKEND", "tcp://127.0.0.1:5556"),
+        help="the proxy's subscriber endpoint (default %(default)s)",
+    )
+    parser.add_argument(
+        "--snapshot",
+        default=_setting("TRADEBUS__PROXY_SNAPSHOT", "tcp://127.0.0.1:5557"),
+        help="the proxy's snapshot endpoint (default %(default)s)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=_setting("TRADEBUS__UP_METRICS_PORT", DEFAULT_METRICS_PORT),
+        help="Prometheus metrics of proxy, bridge and demo bot; 0 picks a free port "
+        "(default %(default)s)",
+    )
+    parser.add_argument("--no-metrics", action="store_true", help="serve no metrics port")
+    parser.add_argument("--no-demo", action="store_true", help="start no demo bot")
+    parser.add_argument(
+        "--demo-via-websocket",
+        action="store_true",
+        help="the demo bot publishes through the bridge's /ws like a guide bot, not on the bus",
+    )
+    add_demo_arguments(parser, prefix="demo-")
+
+
+def _dashboard_url(host: str, port: int) -> str:
+    shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::", "::1", "") else host
+    return f"http://{shown}:{port}/"
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging()
+    return asyncio.run(serve(args))
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from bridge.app import start_bridge
+    from bridge.config import BridgeConfig
+
+    log = get_logger("up")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    settings = None if args.no_demo else demo_settings(args.demo_symbols)
+
+    proxy = Proxy(ProxyConfig(frontend=args.frontend, backend=args.backend, snapshot=args.snapshot))
+    proxy.start()
+    cleanups: list[Any] = [proxy.stop]
+    try:
+        config = BridgeConfig.from_env(
+            host=args.host,
+            port=args.port,
+            bus=proxy.backend_endpoint,
+            snapshot=proxy.snapshot_endpoint,
+            publish_to=proxy.frontend_endpoint,
+            allow_publish=True,
+        )
+        server = await start_bridge(config)
+        cleanups.append(server.close)
+        registry = CollectorRegistry()
+        registry.register(ProxyCollector(lambda: proxy.cache.stats))
+        registry.register(RegistryCollector(server.bridge.registry))
+        dashboard = _dashboard_url(args.host, server.port)
+        demo: asyncio.Task[int] | None = None
+        publisher = None
+        if settings is not None:
+            url = (
+                f"ws://127.0.0.1:{server.port}/ws"
+                if args.demo_via_websocket
+                else proxy.frontend_endpoint
+            )
+            publisher = make_publisher(url, None)
+            cleanups.append(publisher.close)
+            registry.register(PublisherCollector(publisher.status, publisher.source))
+            demo = asyncio.create_task(
+                run_demo(publisher, settings, stop, seed=args.demo_seed, speed=args.demo_speed)
+            )
+        metrics = None
+        if not args.no_metrics:
+            metrics = MetricsServer(registry, host=args.host, port=args.metrics_port)
+            cleanups.append(metrics.close)
+        log.info(
+            "up.started",
+            dashboard=dashboard,
+            websocket=f"ws://{dashboard[7:]}ws",
+            proxy_frontend=proxy.frontend_endpoint,
+            proxy_backend=proxy.backend_endpoint,
+            proxy_snapshot=proxy.snapshot_endpoint,
+            metrics=metrics.url if metrics else None,
+            demo_source=publisher.source if publisher else None,
+        )
+        print(f"tradebus is up. Dashboard: {dashboard}", flush=True)
+        print(f"  WebSocket   ws://{dashboard[7:]}ws", flush=True)
+        print(
+            f"  bus         publish {proxy.frontend_endpoint}  subscribe {proxy.backend_endpoint}"
+        )
+        if metrics is not None:
+            print(f"  metrics     {metrics.url}  (bridge: {dashboard}metrics)")
+        print("Ctrl-C stops everything.", flush=True)
+        waiter = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait(
+            {waiter} if demo is None else {waiter, demo}, return_when=asyncio.FIRST_COMPLETED
+        )
+        if demo in done:
+            demo.result()  # the demo never ends by itself unless it failed: surface that
+            await waiter
+        log.info("up.stopping")
+        if demo is not None:
+            await demo
+    finally:
+        for cleanup in reversed(cleanups):
+            result = cleanup()
+            if asyncio.iscoroutine(result):
+                await result
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    log.info("up.stopped")
+    print("tradebus stopped.", file=sys.stderr, flush=True)
+    return 0
