@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
 import pytest
 
+from bridge.app import start_bridge
+from bridge.config import BridgeConfig
+from bus.proxy import Proxy
+from tests.conftest import scaled
 from tradebus.tap import (
+    TapOptions,
     TapStats,
     format_event,
     format_summary,
     guide_events,
+    listen,
     parse_timestamp_ns,
     percentile,
+    send,
     with_query,
 )
 
@@ -130,3 +146,140 @@ def test_timestamps_percentiles_urls_and_lines() -> None:
 def test_guide_events_are_stamped(kind: str) -> None:
     for e in guide_events(kind, T0 + 5_000):
         assert e["timestamp"] == "2024-01-20T10:30:00.000005Z"
+
+
+# -- the real client against a real bridge and proxy ---------------------------------------------
+@pytest.fixture
+async def bridge_url(proxy: Proxy) -> AsyncIterator[str]:
+    server = await start_bridge(
+        BridgeConfig(
+            port=0,
+            bus=proxy.backend_endpoint,
+            snapshot=proxy.snapshot_endpoint,
+            publish_to=proxy.frontend_endpoint,
+            allow_publish=True,
+        )
+    )
+    try:
+        yield f"ws://127.0.0.1:{server.port}/ws"
+    finally:
+        await server.close()
+
+
+async def test_an_event_sent_by_one_tap_reaches_another(bridge_url: str) -> None:
+    stop = asyncio.Event()
+    out = io.StringIO()
+    listener = asyncio.create_task(
+        listen(TapOptions(url=bridge_url, expect=5, duration=scaled(20)), out, stop)
+    )
+    await wait_listening(bridge_url)
+    sent_out = io.StringIO()
+    acked, errors = await send(bridge_url, "all", 1, "tap-test", sent_out, spacing=0.01)
+    assert (acked, errors) == (5, [])
+    summary = await asyncio.wait_for(listener, scaled(20))
+    assert summary["by_type"] == {
+        "ai_decision": 1,
+        "market_data": 1,
+        "position_update": 1,
+        "system_status": 1,
+        "trading_decision": 1,
+    }
+    assert summary["gaps"] == 0
+    assert summary["latency_ms"]["count"] == 5
+    assert 0 <= summary["latency_ms"]["max"] < scaled(5_000)
+    lines = out.getvalue().splitlines()
+    assert any(" market_data.BTC-USD #1 from tap-test " in line for line in lines)
+    assert sent_out.getvalue().count("acknowledged") == 5
+
+
+async def test_topics_filter_what_the_tap_receives(bridge_url: str) -> None:
+    out = io.StringIO()
+    options = TapOptions(url=bridge_url, topics=["ai_decision"], expect=1, json_output=True)
+    listener = asyncio.create_task(listen(options, out, asyncio.Event()))
+    await wait_listening(bridge_url)
+    acked, _ = await send(bridge_url, "all", 1, "tap-test", io.StringIO(), spacing=0.01)
+    assert acked == 5
+    summary = await asyncio.wait_for(listener, scaled(20))
+    assert summary["by_type"] == {"ai_decision": 1}
+    received = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [m["type"] for m in received if "data" in m] == ["ai_decision"]
+
+
+async def test_publishing_is_refused_without_permission(proxy: Proxy) -> None:
+    server = await start_bridge(
+        BridgeConfig(port=0, bus=proxy.backend_endpoint, snapshot=proxy.snapshot_endpoint)
+    )
+    try:
+        acked, errors = await send(
+            f"ws://127.0.0.1:{server.port}/ws", "market_data", 1, "tap-test", io.StringIO()
+        )
+    finally:
+        await server.close()
+    assert acked == 0
+    assert len(errors) == 1
+    assert "publish_forbidden" in errors[0]
+
+
+async def test_cli_expect_fails_when_nothing_arrives_and_connection_errors_are_clear(
+    bridge_url: str,
+) -> None:
+    quiet = await tap_cli("--url", bridge_url, "--expect", "1", "--duration", "0.5", "--json")
+    assert quiet.returncode == 1
+    summary = json.loads(quiet.stdout.strip().splitlines()[-1])
+    assert summary["type"] == "tap_summary"
+    assert summary["events"] == 0
+    assert "expected 1 events, 0 arrived" in quiet.stderr
+    refused = await tap_cli("--url", "ws://127.0.0.1:1/ws", "--duration", "1")
+    assert refused.returncode == 2
+    assert "tradebus tap: error: cannot connect to ws://127.0.0.1:1/ws" in refused.stderr
+
+
+async def test_cli_send_and_expect_round_trip(bridge_url: str) -> None:
+    listener = asyncio.create_task(
+        tap_cli("--url", bridge_url, "--expect", "2", "--duration", "20", "--quiet")
+    )
+    await wait_listening(bridge_url, subscribers=1)
+    sender = await tap_cli("--url", bridge_url, "--send", "market_data", "--repeat", "2")
+    assert sender.returncode == 0, sender.stderr
+    assert "2 acknowledged, 0 refused" in sender.stdout
+    listened = await asyncio.wait_for(listener, scaled(30))
+    assert listened.returncode == 0, listened.stderr
+    assert "tap summary: 2 events" in listened.stdout
+    assert "market_data" in listened.stdout
+
+
+@dataclass
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def tap_cli(*args: str) -> Finished:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tradebus",
+        "tap",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "TRADEBUS_LOG_LEVEL": "WARNING"},
+    )
+    out, err = await asyncio.wait_for(process.communicate(), scaled(40))
+    assert process.returncode is not None
+    return Finished(process.returncode, out.decode(), err.decode())
+
+
+async def wait_listening(url: str, subscribers: int = 1) -> None:
+    """Wait until the bridge counts the listening tap(s) among its clients."""
+    port = url.split(":")[2].split("/")[0]
+    deadline = asyncio.get_running_loop().time() + scaled(20)
+    async with aiohttp.ClientSession() as session:
+        while True:
+            async with session.get(f"http://127.0.0.1:{port}/ready") as reply:
+                body = await reply.json()
+            if body.get("clients", 0) >= subscribers:
+                return
+            assert asyncio.get_running_loop().time() < deadline, "the tap never connected"
+            await asyncio.sleep(0.02)

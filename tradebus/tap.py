@@ -388,6 +388,7 @@ async def send(
     out: TextIO,
     token: str | None = None,
     ack_timeout: float = 5.0,
+    spacing: float = SEND_SPACING,
 ) -> tuple[int, list[str]]:
     """Publish the guide's events through the bridge; return (acked, errors)."""
     log = get_logger("tap")
@@ -404,7 +405,7 @@ async def send(
             for round_number in range(1, repeat + 1):
                 for event in guide_events(kind, time.time_ns(), round_number):
                     if number:
-                        await asyncio.sleep(SEND_SPACING)
+                        await asyncio.sleep(spacing)
                     number += 1
                     event["id"] = number
                     await ws.send_bytes(orjson.dumps(event))
