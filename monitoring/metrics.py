@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from socketserver import ThreadingMixIn
+from typing import Any, Final, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -164,18 +166,51 @@ class PublisherCollector(Collector):
         yield dropped
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes every few seconds would drown the structured logs."""
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+HEALTH_BODY: Final = b'{"status":"ok"}'
+
+
 class MetricsServer:
-    """Serves a registry as ``GET /metrics`` (any path, in fact) on its own thread."""
+    """Serves ``GET /metrics`` (Prometheus text) and ``GET /health`` on its own thread."""
+
+    ROUTES: Final = ("/health", "/metrics")
 
     def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0):
+        metrics_app = make_wsgi_app(registry)
+
+        def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "")
+            if path == "/metrics":
+                result: Iterable[bytes] = metrics_app(environ, start_response)
+                return result
+            if path == "/health":
+                start_response("200 OK", [("Content-Type", "application/json")])
+                return [HEALTH_BODY]
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: this port serves /metrics and /health\n"]
+
         try:
-            self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+            self._server = make_server(
+                host, port, app, server_class=_ThreadingServer, handler_class=_QuietHandler
+            )
         except OSError as error:
             raise MetricsServerError(
                 f"cannot serve metrics on {host}:{port}: {error.strerror or error}"
             ) from None
         self.host = host
         self.port: int = self._server.server_port
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="tradebus-metrics", daemon=True
+        )
+        self._thread.start()
         self._lock = threading.Lock()
         self._closed = False
 

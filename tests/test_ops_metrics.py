@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -103,3 +104,18 @@ def test_a_taken_port_is_a_clear_error() -> None:
             MetricsServer(CollectorRegistry(), port=first.port)
     finally:
         first.close()
+
+
+def test_the_metrics_port_has_health_and_nothing_else() -> None:
+    server = MetricsServer(CollectorRegistry(), port=0)
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        with urllib.request.urlopen(f"{base}/health", timeout=scaled(5)) as reply:
+            assert reply.read() == b'{"status":"ok"}'
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"{base}/other", timeout=scaled(5))
+        assert missing.value.code == 404
+        missing.value.close()
+    finally:
+        server.close()
+    assert MetricsServer.ROUTES == ("/health", "/metrics")
