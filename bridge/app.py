@@ -1,0 +1,698 @@
+"""The aiohttp application: the /ws endpoint and the ZeroMQ upstream around the pure Hub.
+
+aiohttp does the handshake, reads client frames, answers and sends pings and closes
+connections. Everything the bridge sends is built by the hub as complete WebSocket frames
+and written straight to the connection's transport, one write per client per loop turn.
+aiohttp's own writes (pings, pongs, close frames) are also whole frames written
+synchronously, so the two never interleave inside a frame; nothing is written after a
+connection starts closing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import itertools
+import ssl
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Final
+
+import zmq
+import zmq.asyncio
+from aiohttp import WSMsgType, web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from bridge.auth import Authenticator, Grant, origin_allowed, token_from_request
+from bridge.config import BridgeConfig
+from bridge.errors import AuthError, ConfigError
+from bridge.hub import Client, Hub, SlowConsumerError
+from bridge.limits import TokenBucket
+from bridge.metrics import BridgeCollector
+from bridge.protocol import (
+    Ignore,
+    Ping,
+    PublishRequest,
+    RequestError,
+    Subscribe,
+    Unsubscribe,
+    parse_request,
+)
+from bus.errors import TopicError
+from bus.proxy import SNAPSHOT_COMMAND, STATUS_OK, SYNC_PREFIX, snapshot_request
+from bus.topics import Pattern, validate_source
+from monitoring.logging import get_logger
+
+SUBPROTOCOL: Final = "tradebus"
+MAX_BATCH: Final = 4096
+BACKLOG_RETRY: Final = 0.005
+HOUSEKEEPING_INTERVAL: Final = 0.5
+PROBE_PATTERN: Final = "tradebus_probe"
+PROBE_TIMEOUT: Final = 2.0
+
+CLOSE_NORMAL: Final = 1000
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_POLICY: Final = 1008
+CLOSE_TOO_BIG: Final = 1009
+CLOSE_TOKEN_EXPIRED: Final = 4001
+CLOSE_SLOW_CONSUMER: Final = 4008
+
+PLACEHOLDER_PAGE: Final = (
+    "<!doctype html><meta charset=utf-8><title>tradebus</title>"
+    "<p>tradebus bridge is running. The dashboard is not installed "
+    "(bridge/static/index.html is missing). WebSocket endpoint: <code>/ws</code>.</p>"
+)
+
+
+def _is_loopback(address: str | None) -> bool:
+    if not address:
+        return False
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+class Bridge:
+    """One bridge: the hub, the upstream sockets, the connections, the timers."""
+
+    def __init__(self, config: BridgeConfig) -> None:
+        self.config = config
+        self.log = get_logger("bridge")
+        self.hub = Hub(
+            conflate_types=config.conflate_types,
+            history_events=config.history_events,
+            history_seconds=config.history_seconds,
+            max_subscriptions=config.max_subscriptions,
+            upstream_linger=config.upstream_linger,
+            snapshot_timeout=config.snapshot_timeout,
+            stale_after=config.stale_after,
+            track_sources=config.track_sources,
+            snapshots_available=bool(config.snapshot),
+        )
+        self.auth = Authenticator(config.tokens, config.publish_tokens, config.jwt_secret)
+        self.registry = CollectorRegistry()
+        self.registry.register(BridgeCollector(self))
+        self.ready = not config.snapshot
+        self.publish_ready = False
+        self.connections: dict[str, int] = {}
+        self.rejected: dict[str, int] = {}
+        self.slow_closed_bytes = 0
+        self._client_ids = itertools.count(1)
+        self._context: zmq.asyncio.Context | None = None
+        self._sub: zmq.asyncio.Socket | None = None
+        self._sub_raw: zmq.Socket[bytes] | None = None
+        self._dealer: zmq.asyncio.Socket | None = None
+        self._pub: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._markers: dict[int, bytes] = {}
+        self._backlog: set[Client] = set()
+        self._backlog_timer: asyncio.TimerHandle | None = None
+        self._flush_scheduled = False
+        self._probe_sent = 0.0
+        self._probe_answered = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- life cycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        config = self.config
+        self._loop = asyncio.get_running_loop()
+        self._context = zmq.asyncio.Context()
+        sub = self._context.socket(zmq.SUB)
+        sub.linger = 0
+        sub.rcvhwm = 1_000_000
+        sub.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+        sub.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+        sub.connect(config.bus)
+        self._sub = sub
+        self._sub_raw = zmq.Socket.shadow(sub.underlying)
+        if config.snapshot:
+            dealer = self._context.socket(zmq.DEALER)
+            dealer.linger = 0
+            dealer.connect(config.snapshot)
+            self._dealer = dealer
+        if config.publish_to:
+            pub = self._context.socket(zmq.XPUB)
+            pub.linger = 1000
+            pub.sndhwm = 100_000
+            pub.setsockopt(zmq.XPUB_NODROP, 1)
+            pub.connect(config.publish_to)
+            self._pub = pub
+        self._apply_upstream()
+        self._tasks = [asyncio.create_task(self._read_upstream(), name="bridge-upstream")]
+        if self._dealer is not None:
+            self._tasks.append(asyncio.create_task(self._read_snapshots(), name="bridge-snap"))
+        if self._pub is not None:
+            self._tasks.append(asyncio.create_task(self._read_publisher(), name="bridge-pub"))
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="bridge-timers"))
+        self.log.info(
+            "bridge.started",
+            bus=config.bus,
+            snapshot=config.snapshot or None,
+            publish_to=config.publish_to or None,
+            allow_publish=config.allow_publish,
+            auth=self.auth.required,
+        )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self._backlog_timer is not None:
+            self._backlog_timer.cancel()
+        for socket in (self._sub, self._dealer, self._pub):
+            if socket is not None:
+                socket.close(linger=0)
+        if self._context is not None:
+            self._context.term()
+        self.log.info("bridge.stopped", deliveries=self.hub.stats.deliveries)
+
+    # -- upstream -----------------------------------------------------------------------
+    def _apply_upstream(self) -> None:
+        sub = self._sub
+        ops = self.hub.upstream_ops
+        if sub is None or not ops:
+            return
+        for op in ops:
+            if op[0] == "subscribe":
+                sub.subscribe(op[1])
+            elif op[0] == "unsubscribe":
+                sub.unsubscribe(op[1])
+            elif op[0] == "sync" and self._dealer is not None:
+                _kind, sync_id, nonce, patterns = op
+                sub.subscribe(SYNC_PREFIX + nonce)
+                self._markers[sync_id] = nonce
+                request = snapshot_request(nonce, patterns)
+                self._dealer.send_multipart([b"s%d" % sync_id, b"", *request])
+        ops.clear()
+
+    def _end_marker(self, sync_id: int) -> None:
+        nonce = self._markers.pop(sync_id, None)
+        if nonce is not None and self._sub is not None:
+            self._sub.unsubscribe(SYNC_PREFIX + nonce)
+
+    async def _read_upstream(self) -> None:
+        assert self._sub is not None
+        assert self._sub_raw is not None
+        sub, raw = self._sub, self._sub_raw
+        hub = self.hub
+        while True:
+            await sub.poll(zmq.POLLIN)
+            batch: list[list[bytes]] = []
+            append = batch.append
+            recv = raw.recv_multipart
+            try:
+                for _ in range(MAX_BATCH):
+                    append(recv(zmq.NOBLOCK))
+            except zmq.Again:
+                pass
+            if not batch:
+                continue
+            # marker subscriptions reach no one: the SUB socket only receives events
+            hub.dispatch(batch, time.monotonic(), time.time_ns())
+            self.flush()
+            if len(batch) == MAX_BATCH:
+                await asyncio.sleep(0)  # let clients' reads and timers run under load
+
+    async def _read_snapshots(self) -> None:
+        assert self._dealer is not None
+        while True:
+            frames = await self._dealer.recv_multipart()
+            if len(frames) < 4 or frames[1] != b"" or frames[2] != SNAPSHOT_COMMAND:
+                self.log.warning("bridge.snapshot_malformed", frames=len(frames))
+                continue
+            tag, status, body = frames[0], frames[3], frames[4:]
+            now = time.monotonic()
+            self._bus_seen(now)
+            if tag.startswith(b"p"):
+                continue
+            try:
+                sync_id = int(tag[1:])
+            except ValueError:
+                continue
+            self._end_marker(sync_id)
+            if status in (STATUS_OK, b"unsynced") and len(body) % 3 == 0:
+                messages = [body[i : i + 3] for i in range(0, len(body), 3)]
+                self.hub.snapshot_reply(sync_id, status == STATUS_OK, messages, now)
+            else:
+                self.log.warning(
+                    "bridge.snapshot_failed",
+                    status=status.decode(errors="replace"),
+                    detail=body[0].decode(errors="replace") if body else None,
+                )
+                self.hub.sync_failed(sync_id)
+            self._apply_upstream()
+            self.flush()
+
+    def _bus_seen(self, now: float) -> None:
+        self._probe_answered = now
+        if not self.ready:
+            self.ready = True
+            self.log.info("bridge.bus_connected", bus=self.config.bus)
+
+    async def _read_publisher(self) -> None:
+        assert self._pub is not None
+        while True:
+            message = await self._pub.recv()
+            if message[:1] == b"\x01" and not self.publish_ready:
+                self.publish_ready = True
+                self.log.info("bridge.publisher_connected", publish_to=self.config.publish_to)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            now = time.monotonic()
+            self.hub.housekeeping(now)
+            for sync_id in [s for s in self._markers if s not in self.hub.syncs]:
+                self._end_marker(sync_id)
+            self._probe(now)
+            self._apply_upstream()
+            self.flush()
+
+    def _probe(self, now: float) -> None:
+        if self._dealer is None:
+            return
+        if (
+            self.ready
+            and self._probe_sent > self._probe_answered
+            and now - self._probe_sent > PROBE_TIMEOUT
+        ):
+            self.ready = False
+            self.log.warning("bridge.bus_unavailable", snapshot=self.config.snapshot)
+        interval = 5.0 if self.ready else 1.0
+        if now - self._probe_sent >= interval and (
+            self._probe_answered >= self._probe_sent or now - self._probe_sent > PROBE_TIMEOUT
+        ):
+            self._probe_sent = now
+            with contextlib.suppress(zmq.Again):
+                self._dealer.send_multipart(
+                    [b"p", b"", *snapshot_request(b"", [PROBE_PATTERN])], flags=zmq.NOBLOCK
+                )
+
+    async def publish(self, frames: list[bytes]) -> None:
+        assert self._pub is not None
+        await self._pub.send_multipart(frames)
+
+    # -- writing ------------------------------------------------------------------------
+    def schedule_flush(self) -> None:
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write every dirty client's queued frames: one transport write per client."""
+        self._flush_scheduled = False
+        hub = self.hub
+        dirty = hub.dirty
+        if not dirty:
+            return
+        high = self.config.write_buffer_high
+        limit = self.config.max_queue_bytes
+        slow: list[Client] = []
+        backlog = self._backlog
+        for client in dirty:
+            transport = client.transport
+            if transport is None or client.conn.closed or transport.is_closing():
+                client.frames.clear()
+                continue
+            try:
+                data = client.take(transport.get_write_buffer_size(), high, limit)
+            except SlowConsumerError:
+                slow.append(client)
+                continue
+            if data is not None:
+                transport.write(data)
+            elif client.frames:
+                backlog.add(client)
+        dirty.clear()
+        hub.observe_latency(time.time_ns())
+        for client in slow:
+            self._close_slow(client)
+        if backlog and self._backlog_timer is None and self._loop is not None:
+            self._backlog_timer = self._loop.call_later(BACKLOG_RETRY, self._retry_backlog)
+
+    def _retry_backlog(self) -> None:
+        self._backlog_timer = None
+        self.hub.dirty.update(c for c in self._backlog if c in self.hub.clients)
+        self._backlog.clear()
+        self.flush()
+
+    def _close_slow(self, client: Client) -> None:
+        queued = client.queued_bytes() + client.transport.get_write_buffer_size()
+        self.hub.stats.slow_disconnects += 1
+        self.hub.stats.drop("slow_consumer", len(client.frames) + len(client.held or ()))
+        self.log.warning(
+            "websocket.slow_consumer", client=client.id, ip=client.ip, queued_bytes=queued
+        )
+        self.close_client(client, CLOSE_SLOW_CONSUMER, "slow consumer")
+
+    def close_client(self, client: Client, code: int, reason: str) -> None:
+        """Close from the server side: no more frames, a close frame, then a hard stop."""
+        self.hub.remove_client(client, time.monotonic())
+        self._backlog.discard(client)
+        ws: web.WebSocketResponse = client.conn
+        transport = client.transport
+        if ws.closed:
+            return
+        task = asyncio.create_task(ws.close(code=code, message=reason.encode(), drain=False))
+        task.add_done_callback(lambda _t: None)
+        if self._loop is not None and transport is not None:
+            # a client that reads nothing never answers the close frame
+            self._loop.call_later(self.config.close_timeout + 0.5, transport.abort)
+
+    # -- connections --------------------------------------------------------------------
+    def _reject(self, reason: str, **fields: Any) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        self.log.warning("websocket.connection_rejected", reason=reason, **fields)
+
+    async def handle_ws(self, request: web.Request) -> web.StreamResponse:
+        config = self.config
+        ip = request.remote or ""
+        origin = request.headers.get("Origin")
+        if not origin_allowed(origin, request.host, config.origins):
+            self._reject("origin", ip=ip, origin=origin)
+            raise web.HTTPForbidden(text="origin not allowed\n")
+        if sum(self.connections.values()) >= config.max_connections:
+            self._reject("max_connections", ip=ip)
+            raise web.HTTPServiceUnavailable(text="too many connections\n")
+        if self.connections.get(ip, 0) >= config.max_connections_per_ip:
+            self._reject("max_connections_per_ip", ip=ip)
+            raise web.HTTPTooManyRequests(text="too many connections from this address\n")
+        protocols = [
+            p.strip()
+            for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
+            if p.strip()
+        ]
+        token = token_from_request(
+            request.headers.get("Authorization"), protocols, request.query.get("token")
+        )
+        try:
+            grant = self.auth.authenticate(token, time.time())
+        except AuthError as error:
+            self._reject("auth", ip=ip, code=error.code)
+            raise web.HTTPUnauthorized(text=f"{error.code}: {error}\n") from None
+        query = request.query
+        publisher = query.get("role") == "publisher"
+        source = query.get("source", "")
+        try:
+            if source:
+                validate_source(source)
+            epoch = int(query.get("epoch", "0") or 0)
+            if epoch < 0:
+                raise ValueError("epoch must be >= 0")
+            initial = [Pattern(t) for t in query.get("topics", "").split(",") if t.strip()]
+        except (TopicError, ValueError) as error:
+            self._reject("bad_query", ip=ip)
+            raise web.HTTPBadRequest(text=f"{error}\n") from None
+        may_publish = grant.publish or (config.allow_publish and _is_loopback(ip))
+        ws = web.WebSocketResponse(
+            heartbeat=config.ping_interval,
+            compress=False,
+            max_msg_size=config.max_message_bytes,
+            autoclose=False,
+            timeout=config.close_timeout,
+            protocols=(SUBPROTOCOL,),
+        )
+        await ws.prepare(request)
+        client = Client(
+            next(self._client_ids),
+            grant=grant,
+            publisher=publisher,
+            may_publish=may_publish,
+            ip=ip,
+            source=source,
+            epoch=epoch,
+        )
+        client.transport = request.transport
+        client.conn = ws
+        self.connections[ip] = self.connections.get(ip, 0) + 1
+        return await self._serve(client, ws, grant, initial)
+
+    async def _serve(
+        self,
+        client: Client,
+        ws: web.WebSocketResponse,
+        grant: Grant,
+        initial: list[Pattern],
+    ) -> web.WebSocketResponse:
+        config, hub = self.config, self.hub
+        assert self._loop is not None
+        client.push(hub.greeting(client, config.ping_interval))
+        hub.add_client(client, time.time_ns())
+        self.log.info(
+            "websocket.client_connected",
+            client=client.id,
+            session=client.session,
+            ip=client.ip,
+            role="publisher" if client.publisher else "subscriber",
+            may_publish=client.may_publish,
+            subject=grant.subject,
+        )
+        expiry: asyncio.TimerHandle | None = None
+        if grant.expires_at is not None:
+            expiry = self._loop.call_later(
+                max(0.0, grant.expires_at - time.time()), self._expire, client
+            )
+        now = time.monotonic()
+        if client.may_publish:
+            bucket = TokenBucket(config.publish_rate_limit, config.publish_rate_burst, now)
+        else:
+            bucket = TokenBucket(config.rate_limit, config.rate_burst, now)
+        errors = 0
+        close_code, close_reason = CLOSE_NORMAL, ""
+        try:
+            if initial:
+                self._request(client, Subscribe(tuple(initial), True, None, None))
+            self._apply_upstream()
+            self.flush()
+            while True:
+                message = await ws.receive()
+                if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    if not bucket.take(time.monotonic()):
+                        close_code, close_reason = CLOSE_POLICY, "rate limit exceeded"
+                        self.log.warning("websocket.rate_limited", client=client.id, ip=client.ip)
+                        break
+                    failed = await self._handle(client, message.data)
+                    if failed:
+                        errors += 1
+                        if errors > config.max_errors:
+                            close_code, close_reason = CLOSE_POLICY, "too many invalid messages"
+                            break
+                    self._apply_upstream()
+                    self.schedule_flush()
+                    continue
+                if message.type is WSMsgType.ERROR:
+                    close_code = ws.close_code or CLOSE_TOO_BIG
+                    close_reason = str(message.data)
+                    if close_code == CLOSE_TOO_BIG:
+                        self.log.warning(
+                            "websocket.message_too_big", client=client.id, ip=client.ip
+                        )
+                elif message.type is WSMsgType.CLOSE:
+                    close_code = int(message.data) if message.data else CLOSE_NORMAL
+                    close_reason = message.extra or ""
+                break
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+            was_registered = client in hub.clients
+            hub.remove_client(client, time.monotonic())
+            self._backlog.discard(client)
+            self._apply_upstream()
+            left = self.connections.get(client.ip, 1) - 1
+            if left > 0:
+                self.connections[client.ip] = left
+            else:
+                self.connections.pop(client.ip, None)
+            if was_registered and not ws.closed:
+                await ws.close(code=close_code, message=close_reason.encode()[:120])
+            self.log.info(
+                "websocket.client_disconnected",
+                client=client.id,
+                ip=client.ip,
+                code=ws.close_code if ws.close_code is not None else close_code,
+                reason=close_reason[:120],
+            )
+        return ws
+
+    def _expire(self, client: Client) -> None:
+        if client in self.hub.clients:
+            self.log.info("websocket.token_expired", client=client.id, ip=client.ip)
+            self.close_client(client, CLOSE_TOKEN_EXPIRED, "token expired")
+
+    def _request(self, client: Client, request: Subscribe | Unsubscribe) -> None:
+        now = time.monotonic()
+        if isinstance(request, Subscribe):
+            self.hub.subscribe(client, request, now)
+        else:
+            self.hub.unsubscribe(client, request, now)
+
+    async def _handle(self, client: Client, data: str | bytes) -> bool:
+        """Handle one client message; True when it was invalid (an error was sent)."""
+        hub = self.hub
+        try:
+            request = parse_request(data)
+            if isinstance(request, Subscribe | Unsubscribe):
+                self._request(client, request)
+            elif isinstance(request, Ping):
+                hub.pong(client, request.request_id)
+            elif isinstance(request, PublishRequest):
+                await self._publish_request(client, request)
+            else:
+                assert isinstance(request, Ignore)
+        except RequestError as error:
+            hub.error(client, error.code, str(error), error.request_id)
+            if error.code in ("publish_forbidden", "bad_event", "bus_unavailable"):
+                self.log.warning(
+                    "websocket.publish_rejected", client=client.id, ip=client.ip, code=error.code
+                )
+            return True
+        return False
+
+    async def _publish_request(self, client: Client, request: PublishRequest) -> None:
+        if client.may_publish and (self._pub is None or not self.publish_ready):
+            self.hub.stats.publish_rejected["bus_unavailable"] = (
+                self.hub.stats.publish_rejected.get("bus_unavailable", 0) + 1
+            )
+            raise RequestError(
+                "bus_unavailable", "the bridge is not connected to the bus", request.request_id
+            )
+        frames = self.hub.publish(client, request, time.time_ns())
+        if frames is None:
+            self.hub.ack(client, request.request_id, duplicate=True)
+            return
+        await self.publish(frames)
+        if client in self.hub.clients:
+            self.hub.ack(client, request.request_id)
+
+
+# -- HTTP endpoints -----------------------------------------------------------------------
+async def _health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _ready(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE_KEY]
+    body = {"ready": bridge.ready, "bus": bridge.config.bus, "clients": len(bridge.hub.clients)}
+    return web.json_response(body, status=200 if bridge.ready else 503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE_KEY]
+    return web.Response(
+        body=generate_latest(bridge.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+async def _ws(request: web.Request) -> web.StreamResponse:
+    return await request.app[BRIDGE_KEY].handle_ws(request)
+
+
+def _static_root(request: web.Request) -> Path:
+    return Path(request.app[BRIDGE_KEY].config.static_dir).resolve()
+
+
+async def _index(request: web.Request) -> web.StreamResponse:
+    page = _static_root(request) / "index.html"
+    if page.is_file():
+        return web.FileResponse(page)
+    return web.Response(text=PLACEHOLDER_PAGE, content_type="text/html")
+
+
+async def _static(request: web.Request) -> web.StreamResponse:
+    root = _static_root(request)
+    target = (root / request.match_info["path"]).resolve()
+    if not target.is_relative_to(root) or not target.is_file():
+        raise web.HTTPNotFound()
+    return web.FileResponse(target)
+
+
+BRIDGE_KEY: Final = web.AppKey("bridge", Bridge)
+
+
+def create_app(config: BridgeConfig | None = None) -> web.Application:
+    """The bridge as an aiohttp application; the bus connection starts with the app."""
+    bridge = Bridge(config or BridgeConfig.from_env())
+    app = web.Application()
+    app[BRIDGE_KEY] = bridge
+    app.router.add_get("/ws", _ws)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/ready", _ready)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/", _index)
+    app.router.add_get("/static/{path:.+}", _static)
+
+    async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
+        await bridge.start()
+        yield
+        await bridge.stop()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+def ssl_context(config: BridgeConfig) -> ssl.SSLContext | None:
+    if not config.cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.cert, config.key)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"cannot load TLS certificate/key: {error}") from None
+    return context
+
+
+class BridgeServer:
+    """A started bridge: ``port`` is the bound port (useful with port 0)."""
+
+    def __init__(self, runner: web.AppRunner, app: web.Application, port: int) -> None:
+        self.runner = runner
+        self.app = app
+        self.port = port
+
+    @property
+    def bridge(self) -> Bridge:
+        return self.app[BRIDGE_KEY]
+
+    async def close(self) -> None:
+        bridge = self.app[BRIDGE_KEY]
+        for client in list(bridge.hub.clients):
+            bridge.close_client(client, CLOSE_GOING_AWAY, "server shutting down")
+        await self.runner.cleanup()
+
+
+async def start_bridge(config: BridgeConfig) -> BridgeServer:
+    """Start serving ``config``; access logs are off because URLs may carry tokens."""
+    app = create_app(config)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.close_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context(config))
+    try:
+        await site.start()
+    except OSError as error:
+        await runner.cleanup()
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {error}") from None
+    port = config.port
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            port = address[1]
+            break
+    return BridgeServer(runner, app, port)
+
+
+async def run_bridge(config: BridgeConfig) -> None:
+    """Serve until cancelled (for ``tradebus bridge`` and ``tradebus up``)."""
+    server = await start_bridge(config)
+    scheme = "wss" if config.cert else "ws"
+    server.bridge.log.info(
+        "bridge.listening", url=f"{scheme}://{config.host}:{server.port}/ws", port=server.port
+    )
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.close()

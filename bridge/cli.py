@@ -1,0 +1,107 @@
+"""``tradebus bridge``: the WebSocket edge between the bus and browsers (and WS publishers).
+
+Every flag has a TRADEBUS__BRIDGE_<NAME> environment variable; a flag given on the command
+line wins over the variable, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+from dataclasses import fields
+from typing import Any
+
+from bridge.config import ENV_PREFIX, BridgeConfig
+from monitoring.logging import configure_logging, get_logger
+
+HELP = "run the WebSocket bridge: bus -> browsers at ws://HOST:PORT/ws, plus WS publishers"
+
+_HELP_TEXT = {
+    "host": "address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)",
+    "port": "port to listen on (default 8000)",
+    "bus": "the proxy's XPUB endpoint to subscribe to",
+    "snapshot": "the proxy's snapshot service ('' for none)",
+    "publish_to": "the proxy's XSUB endpoint WebSocket publishers' events go to",
+    "allow_publish": "let loopback connections publish without a token",
+    "origins": "extra allowed Origin values, comma-separated ('*' allows any)",
+    "tokens": "static tokens that may subscribe, comma-separated (enables auth)",
+    "publish_tokens": "static tokens that may subscribe and publish (enables auth)",
+    "jwt_secret": "HS256 secret for JWT tokens with exp, topics, publish claims (enables auth)",
+    "cert": "TLS certificate (PEM) to serve wss://",
+    "key": "TLS private key (PEM) for --cert",
+    "max_queue_bytes": "bytes queued per client before it is closed as a slow consumer",
+    "conflate_types": "event types whose queued events a newer one replaces, comma-separated",
+    "history_events": "events kept per topic for resume",
+    "history_seconds": "seconds of events kept per topic for resume",
+    "max_message_bytes": "largest client message (bigger: close 1009)",
+    "rate_limit": "client messages per second (above: close 1008)",
+    "rate_burst": "client messages allowed in a burst",
+    "publish_rate_limit": "messages per second for connections allowed to publish",
+    "publish_rate_burst": "burst for connections allowed to publish",
+    "max_subscriptions": "patterns per connection",
+    "max_connections": "open connections in total",
+    "max_connections_per_ip": "open connections per client address",
+    "max_errors": "invalid messages tolerated per connection (then close 1008)",
+    "ping_interval": "seconds between server pings; a silent peer is closed within two",
+    "stale_after": "seconds without an event before a source is reported stale",
+    "upstream_linger": "seconds a bus subscription no client needs is kept (resume history)",
+    "snapshot_timeout": "seconds to wait for the proxy's snapshot service",
+    "write_buffer_high": "socket buffer bytes above which a client counts as behind",
+    "close_timeout": "seconds to wait for a client's close reply",
+    "track_sources": "subscribe to system_status to report source liveness",
+    "static_dir": "directory served at / and /static/",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    defaults = BridgeConfig()
+    for field in fields(BridgeConfig):
+        name = field.name
+        annotation = str(field.type)
+        default = getattr(defaults, name)
+        variable = ENV_PREFIX + name.upper()
+        text = _HELP_TEXT.get(name, name)
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        help_text = f"{text} [{variable}; default {shown!s}]"
+        if name in ("tokens", "publish_tokens", "jwt_secret"):
+            help_text = f"{text} [{variable}]"
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
+        if annotation == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif annotation == "int":
+            kwargs["type"] = int
+        elif annotation == "float":
+            kwargs["type"] = float
+        flags = [_flag(name)]
+        if name == "tokens":
+            flags.append("--token")
+        parser.add_argument(*flags, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> BridgeConfig:
+    overrides: dict[str, Any] = {}
+    for field in fields(BridgeConfig):
+        value = getattr(args, field.name, None)
+        if value is None:
+            continue
+        if str(field.type).startswith("tuple"):
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        overrides[field.name] = value
+    return BridgeConfig.from_env(**overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging()
+    config = config_from_args(args)
+    from bridge.app import run_bridge
+
+    log = get_logger("bridge")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_bridge(config))
+    log.info("bridge.exited")
+    return 0

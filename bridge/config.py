@@ -1,0 +1,135 @@
+"""Bridge settings: one dataclass, filled from defaults, TRADEBUS__BRIDGE_* variables, flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Final
+
+from bridge.errors import ConfigError
+from bus.errors import TopicError
+from bus.topics import validate_type
+
+ENV_PREFIX: Final = "TRADEBUS__BRIDGE_"
+STATIC_DIR: Final = Path(__file__).resolve().parent / "static"
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    bus: str = "tcp://127.0.0.1:5556"  # the proxy's XPUB
+    snapshot: str = "tcp://127.0.0.1:5557"  # the proxy's snapshot service; "" = none
+    publish_to: str = "tcp://127.0.0.1:5555"  # the proxy's XSUB, for WebSocket publishers
+    allow_publish: bool = False  # loopback connections may publish without a token
+    origins: tuple[str, ...] = ()  # extra allowed Origin values; "*" allows any
+    tokens: tuple[str, ...] = ()  # static tokens: subscribe to everything
+    publish_tokens: tuple[str, ...] = ()  # static tokens: subscribe and publish
+    jwt_secret: str | None = None  # HS256 secret; claims exp, topics, publish
+    cert: str | None = None  # TLS certificate (PEM) for wss://
+    key: str | None = None  # TLS private key (PEM)
+    max_queue_bytes: int = 1024 * 1024  # per client: bytes waiting to be sent
+    conflate_types: tuple[str, ...] = ("market_data", "position_update")
+    history_events: int = 1000  # resume window per topic, in events ...
+    history_seconds: float = 300.0  # ... and in time
+    max_message_bytes: int = 64 * 1024  # inbound message size (close 1009)
+    rate_limit: float = 50.0  # inbound messages per second per connection (close 1008)
+    rate_burst: float = 100.0
+    publish_rate_limit: float = 5000.0  # for connections allowed to publish
+    publish_rate_burst: float = 10000.0
+    max_subscriptions: int = 100  # patterns per connection
+    max_connections: int = 10000
+    max_connections_per_ip: int = 1000
+    max_errors: int = 20  # invalid requests tolerated per connection before close 1008
+    ping_interval: float = 20.0  # server pings; a silent peer is closed within 2 intervals
+    stale_after: float = 15.0  # a source with no event for this long is reported stale
+    upstream_linger: float = 300.0  # keep an unneeded bus subscription (resume history)
+    snapshot_timeout: float = 3.0  # waiting for the proxy's snapshot service
+    write_buffer_high: int = 256 * 1024  # transport bytes above which a client is behind
+    close_timeout: float = 2.0  # wait for the client's close reply, then drop it
+    track_sources: bool = True  # subscribe to system_status for source liveness
+    static_dir: str = str(STATIC_DIR)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_queue_bytes",
+            "history_events",
+            "max_message_bytes",
+            "max_subscriptions",
+            "max_connections",
+            "max_connections_per_ip",
+            "max_errors",
+            "write_buffer_high",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"bridge setting {name} must be above 0")
+        for name in (
+            "history_seconds",
+            "rate_limit",
+            "rate_burst",
+            "publish_rate_limit",
+            "publish_rate_burst",
+            "ping_interval",
+            "stale_after",
+            "snapshot_timeout",
+            "close_timeout",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"bridge setting {name} must be above 0")
+        if self.upstream_linger < 0:
+            raise ConfigError("bridge setting upstream_linger must be 0 or more")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"bridge setting port must be 0..65535, got {self.port}")
+        if bool(self.cert) != bool(self.key):
+            raise ConfigError("bridge settings cert and key must be given together")
+        for type_name in self.conflate_types:
+            try:
+                validate_type(type_name)
+            except TopicError as error:
+                raise ConfigError(f"bridge setting conflate_types: {error}") from None
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.tokens or self.publish_tokens or self.jwt_secret)
+
+    def replace(self, **changes: Any) -> BridgeConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> BridgeConfig:
+        """Defaults, then ``TRADEBUS__BRIDGE_<FIELD>`` variables, then ``overrides``."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            raw = env.get(ENV_PREFIX + field.name.upper())
+            if raw is not None:
+                values[field.name] = _parse(field.name, str(field.type), raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _parse(name: str, annotation: str, raw: str) -> Any:
+    variable = ENV_PREFIX + name.upper()
+    text = raw.strip()
+    try:
+        if annotation == "bool":
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(f"expected true or false, got {raw!r}")
+        if annotation == "int":
+            return int(text)
+        if annotation == "float":
+            return float(text)
+        if annotation.startswith("tuple"):
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+        if annotation == "str | None":
+            return text or None
+        return text
+    except ValueError as error:
+        raise ConfigError(f"{variable}: {error}") from None

@@ -1,0 +1,126 @@
+"""Prometheus view of a bridge: read from the hub's plain counters at scrape time.
+
+The hot path only increments integers; this collector turns them into metric families
+when /metrics is scraped, so metrics cost nothing per delivery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from bridge.app import Bridge
+
+PREFIX = "tradebus_bridge_"
+
+
+class BridgeCollector(Collector):
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+
+    def collect(self) -> Iterator[Metric]:
+        bridge = self.bridge
+        hub = bridge.hub
+        stats = hub.stats
+        events = CounterMetricFamily(
+            PREFIX + "events_in", "Bus events received, by event type", labels=["type"]
+        )
+        for type_name, count in sorted(stats.events_by_type.items()):
+            events.add_metric([type_name], count)
+        yield events
+        yield CounterMetricFamily(
+            PREFIX + "deliveries", "Events queued to clients", value=stats.deliveries
+        )
+        conflated = stats.conflated + sum(c.conflated for c in hub.clients)
+        yield CounterMetricFamily(
+            PREFIX + "conflated",
+            "Queued events replaced by a newer one of the same topic (slow clients)",
+            value=conflated,
+        )
+        dropped = CounterMetricFamily(
+            PREFIX + "dropped", "Events not delivered, by reason", labels=["reason"]
+        )
+        for reason, count in sorted(stats.dropped.items()):
+            dropped.add_metric([reason], count)
+        yield dropped
+        yield CounterMetricFamily(
+            PREFIX + "slow_consumer_disconnects",
+            "Clients closed with 4008 because their queue overflowed",
+            value=stats.slow_disconnects,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "gaps", "Sequence gaps seen on the bus", value=stats.gaps
+        )
+        yield CounterMetricFamily(
+            PREFIX + "missed_events", "Events missing in those gaps", value=stats.missed
+        )
+        yield CounterMetricFamily(
+            PREFIX + "published", "Events published by WebSocket publishers", value=stats.published
+        )
+        rejected = CounterMetricFamily(
+            PREFIX + "publish_rejected", "Publish requests refused, by reason", labels=["reason"]
+        )
+        for reason, count in sorted(stats.publish_rejected.items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+        refused = CounterMetricFamily(
+            PREFIX + "connections_rejected", "Handshakes refused, by reason", labels=["reason"]
+        )
+        for reason, count in sorted(bridge.rejected.items()):
+            refused.add_metric([reason], count)
+        yield refused
+        yield CounterMetricFamily(
+            PREFIX + "snapshots", "Snapshots served to clients", value=stats.snapshots
+        )
+        resumes = CounterMetricFamily(
+            PREFIX + "resumes", "Resume requests, by outcome", labels=["recovered"]
+        )
+        resumes.add_metric(["true"], stats.resumes - stats.resumes_unrecovered)
+        resumes.add_metric(["false"], stats.resumes_unrecovered)
+        yield resumes
+        clients = GaugeMetricFamily(
+            PREFIX + "connected_clients", "Open WebSocket connections", labels=["role"]
+        )
+        publishers = sum(1 for c in hub.clients if c.publisher)
+        clients.add_metric(["subscriber"], len(hub.clients) - publishers)
+        clients.add_metric(["publisher"], publishers)
+        yield clients
+        yield GaugeMetricFamily(
+            PREFIX + "queue_bytes",
+            "Bytes queued in the bridge for all clients (not yet handed to the socket)",
+            value=sum(c.queued_bytes() for c in hub.clients),
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "upstream_subscriptions",
+            "Topic prefixes subscribed on the bus",
+            value=len(hub.subscribed),
+        )
+        yield GaugeMetricFamily(PREFIX + "ready", "1 when connected to the bus", value=bridge.ready)
+        live = GaugeMetricFamily(
+            PREFIX + "source_live", "1 when the source sent an event recently", labels=["source"]
+        )
+        for source, is_live in sorted(hub.stale_sources().items()):
+            live.add_metric([source], 1.0 if is_live else 0.0)
+        yield live
+        histogram = hub.latency
+        buckets: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip(histogram.bounds, histogram.counts, strict=False):
+            running += count
+            buckets.append((repr(bound), running))
+        buckets.append(("+Inf", running + histogram.counts[-1]))
+        yield HistogramMetricFamily(
+            PREFIX + "latency_seconds",
+            "Publish (publish_ns) to written-to-socket latency per delivered event",
+            buckets=buckets,
+            sum_value=histogram.total,
+        )
