@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -119,3 +124,47 @@ def test_the_metrics_port_has_health_and_nothing_else() -> None:
     finally:
         server.close()
     assert MetricsServer.ROUTES == ("/health", "/metrics")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def test_tradebus_proxy_serves_metrics_and_health() -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tradebus",
+            "proxy",
+            "--frontend",
+            "tcp://127.0.0.1:*",
+            "--backend",
+            "tcp://127.0.0.1:*",
+            "--snapshot",
+            "tcp://127.0.0.1:*",
+            "--metrics-port",
+            str(port),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        started = json.loads(process.stderr.readline())
+        assert started["event"] == "proxy.started"
+        assert started["metrics"] == f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=scaled(5)) as r:
+            assert r.status == 200
+        found = scrape(started["metrics"])
+        assert found[("tradebus_proxy_cache_topics", ())] == 0
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(scaled(10)) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=scaled(5))
