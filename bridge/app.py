@@ -515,7 +515,7 @@ class Bridge:
                 "websocket.client_disconnected",
                 client=client.id,
                 ip=client.ip,
-                code=ws.close_code if ws.close_code is not None else close_code,
+                code=int(ws.close_code) if ws.close_code is not None else close_code,
                 reason=close_reason[:120],
             )
         return ws
