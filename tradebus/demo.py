@@ -539,7 +539,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-port",
         type=int,
-        help="serve the publisher's Prometheus metrics on this port (127.0.0.1)",
+        help="serve the publisher's Prometheus metrics (/metrics) and /health on this port",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address of the metrics port (default %(default)s)",
     )
 
 
@@ -569,7 +574,7 @@ def run(args: argparse.Namespace) -> int:
 
         registry = CollectorRegistry()
         registry.register(PublisherCollector(publisher.status, publisher.source))
-        metrics = MetricsServer(registry, port=args.metrics_port)
+        metrics = MetricsServer(registry, host=args.metrics_host, port=args.metrics_port)
     log.info(
         "demo.started",
         url=publisher.settings.url,
