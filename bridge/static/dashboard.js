@@ -84,7 +84,7 @@ class Series {
     this.head = 0; // index of the oldest point still inside the window
     this.last = null;
     this.changed = true;
-    this.card = null;
+    this.view = null; // DOM nodes of its card, made at first render
   }
 
   push(time, price) {
@@ -149,11 +149,13 @@ function applySelection() {
   const held = new Set(client.patterns());
   const removed = [...held].filter((p) => !wanted.has(p));
   const added = [...wanted].filter((p) => !held.has(p));
+  // Subscribe before unsubscribing so a topic moving from "market_data" to
+  // "market_data.BTC-USD" never has a moment without a subscription.
+  if (added.length) client.subscribe(added);
   if (removed.length) {
     client.unsubscribe(removed);
     forgetUnwanted(wanted);
   }
-  if (added.length) client.subscribe(added);
   model.dirty.selector = true;
 }
 
@@ -163,7 +165,7 @@ function forgetUnwanted(wanted) {
   const receives = (topic) => [...wanted].some((p) => patternMatches(p, topic));
   for (const [symbol, series] of model.symbols) {
     if (!receives(`market_data.${symbol}`)) {
-      series.card?.remove();
+      series.view?.card.remove();
       model.symbols.delete(symbol);
     }
   }
@@ -474,8 +476,8 @@ function renderPrices(now) {
   $("prices-empty").hidden = model.symbols.size > 0;
   for (const series of model.symbols.values()) {
     series.trim(now);
-    if (!series.card) series.card = priceCard(series);
-    const view = series.card;
+    if (!series.view) series.view = priceCard(series);
+    const { view } = series;
     if (series.changed) {
       series.changed = false;
       view.price.textContent = priceFormat(series.last);
