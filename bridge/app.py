@@ -147,6 +147,7 @@ class Bridge:
         if self._pub is not None:
             self._tasks.append(asyncio.create_task(self._read_publisher(), name="bridge-pub"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="bridge-timers"))
+        self._probe(time.monotonic())
         self.log.info(
             "bridge.started",
             bus=config.bus,
