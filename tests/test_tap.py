@@ -106,6 +106,16 @@ def test_control_messages_and_errors() -> None:
     assert "error from bridge: bad_pattern: no" in format_summary(summary)
 
 
+def test_from_counts_only_one_source() -> None:
+    stats = TapStats(started_ns=T0, only_source="check")
+    assert stats.observe(event("market_data.BTC-USD", 1, T0, source="demo-bot"), T0) == "ignored"
+    assert stats.observe(event("market_data.BTC-USD", 1, T0, source="check"), T0) == "event"
+    summary = stats.summary(T0 + 1)
+    assert summary["events"] == 1
+    assert summary["ignored_other_sources"] == 1
+    assert "(1 events of other sources ignored)" in format_summary(summary)
+
+
 def test_guide_events_have_the_guides_shapes() -> None:
     every = guide_events("all", T0)
     assert [e["type"] for e in every] == [

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import websockets.sync.client as ws_client
@@ -184,3 +185,38 @@ def test_a_port_in_use_is_a_one_line_error() -> None:
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("tradebus up: error: ")
     assert f"127.0.0.1:{port}" in last
+
+
+CHECK_STACK = Path(__file__).resolve().parent.parent / "compose" / "check_stack.sh"
+
+
+def run_check_stack(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(CHECK_STACK), *args],
+        capture_output=True,
+        text=True,
+        timeout=scaled(60),
+        env={
+            **os.environ,
+            "TRADEBUS": f"{sys.executable} -m tradebus",
+            "PYTHON": sys.executable,
+        },
+    )
+
+
+def test_check_stack_proves_delivery_through_tradebus_up(stack: Stack) -> None:
+    url = stack.dashboard.replace("localhost", "127.0.0.1").rstrip("/")
+    result = run_check_stack("--url", url, "--metrics", stack.metrics, "--timeout", "15")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "received: tap summary: 5 events" in result.stdout
+    assert "All checks passed" in result.stdout
+
+
+def test_check_stack_fails_without_a_stack() -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    result = run_check_stack("--url", f"http://127.0.0.1:{port}", "--timeout", "2")
+    assert result.returncode == 1
+    assert "FAIL no answer from" in result.stderr
+    assert "is the stack running?" in result.stderr

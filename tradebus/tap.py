@@ -124,6 +124,8 @@ class TapStats:
     """What a tap saw: live and snapshot events by type, gaps, latency; fed plain dicts."""
 
     started_ns: int
+    only_source: str | None = None  # count events of this source only (``--from``)
+    ignored: int = 0  # events of other sources
     events: Counter[str] = field(default_factory=Counter)
     snapshot_events: int = 0
     control: Counter[str] = field(default_factory=Counter)
@@ -143,7 +145,7 @@ class TapStats:
         return sum(self.events.values())
 
     def observe(self, message: Any, received_ns: int) -> str:
-        """Account for one message; return its kind: "event", "snapshot" or "control"."""
+        """Account for one message; its kind: "event", "snapshot", "control" or "ignored"."""
         self.last_ns = received_ns
         if not isinstance(message, dict):
             self.control["invalid"] += 1
@@ -151,6 +153,9 @@ class TapStats:
         kind = message.get("type")
         data = message.get("data")
         if isinstance(kind, str) and isinstance(data, dict) and "topic" in message:
+            if self.only_source is not None and message.get("source") != self.only_source:
+                self.ignored += 1
+                return "ignored"
             return self._event(kind, message, received_ns)
         name = kind if isinstance(kind, str) else "invalid"
         self.control[name] += 1
@@ -203,6 +208,7 @@ class TapStats:
             "gaps": self.gaps_seen + self.gaps_reported,
             "missed": self.missed_seen + self.missed_reported,
             "duplicates": self.duplicates,
+            "ignored_other_sources": self.ignored,
             "latency_ms": {
                 "count": len(ordered),
                 "p50": round(percentile(ordered, 0.50), 3),
@@ -241,6 +247,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['snapshot_events']} snapshot events, {summary['duplicates']} duplicates",
     ]
     lines += [f"  {name:<22} {count}" for name, count in summary["by_type"].items()]
+    if summary["ignored_other_sources"]:
+        lines.append(f"  ({summary['ignored_other_sources']} events of other sources ignored)")
     lines.append(
         f"latency ms: p50 {latency['p50']:.2f}  p90 {latency['p90']:.2f}  "
         f"p99 {latency['p99']:.2f}  max {latency['max']:.2f}  (n={latency['count']})"
@@ -267,6 +275,7 @@ class TapOptions:
     expect: int | None = None
     json_output: bool = False
     quiet: bool = False
+    only_source: str | None = None
     token: str | None = None
     connect_timeout: float = 10.0
 
@@ -300,7 +309,7 @@ async def listen(
 ) -> dict[str, Any]:
     """Run a listening tap until ``stop``, the duration or ``--expect`` is reached."""
     log = get_logger("tap")
-    stats = TapStats(started_ns=clock_ns())
+    stats = TapStats(started_ns=clock_ns(), only_source=options.only_source)
     url = options.url
     if options.topics and not options.snapshot:
         # subscribing in the URL takes effect at connect: no window to miss an event in
@@ -371,7 +380,7 @@ async def listen(
 def _print_message(
     options: TapOptions, out: TextIO, body: Any, received_ns: int, kind: str
 ) -> None:
-    if options.quiet:
+    if options.quiet or kind == "ignored":
         return
     if options.json_output:
         out.write(orjson.dumps(body).decode() + "\n")
@@ -524,6 +533,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print messages as JSON lines")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
     parser.add_argument(
+        "--from",
+        dest="only_source",
+        metavar="SOURCE",
+        help="show and count only the events of this source id (others are just counted)",
+    )
+    parser.add_argument(
         "--token",
         default=os.environ.get("TRADEBUS_TOKEN"),
         help="bearer token when the bridge requires one (default: env TRADEBUS_TOKEN)",
@@ -546,6 +561,7 @@ def run(args: argparse.Namespace) -> int:
         expect=args.expect,
         json_output=args.json,
         quiet=args.quiet,
+        only_source=args.only_source,
         token=args.token,
     )
     summary = asyncio.run(_listen_until_signal(options))
