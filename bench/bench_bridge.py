@@ -311,6 +311,7 @@ class Bench:
             command = ["-m", "bench.naive_server"]
         else:
             command = ["-m", "tradebus", "bridge", "--snapshot", self.snapshot]
+            command += ["--publish-to", self.frontend]
         return [
             sys.executable,
             *command,
@@ -512,73 +513,54 @@ def describe(trial: Trial) -> str:
     )
 
 
-def ratio(bridge: float, naive: float) -> str:
-    return f"{bridge / naive:.2f}x" if naive and not math.isnan(naive) else "n/a"
-
-
 def summary(plan: Plan, all_results: dict[str, ServerResults]) -> list[str]:
+    """A markdown table: each figure for both servers and the ratio bridge / naive."""
     naive = all_results["naive"]
     bridge = all_results.get("bridge")
-    lines = ["", "| measurement | bridge | naive | bridge/naive |", "|---|---|---|---|"]
+    lines = ["", "| measurement | bridge | naive | bridge / naive |", "|---|---|---|---|"]
 
-    def row(label: str, b: float | None, n: float | None, unit: str, better_low: bool) -> None:
+    def row(label: str, b: float | None, n: float | None, unit: str) -> None:
         def show(v: float | None) -> str:
-            return "failed" if v is None or math.isnan(v) else f"{v:,.1f} {unit}".strip()
+            return "n/a" if v is None or math.isnan(v) else f"{v:,.1f} {unit}".rstrip()
 
-        if b is None or n is None or math.isnan(b) or math.isnan(n) or not b or not n:
-            r = "n/a"
-        else:
-            r = ratio(n, b) + " better" if better_low else ratio(b, n)
+        usable = b is not None and n is not None and not math.isnan(b) and not math.isnan(n)
+        r = f"{b / n:.2f}x" if usable and n else "n/a"  # type: ignore[operator]
         lines.append(f"| {label} | {show(b)} | {show(n)} | {r} |")
 
     for rate in plan.latency_rates:
-        nt = naive.latency.get(rate)
-        bt = bridge.latency.get(rate) if bridge else None
+        trials = [r.latency.get(rate) if r else None for r in (bridge, naive)]
         for q in ("p50", "p99"):
+            b, n = (getattr(t, f"{q}_us") / 1000 if t else None for t in trials)
             row(
-                f"latency {q} @ {rate:,} ev/s, {LATENCY_CONNECTIONS} clients",
-                getattr(bt, f"{q}_us") / 1000 if bt else None,
-                getattr(nt, f"{q}_us") / 1000 if nt else None,
+                f"latency {q} @ {rate:,} ev/s, {LATENCY_CONNECTIONS} clients (lower is better)",
+                b,
+                n,
                 "ms",
-                True,
             )
+        b, n = (float(t.lost) if t else None for t in trials)
+        expected = rate * plan.latency_seconds * LATENCY_CONNECTIONS
         row(
-            f"  lost @ {rate:,} ev/s",
-            float(bt.lost) if bt else None,
-            float(nt.lost) if nt else None,
+            f"  undelivered @ {rate:,} ev/s (of {expected:,.0f})",
+            b,
+            n,
             "",
-            True,
         )
     for clients in plan.fanout_clients:
-        nb = naive.best_fanout(clients)
-        bb = bridge.best_fanout(clients) if bridge else None
-        row(
-            f"fan-out to {clients:,} clients, deliveries/s (lossless)",
-            bb.deliveries_per_s if bb else None,
-            nb.deliveries_per_s if nb else None,
-            "",
-            False,
-        )
-        row(
-            f"  at publish rate, ev/s ({clients:,} clients)",
-            bb.sent_rate if bb else None,
-            nb.sent_rate if nb else None,
-            "",
-            False,
-        )
-        row(
-            f"  loadgen CPU at that rate ({clients:,} clients)",
-            bb.loadgen_cpu * 100 if bb else None,
-            nb.loadgen_cpu * 100 if nb else None,
-            "%",
-            True,
-        )
+        best = [r.best_fanout(clients) if r else None for r in (bridge, naive)]
+        b, n = (t.deliveries_per_s if t else None for t in best)
+        row(f"fan-out to {clients:,} clients, lossless deliveries/s", b, n, "")
+        b, n = (t.sent_rate if t else None for t in best)
+        row("  its publish rate, events/s", b, n, "")
+        b, n = (t.server_cpu * 100 if t else None for t in best)
+        row("  server CPU at that rate", b, n, "%")
+        b, n = (t.loadgen_cpu * 100 if t else None for t in best)
+        row("  loadgen CPU at that rate", b, n, "%")
+    b = bridge.idle_bytes_per_connection / 1024 if bridge else None
     row(
-        f"memory per idle connection ({plan.idle_connections:,})",
-        bridge.idle_bytes_per_connection / 1024 if bridge else None,
+        f"memory per idle connection, {plan.idle_connections:,} connections (lower is better)",
+        b,
         naive.idle_bytes_per_connection / 1024,
         "KiB",
-        True,
     )
     return lines
 
