@@ -83,6 +83,9 @@ class BridgeConfig:
             raise ConfigError("bridge setting upstream_linger must be 0 or more")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"bridge setting port must be 0..65535, got {self.port}")
+        if self.jwt_secret is not None and len(self.jwt_secret.encode()) < 32:
+            # RFC 7518 3.2: an HS256 key must be at least as long as the hash (32 bytes)
+            raise ConfigError("bridge setting jwt_secret must be at least 32 bytes")
         if bool(self.cert) != bool(self.key):
             raise ConfigError("bridge settings cert and key must be given together")
         for type_name in self.conflate_types:
