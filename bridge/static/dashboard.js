@@ -406,6 +406,8 @@ function drawChart(series, view, now) {
   low -= pad;
   high += pad;
   const labelWidth = 70 * ratio;
+  // Enough decimals to tell the three grid levels apart, no more.
+  const labelDigits = Math.min(6, Math.max(0, Math.ceil(-Math.log10((high - low) / 10))));
   const plotWidth = width - labelWidth;
   // A young series spans from its first point (at least a minute) instead of a mostly
   // empty window.
@@ -425,7 +427,7 @@ function drawChart(series, view, now) {
     ctx.moveTo(0, yy);
     ctx.lineTo(plotWidth, yy);
     ctx.stroke();
-    ctx.fillText(priceFormat(level), plotWidth + 6 * ratio, yy + 4 * ratio);
+    ctx.fillText(level.toFixed(labelDigits), plotWidth + 6 * ratio, yy + 4 * ratio);
   }
 
   // One vertical segment per pixel column (first, min, max, last): cost stays bounded by the
