@@ -12,8 +12,8 @@ frame headers, so the client is not the bottleneck; its CPU use is reported), fo
    runs on one host, so clocks agree);
 2. fan-out deliveries/s to 100 and 1,000 clients on one topic at the highest publish rate
    sustained without loss: the rate steps up until a trial loses an event, closes a
-   client or falls behind (delivery takes over 5 % longer than publishing), then bisects;
-   delivered must equal published x clients;
+   client or falls behind (the last delivery trails the last publish by more than
+   0.15 s + 5 % of the trial), then bisects; delivered must equal published x clients;
 3. memory per idle connection: RSS growth of the server process over 5,000 connections.
 
 Everything is on 127.0.0.1, bounded in count and time (about 3-5 minutes in all).
@@ -46,8 +46,11 @@ from tradebus.cli import COMMANDS
 
 HERE = Path(__file__).resolve().parent
 HOST = "127.0.0.1"
-# the fraction of the publish duration by which delivery may lag before a rate counts as
-# not sustained: a server that keeps up finishes right after the publisher does
+# How far the last delivery may trail the last publish for a rate to count as sustained.
+# A server that keeps up finishes right after the publisher; one that does not falls
+# behind in proportion to the trial's length. The fixed part absorbs one scheduling stall
+# of a busy 2-core machine, which would otherwise fail a rate the server sustains.
+MAX_LAG_FIXED_S = 0.15
 MAX_LAG_FRACTION = 0.05
 LATENCY_CONNECTIONS = 10
 # fan-out clients read every 2 ms, many frames per read, so the client stays cheap
@@ -57,9 +60,9 @@ FANOUT_NAP_US = 2_000
 @dataclass(frozen=True)
 class Plan:
     latency_rates: tuple[int, ...] = (1_000, 10_000)
-    latency_seconds: float = 5.0
+    latency_seconds: float = 4.0
     fanout_clients: tuple[int, ...] = (100, 1_000)
-    trial_seconds: float = 2.0
+    trial_seconds: float = 3.0
     max_trials: int = 8
     idle_connections: int = 5_000
 
@@ -242,7 +245,7 @@ class Trial:
         return (
             self.lost == 0
             and self.closed == 0
-            and self.lag_s <= 0.02 + MAX_LAG_FRACTION * publish_s
+            and self.lag_s <= MAX_LAG_FIXED_S + MAX_LAG_FRACTION * publish_s
         )
 
 
