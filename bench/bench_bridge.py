@@ -230,6 +230,10 @@ class Trial:
     delivered: int
     lost: int
     closed: int
+    # events received by the client that got the fewest and the most: a lossless, exact
+    # delivery has both equal to published (a duplicate would hide a loss in the total)
+    min_per_client: int
+    max_per_client: int
     duration_s: float  # first publish -> last delivery
     deliveries_per_s: float
     lag_s: float  # last publish -> last delivery
@@ -245,6 +249,7 @@ class Trial:
         return (
             self.lost == 0
             and self.closed == 0
+            and self.min_per_client == self.max_per_client == self.published
             and self.lag_s <= MAX_LAG_FIXED_S + MAX_LAG_FRACTION * publish_s
         )
 
@@ -341,7 +346,7 @@ class Bench:
         port = free_port()
         argv, env = self.server_argv(name, port), self.server_env(name)
         with child(name, argv, self.workdir / f"{name}.log", env) as process:
-            ready = "/ready" if name == "bridge" else "/health"
+            ready = "/health" if name == "naive" else "/ready"
             wait_http(f"http://{HOST}:{port}{ready}", process, 30)
             yield process, port
 
@@ -413,6 +418,8 @@ class Bench:
             delivered=delivered,
             lost=count * clients - delivered,
             closed=int(report["closed"]),
+            min_per_client=int(report["min_per_conn"]),
+            max_per_client=int(report["max_per_conn"]),
             duration_s=duration_s,
             deliveries_per_s=delivered / duration_s,
             lag_s=(last_event_ns - last_ns) / 1e9,
@@ -507,6 +514,8 @@ def next_rate(rate: float, good: float | None, bad: float | None) -> float | Non
 def describe(trial: Trial) -> str:
     verdict = "ok" if trial.sustained else "NOT SUSTAINED"
     closed = f", {trial.closed} closed {trial.close_codes}" if trial.closed else ""
+    if trial.min_per_client != trial.max_per_client:
+        closed += f", per client {trial.min_per_client}..{trial.max_per_client}"
     return (
         f"{verdict}: sent {trial.published} at {trial.sent_rate:,.0f}/s, delivered "
         f"{trial.delivered:,}/{trial.published * trial.clients:,} (lost {trial.lost:,}{closed}), "
