@@ -62,6 +62,9 @@ class Event:
     def meta(self) -> Meta:
         return Meta(self.source, self.epoch, self.seq, self.publish_ns)
 
+    def __str__(self) -> str:
+        return f"{self.topic} {self.source}#{self.seq} {self.data}"
+
 
 def encode_meta(source: bytes, epoch: int, seq: int, publish_ns: int) -> bytes:
     """Pack the metadata frame; ``source`` is the already-encoded source id."""
@@ -121,8 +124,12 @@ def encode_payload(
     epoch: int,
     seq: int,
     default: Callable[[Any], Any] | None = None,
+    option: int = orjson.OPT_NON_STR_KEYS,
 ) -> bytes:
-    """The payload JSON, field order fixed: type, data, timestamp, topic, source, epoch, seq."""
+    """The payload JSON, field order fixed: type, data, timestamp, topic, source, epoch, seq.
+
+    ``option`` lets publishers add orjson options (numpy, datetime handling) to the encoding.
+    """
     try:
         return orjson.dumps(
             {
@@ -135,7 +142,7 @@ def encode_payload(
                 "seq": seq,
             },
             default=default,
-            option=orjson.OPT_NON_STR_KEYS,
+            option=option,
         )
     except TypeError as error:
         raise EnvelopeError(

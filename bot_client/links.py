@@ -1,0 +1,595 @@
+"""The publisher's I/O threads: ZeroMQ straight onto the bus, or WebSocket to the bridge.
+
+Each link owns one thread. It learns the connection state, delivers the outbox in order
+whenever the connection allows, runs the publisher's timers (interval releases, drop
+reports, heartbeat, summary) and reconnects with backoff, forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import selectors
+import socket
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Final, Protocol
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import aiohttp
+import orjson
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from bot_client.core import Entry, backoff_delay
+from bot_client.publisher import SUMMARY_SECONDS
+
+if TYPE_CHECKING:
+    from bot_client.publisher import Publisher
+
+# Longest sleep of an idle I/O thread: bounds how late a missed wake-up can make anything.
+IDLE_WAIT: Final = 0.25
+# While blocked on a full ZeroMQ pipe, re-check at least this often.
+BLOCKED_WAIT: Final = 0.01
+# Events sent in one go before the lock is released to callers.
+DRAIN_BATCH: Final = 256
+# Messages libzmq itself holds per connection; beyond it our outbox's policy applies.
+ZMQ_SNDHWM: Final = 10_000
+# After sending, nap this long (instead of sleeping until woken) for this many seconds.
+SPIN_NAP: Final = 0.0002
+SPIN_SECONDS: Final = 0.02
+_NOBLOCK: Final = zmq.NOBLOCK
+_SNDMORE_NOBLOCK: Final = zmq.SNDMORE | zmq.NOBLOCK
+# Unacknowledged WebSocket events allowed in flight (resent after a reconnect).
+WS_WINDOW: Final = 1_000
+
+
+class Link(Protocol):
+    connected: bool
+
+    def start(self) -> None: ...
+    def stop(self, timeout: float) -> None: ...
+    def wake(self) -> None: ...
+    def in_flight(self) -> int: ...
+    def abandoned(self) -> list[Entry]: ...
+
+
+def make_link(publisher: Publisher, context: zmq.Context[zmq.Socket[bytes]] | None) -> Link:
+    if publisher.settings.transport == "ws":
+        return WebSocketLink(publisher)
+    return ZmqLink(publisher, context)
+
+
+class _Timers:
+    """Heartbeat and summary schedule shared by both links (monotonic seconds)."""
+
+    def __init__(self, publisher: Publisher, now: float) -> None:
+        self.publisher = publisher
+        interval = publisher.settings.heartbeat_interval
+        self.heartbeat_interval = interval
+        self.next_heartbeat = now + interval if interval > 0 else float("inf")
+        self.next_summary = now + SUMMARY_SECONDS
+
+    def run(self, now: float, connected: bool) -> float:
+        """Run what is due; returns the next time anything is due."""
+        publisher = self.publisher
+        next_due = publisher._tick(now)
+        if now >= self.next_heartbeat:
+            self.next_heartbeat = now + self.heartbeat_interval
+            if connected and not publisher._closed:
+                publisher._heartbeat()
+        if now >= self.next_summary:
+            self.next_summary = now + SUMMARY_SECONDS
+            publisher._summary()
+        candidates = [self.next_heartbeat, self.next_summary]
+        if next_due is not None:
+            candidates.append(next_due)
+        return min(candidates)
+
+
+class ZmqLink:
+    """An XPUB socket connected to the proxy's XSUB, with ZMQ_XPUB_NODROP.
+
+    "Connected" means: the handshake with the proxy succeeded (socket monitor) and the
+    proxy's subscribe-all (``\\x01``) arrived, so ZeroMQ will not discard what is sent.
+    Only this thread touches the socket. Callers hand events over through the
+    publisher's fast deque; sending them from here, back to back, costs callers a deque
+    append instead of three ZeroMQ calls each waking libzmq's I/O thread.
+    """
+
+    def __init__(
+        self, publisher: Publisher, context: zmq.Context[zmq.Socket[bytes]] | None
+    ) -> None:
+        settings = publisher.settings
+        self.publisher = publisher
+        self.connected = False
+        self._link_up = False
+        self._subscribed = False
+        self._ever_up = False
+        self._context = context if context is not None else zmq.Context.instance()
+        self._stop = threading.Event()
+        self._deadline = 0.0
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        delays = settings.backoff_delays()
+        xpub: zmq.Socket[bytes] = self._context.socket(zmq.XPUB)
+        xpub.setsockopt(zmq.XPUB_NODROP, 1)
+        xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
+        xpub.setsockopt(zmq.SNDHWM, ZMQ_SNDHWM)
+        xpub.setsockopt(zmq.LINGER, 0)
+        xpub.setsockopt(zmq.RECONNECT_IVL, max(1, int(delays[0] * 1000)))
+        xpub.setsockopt(zmq.RECONNECT_IVL_MAX, max(1, int(delays[-1] * 1000)))
+        timeout_ms = max(1, int(settings.timeout * 1000))
+        xpub.setsockopt(zmq.CONNECT_TIMEOUT, timeout_ms)
+        xpub.setsockopt(zmq.HEARTBEAT_IVL, max(100, timeout_ms // 3))
+        xpub.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout_ms)
+        self._monitor = xpub.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+        )
+        self._xpub = xpub
+        # the Cython method itself: pyzmq's Python-level wrapper doubles the cost of a send
+        self._send = zmq.backend.Socket.send.__get__(xpub)
+        xpub.connect(settings.url)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run, name=f"tradebus-publisher-{self.publisher.source}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        self._deadline = time.monotonic() + timeout
+        self._stop.set()
+        self.wake()
+        if self._thread is not None:
+            self._thread.join(timeout + 5.0)
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_w.send(b"\x00")
+
+    def in_flight(self) -> int:
+        return 0
+
+    def abandoned(self) -> list[Entry]:
+        return []
+
+    # -- the thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        publisher = self.publisher
+        selector = selectors.DefaultSelector()
+        selector.register(self._xpub.getsockopt(zmq.FD), selectors.EVENT_READ)  # type: ignore[arg-type]
+        selector.register(self._monitor.getsockopt(zmq.FD), selectors.EVENT_READ)  # type: ignore[arg-type]
+        selector.register(self._wake_r, selectors.EVENT_READ)
+        timers = _Timers(publisher, time.monotonic())
+        last_busy = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                next_due = timers.run(now, self.connected)
+                self._read_monitor()
+                self._read_subscriptions()
+                sent, blocked = self._drain()
+                if sent:
+                    last_busy = now
+                if self._stop.is_set() and (self._idle() or now >= self._deadline):
+                    break
+                if blocked:
+                    selector.select(BLOCKED_WAIT)
+                elif publisher._fast and self.connected:
+                    continue
+                elif now - last_busy < SPIN_SECONDS:
+                    # busy publishers hand over the next event within microseconds: a short
+                    # nap spares them the cost of waking this thread
+                    time.sleep(SPIN_NAP)
+                else:
+                    wait = min(max(next_due - now, 0.0), IDLE_WAIT)
+                    if self._stop.is_set():
+                        wait = min(wait, BLOCKED_WAIT)
+                    self._sleep(selector, wait)
+        except Exception as error:  # never let the I/O thread die silently
+            publisher._log.error(
+                "websocket.publisher_thread_failed",
+                message="WebSocket publisher I/O thread failed",
+                error=repr(error),
+            )
+            raise
+        finally:
+            selector.close()
+            self._close_sockets()
+
+    def _sleep(self, selector: selectors.BaseSelector, wait: float) -> None:
+        publisher = self.publisher
+        publisher._io_sleeping = True
+        # re-check after raising the flag: a caller that appended before it saw it down
+        if not (publisher._fast and self.connected):
+            selector.select(wait)
+        publisher._io_sleeping = False
+        with contextlib.suppress(BlockingIOError):
+            while self._wake_r.recv(4096):
+                pass
+
+    def _idle(self) -> bool:
+        publisher = self.publisher
+        return not publisher._fast and not publisher._outbox
+
+    def _read_monitor(self) -> None:
+        publisher = self.publisher
+        log = publisher._log
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind = event["event"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._link_up = True
+                if self._ever_up:
+                    publisher.counters.reconnects += 1
+                self._ever_up = True
+            elif kind == zmq.EVENT_DISCONNECTED:
+                self._link_up = False
+            elif kind == zmq.EVENT_CONNECT_RETRIED:
+                attempts = publisher.counters.connect_attempts = (
+                    publisher.counters.connect_attempts + 1
+                )
+                if attempts in (1, 10, 100) or attempts % 1000 == 0:
+                    log.warning(
+                        "websocket.publisher_connect_retry",
+                        message="WebSocket publisher cannot reach the bus; retrying",
+                        url=publisher.settings.url,
+                        attempts=attempts,
+                        queued=publisher.queued(),
+                    )
+            self._update_state()
+
+    def _read_subscriptions(self) -> None:
+        while True:
+            try:
+                message = self._xpub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            # only the proxy's subscribe-all counts; it also forwards subscribers' own
+            # (un)subscriptions, such as snapshot sync markers, which say nothing about us
+            if message == b"\x01":
+                self._subscribed = True
+            elif message == b"\x00":
+                self._subscribed = False
+        self._update_state()
+
+    def _update_state(self) -> None:
+        connected = self._link_up and self._subscribed
+        if connected == self.connected:
+            return
+        publisher = self.publisher
+        self.connected = connected
+        if connected:
+            publisher._log.info(
+                "websocket.publisher_connected",
+                message="WebSocket publisher connected to the bus",
+                url=publisher.settings.url,
+                reconnects=publisher.counters.reconnects,
+                queued=publisher.queued(),
+            )
+        else:
+            with publisher._lock:
+                publisher._fast_ok = False
+            publisher._log.warning(
+                "websocket.publisher_disconnected",
+                message="WebSocket publisher lost the bus; holding events",
+                url=publisher.settings.url,
+            )
+
+    def _drain(self) -> tuple[int, bool]:
+        """Send what is handed over, then the outbox, in order: (sent, pipe full)."""
+        if not self.connected:
+            return 0, False
+        publisher = self.publisher
+        send = self._send
+        fast = publisher._fast
+        sent = 0
+        try:
+            # deque popleft is atomic; callers only append, so no lock is needed here
+            while fast:
+                slot, meta, payload = fast[0]
+                send(slot.topic_bytes, _SNDMORE_NOBLOCK)
+                send(meta, _SNDMORE_NOBLOCK)
+                send(payload, _NOBLOCK)
+                fast.popleft()
+                sent += 1
+                if sent >= DRAIN_BATCH:
+                    return sent, False
+            if not publisher._outbox:
+                if not publisher._fast_ok and not publisher._closed:
+                    with publisher._lock:
+                        publisher._fast_ok = not publisher._outbox and not publisher._closed
+                return sent, False
+            with publisher._lock:
+                outbox = publisher._outbox
+                while outbox and sent < DRAIN_BATCH:
+                    topic, meta, payload = outbox.peek().frames
+                    send(topic, _SNDMORE_NOBLOCK)
+                    send(meta, _SNDMORE_NOBLOCK)
+                    send(payload, _NOBLOCK)
+                    outbox.pop()
+                    sent += 1
+                publisher._fast_ok = not outbox and not fast and not publisher._closed
+            return sent, False
+        except zmq.Again:
+            # only the first frame can meet a full pipe: libzmq checks at message start
+            return sent, True
+        finally:
+            publisher.counters.sent += sent
+
+    def _close_sockets(self) -> None:
+        publisher = self.publisher
+        with publisher._lock:
+            publisher._fast_ok = False
+        remaining = max(0.0, self._deadline - time.monotonic())
+        with contextlib.suppress(zmq.ZMQError):
+            self._xpub.disable_monitor()
+        self._monitor.close(linger=0)
+        # what libzmq still holds gets the rest of the close timeout to go out
+        self._xpub.close(linger=int(remaining * 1000) if self.connected else 0)
+        self.connected = False
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+class WebSocketLink:
+    """A WebSocket client of the bridge's publish ingest (docs/publisher.md).
+
+    Every event carries an ``id``; the bridge acknowledges ids in order. Unacknowledged
+    events are resent after a reconnect with their original ``seq``, so the bridge
+    recognises (and acknowledges without republishing) the ones it already took.
+    """
+
+    def __init__(self, publisher: Publisher) -> None:
+        self.publisher = publisher
+        self.connected = False
+        settings = publisher.settings
+        parts = urlsplit(settings.url)
+        query = {"role": "publisher", "source": publisher.source, "epoch": str(publisher.epoch)}
+        if settings.token:
+            query["token"] = settings.token
+        extra = parts.query + "&" if parts.query else ""
+        self._url = urlunsplit(parts._replace(query=extra + urlencode(query)))
+        self._in_flight: deque[tuple[int, Entry]] = deque()
+        self._next_id = 1
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._stopping: asyncio.Event | None = None
+        self._deadline = 0.0
+        self._started = threading.Event()
+        self._leftover: list[Entry] = []
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._thread_main,
+            name=f"tradebus-publisher-{self.publisher.source}",
+            daemon=True,
+        )
+        self._thread.start()
+        self._started.wait(5.0)
+
+    def stop(self, timeout: float) -> None:
+        self._deadline = time.monotonic() + timeout
+        loop, stopping = self._loop, self._stopping
+        if loop is not None and stopping is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(stopping.set)
+        if self._thread is not None:
+            self._thread.join(timeout + 5.0)
+
+    def wake(self) -> None:
+        loop, wakeup = self._loop, self._wakeup
+        if loop is not None and wakeup is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(wakeup.set)
+
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def abandoned(self) -> list[Entry]:
+        leftover = [entry for _id, entry in self._in_flight] + self._leftover
+        self._in_flight.clear()
+        self._leftover = []
+        return leftover
+
+    # -- the thread ---------------------------------------------------------------------------
+    def _thread_main(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._started.set()
+        publisher = self.publisher
+        timers = asyncio.create_task(self._run_timers())
+        try:
+            async with aiohttp.ClientSession() as session:
+                await self._connect_forever(session)
+        except Exception as error:  # never let the I/O thread die silently
+            publisher._log.error(
+                "websocket.publisher_thread_failed",
+                message="WebSocket publisher I/O thread failed",
+                error=repr(error),
+            )
+            raise
+        finally:
+            timers.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await timers
+            self.connected = False
+
+    async def _run_timers(self) -> None:
+        assert self._wakeup is not None
+        timers = _Timers(self.publisher, time.monotonic())
+        while True:
+            now = time.monotonic()
+            next_due = timers.run(now, self.connected)
+            await asyncio.sleep(min(max(next_due - now, 0.0), IDLE_WAIT))
+
+    async def _connect_forever(self, session: aiohttp.ClientSession) -> None:
+        publisher = self.publisher
+        settings = publisher.settings
+        log = publisher._log
+        assert self._stopping is not None
+        delays = settings.backoff_delays()
+        failures = 0
+        ever_connected = False
+        while not self._finished():
+            try:
+                async with asyncio.timeout(settings.timeout):
+                    ws = await session.ws_connect(self._url, heartbeat=settings.timeout / 2)
+            except (aiohttp.ClientError, OSError, TimeoutError) as error:
+                failures += 1
+                publisher.counters.connect_attempts += 1
+                delay = backoff_delay(delays, failures)
+                log.warning(
+                    "websocket.publisher_connect_failed",
+                    message="WebSocket publisher cannot reach the bridge; retrying",
+                    url=settings.url,
+                    error=str(error) or type(error).__name__,
+                    attempt=failures,
+                    retry_in=delay,
+                    queued=publisher.queued(),
+                )
+                if self._stopping.is_set():
+                    return
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._stopping.wait()
+                continue
+            if ever_connected:
+                publisher.counters.reconnects += 1
+            ever_connected = True
+            failures = 0
+            self.connected = True
+            log.info(
+                "websocket.publisher_connected",
+                message="WebSocket publisher connected to the bridge",
+                url=settings.url,
+                resending=len(self._in_flight),
+                queued=len(publisher._outbox),
+            )
+            try:
+                await self._session(ws)
+            finally:
+                self.connected = False
+                await ws.close()
+            if not self._finished():
+                log.warning(
+                    "websocket.publisher_disconnected",
+                    message="WebSocket publisher lost the bridge; holding events",
+                    url=settings.url,
+                    close_code=ws.close_code,
+                    in_flight=len(self._in_flight),
+                )
+
+    def _finished(self) -> bool:
+        """Stopping and either everything is delivered or the close timeout is over."""
+        assert self._stopping is not None
+        if not self._stopping.is_set():
+            return False
+        publisher = self.publisher
+        idle = not publisher._outbox and not self._in_flight
+        return idle or time.monotonic() >= self._deadline
+
+    async def _session(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        reader = asyncio.create_task(self._read_acks(ws))
+        try:
+            for message_id, entry in list(self._in_flight):
+                await ws.send_str(_with_id(entry, message_id))
+            await self._write(ws, reader)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def _write(self, ws: aiohttp.ClientWebSocketResponse, reader: asyncio.Task[None]) -> None:
+        publisher = self.publisher
+        wakeup = self._wakeup
+        stopping = self._stopping
+        assert wakeup is not None
+        assert stopping is not None
+        while not reader.done():
+            if self._finished():
+                return
+            wakeup.clear()
+            batch: list[tuple[int, Entry]] = []
+            with publisher._lock:
+                outbox = publisher._outbox
+                while outbox and len(self._in_flight) + len(batch) < WS_WINDOW:
+                    batch.append((self._next_id, outbox.pop()))
+                    self._next_id += 1
+            for message_id, entry in batch:
+                self._in_flight.append((message_id, entry))
+                await ws.send_str(_with_id(entry, message_id))
+            if batch:
+                continue
+            waiters = [asyncio.ensure_future(wakeup.wait()), reader]
+            if stopping.is_set():
+                waiters.append(asyncio.ensure_future(asyncio.sleep(0.01)))
+            else:
+                waiters.append(asyncio.ensure_future(stopping.wait()))
+            _done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                if task is not reader:
+                    task.cancel()
+
+    async def _read_acks(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        publisher = self.publisher
+        counters = publisher.counters
+        async for message in ws:
+            if message.type != aiohttp.WSMsgType.TEXT:
+                continue
+            try:
+                body = orjson.loads(message.data)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(body, dict):
+                continue
+            kind = body.get("type")
+            message_id = body.get("id")
+            if kind == "ack" and isinstance(message_id, int):
+                while self._in_flight and self._in_flight[0][0] <= message_id:
+                    self._in_flight.popleft()
+                    counters.sent += 1
+                if self._wakeup is not None:
+                    self._wakeup.set()
+            elif kind == "error":
+                self._rejected(body, message_id)
+
+    def _rejected(self, body: dict[str, Any], message_id: Any) -> None:
+        publisher = self.publisher
+        rejected: Entry | None = None
+        if isinstance(message_id, int):
+            while self._in_flight and self._in_flight[0][0] <= message_id:
+                found_id, entry = self._in_flight.popleft()
+                if found_id == message_id:
+                    rejected = entry
+                    break
+                publisher.counters.sent += 1
+        if rejected is not None:
+            publisher.counters.rejected += 1
+            with publisher._lock:
+                publisher._dropped(rejected)
+        publisher._log.warning(
+            "websocket.publish_rejected",
+            message="WebSocket publish rejected by the bridge",
+            code=body.get("code"),
+            reason=body.get("message"),
+            type=rejected.type_name if rejected is not None else None,
+        )
+
+
+def _with_id(entry: Entry, message_id: int) -> str:
+    """The bus payload plus the ack id: the guide's shape with tradebus's extra fields."""
+    payload = entry.frames[2]
+    return (payload[:-1] + b',"id":' + str(message_id).encode() + b"}").decode()

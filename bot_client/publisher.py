@@ -1,0 +1,643 @@
+"""``Publisher``: hands a trading bot's events to the bus (tcp://, ipc://) or the bridge (ws://).
+
+The call path never waits for the network. ``publish`` validates and encodes the event
+once, in the caller's thread, then either sends it straight to the ZeroMQ socket (connected,
+nothing queued: three non-blocking sends under a lock) or puts it in the bounded outbox
+that the publisher's I/O thread delivers, in order, when the connection allows. Anything
+the outbox must drop is counted by type, logged (rate-limited) and shown by ``status()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+
+from bot_client.core import (
+    CONFLATABLE_TYPES,
+    CRITICAL_TYPES,
+    INTERVAL_TYPES,
+    SYMBOL_KEYED_TYPES,
+    Counters,
+    DropLog,
+    Entry,
+    IntervalGate,
+    Outbox,
+    SignificanceFilter,
+)
+from bot_client.encoding import DUMPS_OPTIONS, dumps_data, event_data, to_json_value
+from bot_client.errors import InvalidEventError
+from bot_client.settings import PublisherSettings
+from bus.envelope import MAX_PAYLOAD_BYTES, encode_meta, encode_payload, format_timestamp
+from bus.errors import EnvelopeError, TopicError
+from bus.topics import make_topic, validate_key
+from monitoring.logging import get_logger
+
+if TYPE_CHECKING:
+    import zmq
+
+    from bot_client.links import Link
+
+DROP_REPORT_SECONDS: Final = 5.0
+SUMMARY_SECONDS: Final = 60.0
+HEARTBEAT_TOPIC_KEY: Final = "heartbeat"
+# Events on the fast path at most; beyond it the outbox (and its drop policy) takes over.
+FAST_LIMIT: Final = 8192
+# Held market data whose data object is already encoded (validated) at call time.
+_Held = tuple["_Slot", bytes]
+
+
+class _Slot:
+    """Per-topic state: the topic in both forms, its sequence counter and its policies."""
+
+    __slots__ = ("conflatable", "critical", "gated", "seq", "topic", "topic_bytes", "type_name")
+
+    def __init__(self, type_name: str, topic: str, gated: bool) -> None:
+        self.type_name = type_name
+        self.topic = topic
+        self.topic_bytes = topic.encode()
+        self.seq = 0
+        self.critical = type_name in CRITICAL_TYPES
+        self.conflatable = type_name in CONFLATABLE_TYPES
+        self.gated = gated
+
+
+class EventHelpers:
+    """Typed helpers for every event the guide's bot sent; fields equal the parameters."""
+
+    def publish(self, type_name: str, data: Any, key: str | None = None) -> None:
+        raise NotImplementedError
+
+    def publish_market_data(
+        self, symbol: str, price: Any, timestamp: Any = None, **fields: Any
+    ) -> None:
+        data: dict[str, Any] = {"symbol": symbol, "price": price, **fields}
+        if timestamp is not None:
+            data["timestamp"] = timestamp
+        self.publish("market_data", data)
+
+    def publish_trading_loop(
+        self, price: Any, action: str, confidence: Any, symbol: str = "BTC-USD"
+    ) -> None:
+        self.publish(
+            "trading_loop",
+            {"price": price, "action": action, "confidence": confidence, "symbol": symbol},
+        )
+
+    def publish_ai_decision(self, action: str, reasoning: str, confidence: Any) -> None:
+        self.publish(
+            "ai_decision", {"action": action, "reasoning": reasoning, "confidence": confidence}
+        )
+
+    def publish_trading_decision(
+        self,
+        request_id: str,
+        action: str,
+        confidence: Any,
+        reasoning: str,
+        price: Any,
+        quantity: Any = None,
+        leverage: Any = None,
+        indicators: Mapping[str, Any] | None = None,
+        risk_analysis: Mapping[str, Any] | None = None,
+    ) -> None:
+        upper = str(action).upper()
+        self.publish(
+            "trading_decision",
+            {
+                "request_id": request_id,
+                "action": upper if upper in ("BUY", "SELL", "HOLD") else "HOLD",
+                "confidence": confidence,
+                "reasoning": reasoning,
+                "price": price,
+                "quantity": quantity,
+                "leverage": leverage,
+                "indicators": indicators,
+                "risk_analysis": risk_analysis,
+            },
+        )
+
+    def publish_system_status(
+        self, status: str, health: Any, errors: list[Any] | None = None
+    ) -> None:
+        self.publish(
+            "system_status",
+            {"status": status, "health": health, "errors": [] if errors is None else errors},
+        )
+
+    def publish_llm_request(
+        self,
+        request_id: str,
+        model: str,
+        prompt_tokens: int | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        context: Any = None,
+    ) -> None:
+        self.publish(
+            "llm_request",
+            {
+                "request_id": request_id,
+                "model": model,
+                "prompt_tokens": prompt_tokens,
+                "max_tokens": max_tokens,
+                "temperature": temperature,
+                "context": context,
+            },
+        )
+
+    def publish_llm_response(
+        self,
+        request_id: str,
+        model: str,
+        response_time_ms: Any,
+        completion_tokens: int | None = None,
+        total_tokens: int | None = None,
+        cost_estimate_usd: Any = None,
+        success: bool = True,
+        error: str | None = None,
+        raw_response: Any = None,
+    ) -> None:
+        self.publish(
+            "llm_response",
+            {
+                "request_id": request_id,
+                "model": model,
+                "response_time_ms": response_time_ms,
+                "completion_tokens": completion_tokens,
+                "total_tokens": total_tokens,
+                "cost_estimate_usd": cost_estimate_usd,
+                "success": success,
+                "error": error,
+                "raw_response": raw_response,
+            },
+        )
+
+    def publish_position_update(
+        self,
+        symbol: str,
+        side: str,
+        size: Any,
+        entry_price: Any,
+        current_price: Any,
+        unrealized_pnl: Any,
+    ) -> None:
+        self.publish(
+            "position_update",
+            {
+                "symbol": symbol,
+                "side": side,
+                "size": size,
+                "entry_price": entry_price,
+                "current_price": current_price,
+                "unrealized_pnl": unrealized_pnl,
+            },
+        )
+
+    def publish_indicator_data(self, symbol: str, indicators: Mapping[str, Any]) -> None:
+        self.publish("indicator_update", {"symbol": symbol, "indicators": indicators})
+
+    def publish_trade_execution(
+        self,
+        order_id: str,
+        symbol: str,
+        side: str,
+        quantity: Any,
+        price: Any,
+        status: str,
+        trade_action: Any = None,
+    ) -> None:
+        self.publish(
+            "trade_execution",
+            {
+                "order_id": order_id,
+                "symbol": symbol,
+                "side": side,
+                "quantity": quantity,
+                "price": price,
+                "status": status,
+                "trade_action": trade_action,
+            },
+        )
+
+    def publish_performance_update(
+        self, metrics: Mapping[str, Any] | None = None, **fields: Any
+    ) -> None:
+        self.publish("performance_update", {**(metrics or {}), **fields})
+
+    def publish_error(self, error_message: str, level: str = "ERROR") -> None:
+        self.publish("error", {"message": error_message, "level": level})
+
+    def publish_custom_event(self, data: Mapping[str, Any]) -> None:
+        self.publish("custom_event", data)
+
+
+class Publisher(EventHelpers):
+    """Publishes events from any thread; never blocks on, or raises because of, the network.
+
+    ``Publisher(url="tcp://127.0.0.1:5555", source_id="bot-1")`` takes PublisherSettings
+    fields as keywords; ``Publisher.from_env()`` reads the ``SYSTEM__*`` variables.
+    """
+
+    def __init__(
+        self,
+        settings: PublisherSettings | None = None,
+        *,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        autostart: bool = True,
+        clock: Any = time.monotonic,
+        **overrides: Any,
+    ) -> None:
+        if "url" in overrides:
+            url = overrides.pop("url")
+            overrides["bus_url" if url is not None and _is_bus_url(url) else "dashboard_url"] = url
+        base = settings if settings is not None else PublisherSettings()
+        self.settings = base.replace(**overrides) if overrides else base
+        settings = self.settings
+        self._clock = clock
+        self.source: str = settings.source_id
+        self.epoch: int = time.time_ns()
+        self._source_bytes = self.source.encode()
+        self._log = get_logger("WebSocket publisher", source=self.source)
+        self._lock = threading.Lock()
+        self._slots: dict[tuple[Any, Any], _Slot] = {}
+        self._outbox = Outbox(settings.queue_size)
+        self._gate: IntervalGate[_Held] | None = (
+            IntervalGate(settings.publish_interval) if settings.publish_interval > 0 else None
+        )
+        self._filter = (
+            SignificanceFilter(settings.significance_filter)
+            if settings.significance_filter > 0
+            else None
+        )
+        self._drop_log = DropLog(DROP_REPORT_SECONDS)
+        self.counters = Counters()
+        # Events handed to the I/O thread on the fast path: (slot, meta, payload), in order,
+        # used while the link is up and the outbox empty (``_fast_ok``).
+        self._fast: deque[tuple[_Slot, bytes, bytes]] = deque()
+        self._fast_ok = False
+        self._io_sleeping = False
+        self._closed = False
+        self._stopped = False
+        self._started = False
+        self._link: Link | None = None
+        if not settings.enabled:
+            self.publish = self._discard  # type: ignore[method-assign]
+            return
+        from bot_client.links import make_link
+
+        self._link = make_link(self, context)
+        if autostart:
+            self.start()
+
+    @classmethod
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        autostart: bool = True,
+        **overrides: Any,
+    ) -> Publisher:
+        """Settings from ``SYSTEM__*`` variables (disabled unless ENABLE_WEBSOCKET_PUBLISHING)."""
+        return cls(
+            PublisherSettings.from_env(env, **overrides), context=context, autostart=autostart
+        )
+
+    # -- life cycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the I/O thread (events published before are held and delivered in order)."""
+        if self._link is None or self._started:
+            return
+        self._started = True
+        self._link.start()
+        self._log.info(
+            "websocket.publisher_started",
+            message="WebSocket publisher started",
+            url=self.settings.url,
+            transport=self.settings.transport,
+            epoch=self.epoch,
+            queue_size=self.settings.queue_size,
+            publish_interval=self.settings.publish_interval,
+        )
+
+    def close(self, timeout: float | None = None) -> None:
+        """Deliver what is held for up to ``timeout`` s (default: SYSTEM__WEBSOCKET_TIMEOUT,
+        at most 5 s), then stop; what is still undelivered is counted as dropped."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._fast_ok = False
+            if self._gate is not None:
+                for held in self._gate.release_all():
+                    self._emit_held(held)
+        if self._link is None:
+            return
+        self.start()
+        self._link.stop(min(self.settings.timeout, 5.0) if timeout is None else timeout)
+        with self._lock:
+            self._stopped = True
+            lost = [_entry(*held) for held in self._fast] + self._outbox.drain()
+            self._fast.clear()
+            report = self._drop_log.take(math.inf) or {}
+        lost += self._link.abandoned()
+        counted = self.counters.count_drops(lost)
+        if counted or report:
+            self._log.warning(
+                "websocket.publish_dropped",
+                message="WebSocket publish dropped events",
+                dropped=report,
+                undelivered_at_close=counted,
+                dropped_total=sum(self.counters.dropped.values()),
+            )
+        self._log.info(
+            "websocket.publisher_closed", message="WebSocket publisher closed", **self._figures()
+        )
+
+    def __enter__(self) -> Publisher:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until nothing is held or in flight; False if that took longer than ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.queued() == 0:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            if self._link is not None:
+                self._link.wake()
+            time.sleep(0.002)
+
+    # -- state ----------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._link is not None and self._link.connected
+
+    def queued(self) -> int:
+        held = len(self._gate) if self._gate is not None else 0
+        in_flight = self._link.in_flight() if self._link is not None else 0
+        return len(self._fast) + len(self._outbox) + held + in_flight
+
+    def status(self) -> dict[str, Any]:
+        """connected, sent, queued, dropped (by type), reconnects and the other counters."""
+        with self._lock:
+            return {
+                "enabled": self.settings.enabled,
+                "transport": self.settings.transport,
+                "url": self.settings.url,
+                "source": self.source,
+                "epoch": self.epoch,
+                "closed": self._closed,
+                **self._figures(),
+            }
+
+    def _figures(self) -> dict[str, Any]:
+        counters = self.counters
+        return {
+            "connected": self.connected,
+            "published": counters.published,
+            "sent": counters.sent,
+            "queued": self.queued(),
+            "dropped": dict(counters.dropped),
+            "dropped_total": sum(counters.dropped.values()),
+            "conflated": counters.conflated,
+            "filtered": counters.filtered,
+            "rejected": counters.rejected,
+            "reconnects": counters.reconnects,
+            "connect_attempts": counters.connect_attempts,
+            "heartbeats": counters.heartbeats,
+        }
+
+    # -- the call path --------------------------------------------------------------------
+    def publish(self, type_name: str, data: Any, key: str | None = None) -> None:
+        """Publish ``data`` (a JSON object) as an event of ``type_name`` under topic
+        ``type`` or ``type.key``; symbol-keyed types default the key to ``data["symbol"]``.
+
+        Raises InvalidEventError for a bad type name, key or data; never for the network.
+        """
+        if type(data) is not dict:
+            data = event_data(type_name, data)
+        now_ns = time.time_ns()
+        timestamp = format_timestamp(now_ns)
+        if "timestamp" not in data:
+            data = {**data, "timestamp": timestamp}
+        if key is None and type_name in SYMBOL_KEYED_TYPES:
+            symbol = data.get("symbol")
+            slot_key: tuple[Any, Any] = (type_name, symbol if type(symbol) is str else None)
+        else:
+            slot_key = (type_name, key)
+        try:
+            slot = self._slots.get(slot_key)
+        except TypeError:
+            slot = None
+        if slot is None:
+            slot = self._new_slot(type_name, key, slot_key)
+        if slot.gated:
+            self._publish_gated(slot, data)
+            return
+        with self._lock:
+            seq = slot.seq + 1
+            try:
+                payload = encode_payload(
+                    type_name,
+                    data,
+                    timestamp,
+                    slot.topic,
+                    self.source,
+                    self.epoch,
+                    seq,
+                    to_json_value,
+                    DUMPS_OPTIONS,
+                )
+            except EnvelopeError as error:
+                raise InvalidEventError(str(error)) from None
+            if len(payload) > MAX_PAYLOAD_BYTES:
+                raise InvalidEventError(
+                    f"event {type_name!r} encodes to {len(payload)} bytes; the bus limit is "
+                    f"{MAX_PAYLOAD_BYTES}"
+                )
+            slot.seq = seq
+            self.counters.published += 1
+            meta = encode_meta(self._source_bytes, self.epoch, seq, now_ns)
+            fast = self._fast
+            if self._fast_ok and len(fast) < FAST_LIMIT:
+                fast.append((slot, meta, payload))
+                if self._io_sleeping:
+                    self._io_sleeping = False
+                    self._wake()
+                return
+            self._fast_ok = False
+            self._enqueue(_entry(slot, meta, payload))
+
+    def _discard(self, type_name: str, data: Any, key: str | None = None) -> None:
+        """publish() of a disabled publisher: the guide's default, costs nothing."""
+
+    def _new_slot(self, type_name: Any, key: Any, slot_key: tuple[Any, Any]) -> _Slot:
+        try:
+            if key is not None:
+                topic = make_topic(type_name, key)
+            else:
+                topic = make_topic(type_name)
+                symbol = slot_key[1]
+                if symbol is not None:
+                    # as the bridge does: an unusable symbol leaves the bare type as topic
+                    with contextlib.suppress(TopicError):
+                        topic = f"{topic}.{validate_key(symbol)}"
+        except TopicError as error:
+            raise InvalidEventError(str(error)) from None
+        with self._lock:
+            existing = self._slots.get(slot_key)
+            if existing is not None:
+                return existing
+            # two slot keys may share a topic (explicit key == symbol): share the counter
+            for slot in self._slots.values():
+                if slot.topic == topic:
+                    self._slots[slot_key] = slot
+                    return slot
+            slot = _Slot(type_name, topic, self._gate is not None and type_name in INTERVAL_TYPES)
+            self._slots[slot_key] = slot
+            return slot
+
+    def _publish_gated(self, slot: _Slot, data: dict[Any, Any]) -> None:
+        """Market data: significance filter, then at most one per symbol per interval."""
+        gate = self._gate
+        assert gate is not None
+        data_json = dumps_data(slot.type_name, data)
+        now = self._clock()
+        with self._lock:
+            if self._filter is not None and not self._filter.significant(
+                slot.topic, data.get("price")
+            ):
+                self.counters.filtered += 1
+                return
+            self.counters.published += 1
+            if gate.offer(slot.topic, now):
+                self._emit_held((slot, data_json))
+                return
+            first_held = gate.hold(slot.topic, (slot, data_json)) is None
+            if not first_held:
+                self.counters.conflated += 1
+        if first_held and self._link is not None:
+            self._link.wake()
+
+    def _emit_held(self, held: _Held) -> None:
+        """Build and send (or queue) an event whose data was encoded earlier. Lock held."""
+        slot, data_json = held
+        now_ns = time.time_ns()
+        seq = slot.seq + 1
+        slot.seq = seq
+        payload = encode_payload(
+            slot.type_name,
+            orjson.Fragment(data_json),
+            format_timestamp(now_ns),
+            slot.topic,
+            self.source,
+            self.epoch,
+            seq,
+        )
+        meta = encode_meta(self._source_bytes, self.epoch, seq, now_ns)
+        if self._fast_ok and len(self._fast) < FAST_LIMIT:
+            self._fast.append((slot, meta, payload))
+            if self._io_sleeping:
+                self._io_sleeping = False
+                self._wake()
+            return
+        self._fast_ok = False
+        self._enqueue(_entry(slot, meta, payload))
+
+    def _wake(self) -> None:
+        if self._link is not None:
+            self._link.wake()
+
+    def _enqueue(self, entry: Entry) -> None:
+        """Put an encoded event in the outbox, counting what overflow drops. Lock held."""
+        if self._stopped:
+            self._dropped(entry)
+            return
+        was_empty = not self._outbox
+        dropped = self._outbox.push(entry)
+        if dropped is not None:
+            self._dropped(dropped)
+        if was_empty:
+            self._wake()
+
+    def _dropped(self, entry: Entry) -> None:
+        counters = self.counters
+        counters.dropped[entry.type_name] = counters.dropped.get(entry.type_name, 0) + 1
+        report = self._drop_log.record(entry.type_name, self._clock())
+        if report is not None:
+            self._warn_drops(report)
+
+    def _warn_drops(self, report: dict[str, int]) -> None:
+        self._log.warning(
+            "websocket.publish_dropped",
+            message="WebSocket publish queue full: events dropped",
+            dropped=report,
+            dropped_total=sum(self.counters.dropped.values()),
+            queue_size=self.settings.queue_size,
+            connected=self.connected,
+        )
+
+    # -- for the I/O thread -----------------------------------------------------------------
+    def _tick(self, now: float) -> float | None:
+        """Release due market data and overdue drop reports; returns the next due time."""
+        report = None
+        with self._lock:
+            if self._gate is not None:
+                for held in self._gate.due(now):
+                    self._emit_held(held)
+            if self._drop_log.due(now):
+                report = self._drop_log.take(now)
+            next_due = self._gate.next_due() if self._gate is not None else None
+        if report:
+            self._warn_drops(report)
+        return next_due
+
+    def _heartbeat(self) -> None:
+        self.counters.heartbeats += 1
+        self.publish(
+            "system_status",
+            {
+                "status": "alive",
+                "health": True,
+                "errors": [],
+                "heartbeat": True,
+                "publisher": {
+                    "sent": self.counters.sent,
+                    "queued": self.queued(),
+                    "dropped": sum(self.counters.dropped.values()),
+                },
+            },
+            HEARTBEAT_TOPIC_KEY,
+        )
+
+    def _summary(self) -> None:
+        self._log.info(
+            "websocket.publish_summary", message="WebSocket publish summary", **self._figures()
+        )
+
+
+def _entry(slot: _Slot, meta: bytes, payload: bytes) -> Entry:
+    return Entry(
+        slot.type_name,
+        slot.topic,
+        slot.critical,
+        slot.conflatable,
+        (slot.topic_bytes, meta, payload),
+    )
+
+
+def _is_bus_url(url: str) -> bool:
+    return url.startswith(("tcp://", "ipc://"))

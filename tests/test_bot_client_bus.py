@@ -1,0 +1,439 @@
+"""bot_client end to end over ZeroMQ: real proxy, real subscriber, real sockets."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pydantic
+import pytest
+import zmq
+
+from bot_client import AsyncPublisher, InvalidEventError, Publisher, WebSocketPublisher
+from bus.envelope import Event
+from bus.proxy import Proxy, ProxyConfig
+from bus.subscriber import BlockingSubscriber, Gap
+from tests.conftest import scaled
+
+Context = zmq.Context[zmq.Socket[bytes]]
+
+GUIDE_ENV = {
+    "SYSTEM__ENABLE_WEBSOCKET_PUBLISHING": "true",
+    "SYSTEM__WEBSOCKET_PUBLISH_INTERVAL": "1.0",
+    "SYSTEM__WEBSOCKET_MAX_RETRIES": "3",
+    "SYSTEM__WEBSOCKET_RETRY_DELAY": "5",
+    "SYSTEM__WEBSOCKET_TIMEOUT": "10",
+    "SYSTEM__WEBSOCKET_QUEUE_SIZE": "100",
+}
+# The data objects of the guide's five example messages (WEBSOCKET_INTEGRATION.md).
+GUIDE_DATA = {
+    "market_data": {"symbol": "BTC-USD", "price": 45000.0, "timestamp": "2024-01-20T10:30:00Z"},
+    "ai_decision": {
+        "action": "BUY",
+        "reasoning": "Strong bullish signals detected",
+        "confidence": 0.85,
+    },
+    "trading_decision": {
+        "request_id": "abc123",
+        "action": "BUY",
+        "confidence": 0.85,
+        "reasoning": "Multiple indicators show bullish convergence",
+        "price": 45000.0,
+        "quantity": 0.1,
+        "leverage": 5,
+        "indicators": {"rsi": 45.2, "wavetrend": "bullish", "ema_trend": "up"},
+        "risk_analysis": {"stop_loss": 44000.0, "take_profit": 46000.0, "risk_reward_ratio": 2.0},
+    },
+    "system_status": {"status": "healthy", "health": True, "errors": []},
+    "position_update": {
+        "symbol": "BTC-USD",
+        "side": "long",
+        "size": 0.1,
+        "entry_price": 45000.0,
+        "current_price": 45500.0,
+        "unrealized_pnl": 50.0,
+    },
+}
+
+
+@pytest.fixture
+def subscriber(proxy: Proxy, zmq_context: Context) -> Iterator[BlockingSubscriber]:
+    """Subscribed to everything; its subscription is in force once the fixture returns."""
+    with BlockingSubscriber(
+        ["*"],
+        endpoint=proxy.backend_endpoint,
+        snapshot=True,
+        snapshot_endpoint=proxy.snapshot_endpoint,
+        context=zmq_context,
+    ) as sub:
+        yield sub
+
+
+def receive(sub: BlockingSubscriber, count: int, timeout: float = 5.0) -> list[Event]:
+    """``count`` events (failing on a gap or a timeout)."""
+    events: list[Event] = []
+    deadline = time.monotonic() + scaled(timeout)
+    while len(events) < count:
+        item = sub.recv(max(0.0, deadline - time.monotonic()))
+        assert item is not None, f"got {len(events)} of {count} events: {events[-3:]}"
+        assert not isinstance(item, Gap), str(item)
+        events.append(item)
+    return events
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + scaled(timeout)
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.005)
+
+
+def assert_iso_utc(text: object) -> None:
+    assert isinstance(text, str)
+    assert text.endswith("Z")
+    assert datetime.fromisoformat(text.replace("Z", "+00:00")).tzinfo is not None
+
+
+async def test_guide_examples_arrive_intact(
+    proxy: Proxy,
+    subscriber: BlockingSubscriber,
+    zmq_context: Context,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in {
+        **GUIDE_ENV,
+        "SYSTEM__WEBSOCKET_DASHBOARD_URL": proxy.frontend_endpoint,
+        "SYSTEM__TRADEBUS_SOURCE_ID": "guide-bot",
+    }.items():
+        monkeypatch.setenv(name, value)
+    publisher = WebSocketPublisher(context=zmq_context)
+    assert await publisher.initialize()
+    trading = GUIDE_DATA["trading_decision"]
+    position = GUIDE_DATA["position_update"]
+    await publisher.publish_market_data("BTC-USD", 45000.0, "2024-01-20T10:30:00Z")
+    await publisher.publish_ai_decision("BUY", "Strong bullish signals detected", 0.85)
+    await publisher.publish_trading_decision(
+        "abc123",
+        "buy",  # upper-cased, as the original did
+        0.85,
+        "Multiple indicators show bullish convergence",
+        45000.0,
+        quantity=0.1,
+        leverage=5,
+        indicators=trading["indicators"],  # type: ignore[arg-type]
+        risk_analysis=trading["risk_analysis"],  # type: ignore[arg-type]
+    )
+    await publisher.publish_system_status("healthy", True, [])
+    await publisher.publish_position_update(
+        "BTC-USD",
+        "long",
+        position["size"],
+        position["entry_price"],
+        position["current_price"],
+        position["unrealized_pnl"],
+    )
+    events = receive(subscriber, 5)
+    await publisher.close()
+    assert [e.type for e in events] == list(GUIDE_DATA)
+    for event in events:
+        body = orjson.loads(event.payload)
+        assert body["type"] == event.type
+        assert body["source"] == "guide-bot"
+        assert body["seq"] == 1
+        assert_iso_utc(body["timestamp"])
+        data = dict(body["data"])
+        assert_iso_utc(data["timestamp"])
+        if event.type != "market_data":
+            del data["timestamp"]  # stamped at publish time, as the original did
+        assert data == GUIDE_DATA[event.type], event.type
+    assert [e.topic for e in events] == [
+        "market_data.BTC-USD",
+        "ai_decision",
+        "trading_decision",
+        "system_status",
+        "position_update.BTC-USD",
+    ]
+
+
+def test_events_held_while_proxy_down_arrive_in_order(tmp_path: Path, zmq_context: Context) -> None:
+    # The publisher dials a path where nothing listens yet. The proxy comes up elsewhere,
+    # the subscriber syncs with it, and only then is the proxy's socket moved to that
+    # path: the subscriber is certainly listening when the held events flow.
+    target = tmp_path / "in.sock"
+    publisher = Publisher(
+        url=f"ipc://{target}",
+        source_id="held",
+        publish_interval=0,
+        queue_size=1000,
+        retry_delay=0.02,
+        max_retries=2,
+        heartbeat_interval=0,
+        context=zmq_context,
+    )
+    kinds = ["market_data", "ai_decision", "trading_decision", "position_update", "error"]
+    sent: list[tuple[str, int]] = []
+    for n in range(300):
+        kind = kinds[n % len(kinds)]
+        publisher.publish(kind, {"symbol": "ETH-USD", "n": n})
+        sent.append((kind, n))
+    wait_for(lambda: publisher.status()["connect_attempts"] >= 2)
+    status = publisher.status()
+    assert status["connected"] is False
+    assert status["queued"] == 300
+    assert status["sent"] == 0
+    proxy = Proxy(
+        ProxyConfig(
+            frontend=f"ipc://{tmp_path}/staging.sock",
+            backend="tcp://127.0.0.1:*",
+            snapshot="tcp://127.0.0.1:*",
+        ),
+        context=zmq_context,
+    )
+    proxy.start()
+    try:
+        with BlockingSubscriber(
+            ["*"],
+            endpoint=proxy.backend_endpoint,
+            snapshot=True,
+            snapshot_endpoint=proxy.snapshot_endpoint,
+            context=zmq_context,
+        ) as sub:
+            os.rename(tmp_path / "staging.sock", target)
+            events = receive(sub, 300)
+            assert [(e.type, e.data["n"]) for e in events] == sent
+            assert publisher.flush(scaled(5))
+            status = publisher.status()
+            assert status["connected"] is True
+            assert (status["sent"], status["queued"], status["dropped_total"]) == (300, 0, 0)
+    finally:
+        publisher.close(timeout=1)
+        proxy.stop()
+
+
+def test_overflow_counts_drops_and_keeps_critical(tmp_path: Path, zmq_context: Context) -> None:
+    target = tmp_path / "in.sock"
+    publisher = Publisher(
+        url=f"ipc://{target}",
+        source_id="overflow",
+        publish_interval=0,
+        queue_size=20,
+        retry_delay=0.02,
+        heartbeat_interval=0,
+        context=zmq_context,
+    )
+    kinds = ["market_data", "ai_decision", "trading_decision", "system_status", "trade_execution"]
+    published: dict[str, int] = {}
+    for n in range(500):
+        kind = kinds[n % len(kinds)]
+        publisher.publish(kind, {"symbol": f"S{n % 7}", "n": n})
+        published[kind] = published.get(kind, 0) + 1
+    status = publisher.status()
+    assert status["queued"] == 20
+    assert status["dropped_total"] == 480
+    proxy = Proxy(
+        ProxyConfig(
+            frontend=f"ipc://{tmp_path}/staging.sock",
+            backend="tcp://127.0.0.1:*",
+            snapshot="tcp://127.0.0.1:*",
+        ),
+        context=zmq_context,
+    )
+    proxy.start()
+    try:
+        with BlockingSubscriber(
+            ["*"],
+            endpoint=proxy.backend_endpoint,
+            snapshot=True,
+            snapshot_endpoint=proxy.snapshot_endpoint,
+            context=zmq_context,
+        ) as sub:
+            os.rename(tmp_path / "staging.sock", target)
+            delivered: list[Event] = []
+            deadline = time.monotonic() + scaled(5)
+            while len(delivered) < 20:
+                item = sub.recv(max(0.0, deadline - time.monotonic()))
+                assert item is not None
+                if isinstance(item, Event):  # drops show up as gaps: expected here
+                    delivered.append(item)
+        assert publisher.flush(scaled(5))
+        status = publisher.status()
+        # survivors are the latest critical events, in publication order
+        numbers = [e.data["n"] for e in delivered]
+        critical = [
+            n for n in range(500) if kinds[n % 5] in ("trading_decision", "trade_execution")
+        ]
+        assert numbers == critical[-20:]
+        received: dict[str, int] = {}
+        for event in delivered:
+            received[event.type] = received.get(event.type, 0) + 1
+        # every event published was delivered or counted as dropped, per type
+        for kind, count in published.items():
+            assert received.get(kind, 0) + status["dropped"].get(kind, 0) == count, kind
+        assert status["sent"] == 20
+    finally:
+        publisher.close(timeout=1)
+        proxy.stop()
+
+
+def test_interval_delivers_first_and_last_of_a_burst(
+    proxy: Proxy, subscriber: BlockingSubscriber, zmq_context: Context
+) -> None:
+    with Publisher(
+        url=proxy.frontend_endpoint,
+        source_id="conflate",
+        publish_interval=0.3,
+        heartbeat_interval=0,
+        context=zmq_context,
+    ) as publisher:
+        wait_for(lambda: publisher.connected)
+        for price in range(100):
+            publisher.publish_market_data("BTC-USD", float(price))
+            publisher.publish_market_data("ETH-USD", float(1000 + price))
+        events = receive(subscriber, 4)
+        assert publisher.flush(scaled(3))
+        status = publisher.status()
+    by_topic: dict[str, list[float]] = {}
+    for event in events:
+        by_topic.setdefault(event.topic, []).append(event.data["price"])
+    assert by_topic == {"market_data.BTC-USD": [0.0, 99.0], "market_data.ETH-USD": [1000.0, 1099.0]}
+    # conflation is not loss: seq has no gap, nothing counts as dropped
+    assert [e.seq for e in events if e.topic == "market_data.BTC-USD"] == [1, 2]
+    assert status["conflated"] == 2 * 98
+    assert status["dropped_total"] == 0
+    assert subscriber.recv(0.4) is None
+
+
+def test_significance_filter_skips_small_moves(
+    proxy: Proxy, subscriber: BlockingSubscriber, zmq_context: Context
+) -> None:
+    with Publisher(
+        url=proxy.frontend_endpoint,
+        source_id="filtered",
+        publish_interval=0.001,
+        significance_filter=0.001,
+        heartbeat_interval=0,
+        context=zmq_context,
+    ) as publisher:
+        for price in (45000.0, 45010.0, 45100.0, 45101.0, 44000.0):
+            publisher.publish_market_data("BTC-USD", price)
+            time.sleep(0.002)  # paces the feed beyond the interval: only the filter acts
+        events = receive(subscriber, 3)
+        assert publisher.status()["filtered"] == 2
+    assert [e.data["price"] for e in events] == [45000.0, 45100.0, 44000.0]
+
+
+def test_bot_values_encode_and_invalid_calls_raise(
+    proxy: Proxy, subscriber: BlockingSubscriber, zmq_context: Context
+) -> None:
+    class Order(pydantic.BaseModel):
+        price: Decimal
+        placed: datetime
+
+    placed = datetime(2024, 1, 20, 10, 30, tzinfo=UTC)
+    with Publisher(
+        url=proxy.frontend_endpoint, source_id="values", heartbeat_interval=0, context=zmq_context
+    ) as publisher:
+        with pytest.raises(InvalidEventError, match="event type 'bad type'"):
+            publisher.publish("bad type", {})
+        with pytest.raises(InvalidEventError, match="topic key"):
+            publisher.publish("custom", {}, key="a.b")
+        with pytest.raises(InvalidEventError, match="must be a JSON object"):
+            publisher.publish("custom", [1, 2])
+        with pytest.raises(InvalidEventError, match="not JSON-encodable"):
+            publisher.publish("custom", {"what": object()})
+        publisher.publish(
+            "performance_update",
+            {
+                "pnl": Decimal("1234.567890123"),
+                "order": Order(price=Decimal("45000.5"), placed=placed),
+                "returns": np.array([0.1, -0.2]),
+                "sharpe": np.float32(1.5),
+                "trades": np.int64(42),
+                "at": placed,
+            },
+        )
+        (event,) = receive(subscriber, 1)
+        assert publisher.status()["published"] == 1
+    assert event.seq == 1  # the failed calls consumed no sequence number
+    assert event.data == {
+        "pnl": 1234.567890123,
+        "order": {"price": 45000.5, "placed": "2024-01-20T10:30:00Z"},
+        "returns": [0.1, -0.2],
+        "sharpe": 1.5,
+        "trades": 42,
+        "at": "2024-01-20T10:30:00Z",
+        "timestamp": event.data["timestamp"],
+    }
+    assert b'"pnl":1234.567890123' in event.payload
+
+
+def test_threads_publishing_one_topic_keep_sequence_order(
+    proxy: Proxy, subscriber: BlockingSubscriber, zmq_context: Context
+) -> None:
+    with Publisher(
+        url=proxy.frontend_endpoint,
+        source_id="threads",
+        queue_size=10_000,
+        heartbeat_interval=0,
+        context=zmq_context,
+    ) as publisher:
+        wait_for(lambda: publisher.connected)
+
+        def work(worker: int) -> None:
+            for n in range(500):
+                publisher.publish("trading_loop", {"symbol": "BTC-USD", "w": worker, "n": n})
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        events = receive(subscriber, 2000)
+    assert [e.seq for e in events] == list(range(1, 2001))
+    for worker in range(4):
+        assert [e.data["n"] for e in events if e.data["w"] == worker] == list(range(500))
+
+
+def test_heartbeat_and_status(
+    proxy: Proxy, subscriber: BlockingSubscriber, zmq_context: Context
+) -> None:
+    with Publisher(
+        url=proxy.frontend_endpoint,
+        source_id="beat",
+        heartbeat_interval=0.05,
+        context=zmq_context,
+    ) as publisher:
+        first, second = receive(subscriber, 2)
+        status = publisher.status()
+    assert first.topic == second.topic == "system_status.heartbeat"
+    assert first.data["heartbeat"] is True
+    assert second.seq == first.seq + 1
+    assert status["connected"] is True
+    assert status["heartbeats"] >= 2
+    assert set(status) >= {"connected", "sent", "queued", "dropped", "reconnects"}
+
+
+async def test_async_publisher(
+    proxy: Proxy, subscriber: BlockingSubscriber, zmq_context: Context
+) -> None:
+    async with AsyncPublisher(
+        url=proxy.frontend_endpoint, source_id="aio", heartbeat_interval=0, context=zmq_context
+    ) as publisher:
+        publisher.publish_trade_execution("o-1", "BTC-USD", "buy", 0.1, 45000.0, "filled", "open")
+        publisher.publish_error("exchange timeout")
+        assert await publisher.flush(scaled(5))
+    first, second = receive(subscriber, 2)
+    assert first.topic == "trade_execution.BTC-USD"
+    assert first.data["order_id"] == "o-1"
+    assert (second.topic, second.data["message"], second.data["level"]) == (
+        "error",
+        "exchange timeout",
+        "ERROR",
+    )
