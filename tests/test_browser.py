@@ -572,3 +572,99 @@ async def test_reconnect_backs_off_with_jitter_until_the_bridge_appears(
         )
     finally:
         await late.stop()
+
+
+class Relay:
+    """A TCP relay between the browser and the bridge whose current links can be frozen:
+    bytes stop flowing but no FIN or RST is sent, like a dead NAT entry or a sleeping peer."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.links: list[tuple[asyncio.Event, list[asyncio.StreamWriter]]] = []
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(
+            "127.0.0.1", self.target_port
+        )
+        flowing = asyncio.Event()
+        flowing.set()
+        self.links.append((flowing, [writer, upstream_writer]))
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while data := await source.read(65536):
+                await flowing.wait()
+                sink.write(data)
+                await sink.drain()
+            sink.close()
+
+        await asyncio.gather(
+            pump(reader, upstream_writer), pump(upstream_reader, writer), return_exceptions=True
+        )
+
+    def freeze(self) -> None:
+        for flowing, _writers in self.links:
+            flowing.clear()
+
+    async def stop(self) -> None:
+        for _flowing, writers in self.links:
+            for writer in writers:
+                writer.close()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+async def test_a_silently_dead_link_is_detected_by_pings_and_replaced(
+    bridge_config: BridgeConfig, browser: Browser
+) -> None:
+    async def client_page(_request: web.Request) -> web.Response:
+        relay_port = _request.query["relay"]
+        return web.Response(
+            content_type="text/html",
+            text=f"""<!doctype html><link rel="icon" href="data:,"><script type="module">
+                import {{ connect }} from "/static/tradebus.js";
+                window.states = [];
+                window.bus = connect("ws://127.0.0.1:{relay_port}/ws",
+                                     {{ pingIntervalMs: 400, pingTimeoutMs: 400 }});
+                window.bus.onState((s) => window.states.push(s));
+                window.bus.subscribe("market_data");
+            </script>""",
+        )
+
+    running = Bridge(bridge_config.replace(origins=("*",)), [web.get("/client.html", client_page)])
+    await running.start()
+    relay = Relay(running.port)
+    await relay.start()
+    try:
+        page = await browser.new_page()
+        wire = Wire(page)
+        console = Console(page)
+        await page.goto(f"{running.url}/client.html?relay={relay.port}")
+        await wire.wait_for(lambda: bool(wire.controls("pong")), "a pong to the client's ping")
+        assert any(m.get("op") == "ping" for m in wire.sent)
+
+        relay.freeze()
+        started = time.monotonic()
+        await page.wait_for_function(
+            "window.states.some(s => s.state === 'disconnected')", timeout=scaled(4) * 1000
+        )
+        # Two ping periods of silence: the client gave up on the link without a close from
+        # the server, then reconnected through a fresh (unfrozen) link.
+        assert time.monotonic() - started >= 0.7
+        dropped = await page.evaluate("window.states.find(s => s.state === 'disconnected')")
+        assert dropped["code"] == 4000
+        assert dropped["reason"] == "no traffic from server"
+        await page.wait_for_function(
+            "window.states.filter(s => s.state === 'open').length === 2",
+            timeout=scaled(5) * 1000,
+        )
+        assert console.errors == []
+    finally:
+        await relay.stop()
+        await running.stop()

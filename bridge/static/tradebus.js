@@ -104,6 +104,7 @@ export class TradebusClient {
     this._positions = new Map(); // topic \0 source -> {topic, source, epoch (digits), seq (digits)}
     this._pending = new Map(); // request id -> {resolve, reject}
     this._frame = null; // {mode, recovered} between snapshot_begin and snapshot_end
+    this._explicit = false; // the application has chosen its topics (vs. receive everything)
   }
 
   // ---------------------------------------------------------------- connection
@@ -222,6 +223,7 @@ export class TradebusClient {
    */
   subscribe(patterns, handler) {
     const list = Array.isArray(patterns) ? [...patterns] : [patterns];
+    this._explicit = true;
     const subscription = new Subscription(this, list, handler);
     this._subscriptions.add(subscription);
     this._routeCache.clear();
@@ -270,6 +272,7 @@ export class TradebusClient {
       }
     }
     this._routeCache.clear();
+    this._explicit = true;
     if (removed.length === 0) return;
     // Positions of topics nobody asks for any more would make a later re-subscribe
     // treat the snapshot as already seen.
@@ -318,6 +321,9 @@ export class TradebusClient {
     this._pending.clear();
     const patterns = this.patterns();
     if (patterns.length === 0) {
+      // A client that never subscribed gets everything; one whose application dropped every
+      // pattern must get nothing, so say so (an empty unsubscribe ends "everything").
+      if (this._explicit) this._send({ op: "unsubscribe", topics: [], id: this._nextId++ });
       for (const sub of waiting) sub._settle(null);
       return;
     }
