@@ -37,6 +37,7 @@ BASE = COMPOSE / "docker-compose.yml"
 OVERRIDE = COMPOSE / "docker-compose.websocket.yml"
 ROLES = {"bus-proxy", "dashboard-backend", "ai-trading-bot", "websocket-tester"}
 SETTING_PREFIXES = ("TRADEBUS", "SYSTEM__", "LOG_LEVEL")
+REQUIRED_ARGUMENTS = {"record": ["out.jsonl"], "replay": ["in.jsonl"]}
 
 
 # -- reading compose files the way docker compose does (the parts used here) --------------------
@@ -141,13 +142,14 @@ def settings_read_by(command: str, monkeypatch: pytest.MonkeyPatch) -> set[str]:
         for part in ("PROXY", "BRIDGE", "UP")
         if a.dest != "help"
     }
+    argv = [command, *REQUIRED_ARGUMENTS.get(command, [])]
     clean_environment(monkeypatch, {})
-    baseline = vars(parse([command]))
+    baseline = vars(parse(argv))
     for name in candidates:
         with monkeypatch.context() as patch:
             patch.setenv(name, "7")
             try:
-                changed = vars(build_parser(command).parse_args([command])) != baseline
+                changed = vars(build_parser(command).parse_args(argv)) != baseline
             except SystemExit:
                 changed = True  # the variable was read, and "7" is not valid for it
         if changed:
