@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import random
+import subprocess
+import sys
 from collections import Counter
 from typing import Any
 
 import pytest
+import zmq
 
+from bus.envelope import Event
 from bus.errors import TopicError
+from bus.proxy import Proxy
+from bus.subscriber import BlockingSubscriber
 from bus.topics import make_topic
 from tests.conftest import scaled
 from tradebus.demo import DemoEvent, DemoSession, DemoSettings, play, rsi
@@ -187,3 +194,56 @@ async def test_play_stops_when_told() -> None:
     count = await asyncio.wait_for(task, scaled(2))
     assert count == len(sink.events)
     assert count < 20  # the heartbeat and at most the first tick or two, not the whole session
+
+
+def test_tradebus_demo_delivers_its_whole_session_to_the_bus(
+    proxy: Proxy, zmq_context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    expected = take(DemoSession(random.Random(1), START), 2.0)
+    with BlockingSubscriber(
+        ["*"],
+        endpoint=proxy.backend_endpoint,
+        snapshot=True,
+        snapshot_endpoint=proxy.snapshot_endpoint,
+        context=zmq_context,
+    ) as subscriber:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tradebus",
+                "demo",
+                "--url",
+                proxy.frontend_endpoint,
+                "--seed",
+                "1",
+                "--speed",
+                "20",
+                "--duration",
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=scaled(30),
+            env={**os.environ, "SYSTEM__WEBSOCKET_HEARTBEAT_INTERVAL": "0"},
+        )
+        assert result.returncode == 0, result.stderr
+        received = []
+        while len(received) < len(expected):
+            item = subscriber.recv(scaled(5))
+            assert item is not None, f"{len(received)} of {len(expected)} events arrived"
+            received.append(item)
+    assert all(isinstance(e, Event) for e in received), "a gap was reported"
+    events = [e for e in received if isinstance(e, Event)]
+    assert {e.source for e in events} == {"demo-bot"}
+    # the same seed gives the same session; only the timestamps differ
+    assert [(e.type, e.topic) for e in events] == [
+        (x.type, x.type if x.key is None else f"{x.type}.{x.key}") for x in expected
+    ]
+    assert [without_timestamp(e.data) for e in events] == [
+        without_timestamp(x.data) for x in expected
+    ]
+
+
+def without_timestamp(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k != "timestamp"}
