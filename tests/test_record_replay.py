@@ -228,3 +228,79 @@ def test_cli_replay_errors_are_one_line(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "no bus proxy answered at tcp://127.0.0.1:1" in result.stderr
+
+
+def test_cli_record_then_replay_with_a_new_source(
+    proxy: Proxy, zmq_context: Ctx, tmp_path: Path
+) -> None:
+    path = tmp_path / "cli.jsonl"
+    recorder = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tradebus",
+            "record",
+            str(path),
+            "--topics",
+            "ai_decision",
+            "--count",
+            "3",
+            "--backend",
+            proxy.backend_endpoint,
+            "--snapshot-endpoint",
+            proxy.snapshot_endpoint,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TRADEBUS_LOG_LEVEL": "INFO"},
+    )
+    try:
+        assert recorder.stderr is not None
+        started = orjson.loads(recorder.stderr.readline())
+        assert started["event"] == "record.started"
+        publisher = connect_publisher(zmq_context, proxy.frontend_endpoint, scaled(5))
+        try:
+            for seq in (1, 2, 3):
+                publisher.send_multipart(
+                    encode_event("market_data.X", "market_data", {}, "bot", 5, seq)
+                )
+                publisher.send_multipart(
+                    encode_event("ai_decision", "ai_decision", {"n": seq}, "bot", 5, seq)
+                )
+        finally:
+            publisher.close(linger=scaled(5_000))
+        assert recorder.wait(scaled(20)) == 0
+        _, errors = recorder.communicate(timeout=scaled(5))
+    finally:
+        if recorder.poll() is None:
+            recorder.kill()
+            recorder.communicate()
+    assert "recorded 3 events" in errors
+    with open(path, "rb") as lines:
+        recorded = list(read_recording(lines))
+    assert [(e.topic, e.seq) for e in recorded] == [
+        ("ai_decision", 1),
+        ("ai_decision", 2),
+        ("ai_decision", 3),
+    ]
+
+    # replaying into the same bus needs a new identity, or every event is a duplicate
+    again = Recorder(proxy, zmq_context, tmp_path / "again.jsonl", ["ai_decision"], 3)
+    result = tradebus(
+        "replay",
+        str(path),
+        "--frontend",
+        proxy.frontend_endpoint,
+        "--as-fast-as-possible",
+        "--source",
+        "replayer",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "replayed 3 events" in result.stderr
+    replayed = again.join()
+    assert [(e.source, e.seq) for e in replayed] == [
+        ("replayer", 1),
+        ("replayer", 2),
+        ("replayer", 3),
+    ]
+    assert [orjson.loads(e.payload)["data"] for e in replayed] == [{"n": 1}, {"n": 2}, {"n": 3}]
