@@ -141,7 +141,9 @@ class Bridge:
             pub.connect(config.publish_to)
             self._pub = pub
         self._apply_upstream()
-        self._tasks = [asyncio.create_task(self._read_upstream(), name="bridge-upstream")]
+        self._loop.add_reader(int(self._sub_raw.getsockopt(zmq.FD)), self._on_upstream)
+        self._loop.call_soon(self._on_upstream)
+        self._tasks = []
         if self._dealer is not None:
             self._tasks.append(asyncio.create_task(self._read_snapshots(), name="bridge-snap"))
         if self._pub is not None:
@@ -158,6 +160,8 @@ class Bridge:
         )
 
     async def stop(self) -> None:
+        if self._loop is not None and self._sub_raw is not None:
+            self._loop.remove_reader(int(self._sub_raw.getsockopt(zmq.FD)))
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -191,34 +195,43 @@ class Bridge:
                 request = snapshot_request(nonce, patterns)
                 self._dealer.send_multipart([b"s%d" % sync_id, b"", *request])
         ops.clear()
+        if self._loop is not None:
+            # a subscription is a send on the SUB socket, after which its edge-triggered
+            # FD may not signal messages already waiting: look for them explicitly
+            self._loop.call_soon(self._on_upstream)
 
     def _end_marker(self, sync_id: int) -> None:
         nonce = self._markers.pop(sync_id, None)
         if nonce is not None and self._sub is not None:
             self._sub.unsubscribe(SYNC_PREFIX + nonce)
 
-    async def _read_upstream(self) -> None:
-        assert self._sub is not None
-        assert self._sub_raw is not None
-        sub, raw = self._sub, self._sub_raw
+    def _on_upstream(self) -> None:
+        """Drain the SUB socket in batches: route each batch, then write once per client.
+
+        The ZeroMQ FD is edge-triggered: it only signals again once the socket's events
+        were read, so this drains until EVENTS shows nothing more; after a full batch it
+        yields to the loop (clients' reads, timers) and continues in the next turn.
+        """
+        raw = self._sub_raw
+        if raw is None or raw.closed:
+            return
         hub = self.hub
-        while True:
-            await sub.poll(zmq.POLLIN)
+        recv = raw.recv_multipart
+        while int(raw.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             batch: list[list[bytes]] = []
             append = batch.append
-            recv = raw.recv_multipart
             try:
                 for _ in range(MAX_BATCH):
                     append(recv(zmq.NOBLOCK))
             except zmq.Again:
                 pass
-            if not batch:
-                continue
-            # marker subscriptions reach no one: the SUB socket only receives events
-            hub.dispatch(batch, time.monotonic(), time.time_ns())
-            self.flush()
+            if batch:
+                hub.dispatch(batch, time.monotonic(), time.time_ns())
+                self.flush()
             if len(batch) == MAX_BATCH:
-                await asyncio.sleep(0)  # let clients' reads and timers run under load
+                assert self._loop is not None
+                self._loop.call_soon(self._on_upstream)
+                return
 
     async def _read_snapshots(self) -> None:
         assert self._dealer is not None

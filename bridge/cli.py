@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import signal
 from dataclasses import fields
 from typing import Any
 
@@ -95,13 +96,27 @@ def config_from_args(args: argparse.Namespace) -> BridgeConfig:
     return BridgeConfig.from_env(**overrides)
 
 
+async def _serve_until_signalled(config: BridgeConfig) -> None:
+    from bridge.app import run_bridge
+
+    serving = asyncio.create_task(run_bridge(config))
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, serving.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await serving
+
+
 def run(args: argparse.Namespace) -> int:
     configure_logging()
     config = config_from_args(args)
-    from bridge.app import run_bridge
-
     log = get_logger("bridge")
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_bridge(config))
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(_serve_until_signalled(config))
+    else:
+        # uvloop's transports cost about half of asyncio's per write and per wakeup
+        uvloop.run(_serve_until_signalled(config))
     log.info("bridge.exited")
     return 0
