@@ -2,10 +2,11 @@
 
 ``python -m bench.bench_bridge`` (also run by ``make bench``) starts a ``tradebus proxy``,
 a paced publisher process (bench/loadgen_publisher.py) and, one after the other, the
-naive aiohttp broadcast server (bench/naive_server.py, the original system's design) and
-``tradebus bridge``. Both servers are measured by the same load generator, bench/loadgen.c
-(compiled here with gcc into a temporary directory: one epoll process that parses only
-frame headers, so the client is not the bottleneck; its CPU use is reported), for:
+naive aiohttp broadcast server (bench/naive_server.py, the original system's design; on
+uvloop like the bridge when uvloop is installed) and ``tradebus bridge``. Both servers
+are measured by the same load generator, bench/loadgen.c (compiled here with gcc into a
+temporary directory: one epoll process that parses only frame headers, so the client is
+not the bottleneck; its CPU use is reported), for:
 
 1. end-to-end latency publisher -> proxy -> server -> client, p50/p99, at 1,000 and
    10,000 events/s (the publisher stamps each event's publish time into it; everything
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -53,6 +55,9 @@ HOST = "127.0.0.1"
 MAX_LAG_FIXED_S = 0.15
 MAX_LAG_FRACTION = 0.05
 LATENCY_CONNECTIONS = 10
+# `tradebus bridge` runs on uvloop when it is installed; the baseline runs on the same
+# event loop, so that the ratios measure the design, not the loop
+NAIVE_ON_UVLOOP = importlib.util.find_spec("uvloop") is not None
 # fan-out clients read every 2 ms, many frames per read, so the client stays cheap
 FANOUT_NAP_US = 2_000
 
@@ -317,6 +322,8 @@ class Bench:
     def server_argv(self, name: str, port: int) -> list[str]:
         if name == "naive":
             command = ["-m", "bench.naive_server"]
+            if NAIVE_ON_UVLOOP:
+                command.append("--uvloop")
         else:
             command = ["-m", "tradebus", "bridge", "--snapshot", self.snapshot]
             command += ["--publish-to", self.frontend]
