@@ -15,7 +15,11 @@ const DEFAULTS = Object.freeze({
   pingTimeoutMs: 10000,
   snapshot: true,
   resume: true,
+  maxRequestBytes: 32768, // the bridge's inbound limit is 64 KiB by default
 });
+
+// Types whose latest event is their whole state: a resume may fall back to a snapshot.
+const CONFLATABLE = new Set(["market_data", "position_update", "indicator_update"]);
 
 /** True when `pattern` (e.g. "market_data", "*.BTC-USD") matches `topic` (bus rules). */
 export function patternMatches(pattern, topic) {
@@ -327,22 +331,73 @@ export class TradebusClient {
       for (const sub of waiting) sub._settle(null);
       return;
     }
-    const id = this._nextId++;
-    const since = this.options.resume ? this.positions() : [];
-    let text = JSON.stringify({ op: "subscribe", topics: patterns, snapshot: this.options.snapshot, id });
-    if (since.length > 0) {
+    const requests = this._resumeRequests(patterns);
+    requests.forEach((text, index) => {
+      const id = this._nextId++;
+      if (index === requests.length - 1) {
+        const group = new Subscription(this, [], null);
+        group._followers = waiting;
+        this._pending.set(id, group);
+      }
+      this._send(`{"id":${id},${text.slice(1)}`);
+    });
+  }
+
+  // The subscribe requests of a resume, each below maxRequestBytes (the bridge closes a
+  // connection with 1009 for an oversized message, and the client would retry for ever).
+  // The bridge answers a topic matching a request's patterns but absent from its `since`
+  // with its latest event, which would make a later request's replay look old, so a
+  // pattern's positions are never spread over two requests: when one pattern alone has
+  // too many, the positions of conflatable types (where the latest value is enough) go
+  // first, and losing any other is reported as an unrecovered resume.
+  _resumeRequests(patterns) {
+    const snapshot = this.options.snapshot;
+    const budget = this.options.maxRequestBytes;
+    const head = (topics) => JSON.stringify({ op: "subscribe", topics, snapshot }).slice(0, -1);
+    const positions = this.options.resume ? this.positions() : [];
+    if (positions.length === 0) return [`${head(patterns)}}`];
+    const entry = (p) =>
       // Hand-built because epochs exceed the precision of JSON.stringify on numbers.
-      const entries = since.map(
-        (p) =>
-          `{"topic":${JSON.stringify(p.topic)},"source":${JSON.stringify(p.source)},` +
-          `"epoch":${p.epoch},"seq":${p.seq}}`,
-      );
-      text = `${text.slice(0, -1)},"since":[${entries.join(",")}]}`;
+      `{"topic":${JSON.stringify(p.topic)},"source":${JSON.stringify(p.source)},` +
+      `"epoch":${p.epoch},"seq":${p.seq}}`;
+    const build = (topics, entries) => `${head(topics)},"since":[${entries.join(",")}]}`;
+    const requests = [];
+    let topics = [];
+    let entries = [];
+    let lost = false;
+    for (const pattern of patterns) {
+      const mine = positions.filter((p) => patternMatches(pattern, p.topic));
+      const texts = mine.map(entry);
+      if (build([...topics, pattern], [...entries, ...texts]).length <= budget) {
+        topics.push(pattern);
+        entries.push(...texts);
+        continue;
+      }
+      if (topics.length) requests.push(build(topics, entries));
+      topics = [pattern];
+      entries = texts;
+      if (build(topics, entries).length > budget) {
+        const ranked = mine
+          .map((p, i) => ({ p, text: texts[i], spare: CONFLATABLE.has(p.topic.split(".")[0]) }))
+          .sort((a, b) => Number(a.spare) - Number(b.spare));
+        entries = [];
+        let length = build(topics, []).length;
+        for (const { p, text } of ranked) {
+          if (length + text.length + 1 > budget) {
+            if (!CONFLATABLE.has(p.topic.split(".")[0])) lost = true;
+            continue;
+          }
+          entries.push(text);
+          length += text.length + 1;
+        }
+      }
     }
-    const group = new Subscription(this, [], null);
-    group._followers = waiting;
-    this._pending.set(id, group);
-    this._send(text);
+    requests.push(build(topics, entries));
+    if (lost) {
+      this.stats.unrecovered += 1;
+      this._emit("snapshot", { mode: "resume", recovered: false, count: 0 });
+    }
+    return requests;
   }
 
   // ------------------------------------------------------------------ handlers
