@@ -92,6 +92,14 @@ export interface ClientOptions {
   snapshot?: boolean;
   /** Present last positions on reconnect so missed events are replayed. Default true. */
   resume?: boolean;
+  /**
+   * Largest subscribe request sent on reconnect (default 32768; the bridge's inbound limit is
+   * 64 KiB). A resume with more positions is split by pattern; if one pattern alone has too
+   * many, positions of market_data/position_update/indicator_update are left out first (their
+   * latest value comes anyway), and leaving out any other is reported via onSnapshot as
+   * recovered: false.
+   */
+  maxRequestBytes?: number;
   /** WebSocket constructor to use (default globalThis.WebSocket). */
   WebSocket?: typeof WebSocket;
 }
