@@ -255,6 +255,7 @@ class Counters:
     reconnects: int = 0
     connect_attempts: int = 0
     rejected: int = 0
+    resent: int = 0
     heartbeats: int = 0
 
     def count_drops(self, entries: Iterable[Entry]) -> dict[str, int]:

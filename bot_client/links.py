@@ -506,6 +506,7 @@ class WebSocketLink:
         try:
             for message_id, entry in list(self._in_flight):
                 await ws.send_str(_with_id(entry, message_id))
+                self.publisher.counters.resent += 1
             await self._write(ws, reader)
         finally:
             reader.cancel()

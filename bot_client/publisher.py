@@ -415,6 +415,7 @@ class Publisher(EventHelpers):
             "conflated": counters.conflated,
             "filtered": counters.filtered,
             "rejected": counters.rejected,
+            "resent": counters.resent,
             "reconnects": counters.reconnects,
             "connect_attempts": counters.connect_attempts,
             "heartbeats": counters.heartbeats,

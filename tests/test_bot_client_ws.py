@@ -1,0 +1,236 @@
+"""bot_client's ws:// transport end to end: publisher -> real bridge ingest -> real proxy ->
+bus subscriber. (Written once the bridge of issue 4 existed; uses its start_bridge.)"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import orjson
+import pytest
+import zmq
+from aiohttp import web
+
+from bot_client import AsyncPublisher
+from bridge.app import BridgeServer, start_bridge
+from bridge.config import BridgeConfig
+from bus.envelope import Event
+from bus.proxy import Proxy
+from bus.subscriber import BlockingSubscriber, Gap
+from tests.conftest import scaled
+
+Context = zmq.Context[zmq.Socket[bytes]]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def bridge_config(proxy: Proxy, port: int = 0, allow_publish: bool = True) -> BridgeConfig:
+    return BridgeConfig(
+        port=port,
+        bus=proxy.backend_endpoint,
+        snapshot=proxy.snapshot_endpoint,
+        publish_to=proxy.frontend_endpoint,
+        allow_publish=allow_publish,
+    )
+
+
+async def started_bridge(config: BridgeConfig) -> BridgeServer:
+    server = await start_bridge(config)
+    await wait_for(lambda: server.bridge.ready and server.bridge.publish_ready)
+    return server
+
+
+async def wait_for(condition: Callable[[], object], within: float = 5.0) -> None:
+    deadline = time.monotonic() + scaled(within)
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def subscriber(proxy: Proxy, zmq_context: Context) -> Iterator[BlockingSubscriber]:
+    with BlockingSubscriber(
+        ["*"],
+        endpoint=proxy.backend_endpoint,
+        snapshot=True,
+        snapshot_endpoint=proxy.snapshot_endpoint,
+        context=zmq_context,
+    ) as sub:
+        yield sub
+
+
+@pytest.fixture
+async def bridge(proxy: Proxy) -> AsyncIterator[BridgeServer]:
+    server = await started_bridge(bridge_config(proxy))
+    yield server
+    await server.close()
+
+
+async def receive(
+    sub: BlockingSubscriber, count: int, source: str, within: float = 10.0
+) -> list[Event]:
+    """``count`` events of ``source`` from the bus, failing on a gap; others are skipped."""
+    events: list[Event] = []
+    deadline = time.monotonic() + scaled(within)
+    while len(events) < count:
+        assert time.monotonic() < deadline, f"got {len(events)} of {count} events"
+        item = await asyncio.to_thread(sub.recv, 0.05)
+        if item is None:
+            continue
+        assert not isinstance(item, Gap), str(item)
+        if item.source == source:
+            events.append(item)
+    return events
+
+
+def ws_publisher(port: int, source: str, **settings: object) -> AsyncPublisher:
+    return AsyncPublisher(
+        url=f"ws://127.0.0.1:{port}/ws",
+        source_id=source,
+        publish_interval=0,
+        heartbeat_interval=0,
+        **settings,
+    )
+
+
+async def test_ws_events_reach_the_bus_with_source_epoch_and_seq(
+    bridge: BridgeServer, subscriber: BlockingSubscriber
+) -> None:
+    async with ws_publisher(bridge.port, "ws-bot", queue_size=1000) as publisher:
+        for n in range(200):
+            publisher.publish_trading_loop(45000.0 + n, "HOLD", 0.5, symbol="BTC-USD")
+        publisher.publish_trading_decision("r1", "sell", 0.9, "why", 45100.0)
+        events = await receive(subscriber, 201, "ws-bot")
+        await wait_for(lambda: publisher.status()["sent"] == 201)
+        status = publisher.status()
+    assert status["connected"] is True
+    assert (status["queued"], status["dropped_total"], status["rejected"]) == (0, 0, 0)
+    loops = [e for e in events if e.type == "trading_loop"]
+    assert [e.data["price"] for e in loops] == [45000.0 + n for n in range(200)]
+    assert [e.seq for e in loops] == list(range(1, 201))
+    assert {e.topic for e in loops} == {"trading_loop.BTC-USD"}
+    assert all(e.epoch == publisher.epoch for e in events)
+    assert events[-1].data["action"] == "SELL"
+
+
+async def test_ws_bridge_down_at_start_then_up_delivers_in_order(
+    proxy: Proxy, subscriber: BlockingSubscriber
+) -> None:
+    port = free_port()
+    publisher = ws_publisher(port, "late-bridge", retry_delay=0.05, max_retries=2)
+    await publisher.start()
+    try:
+        for n in range(50):
+            publisher.publish("custom_event", {"n": n})
+        await wait_for(lambda: publisher.status()["connect_attempts"] >= 2)
+        assert publisher.status()["connected"] is False
+        assert publisher.status()["queued"] == 50
+        server = await started_bridge(bridge_config(proxy, port))
+        try:
+            events = await receive(subscriber, 50, "late-bridge")
+            assert [e.data["n"] for e in events] == list(range(50))
+            await wait_for(lambda: publisher.status()["queued"] == 0)
+            assert publisher.connected
+        finally:
+            await publisher.close(timeout=1)
+            await server.close()
+    finally:
+        await publisher.close(timeout=0)
+
+
+async def test_ws_events_in_flight_at_a_disconnect_are_resent_once(
+    proxy: Proxy, subscriber: BlockingSubscriber
+) -> None:
+    port = free_port()
+    server = await started_bridge(bridge_config(proxy, port))
+    publisher = ws_publisher(port, "resend", retry_delay=0.05, queue_size=5000)
+    await publisher.start()
+    try:
+        await wait_for(lambda: publisher.connected)
+        for n in range(1000):
+            publisher.publish("custom_event", {"n": n})
+        # drop the bridge while events are in flight, then bring a new one up on the port
+        await wait_for(lambda: publisher.status()["sent"] > 0, within=10)
+        await server.close()
+        await wait_for(lambda: not publisher.connected)
+        for n in range(1000, 1100):
+            publisher.publish("custom_event", {"n": n})
+        server = await started_bridge(bridge_config(proxy, port))
+        await wait_for(lambda: publisher.status()["sent"] == 1100, within=15)
+        # the subscriber's sequence tracker skips what the second bridge republished: every
+        # event arrives exactly once, in order, with no gap
+        events = await receive(subscriber, 1100, "resend")
+        assert [e.data["n"] for e in events] == list(range(1100))
+        assert [e.seq for e in events] == list(range(1, 1101))
+        status = publisher.status()
+        assert status["reconnects"] >= 1
+        assert status["dropped_total"] == 0
+    finally:
+        await publisher.close(timeout=1)
+        await server.close()
+
+
+async def test_ws_unacknowledged_events_are_resent_after_reconnect(
+    proxy: Proxy, subscriber: BlockingSubscriber
+) -> None:
+    # A peer that takes events and never acknowledges them, then goes away (it stops
+    # listening, then closes the connection): all 30 were in flight, so all 30 must be
+    # resent, once, to the real bridge that comes up on the same port.
+    port = free_port()
+    taken: list[dict[str, object]] = []
+
+    async def silent_ingest(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            taken.append(orjson.loads(message.data))
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", silent_ingest)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    publisher = ws_publisher(port, "unacked", retry_delay=0.05)
+    await publisher.start()
+    try:
+        for n in range(30):
+            publisher.publish("custom_event", {"n": n})
+        await wait_for(lambda: len(taken) == 30)
+        await runner.cleanup()
+        assert [body["seq"] for body in taken] == list(range(1, 31))
+        assert all(isinstance(body["id"], int) for body in taken)
+        server = await started_bridge(bridge_config(proxy, port))
+        try:
+            events = await receive(subscriber, 30, "unacked")
+            assert [e.data["n"] for e in events] == list(range(30))
+            await wait_for(lambda: publisher.status()["sent"] == 30)
+            assert publisher.status()["resent"] == 30
+        finally:
+            await publisher.close(timeout=1)
+            await server.close()
+    finally:
+        await publisher.close(timeout=0)
+        await runner.cleanup()
+
+
+async def test_ws_rejected_events_are_counted(proxy: Proxy, subscriber: BlockingSubscriber) -> None:
+    server = await started_bridge(bridge_config(proxy, allow_publish=False))
+    try:
+        async with ws_publisher(server.port, "forbidden") as publisher:
+            publisher.publish_ai_decision("BUY", "r", 0.5)
+            publisher.publish_error("boom")
+            await wait_for(lambda: publisher.status()["rejected"] == 2)
+            status = publisher.status()
+        assert status["dropped"] == {"ai_decision": 1, "error": 1}
+        assert status["sent"] == 0
+        assert await asyncio.to_thread(subscriber.recv, 0.2) is None
+    finally:
+        await server.close()
