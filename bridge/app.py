@@ -56,6 +56,7 @@ CLOSE_NORMAL: Final = 1000
 CLOSE_GOING_AWAY: Final = 1001
 CLOSE_POLICY: Final = 1008
 CLOSE_TOO_BIG: Final = 1009
+CLOSE_INTERNAL_ERROR: Final = 1011
 CLOSE_TOKEN_EXPIRED: Final = 4001
 CLOSE_SLOW_CONSUMER: Final = 4008
 
@@ -491,7 +492,12 @@ class Bridge:
                         close_code, close_reason = CLOSE_POLICY, "rate limit exceeded"
                         self.log.warning("websocket.rate_limited", client=client.id, ip=client.ip)
                         break
-                    failed = await self._handle(client, message.data)
+                    try:
+                        failed = await self._handle(client, message.data)
+                    except Exception:
+                        self.log.exception("websocket.internal_error", client=client.id)
+                        close_code, close_reason = CLOSE_INTERNAL_ERROR, "internal error"
+                        break
                     if failed:
                         errors += 1
                         if errors > config.max_errors:
