@@ -480,6 +480,14 @@ class WebSocketLink:
             )
             try:
                 await self._session(ws)
+            except (aiohttp.ClientError, ConnectionError, OSError) as error:
+                # a send into a connection that just broke: the event stays unacknowledged
+                # and is resent after the reconnect
+                log.info(
+                    "websocket.publisher_send_failed",
+                    message="WebSocket publish failed on a broken connection; will resend",
+                    error=str(error) or type(error).__name__,
+                )
             finally:
                 self.connected = False
                 await ws.close()

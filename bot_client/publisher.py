@@ -9,6 +9,7 @@ the outbox must drop is counted by type, logged (rate-limited) and shown by ``st
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 import threading
@@ -45,8 +46,11 @@ if TYPE_CHECKING:
     from bot_client.links import Link
 
 DROP_REPORT_SECONDS: Final = 5.0
+AT_EXIT_SECONDS: Final = 2.0
 SUMMARY_SECONDS: Final = 60.0
 HEARTBEAT_TOPIC_KEY: Final = "heartbeat"
+_time_ns = time.time_ns
+_format_timestamp = format_timestamp
 # Events on the fast path at most; beyond it the outbox (and its drop policy) takes over.
 FAST_LIMIT: Final = 8192
 # Held market data whose data object is already encoded (validated) at call time.
@@ -266,7 +270,9 @@ class Publisher(EventHelpers):
         self._source_bytes = self.source.encode()
         self._log = get_logger("WebSocket publisher", source=self.source)
         self._lock = threading.Lock()
-        self._slots: dict[tuple[Any, Any], _Slot] = {}
+        # (type, key), (type, symbol) or type -> its topic's slot
+        self._slots: dict[Any, _Slot] = {}
+        self._topics: dict[str, _Slot] = {}
         self._outbox = Outbox(settings.queue_size)
         self._gate: IntervalGate[_Held] | None = (
             IntervalGate(settings.publish_interval) if settings.publish_interval > 0 else None
@@ -317,6 +323,8 @@ class Publisher(EventHelpers):
             return
         self._started = True
         self._link.start()
+        # a bot that exits without close() still gets its held events out (or counted)
+        atexit.register(self._close_at_exit)
         self._log.info(
             "websocket.publisher_started",
             message="WebSocket publisher started",
@@ -341,6 +349,7 @@ class Publisher(EventHelpers):
         if self._link is None:
             return
         self.start()
+        atexit.unregister(self._close_at_exit)
         self._link.stop(min(self.settings.timeout, 5.0) if timeout is None else timeout)
         with self._lock:
             self._stopped = True
@@ -360,6 +369,9 @@ class Publisher(EventHelpers):
         self._log.info(
             "websocket.publisher_closed", message="WebSocket publisher closed", **self._figures()
         )
+
+    def _close_at_exit(self) -> None:
+        self.close(min(self.settings.timeout, AT_EXIT_SECONDS))
 
     def __enter__(self) -> Publisher:
         self.start()
@@ -430,21 +442,25 @@ class Publisher(EventHelpers):
         """
         if type(data) is not dict:
             data = event_data(type_name, data)
-        now_ns = time.time_ns()
-        timestamp = format_timestamp(now_ns)
+        now_ns = _time_ns()
+        timestamp = _format_timestamp(now_ns)
         if "timestamp" not in data:
             data = {**data, "timestamp": timestamp}
-        if key is None and type_name in SYMBOL_KEYED_TYPES:
-            symbol = data.get("symbol")
-            slot_key: tuple[Any, Any] = (type_name, symbol if type(symbol) is str else None)
-        else:
-            slot_key = (type_name, key)
+        slot_key: Any = None
+        symbol: Any = None
         try:
+            if key is not None:
+                slot_key = (type_name, key)
+            elif type_name in SYMBOL_KEYED_TYPES:
+                symbol = data.get("symbol")
+                slot_key = (type_name, symbol)
+            else:
+                slot_key = type_name
             slot = self._slots.get(slot_key)
-        except TypeError:
+        except TypeError:  # unhashable type name or key: _new_slot says what is wrong
             slot = None
         if slot is None:
-            slot = self._new_slot(type_name, key, slot_key)
+            slot = self._new_slot(type_name, key, symbol, slot_key)
         if slot.gated:
             self._publish_gated(slot, data)
             return
@@ -485,13 +501,12 @@ class Publisher(EventHelpers):
     def _discard(self, type_name: str, data: Any, key: str | None = None) -> None:
         """publish() of a disabled publisher: the guide's default, costs nothing."""
 
-    def _new_slot(self, type_name: Any, key: Any, slot_key: tuple[Any, Any]) -> _Slot:
+    def _new_slot(self, type_name: Any, key: Any, symbol: Any, slot_key: Any) -> _Slot:
         try:
             if key is not None:
                 topic = make_topic(type_name, key)
             else:
                 topic = make_topic(type_name)
-                symbol = slot_key[1]
                 if symbol is not None:
                     # as the bridge does: an unusable symbol leaves the bare type as topic
                     with contextlib.suppress(TopicError):
@@ -499,16 +514,13 @@ class Publisher(EventHelpers):
         except TopicError as error:
             raise InvalidEventError(str(error)) from None
         with self._lock:
-            existing = self._slots.get(slot_key)
-            if existing is not None:
-                return existing
-            # two slot keys may share a topic (explicit key == symbol): share the counter
-            for slot in self._slots.values():
-                if slot.topic == topic:
-                    self._slots[slot_key] = slot
-                    return slot
-            slot = _Slot(type_name, topic, self._gate is not None and type_name in INTERVAL_TYPES)
-            self._slots[slot_key] = slot
+            # several slot keys may name one topic (explicit key == symbol): one counter
+            slot = self._topics.get(topic)
+            if slot is None:
+                gated = self._gate is not None and type_name in INTERVAL_TYPES
+                slot = self._topics[topic] = _Slot(type_name, topic, gated)
+            with contextlib.suppress(TypeError):
+                self._slots[slot_key] = slot
             return slot
 
     def _publish_gated(self, slot: _Slot, data: dict[Any, Any]) -> None:

@@ -346,6 +346,10 @@ def test_bot_values_encode_and_invalid_calls_raise(
             publisher.publish("custom", {}, key="a.b")
         with pytest.raises(InvalidEventError, match="must be a JSON object"):
             publisher.publish("custom", [1, 2])
+        with pytest.raises(InvalidEventError, match="event type must be a string"):
+            publisher.publish(["custom"], {})  # type: ignore[arg-type]
+        with pytest.raises(InvalidEventError, match="topic key must be a string"):
+            publisher.publish("custom", {}, key=["k"])  # type: ignore[arg-type]
         with pytest.raises(InvalidEventError, match="not JSON-encodable"):
             publisher.publish("custom", {"what": object()})
         publisher.publish(
