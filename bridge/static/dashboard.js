@@ -47,17 +47,26 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+// toLocaleString builds a formatter per call; at 1,000 events/s that showed in profiles.
+const numberFormats = [2, 4, 6].map(
+  (digits) => new Intl.NumberFormat("en-US", { minimumFractionDigits: 2, maximumFractionDigits: digits }),
+);
 const priceFormat = (value) => {
   if (typeof value !== "number" || !Number.isFinite(value)) return "–";
-  const digits = Math.abs(value) >= 1000 ? 2 : Math.abs(value) >= 1 ? 4 : 6;
-  return value.toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: digits });
+  const magnitude = Math.abs(value);
+  return numberFormats[magnitude >= 1000 ? 0 : magnitude >= 1 ? 1 : 2].format(value);
 };
-const moneyFormat = (value) =>
-  value.toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 2 });
+const moneyFormat = (value) => numberFormats[0].format(value);
 const signed = (value, text) => (value > 0 ? `+${text}` : text);
+const timeFormat = new Intl.DateTimeFormat("en-GB", {
+  hour: "2-digit",
+  minute: "2-digit",
+  second: "2-digit",
+  hour12: false,
+});
 const clockTime = (iso) => {
   const ms = Date.parse(iso);
-  return Number.isNaN(ms) ? "" : new Date(ms).toLocaleTimeString("en-GB", { hour12: false });
+  return Number.isNaN(ms) ? "" : timeFormat.format(ms);
 };
 
 // ------------------------------------------------------------------------------ model
@@ -379,7 +388,8 @@ function priceCard(series) {
   const cards = $("price-cards");
   const after = [...cards.querySelectorAll(".price-card")].find((c) => c.dataset.symbol > series.symbol);
   cards.insertBefore(card, after ?? null);
-  return { card, price, change, canvas, ctx: canvas.getContext("2d"), width: 0, height: 0 };
+  const ctx = canvas.getContext("2d");
+  return { card, price, change, canvas, ctx, width: 0, height: 0, drawnAt: 0, msPerPixel: 0 };
 }
 
 function drawChart(series, view, now) {
@@ -414,6 +424,7 @@ function drawChart(series, view, now) {
   const span = Math.min(WINDOW_MS, Math.max(60000, now - times[head]));
   const start = now - span;
   const x = (t) => Math.max(0, ((t - start) / span) * plotWidth);
+  view.msPerPixel = span / plotWidth;
   const y = (p) => height - ((p - low) / (high - low)) * height;
 
   ctx.font = `${11 * ratio}px system-ui, sans-serif`;
@@ -482,6 +493,7 @@ function renderPrices(now) {
     const { view } = series;
     if (series.changed) {
       series.changed = false;
+      series.needsDraw = true;
       view.price.textContent = priceFormat(series.last);
       const first = series.first;
       if (first !== null && first !== 0) {
@@ -490,8 +502,12 @@ function renderPrices(now) {
         view.change.className = `change ${delta > 0 ? "up" : delta < 0 ? "down" : ""}`;
       }
     }
-    // The time axis moves every frame, so every visible chart is redrawn.
-    drawChart(series, view, now);
+    // Redraw on new data, or when the time axis has moved by a pixel.
+    if (series.needsDraw || now - view.drawnAt >= view.msPerPixel) {
+      series.needsDraw = false;
+      view.drawnAt = now;
+      drawChart(series, view, now);
+    }
   }
 }
 
