@@ -164,6 +164,25 @@ def _run(context: zmq.Context[zmq.Socket[bytes]], frontend: str) -> int:
     status = publisher.status()
     publisher.close()
 
+    # the same call with the guide's defaults around it: market data rate-limited to one per
+    # symbol per second (conflated, nothing sent), and a disabled publisher (the default)
+    gated = Publisher(url=frontend, source_id="bench-gated", heartbeat_interval=0, context=context)
+    gated_publish = gated.publish
+
+    def gated_call(index: int) -> None:
+        gated_publish("market_data", payloads[index % 100])
+
+    _timed(gated_call, WARMUP)
+    gated_seconds, gated_durations = _timed(gated_call, EVENTS)
+    gated.close()
+    disabled = Publisher.from_env({})
+    disabled_publish = disabled.publish
+
+    def disabled_call(index: int) -> None:
+        disabled_publish("market_data", payloads[index % 100])
+
+    disabled_seconds, disabled_durations = _timed(disabled_call, EVENTS)
+
     print(f"{'':<34} {'throughput':>10}")
     base_rate, base_p50, base_p99 = _report(
         "baseline: raw send_multipart", base_seconds, base_durations
@@ -173,6 +192,8 @@ def _run(context: zmq.Context[zmq.Socket[bytes]], frontend: str) -> int:
         f"ratio publish/baseline: throughput {rate / base_rate:.2f}x, "
         f"p50 {p50 / base_p50:.2f}x, p99 {p99 / base_p99:.2f}x"
     )
+    _report("publish(), 1 s interval (conflated)", gated_seconds, gated_durations)
+    _report("publish(), disabled (default)", disabled_seconds, disabled_durations)
     print(
         f"publisher status: sent {status['sent']}, dropped {status['dropped_total']}, "
         f"queued {status['queued']}"

@@ -441,3 +441,70 @@ async def test_async_publisher(
         "exchange timeout",
         "ERROR",
     )
+
+
+def test_proxy_restart_disconnects_holds_and_reconnects(
+    tmp_path: Path, zmq_context: Context
+) -> None:
+    target = tmp_path / "in.sock"
+
+    def proxy_at_target(name: str) -> Proxy:
+        proxy = Proxy(
+            ProxyConfig(
+                frontend=f"ipc://{tmp_path}/{name}.sock",
+                backend="tcp://127.0.0.1:*",
+                snapshot="tcp://127.0.0.1:*",
+                heartbeat_ms=200,
+            ),
+            context=zmq_context,
+        )
+        proxy.start()
+        return proxy
+
+    def synced(proxy: Proxy) -> BlockingSubscriber:
+        sub = BlockingSubscriber(
+            ["*"],
+            endpoint=proxy.backend_endpoint,
+            snapshot=True,
+            snapshot_endpoint=proxy.snapshot_endpoint,
+            context=zmq_context,
+        )
+        sub.start()
+        return sub
+
+    first = proxy_at_target("first")
+    os.rename(tmp_path / "first.sock", target)
+    publisher = Publisher(
+        url=f"ipc://{target}",
+        source_id="restart",
+        publish_interval=0,
+        retry_delay=0.02,
+        max_retries=1,
+        heartbeat_interval=0,
+        context=zmq_context,
+    )
+    second: Proxy | None = None
+    try:
+        wait_for(lambda: publisher.connected)
+        first.stop()
+        wait_for(lambda: not publisher.connected)
+        for n in range(20):
+            publisher.publish("ai_decision", {"n": n})
+        assert publisher.status()["queued"] == 20
+        second = proxy_at_target("second")
+        sub = synced(second)
+        try:
+            os.rename(tmp_path / "second.sock", target)
+            events = receive(sub, 20)
+        finally:
+            sub.close()
+        assert [e.data["n"] for e in events] == list(range(20))
+        assert [e.seq for e in events] == list(range(1, 21))
+        status = publisher.status()
+        assert status["connected"] is True
+        assert status["reconnects"] == 1
+    finally:
+        publisher.close(timeout=1)
+        first.stop()
+        if second is not None:
+            second.stop()
