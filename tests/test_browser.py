@@ -19,9 +19,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+import pytest_asyncio
 import zmq
 from aiohttp import web
-from playwright.async_api import Browser, Page, WebSocket, async_playwright
+from playwright.async_api import Browser, BrowserContext, Page, WebSocket, async_playwright
 
 from bridge.app import BridgeServer, create_app
 from bridge.config import BridgeConfig
@@ -36,6 +37,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "dashboard.md"
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.timeout(60),
+    pytest.mark.asyncio(loop_scope="module"),
     pytest.mark.skipif(
         shutil.which(CHROMIUM) is None, reason="Debian chromium is not installed at /usr/bin"
     ),
@@ -160,7 +162,7 @@ def bridge_config(proxy: Proxy) -> BridgeConfig:
     )
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="module")
 async def bridge(bridge_config: BridgeConfig) -> AsyncIterator[Bridge]:
     running = Bridge(bridge_config)
     await running.start()
@@ -175,12 +177,21 @@ def publisher(proxy: Proxy, zmq_context: zmq.Context[zmq.Socket[bytes]]) -> Iter
     bot.close()
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def chromium() -> AsyncIterator[Browser]:
+    """One Chromium for the module (a launch costs about a second); tests get own contexts."""
     async with async_playwright() as playwright:
         launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield launched
         await launched.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def browser(chromium: Browser) -> AsyncIterator[BrowserContext]:
+    """A fresh browser context (cookies, storage, pages) closed with the test."""
+    context = await chromium.new_context(viewport={"width": 1400, "height": 900})
+    yield context
+    await context.close()
 
 
 class Console:
@@ -199,8 +210,8 @@ class Console:
         page.on("pageerror", lambda error: self.errors.append(f"uncaught: {error}"))
 
 
-async def open_dashboard(browser: Browser, url: str) -> tuple[Page, Wire, Console]:
-    page = await browser.new_page(viewport={"width": 1400, "height": 900})
+async def open_dashboard(browser: BrowserContext, url: str) -> tuple[Page, Wire, Console]:
+    page = await browser.new_page()
     wire = Wire(page)
     console = Console(page)
     await page.goto(url)
@@ -239,7 +250,7 @@ def decision_selector(n: int) -> str:
 # ------------------------------------------------------------------------------- tests
 
 
-async def test_page_loads_without_console_errors(bridge: Bridge, browser: Browser) -> None:
+async def test_page_loads_without_console_errors(bridge: Bridge, browser: BrowserContext) -> None:
     page, wire, console = await open_dashboard(browser, bridge.url + "/")
     assert await page.title() == "tradebus dashboard"
     subscribe = next(m for m in wire.sent if m.get("op") == "subscribe")
@@ -256,7 +267,7 @@ async def test_page_loads_without_console_errors(bridge: Bridge, browser: Browse
 
 
 async def test_published_events_are_shown_within_one_second(
-    bridge: Bridge, browser: Browser, publisher: BusPublisher
+    bridge: Bridge, browser: BrowserContext, publisher: BusPublisher
 ) -> None:
     page, _wire, console = await open_dashboard(browser, bridge.url + "/")
     started = time.monotonic()
@@ -302,7 +313,7 @@ async def test_published_events_are_shown_within_one_second(
 
 
 async def test_topic_selector_changes_what_the_bridge_sends(
-    bridge: Bridge, browser: Browser, publisher: BusPublisher
+    bridge: Bridge, browser: BrowserContext, publisher: BusPublisher
 ) -> None:
     page, wire, console = await open_dashboard(browser, bridge.url + "/")
     publisher.publish("market_data", {"symbol": "BTC-USD", "price": 100.0}, "BTC-USD")
@@ -356,7 +367,7 @@ async def test_topic_selector_changes_what_the_bridge_sends(
 
 
 async def test_dropped_connection_resumes_with_every_missed_decision(
-    bridge: Bridge, browser: Browser, publisher: BusPublisher
+    bridge: Bridge, browser: BrowserContext, publisher: BusPublisher
 ) -> None:
     page, wire, _console = await open_dashboard(browser, bridge.url + "/")
     publisher.publish("trading_decision", decision_data(1))
@@ -390,7 +401,7 @@ async def test_dropped_connection_resumes_with_every_missed_decision(
 
 
 async def test_bridge_restart_page_reconnects_and_shows_outage_decisions(
-    bridge: Bridge, browser: Browser, publisher: BusPublisher
+    bridge: Bridge, browser: BrowserContext, publisher: BusPublisher
 ) -> None:
     page, wire, _console = await open_dashboard(browser, bridge.url + "/")
     publisher.publish("trading_decision", decision_data(1))
@@ -428,7 +439,7 @@ async def test_bridge_restart_page_reconnects_and_shows_outage_decisions(
 @pytest.mark.parametrize("judge", ["bridge", "page"])
 async def test_a_stalled_source_shows_stale(
     bridge_config: BridgeConfig,
-    browser: Browser,
+    browser: BrowserContext,
     publisher: BusPublisher,
     judge: str,
 ) -> None:
@@ -468,7 +479,7 @@ def docs_example() -> str:
 
 
 async def test_the_documented_example_page_works_as_written(
-    bridge_config: BridgeConfig, browser: Browser, publisher: BusPublisher
+    bridge_config: BridgeConfig, browser: BrowserContext, publisher: BusPublisher
 ) -> None:
     example = docs_example()
     assert len(example.strip().splitlines()) <= 25
@@ -498,7 +509,7 @@ async def test_the_documented_example_page_works_as_written(
 
 
 async def test_page_keeps_up_with_1000_events_per_second(
-    bridge: Bridge, browser: Browser, publisher: BusPublisher
+    bridge: Bridge, browser: BrowserContext, publisher: BusPublisher
 ) -> None:
     page, _wire, console = await open_dashboard(browser, bridge.url + "/")
     await page.evaluate(
@@ -542,7 +553,7 @@ async def test_page_keeps_up_with_1000_events_per_second(
 
 
 async def test_reconnect_backs_off_with_jitter_until_the_bridge_appears(
-    bridge: Bridge, bridge_config: BridgeConfig, browser: Browser
+    bridge: Bridge, bridge_config: BridgeConfig, browser: BrowserContext
 ) -> None:
     # A port with nothing listening yet; a second bridge starts on it later.
     probe = web.AppRunner(web.Application())
@@ -621,7 +632,7 @@ class Relay:
 
 
 async def test_a_silently_dead_link_is_detected_by_pings_and_replaced(
-    bridge_config: BridgeConfig, browser: Browser
+    bridge_config: BridgeConfig, browser: BrowserContext
 ) -> None:
     async def client_page(_request: web.Request) -> web.Response:
         relay_port = _request.query["relay"]
