@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import re
+import urllib.request
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pytest
+import zmq
 from prometheus_client import CollectorRegistry
 
+from bot_client.publisher import Publisher
 from bot_client.settings import SPECS
 from bridge.app import BRIDGE_KEY, create_app
 from bridge.config import ENV_PREFIX, BridgeConfig
@@ -16,6 +20,7 @@ from bus.proxy import CacheStats
 from bus.subscriber import BACKEND_VARIABLE, SNAPSHOT_VARIABLE
 from monitoring.logging import LEVEL_VARIABLES
 from monitoring.metrics import ProxyCollector, PublisherCollector
+from tests.conftest import scaled
 from tests.test_compose import settings_read_by
 from tradebus.cli import COMMANDS
 from tradebus.replay import FRONTEND_VARIABLE
@@ -93,3 +98,24 @@ def test_metrics_section_names_real_metrics() -> None:
     unknown = sorted(listed - exported)
     assert not unknown, f"README names metrics nobody exports: {unknown}"
     assert len(listed) > 20
+
+
+def test_the_readme_bot_metrics_example_works(zmq_context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    section = README.split("A bot exports its own publisher's figures", 1)[1]
+    example = re.search(r"```python\n(.*?)```", section, re.S)
+    assert example is not None
+    code = example.group(1).replace('host="0.0.0.0", port=9101', 'host="127.0.0.1", port=0')
+    code = code.replace("MetricsServer(", "server = MetricsServer(")
+    publisher = Publisher(url="tcp://127.0.0.1:1", source_id="readme-bot", context=zmq_context)
+    namespace: dict[str, Any] = {"publisher": publisher}
+    try:
+        exec(compile(code, "README.md", "exec"), namespace)
+        server = namespace["server"]
+        try:
+            with urllib.request.urlopen(server.url, timeout=scaled(5)) as reply:
+                text = reply.read().decode()
+        finally:
+            server.close()
+    finally:
+        publisher.close(timeout=0)
+    assert 'tradebus_publisher_connected{source="readme-bot"} 0.0' in text
