@@ -9,12 +9,13 @@ temporary directory: one epoll process that parses only frame headers, so the cl
 not the bottleneck; its CPU use is reported), for:
 
 1. end-to-end latency publisher -> proxy -> server -> client, p50/p99, at 1,000 and
-   10,000 events/s (the publisher stamps each event's publish time into it; everything
-   runs on one host, so clocks agree);
+   10,000 events/s to 10 clients (the publisher stamps each event's publish time into
+   it; everything runs on one host, so clocks agree); best of two 4 s runs;
 2. fan-out deliveries/s to 100 and 1,000 clients on one topic at the highest publish rate
    sustained without loss: the rate steps up until a trial loses an event, closes a
    client or falls behind (the last delivery trails the last publish by more than
-   0.15 s + 5 % of the trial), then bisects; delivered must equal published x clients;
+   0.15 s + 5 % of the trial; a failing rate is tried twice), then bisects; delivered
+   must equal published x clients, and every client must get every event exactly once;
 3. memory per idle connection: RSS growth of the server process over 5,000 connections.
 
 Everything is on 127.0.0.1, bounded in count and time (about 3-5 minutes in all).
@@ -66,15 +67,17 @@ FANOUT_NAP_US = 2_000
 class Plan:
     latency_rates: tuple[int, ...] = (1_000, 10_000)
     latency_seconds: float = 4.0
+    latency_runs: int = 2
     fanout_clients: tuple[int, ...] = (100, 1_000)
     trial_seconds: float = 3.0
-    max_trials: int = 8
+    max_trials: int = 10
     idle_connections: int = 5_000
 
 
 QUICK = Plan(
     latency_rates=(1_000,),
     latency_seconds=1.0,
+    latency_runs=1,
     fanout_clients=(100,),
     trial_seconds=0.5,
     max_trials=3,
@@ -120,9 +123,12 @@ def rss_bytes(pid: int) -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of every thread of a process so far (schedstat: nanoseconds, not ticks)."""
+    total_ns = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            total_ns += int((task / "schedstat").read_text().split()[0])
+    return total_ns / 1e9
 
 
 class Child:
@@ -246,6 +252,13 @@ class Trial:
     p99_us: float
     loadgen_cpu: float  # loadgen CPU seconds per wall second
     server_cpu: float
+    server_cpu_s: float  # server CPU seconds used by the trial
+
+    @property
+    def deliveries_per_cpu_s(self) -> float:
+        """Deliveries per second of server CPU: the server's cost, whatever else runs."""
+        return self.delivered / self.server_cpu_s if self.server_cpu_s > 0 else math.nan
+
     close_codes: dict[str, int]
 
     @property
@@ -434,6 +447,7 @@ class Bench:
             p99_us=float(report["p99_us"]),
             loadgen_cpu=(float(report["cpu_user_s"]) + float(report["cpu_sys_s"])) / wall_s,
             server_cpu=(cpu_after - cpu_before) / wall_s,
+            server_cpu_s=cpu_after - cpu_before,
             close_codes=dict(report["close_codes"]),
         )
         return trial
@@ -446,9 +460,16 @@ class Bench:
             self.warm_up(loadgen)
             for rate in self.plan.latency_rates:
                 count = int(rate * self.plan.latency_seconds)
-                trial = self.trial(loadgen, server, LATENCY_CONNECTIONS, rate, count)
-                results.latency[rate] = trial
-                print(f"  {name} latency @ {rate} ev/s: {describe(trial)}", flush=True)
+                for _ in range(self.plan.latency_runs):
+                    trial = self.trial(loadgen, server, LATENCY_CONNECTIONS, rate, count)
+                    print(f"  {name} latency @ {rate} ev/s: {describe(trial)}", flush=True)
+                    # a stall of a busy machine decides a p99 alone: keep the best run
+                    best = results.latency.get(rate)
+                    if best is None or (trial.sustained, -trial.p99_us) > (
+                        best.sustained,
+                        -best.p99_us,
+                    ):
+                        results.latency[rate] = trial
 
     def measure_fanout(self, name: str, results: ServerResults, clients: int) -> None:
         """Step the publish rate up until a trial is not sustained, then bisect."""
@@ -456,6 +477,7 @@ class Bench:
         rate: float | None = 100_000 / clients  # the start: 100,000 deliveries/s
         good: float | None = None
         bad: float | None = None
+        retried: float | None = None
         trials_left = self.plan.max_trials
         with self.server(name) as (server, port):
             while rate is not None and trials_left > 0:
@@ -470,6 +492,12 @@ class Bench:
                         print(f"  {name} fan-out {clients} @ {rate:.0f} ev/s: {describe(trial)}")
                         if trial.sustained:
                             good = rate
+                        elif retried != rate:
+                            # one stall of a busy machine must not fail a rate: try it again
+                            retried = rate
+                            if trial.closed:
+                                break
+                            continue
                         else:
                             bad = rate
                         rate = next_rate(rate, good, bad)
@@ -572,6 +600,8 @@ def summary(plan: Plan, all_results: dict[str, ServerResults]) -> list[str]:
         row("  its publish rate, events/s", b, n, "")
         b, n = (t.server_cpu * 100 if t else None for t in best)
         row("  server CPU at that rate", b, n, "%")
+        b, n = (t.deliveries_per_cpu_s if t else None for t in best)
+        row("  deliveries per server CPU-second", b, n, "")
         b, n = (t.loadgen_cpu * 100 if t else None for t in best)
         row("  loadgen CPU at that rate", b, n, "%")
     b = bridge.idle_bytes_per_connection / 1024 if bridge else None
