@@ -119,3 +119,9 @@ def test_the_readme_bot_metrics_example_works(zmq_context: zmq.Context[zmq.Socke
     finally:
         publisher.close(timeout=0)
     assert 'tradebus_publisher_connected{source="readme-bot"} 0.0' in text
+
+
+def test_local_links_exist() -> None:
+    for target in re.findall(r"\]\(([^)#]+)\)", README):
+        if "://" not in target:
+            assert (ROOT / target).exists(), f"README links to missing {target}"
