@@ -293,3 +293,20 @@ async def wait_listening(url: str, subscribers: int = 1) -> None:
                 return
             assert asyncio.get_running_loop().time() < deadline, "the tap never connected"
             await asyncio.sleep(0.02)
+
+
+async def test_the_snapshot_is_shown_but_not_counted_as_live(bridge_url: str) -> None:
+    acked, _ = await send(bridge_url, "position_update", 1, "earlier", io.StringIO())
+    assert acked == 1
+    out = io.StringIO()
+    options = TapOptions(url=bridge_url, topics=["position_update"], expect=1, snapshot=True)
+    listener = asyncio.create_task(listen(options, out, asyncio.Event()))
+    await wait_listening(bridge_url)
+    acked, _ = await send(bridge_url, "position_update", 1, "later", io.StringIO())
+    assert acked == 1
+    summary = await asyncio.wait_for(listener, scaled(20))
+    assert summary["snapshot_events"] == 1
+    assert summary["events"] == 1
+    lines = out.getvalue().splitlines()
+    assert any("from earlier" in line and "(snapshot)" in line for line in lines)
+    assert any("from later" in line and "(snapshot)" not in line for line in lines)

@@ -311,19 +311,13 @@ async def listen(
     log = get_logger("tap")
     stats = TapStats(started_ns=clock_ns(), only_source=options.only_source)
     url = options.url
-    if options.topics and not options.snapshot:
-        # subscribing in the URL takes effect at connect: no window to miss an event in
+    if options.topics:
+        # subscribing in the URL takes effect at connect: no moment of "everything" first
         url = with_query(url, {"topics": ",".join(options.topics)})
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=options.connect_timeout)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         ws = await _connect(session, url, options.token, options.connect_timeout)
         async with ws:
-            if options.topics and options.snapshot:
-                await ws.send_bytes(
-                    orjson.dumps(
-                        {"op": "subscribe", "topics": options.topics, "snapshot": True, "id": 1}
-                    )
-                )
             log.info("tap.websocket_connected", url=options.url, topics=options.topics or None)
             deadline = None if options.duration is None else time.monotonic() + options.duration
             stopping = asyncio.ensure_future(stop.wait())
@@ -380,7 +374,7 @@ async def listen(
 def _print_message(
     options: TapOptions, out: TextIO, body: Any, received_ns: int, kind: str
 ) -> None:
-    if options.quiet or kind == "ignored":
+    if options.quiet or kind == "ignored" or (kind == "snapshot" and not options.snapshot):
         return
     if options.json_output:
         out.write(orjson.dumps(body).decode() + "\n")
@@ -512,7 +506,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--snapshot",
         action="store_true",
-        help="with --topics, first receive the latest event of each matching topic",
+        help="also print the snapshot the bridge sends on subscribing (the latest event of "
+        "each matching topic); it is counted apart from live events either way",
     )
     parser.add_argument(
         "--expect",
