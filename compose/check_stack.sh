@@ -108,7 +108,7 @@ source_id="check-$$"
 TRADEBUS_TOKEN="${VIEW_TOKEN:-}" TRADEBUS_LOG_LEVEL=INFO $TRADEBUS tap --url "$ws" \
   --from "$source_id" --expect 5 --duration "$timeout" >"$work/listen.out" 2>"$work/listen.err" &
 listener=$!
-for _ in $(seq 1 100); do
+for _ in $(seq 1 300); do  # a busy machine may take seconds to start python
   grep -q '"tap.websocket_connected"' "$work/listen.err" 2>/dev/null && break
   kill -0 "$listener" 2>/dev/null || break
   sleep 0.1
