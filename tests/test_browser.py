@@ -679,3 +679,41 @@ async def test_a_silently_dead_link_is_detected_by_pings_and_replaced(
     finally:
         await relay.stop()
         await running.stop()
+
+
+async def test_a_refused_selection_keeps_the_subscriptions_in_force_and_says_why(
+    bridge_config: BridgeConfig, browser: BrowserContext, publisher: BusPublisher
+) -> None:
+    running = Bridge(bridge_config.replace(max_subscriptions=6))
+    await running.start()
+    try:
+        page, wire, _console = await open_dashboard(browser, running.url + "/")
+        for symbol in ("BTC-USD", "ETH-USD"):
+            publisher.publish("market_data", {"symbol": symbol, "price": 1.0}, symbol)
+        toggle = '[data-testid="symbol-toggle"][data-symbol="ETH-USD"]'
+        await page.wait_for_selector(toggle, timeout=scaled(2) * 1000)
+        before = await page.text_content('[data-testid="wire-patterns"]')
+
+        # Per-symbol patterns next to the 5 held ones exceed the bridge's limit of 6.
+        mark = len(wire.received)
+        await page.click(toggle)  # not uncheck(): the page puts the tick back at once
+        await wire.wait_for(lambda: bool(wire.controls("error", mark)), "the bridge's refusal")
+        assert wire.controls("error", mark)[0]["code"] == "too_many_subscriptions"
+        await page.wait_for_selector(
+            '[data-testid="server-error"] >> text=too_many_subscriptions', timeout=2000
+        )
+        await page.wait_for_function(
+            f"document.querySelector('{toggle}').checked", timeout=scaled(2) * 1000
+        )
+        assert await page.is_checked('[data-testid="symbol-all"]')
+        assert await page.text_content('[data-testid="wire-patterns"]') == before
+        assert not [m for m in wire.sent if m.get("op") == "unsubscribe"]
+        # Still subscribed to everything it had: ETH-USD keeps arriving.
+        mark = len(wire.received)
+        publisher.publish("market_data", {"symbol": "ETH-USD", "price": 2.0}, "ETH-USD")
+        await wire.wait_for(
+            lambda: any(e["topic"] == "market_data.ETH-USD" for e in wire.events(mark)),
+            "ETH-USD after the refusal",
+        )
+    finally:
+        await running.stop()

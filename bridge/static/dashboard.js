@@ -153,19 +153,38 @@ window.tradebus = client; // for the console and for tests
 
 // The selector changes what the bridge sends (subscribe/unsubscribe on the wire); the page
 // never filters events itself.
+let applied = copyOf(selection); // the selection last confirmed by the bridge
+
 function applySelection() {
   const wanted = new Set(wantedPatterns());
   const held = new Set(client.patterns());
   const removed = [...held].filter((p) => !wanted.has(p));
   const added = [...wanted].filter((p) => !held.has(p));
+  const finish = () => {
+    if (removed.length) {
+      client.unsubscribe(removed);
+      forgetUnwanted(wanted);
+    }
+    applied = copyOf(selection);
+    model.dirty.selector = true;
+  };
   // Subscribe before unsubscribing so a topic moving from "market_data" to
-  // "market_data.BTC-USD" never has a moment without a subscription.
-  if (added.length) client.subscribe(added);
-  if (removed.length) {
-    client.unsubscribe(removed);
-    forgetUnwanted(wanted);
+  // "market_data.BTC-USD" never has a moment without a subscription; if the bridge refuses
+  // (too many patterns, a token's limits), keep what was there and show the selection that
+  // is really in force (the footer shows the bridge's reason).
+  if (added.length) {
+    client.subscribe(added).ready.then(finish, () => {
+      Object.assign(selection, copyOf(applied));
+      model.dirty.selector = true;
+    });
+  } else {
+    finish();
   }
   model.dirty.selector = true;
+}
+
+function copyOf(saved) {
+  return { types: new Set(saved.types), allSymbols: saved.allSymbols, symbols: new Set(saved.symbols) };
 }
 
 // Panels show only what the selection still receives, so a stopped type does not look
@@ -351,6 +370,7 @@ function renderSelector() {
     });
     symbols.append(el("label", { class: "toggle" }, box, ` ${symbol}`));
   }
+  for (const box of types.querySelectorAll("input")) box.checked = selection.types.has(box.dataset.type);
   $("symbol-all").checked = selection.allSymbols;
   for (const box of symbols.querySelectorAll("input")) {
     box.checked = selection.allSymbols || selection.symbols.has(box.dataset.symbol);

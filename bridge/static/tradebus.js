@@ -286,6 +286,16 @@ export class TradebusClient {
     this._send({ op: "unsubscribe", topics: removed, id: this._nextId++ });
   }
 
+  _forget(subscription) {
+    if (!this._subscriptions.delete(subscription)) return;
+    for (const pattern of subscription.patterns) {
+      const count = (this._patternCounts.get(pattern) ?? 1) - 1;
+      if (count <= 0) this._patternCounts.delete(pattern);
+      else this._patternCounts.set(pattern, count);
+    }
+    this._routeCache.clear();
+  }
+
   /** The patterns currently held on the wire. */
   patterns() {
     return [...this._patternCounts.keys()];
@@ -565,6 +575,9 @@ export class TradebusClient {
         if (sub) {
           this._pending.delete(message.id);
           sub._settle(message);
+          // The bridge applies a subscribe whole or not at all: drop it here too, or every
+          // reconnect would repeat the refused patterns and fail again.
+          this._forget(sub);
         }
         this._emit("serverError", { code: message.code, message: message.message, id: message.id ?? null });
         break;
