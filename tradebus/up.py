@@ -138,7 +138,6 @@ async def serve(args: argparse.Namespace) -> int:
         registry.register(ProxyCollector(lambda: proxy.cache.stats))
         registry.register(RegistryCollector(server.bridge.registry))
         dashboard = _dashboard_url(args.host, server.port)
-        demo: asyncio.Task[int] | None = None
         publisher = None
         if settings is not None:
             url = (
@@ -149,13 +148,15 @@ async def serve(args: argparse.Namespace) -> int:
             publisher = make_publisher(url, None)
             cleanups.append(publisher.close)
             registry.register(PublisherCollector(publisher.status, publisher.source))
-            demo = asyncio.create_task(
-                run_demo(publisher, settings, stop, seed=args.demo_seed, speed=args.demo_speed)
-            )
         metrics = None
         if not args.no_metrics:
             metrics = MetricsServer(registry, host=args.host, port=args.metrics_port)
             cleanups.append(metrics.close)
+        demo: asyncio.Task[int] | None = None
+        if publisher is not None and settings is not None:
+            demo = asyncio.create_task(
+                run_demo(publisher, settings, stop, seed=args.demo_seed, speed=args.demo_speed)
+            )
         log.info(
             "up.started",
             dashboard=dashboard,
@@ -185,6 +186,7 @@ async def serve(args: argparse.Namespace) -> int:
         if demo is not None:
             await demo
     finally:
+        stop.set()  # a demo still running (we are here because of an error) ends too
         for cleanup in reversed(cleanups):
             result = cleanup()
             if asyncio.iscoroutine(result):
