@@ -255,7 +255,14 @@ async def test_page_loads_without_console_errors(bridge: Bridge, browser: Browse
     assert await page.title() == "tradebus dashboard"
     subscribe = next(m for m in wire.sent if m.get("op") == "subscribe")
     assert sorted(subscribe["topics"]) == sorted(
-        ["market_data", "position_update", "ai_decision", "trading_decision", "system_status"]
+        [
+            "market_data",
+            "position_update",
+            "ai_decision",
+            "trading_decision",
+            "system_status",
+            "error",
+        ]
     )
     assert "connected" in (await page.text_content('[data-testid="connection-state"]') or "")
     # Let a few animation frames and the footer's first tick run before judging the console.
@@ -296,6 +303,10 @@ async def test_published_events_are_shown_within_one_second(
         '[data-testid="position"][data-symbol="BTC-USD"] >> text=+12.35', timeout=budget
     )
     assert time.monotonic() - started < scaled(1.0)
+    publisher.publish("error", {"message": "exchange timeout", "level": "WARNING"})
+    await page.wait_for_selector(
+        '[data-testid="source"][data-source="bot-1"] >> text=exchange timeout', timeout=budget
+    )
     decision = page.locator(decision_selector(1))
     assert await decision.locator('[data-testid="action"]').text_content() == "BUY"
     assert await decision.locator('[data-testid="confidence"]').text_content() == "85%"

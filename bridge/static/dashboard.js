@@ -19,6 +19,7 @@ const TYPES = [
   { type: "ai_decision", label: "AI decisions", keyed: false },
   { type: "trading_decision", label: "trading decisions", keyed: false },
   { type: "system_status", label: "system status", keyed: false },
+  { type: "error", label: "bot errors", keyed: false },
 ];
 const KEY_RE = /^[A-Za-z0-9_\-/:+@#=~]{1,128}$/;
 
@@ -285,10 +286,25 @@ client.on("system_status", (event) => {
   source.errors = Array.isArray(data.errors) ? data.errors : [];
 });
 
+// The bot's own error reports (publish_error): the latest one stays next to its source.
+client.on("error", (event) => {
+  const source = touchSource(event.source);
+  const data = event.data ?? {};
+  source.lastError = `${data.level ?? "ERROR"} ${clockTime(event.timestamp)}: ${data.message ?? ""}`;
+});
+
 function touchSource(name) {
   let source = model.sources.get(name);
   if (!source) {
-    source = { lastEventAt: 0, bridge: null, status: "", health: undefined, errors: [], node: null };
+    source = {
+      lastEventAt: 0,
+      bridge: null,
+      status: "",
+      health: undefined,
+      errors: [],
+      lastError: "",
+      node: null,
+    };
     model.sources.set(name, source);
   }
   return source;
@@ -641,7 +657,7 @@ function renderSources(now) {
     }
     const health = source.health === false ? "unhealthy" : "";
     const errors = source.errors.length ? ` · ${source.errors.length} error(s): ${source.errors.join("; ")}` : "";
-    const text = [source.status, health].filter(Boolean).join(" · ") + errors;
+    const text = [source.status, health, source.lastError].filter(Boolean).join(" · ") + errors;
     if (detail.textContent !== text) detail.textContent = text;
     const seenText = source.lastEventAt ? ago(now - source.lastEventAt) : "";
     if (seen.textContent !== seenText) seen.textContent = seenText;
