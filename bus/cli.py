@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 from types import FrameType
@@ -23,49 +24,65 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _setting(name: str, default: object) -> str:
+    """The TRADEBUS__PROXY_<NAME> variable, else the default; argparse validates both."""
+    return os.environ.get(f"TRADEBUS__PROXY_{name}", str(default))
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     defaults = ProxyConfig()
     parser.add_argument(
         "--frontend",
-        default=DEFAULT_FRONTEND,
+        default=_setting("FRONTEND", DEFAULT_FRONTEND),
         help="XSUB endpoint publishers connect to (default %(default)s)",
     )
     parser.add_argument(
         "--backend",
-        default=DEFAULT_BACKEND,
+        default=_setting("BACKEND", DEFAULT_BACKEND),
         help="XPUB endpoint subscribers connect to (default %(default)s)",
     )
     parser.add_argument(
         "--snapshot",
-        default=DEFAULT_SNAPSHOT,
+        default=_setting("SNAPSHOT", DEFAULT_SNAPSHOT),
         help="snapshot service endpoint (default %(default)s)",
     )
     parser.add_argument(
         "--frontend-hwm",
         type=_positive_int,
-        default=defaults.frontend_hwm,
+        default=_setting("FRONTEND_HWM", defaults.frontend_hwm),
         help="messages queued per publisher before libzmq stops reading it (default %(default)s)",
     )
     parser.add_argument(
         "--backend-hwm",
         type=_positive_int,
-        default=defaults.backend_hwm,
+        default=_setting("BACKEND_HWM", defaults.backend_hwm),
         help="messages queued per subscriber before its messages are dropped (default %(default)s)",
     )
     parser.add_argument(
         "--capture-hwm",
         type=_positive_int,
-        default=defaults.capture_hwm,
+        default=_setting("CAPTURE_HWM", defaults.capture_hwm),
         help="messages queued for the cache before cache updates are dropped (default %(default)s)",
     )
     parser.add_argument(
         "--cache-max-topics",
         type=_positive_int,
-        default=defaults.cache_max_topics,
+        default=_setting("CACHE_MAX_TOPICS", defaults.cache_max_topics),
         help="topics kept in the last-value cache (default %(default)s)",
     )
     parser.add_argument(
         "--no-cache", action="store_true", help="no last-value cache and no snapshot service"
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=_positive_int,
+        default=os.environ.get("TRADEBUS__PROXY_METRICS_PORT"),
+        help="serve Prometheus metrics (/metrics) and /health on this port (default: off)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=_setting("METRICS_HOST", "127.0.0.1"),
+        help="address of the metrics port (default %(default)s)",
     )
 
 
@@ -83,23 +100,43 @@ def run(args: argparse.Namespace) -> int:
         cache=not args.no_cache,
     )
     stop = threading.Event()
+    received: list[str] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("proxy.stopping", signal=signal.Signals(signum).name)
+        # No logging here: the signal may interrupt a log write that holds structlog's
+        # output lock, and logging again would deadlock on it.
+        received.append(signal.Signals(signum).name)
         stop.set()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     proxy = Proxy(config)
     proxy.start()
+    metrics = None
+    if args.metrics_port is not None:
+        from prometheus_client import CollectorRegistry
+
+        from monitoring.metrics import MetricsServer, ProxyCollector
+
+        registry = CollectorRegistry()
+        registry.register(ProxyCollector(lambda: proxy.cache.stats))
+        try:
+            metrics = MetricsServer(registry, host=args.metrics_host, port=args.metrics_port)
+        except BaseException:
+            proxy.stop()
+            raise
     log.info(
         "proxy.started",
         frontend=proxy.frontend_endpoint,
         backend=proxy.backend_endpoint,
         snapshot=proxy.snapshot_endpoint or None,
+        metrics=metrics.url if metrics else None,
     )
     while not stop.wait(1.0):
         pass
+    log.info("proxy.stopping", signal=received[0] if received else None)
+    if metrics is not None:
+        metrics.close()
     proxy.stop()
     stats = proxy.cache.stats
     log.info("proxy.stopped", events=stats.events, topics=stats.topics, cache_gaps=stats.gaps)

@@ -94,7 +94,9 @@ def _bind(socket: zmq.Socket[bytes], endpoint: str, role: str) -> str:
     try:
         socket.bind(endpoint)
     except zmq.ZMQError as error:
-        raise EndpointError(f"cannot bind {role} socket to {endpoint}: {error.strerror}") from None
+        raise EndpointError(
+            f"cannot bind {role} socket to {endpoint}: {zmq.strerror(error.errno)}"
+        ) from None
     bound: bytes = socket.getsockopt(zmq.LAST_ENDPOINT)  # type: ignore[assignment]
     return bound.decode()
 

@@ -1,0 +1,202 @@
+"""The proxy in-process: forwarding, the last-value cache, the snapshot service on the wire."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Callable
+
+import pytest
+import zmq
+
+from bus.envelope import encode_event
+from bus.errors import EndpointError
+from bus.proxy import LastValueCache, Proxy, ProxyConfig
+from bus.topics import Pattern
+from bus.transport import send_event
+from tests.conftest import scaled
+
+Context = zmq.Context[zmq.Socket[bytes]]
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + scaled(5)
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def connected_publisher(context: Context, proxy: Proxy) -> zmq.Socket[bytes]:
+    socket: zmq.Socket[bytes] = context.socket(zmq.XPUB)
+    socket.linger = 0
+    socket.connect(proxy.frontend_endpoint)
+    assert socket.poll(int(scaled(5) * 1000)), "no subscribe-all from the proxy"
+    assert socket.recv() == b"\x01"
+    return socket
+
+
+def request(
+    context: Context, proxy: Proxy, frames: list[bytes], *, delimiter: bool = True
+) -> list[bytes]:
+    dealer: zmq.Socket[bytes] = context.socket(zmq.DEALER)
+    dealer.linger = 0
+    try:
+        dealer.connect(proxy.snapshot_endpoint)
+        dealer.send_multipart(([b""] if delimiter else []) + frames)
+        assert dealer.poll(int(scaled(5) * 1000)), "no snapshot reply"
+        reply = dealer.recv_multipart()
+    finally:
+        dealer.close(linger=0)
+    if delimiter:
+        assert reply[0] == b""
+        return reply[1:]
+    return reply
+
+
+def test_forwards_events_and_caches_the_latest_per_topic(
+    zmq_context: Context, proxy: Proxy
+) -> None:
+    publisher = connected_publisher(zmq_context, proxy)
+    subscriber: zmq.Socket[bytes] = zmq_context.socket(zmq.SUB)
+    subscriber.linger = 0
+    try:
+        subscriber.subscribe(b"")
+        subscriber.connect(proxy.backend_endpoint)
+        # prove the subscription is in force: publish until one arrives
+        probe = encode_event("probe", "probe", {}, "bot", 1, 1)
+        deadline = time.monotonic() + scaled(5)
+        while not subscriber.poll(10):
+            assert time.monotonic() < deadline
+            send_event(publisher, *probe)
+        while subscriber.poll(50):
+            subscriber.recv_multipart()
+        sent = [encode_event("market_data.X", "market_data", {"p": n}, "bot", 1, n) for n in (1, 2)]
+        for frames in sent:
+            send_event(publisher, *frames)
+        assert [subscriber.recv_multipart() for _ in sent] == sent
+        wait_until(lambda: proxy.cache.stats.events >= 3, "the cache")
+        assert proxy.cache.entries[b"market_data.X"] == (sent[1][1], sent[1][2])
+        assert proxy.cache.stats.by_type["market_data"] == 2
+    finally:
+        subscriber.close(linger=0)
+        publisher.close(linger=0)
+
+
+def test_snapshot_with_an_empty_nonce_answers_at_once_sorted_by_topic(
+    zmq_context: Context, proxy: Proxy
+) -> None:
+    publisher = connected_publisher(zmq_context, proxy)
+    try:
+        for topic in ("b.X", "a.Y", "a.X", "c"):
+            send_event(publisher, *encode_event(topic, topic.split(".")[0], {}, "bot", 1, 1))
+        wait_until(lambda: proxy.cache.stats.events == 4, "the cache")
+        reply = request(zmq_context, proxy, [b"SNAPSHOT", b"", b"a", b"c"])
+        assert reply[:2] == [b"SNAPSHOT", b"ok"]
+        assert reply[2::3] == [b"a.X", b"a.Y", b"c"]
+        everything = request(zmq_context, proxy, [b"SNAPSHOT", b""])
+        assert everything[2::3] == [b"a.X", b"a.Y", b"b.X", b"c"]
+    finally:
+        publisher.close(linger=0)
+
+
+def test_snapshot_waits_for_the_sync_marker(zmq_context: Context, proxy: Proxy) -> None:
+    nonce = secrets.token_hex(8).encode()
+    dealer: zmq.Socket[bytes] = zmq_context.socket(zmq.DEALER)
+    subscriber: zmq.Socket[bytes] = zmq_context.socket(zmq.SUB)
+    for socket in (dealer, subscriber):
+        socket.linger = 0
+    try:
+        dealer.connect(proxy.snapshot_endpoint)
+        dealer.send_multipart([b"", b"SNAPSHOT", nonce, b"market_data"])
+        assert not dealer.poll(300), "answered before the marker passed"
+        subscriber.subscribe(b"\x00sync." + nonce)
+        subscriber.connect(proxy.backend_endpoint)
+        assert dealer.poll(int(scaled(5) * 1000))
+        assert dealer.recv_multipart() == [b"", b"SNAPSHOT", b"ok"]
+    finally:
+        dealer.close(linger=0)
+        subscriber.close(linger=0)
+
+
+def test_unseen_marker_gives_an_unsynced_snapshot(zmq_context: Context) -> None:
+    config = ProxyConfig(
+        frontend="tcp://127.0.0.1:*",
+        backend="tcp://127.0.0.1:*",
+        snapshot="tcp://127.0.0.1:*",
+        sync_timeout=0.2,
+    )
+    with Proxy(config, context=zmq_context) as proxy:
+        reply = request(zmq_context, proxy, [b"SNAPSHOT", b"never-subscribed"])
+        assert reply == [b"SNAPSHOT", b"unsynced"]
+        assert proxy.cache.stats.unsynced_snapshots == 1
+
+
+@pytest.mark.parametrize(
+    ("frames", "delimiter", "complaint"),
+    [
+        ([b"HELLO", b"x"], True, b"expected snapshot"),
+        ([b"SNAPSHOT"], True, b"expected snapshot"),
+        ([b"SNAPSHOT", b"n", b"market data"], True, b"invalid"),
+        ([b"SNAPSHOT", b"n", b"\xff"], True, b"utf-8"),
+        ([b"HELLO"], False, b"expected snapshot"),
+    ],
+)
+def test_bad_snapshot_requests_get_an_error_status(
+    zmq_context: Context, proxy: Proxy, frames: list[bytes], delimiter: bool, complaint: bytes
+) -> None:
+    reply = request(zmq_context, proxy, frames, delimiter=delimiter)
+    assert reply[:2] == [b"SNAPSHOT", b"error"]
+    assert complaint in reply[2].lower()
+    assert len(reply) == 3
+    assert proxy.cache.stats.bad_requests == 1
+
+
+def test_port_in_use_and_bad_endpoints_raise_endpoint_errors(
+    zmq_context: Context, proxy: Proxy
+) -> None:
+    taken = proxy.backend_endpoint
+    for config, complaint in [
+        (ProxyConfig(frontend=taken, backend="tcp://127.0.0.1:*"), "Address already in use"),
+        (ProxyConfig(frontend="tcp://127.0.0.1:*", backend="nonsense"), "subscriber (XPUB)"),
+        (
+            ProxyConfig(frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*", snapshot=taken),
+            "snapshot",
+        ),
+    ]:
+        with pytest.raises(EndpointError, match=re.escape(complaint)):
+            Proxy(config, context=zmq_context).start()
+
+
+def test_proxy_without_cache_forwards_and_has_no_snapshot_socket(zmq_context: Context) -> None:
+    config = ProxyConfig(frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*", cache=False)
+    with Proxy(config, context=zmq_context) as proxy:
+        assert proxy.snapshot_endpoint == ""
+        publisher = connected_publisher(zmq_context, proxy)
+        publisher.close(linger=0)
+
+
+def test_cache_bounds_topics_and_counts_gaps_duplicates_and_restarts() -> None:
+    cache = LastValueCache(max_topics=2)
+
+    def put(topic: str, epoch: int, seq: int) -> None:
+        frames = encode_event(topic, "t", {"seq": seq}, "bot", epoch, seq)
+        cache.update(frames[0], frames[1], frames[2])
+
+    put("t.A", 1, 1)
+    put("t.A", 1, 4)  # gap of 2
+    put("t.A", 1, 3)  # late: the newer one stays
+    put("t.B", 1, 1)
+    put("t.C", 1, 1)  # evicts the oldest topic
+    put("t.C", 2, 1)  # the source restarted: no gap
+    put("t.C", 1, 2)  # from the old run: ignored
+    assert (cache.stats.gaps, cache.stats.missed, cache.stats.evictions) == (1, 2, 1)
+    assert sorted(cache.entries) == [b"t.B", b"t.C"]
+    assert b'"seq":1' in cache.entries[b"t.C"][1]
+    assert cache.stats.topics == 2
+    cache.update(b"t.D", b"\x02short", b"{}")
+    assert cache.stats.invalid == 1
+    frames = cache.matching([Pattern("t.C")])
+    assert frames[0] == b"t.C"
+    assert len(frames) == 3
