@@ -95,7 +95,7 @@ def _bind(socket: zmq.Socket[bytes], endpoint: str, role: str) -> str:
         socket.bind(endpoint)
     except zmq.ZMQError as error:
         raise EndpointError(
-            f"cannot bind {role} socket to {endpoint}: {zmq.strerror(error.errno)}"
+            f"cannot bind {role} socket to {endpoint}: {zmq.strerror(error.errno or 0)}"
         ) from None
     bound: bytes = socket.getsockopt(zmq.LAST_ENDPOINT)  # type: ignore[assignment]
     return bound.decode()
