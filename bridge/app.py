@@ -331,12 +331,21 @@ class Bridge:
         slow: list[Client] = []
         backlog = self._backlog
         for client in dirty:
+            frames = client.frames
+            if not frames:
+                continue
             transport = client.transport
-            if transport is None or client.conn.closed or transport.is_closing():
-                client.frames.clear()
+            if client.conn.closed or transport.is_closing():
+                frames.clear()  # aiohttp is closing it: nothing may follow its close frame
+                continue
+            buffered = transport.get_write_buffer_size()
+            if buffered < high and not client.special:
+                # the common case, kept inline: the socket keeps up, write all at once
+                transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+                frames.clear()
                 continue
             try:
-                data = client.take(transport.get_write_buffer_size(), high, limit)
+                data = client.take(buffered, high, limit)
             except SlowConsumerError:
                 slow.append(client)
                 continue
