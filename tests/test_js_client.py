@@ -250,3 +250,23 @@ async def test_resume_that_cannot_name_every_lossless_position_says_so(page: Pag
     assert result["sizes"][0] <= 32768
     assert result["ends"] == [{"mode": "resume", "recovered": False, "count": 0}]
     assert result["stats"]["unrecovered"] == 1
+
+
+async def test_only_a_connection_that_lasted_resets_the_backoff(page: Page) -> None:
+    result = await run(
+        page,
+        """
+        const delays = [];
+        client.onState((s) => s.delayMs === undefined || delays.push(s.delayMs));
+        client._attempt = 3;
+        client._openedAt = Date.now() - 100;   // accepted, then closed at once: keep backing off
+        client._scheduleReconnect({ code: 1008, reason: "rate limit" });
+        client._openedAt = Date.now() - 6000;  // had been fine for 6 s: start again at 1 s
+        client._scheduleReconnect({ code: 1006, reason: "" });
+        client.close();
+        return delays;
+        """,
+    )
+    first, second = result
+    assert 8000 <= first <= 9000
+    assert 1000 <= second <= 2000

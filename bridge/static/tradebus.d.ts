@@ -88,6 +88,10 @@ export interface ClientOptions {
   pingIntervalMs?: number | null;
   /** Declare the link dead when nothing arrived for pingIntervalMs + pingTimeoutMs. Default 10000. */
   pingTimeoutMs?: number;
+  /** Give up on a connection attempt that has not opened after this long. Default 10000. */
+  connectTimeoutMs?: number;
+  /** A connection open at least this long resets the backoff to minDelayMs. Default 5000. */
+  stableAfterMs?: number;
   /** Ask for the latest event of every matching topic on subscribe. Default true. */
   snapshot?: boolean;
   /** Present last positions on reconnect so missed events are replayed. Default true. */
@@ -109,6 +113,7 @@ export interface ClientStats {
   duplicates: number;
   gaps: number;
   unrecovered: number;
+  /** Reconnect attempts scheduled. */
   reconnects: number;
   serverErrors: number;
 }

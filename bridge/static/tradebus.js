@@ -13,6 +13,8 @@ const DEFAULTS = Object.freeze({
   jitterMs: 1000, // plus 0..1 s so a restarted bridge is not hit by every tab at once
   pingIntervalMs: null, // null: follow the server's ping_interval (default 20 s)
   pingTimeoutMs: 10000,
+  connectTimeoutMs: 10000,
+  stableAfterMs: 5000, // a connection open this long resets the reconnect backoff
   snapshot: true,
   resume: true,
   maxRequestBytes: 32768, // the bridge's inbound limit is 64 KiB by default
@@ -89,7 +91,8 @@ export class TradebusClient {
     this._attempt = 0;
     this._reconnectTimer = null;
     this._pingTimer = null;
-    this._pongDeadline = null;
+    this._connectTimer = null;
+    this._openedAt = 0; // when the current connection opened; 0 while not open
     this._lastInbound = 0;
     this._nextId = 1;
     this._closedByUser = false;
@@ -147,8 +150,14 @@ export class TradebusClient {
       return;
     }
     this._ws = ws;
+    this._openedAt = 0;
+    // A connect to a black-holed address can hang for minutes before the browser gives up.
+    this._connectTimer = setTimeout(() => {
+      if (this._ws === ws && ws.readyState === 0) this._abandon(ws, "connect timed out");
+    }, this.options.connectTimeoutMs);
     ws.onopen = () => {
-      this._attempt = 0;
+      clearTimeout(this._connectTimer);
+      this._openedAt = Date.now();
       this._lastInbound = Date.now();
       this._setState("open", {});
       this._resubscribe();
@@ -170,6 +179,7 @@ export class TradebusClient {
     this._frame = null;
     clearInterval(this._pingTimer);
     this._pingTimer = null;
+    clearTimeout(this._connectTimer);
     if (ws) {
       ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
     }
@@ -177,15 +187,22 @@ export class TradebusClient {
 
   _scheduleReconnect(detail) {
     if (this._closedByUser) return;
+    // Only a connection that lasted resets the backoff: a bridge that accepts and then
+    // closes at once (limits, auth) must not be hammered every second.
+    if (this._openedAt && Date.now() - this._openedAt >= this.options.stableAfterMs) {
+      this._attempt = 0;
+    }
+    this._openedAt = 0;
     this._attempt += 1;
     this.stats.reconnects += 1;
     const { minDelayMs, maxDelayMs, jitterMs } = this.options;
     const base = Math.min(maxDelayMs, minDelayMs * 2 ** (this._attempt - 1));
     const delayMs = Math.round(base + Math.random() * jitterMs);
     this._setState("disconnected", { ...detail, attempt: this._attempt, delayMs });
+    clearTimeout(this._reconnectTimer);
     this._reconnectTimer = setTimeout(() => {
       this._reconnectTimer = null;
-      this._open();
+      if (!this._closedByUser) this._open();
     }, delayMs);
   }
 
@@ -196,19 +213,18 @@ export class TradebusClient {
     this._pingTimer = setInterval(() => {
       const now = Date.now();
       if (now - this._lastInbound > intervalMs + this.options.pingTimeoutMs) {
-        this._declareDead();
+        this._abandon(this._ws, "no traffic from server");
         return;
       }
       this._send({ op: "ping", id: this._nextId++ });
     }, intervalMs);
   }
 
-  _declareDead() {
-    const ws = this._ws;
+  // On a dead link the closing handshake never completes, so reconnect without it.
+  _abandon(ws, reason) {
     this._teardown();
-    // On a dead link the closing handshake never completes, so reconnect without it.
-    if (ws) ws.close(4000, "no traffic from server");
-    this._scheduleReconnect({ code: 4000, reason: "no traffic from server" });
+    ws.close(4000, reason);
+    this._scheduleReconnect({ code: 4000, reason });
   }
 
   _send(message) {
