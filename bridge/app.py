@@ -442,20 +442,28 @@ class Bridge:
             timeout=config.close_timeout,
             protocols=(SUBPROTOCOL,),
         )
-        await ws.prepare(request)
-        client = Client(
-            next(self._client_ids),
-            grant=grant,
-            publisher=publisher,
-            may_publish=may_publish,
-            ip=ip,
-            source=source,
-            epoch=epoch,
-        )
-        client.transport = request.transport
-        client.conn = ws
+        # counted before the handshake's first await, so concurrent handshakes see it
         self.connections[ip] = self.connections.get(ip, 0) + 1
-        return await self._serve(client, ws, grant, initial)
+        try:
+            await ws.prepare(request)
+            client = Client(
+                next(self._client_ids),
+                grant=grant,
+                publisher=publisher,
+                may_publish=may_publish,
+                ip=ip,
+                source=source,
+                epoch=epoch,
+            )
+            client.transport = request.transport
+            client.conn = ws
+            return await self._serve(client, ws, grant, initial)
+        finally:
+            left = self.connections.get(ip, 1) - 1
+            if left > 0:
+                self.connections[ip] = left
+            else:
+                self.connections.pop(ip, None)
 
     async def _serve(
         self,
@@ -533,11 +541,6 @@ class Bridge:
             hub.remove_client(client, time.monotonic())
             self._backlog.discard(client)
             self._apply_upstream()
-            left = self.connections.get(client.ip, 1) - 1
-            if left > 0:
-                self.connections[client.ip] = left
-            else:
-                self.connections.pop(client.ip, None)
             if was_registered and not ws.closed:
                 await ws.close(code=close_code, message=close_reason.encode()[:120])
             self.log.info(
