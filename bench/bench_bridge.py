@@ -55,6 +55,7 @@ HOST = "127.0.0.1"
 # of a busy 2-core machine, which would otherwise fail a rate the server sustains.
 MAX_LAG_FIXED_S = 0.15
 MAX_LAG_FRACTION = 0.05
+OVERLOADED_LAG_S = 2.0
 LATENCY_CONNECTIONS = 10
 # `tradebus bridge` runs on uvloop when it is installed; the baseline runs on the same
 # event loop, so that the ratios measure the design, not the loop
@@ -470,6 +471,8 @@ class Bench:
                         -best.p99_us,
                     ):
                         results.latency[rate] = trial
+                    if trial.lag_s > OVERLOADED_LAG_S:
+                        break  # seconds behind is overload, not a stall: no second run
 
     def measure_fanout(self, name: str, results: ServerResults, clients: int) -> None:
         """Step the publish rate up until a trial is not sustained, then bisect."""
