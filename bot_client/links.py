@@ -41,6 +41,8 @@ SPIN_NAP: Final = 0.0002
 SPIN_SECONDS: Final = 0.02
 _NOBLOCK: Final = zmq.NOBLOCK
 _SNDMORE_NOBLOCK: Final = zmq.SNDMORE | zmq.NOBLOCK
+# Bridge error codes that mean "not now", not "never": the event is kept and resent.
+TRANSIENT_ERRORS: Final = frozenset({"bus_unavailable"})
 # Unacknowledged WebSocket events allowed in flight (resent after a reconnect).
 WS_WINDOW: Final = 1_000
 
@@ -366,6 +368,8 @@ class WebSocketLink:
         self._deadline = 0.0
         self._started = threading.Event()
         self._leftover: list[Entry] = []
+        # consecutive "try again later" answers: they back off like failed connections
+        self._deferrals = 0
 
     def start(self) -> None:
         self._thread = threading.Thread(
@@ -491,6 +495,10 @@ class WebSocketLink:
             finally:
                 self.connected = False
                 await ws.close()
+            if self._deferrals and not self._finished():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(backoff_delay(delays, self._deferrals)):
+                        await self._stopping.wait()
             if not self._finished():
                 log.warning(
                     "websocket.publisher_disconnected",
@@ -567,12 +575,25 @@ class WebSocketLink:
             kind = body.get("type")
             message_id = body.get("id")
             if kind == "ack" and isinstance(message_id, int):
+                self._deferrals = 0
                 while self._in_flight and self._in_flight[0][0] <= message_id:
                     self._in_flight.popleft()
                     counters.sent += 1
                 if self._wakeup is not None:
                     self._wakeup.set()
             elif kind == "error":
+                if body.get("code") in TRANSIENT_ERRORS:
+                    # the bridge cannot take events right now: end this connection, keep
+                    # every unacknowledged event, and resend after a backoff delay
+                    self._deferrals += 1
+                    publisher._log.warning(
+                        "websocket.publish_deferred",
+                        message="WebSocket publish refused for now by the bridge; will resend",
+                        code=body.get("code"),
+                        reason=body.get("message"),
+                        in_flight=len(self._in_flight),
+                    )
+                    return
                 self._rejected(body, message_id)
 
     def _rejected(self, body: dict[str, Any], message_id: Any) -> None:
