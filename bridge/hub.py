@@ -315,6 +315,7 @@ class HubStats:
     snapshots: int = 0
     resumes: int = 0
     resumes_unrecovered: int = 0
+    syncs: int = 0
     sync_timeouts: int = 0
 
     def drop(self, reason: str, count: int = 1) -> None:
@@ -773,6 +774,7 @@ class Hub:
                 now + self.snapshot_timeout,
             )
             self.syncs[sync.sync_id] = sync
+            self.stats.syncs += 1
             for prefix in new:
                 self.syncing[prefix] = sync.sync_id
             self.upstream_ops.append(

@@ -81,6 +81,11 @@ class BridgeCollector(Collector):
         yield CounterMetricFamily(
             PREFIX + "snapshots", "Snapshots served to clients", value=stats.snapshots
         )
+        yield CounterMetricFamily(
+            PREFIX + "snapshot_syncs",
+            "Snapshot round trips to the proxy (marker protocol)",
+            value=stats.syncs,
+        )
         resumes = CounterMetricFamily(
             PREFIX + "resumes", "Resume requests, by outcome", labels=["recovered"]
         )

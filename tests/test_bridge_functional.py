@@ -139,8 +139,21 @@ async def test_topics_query_subscribes_at_connect(
     await client.close()
 
 
+@pytest.mark.parametrize(
+    ("pattern", "expected", "round_trips"),
+    [
+        # the bridge already follows market_data in step with the proxy: served locally
+        ("market_data", ["market_data.BTC-USD", "market_data.ETH-USD"], 0),
+        # a new bus subscription (everything): the marker/snapshot round trip to the proxy
+        ("*.BTC-USD", ["market_data.BTC-USD"], 1),
+    ],
+)
 async def test_snapshot_then_live_without_gap_or_duplicate(
-    server: BridgeServer, publisher: BusPublisher
+    server: BridgeServer,
+    publisher: BusPublisher,
+    pattern: str,
+    expected: list[str],
+    round_trips: int,
 ) -> None:
     for price in range(5):
         await publisher.publish("market_data.BTC-USD", {"price": price})
@@ -166,11 +179,13 @@ async def test_snapshot_then_live_without_gap_or_duplicate(
 
     task = asyncio.create_task(keep_publishing())
     try:
-        begin, snapshot = await subscribe(client, ["market_data"])
+        stats = server.bridge.hub.stats
+        syncs_before, timeouts_before = stats.syncs, stats.sync_timeouts
+        begin, snapshot = await subscribe(client, [pattern])
         assert begin["mode"] == "snapshot"
         assert begin["recovered"] is True
-        assert [m["topic"] for m in snapshot] == ["market_data.BTC-USD", "market_data.ETH-USD"]
-        assert snapshot[1]["data"] == {"price": 4}
+        assert [m["topic"] for m in snapshot] == expected
+        assert (stats.syncs - syncs_before, stats.sync_timeouts) == (round_trips, timeouts_before)
         live = await collect_events(client, 20)
     finally:
         stop.set()
