@@ -24,6 +24,7 @@ import zmq
 from aiohttp import web
 from playwright.async_api import Browser, BrowserContext, Page, WebSocket, async_playwright
 
+from bot_client import Publisher
 from bridge.app import BridgeServer, create_app
 from bridge.config import BridgeConfig
 from bus.envelope import encode_event
@@ -273,25 +274,39 @@ async def test_page_loads_without_console_errors(bridge: Bridge, browser: Browse
     assert console.errors == []
 
 
-async def test_published_events_are_shown_within_one_second(
-    bridge: Bridge, browser: BrowserContext, publisher: BusPublisher
+@pytest.fixture
+def bot(proxy: Proxy, zmq_context: zmq.Context[zmq.Socket[bytes]]) -> Iterator[Publisher]:
+    """The real bot client, publishing straight onto the bus."""
+    publisher = Publisher(
+        url=proxy.frontend_endpoint, source_id="bot-1", publish_interval=0.0, context=zmq_context
+    )
+    yield publisher
+    publisher.close(timeout=1.0)
+
+
+async def test_bot_client_events_are_shown_within_one_second(
+    bridge: Bridge, browser: BrowserContext, bot: Publisher
 ) -> None:
     page, _wire, console = await open_dashboard(browser, bridge.url + "/")
+    deadline = time.monotonic() + scaled(5)
+    while not bot.connected and time.monotonic() < deadline:  # noqa: ASYNC110 (a thread's flag)
+        await asyncio.sleep(0.02)
+    assert bot.connected, "the bot client did not connect to the proxy"
     started = time.monotonic()
-    publisher.publish("market_data", {"symbol": "BTC-USD", "price": 45123.45}, "BTC-USD")
-    publisher.publish("trading_decision", decision_data(1))
-    publisher.publish(
-        "position_update",
-        {
-            "symbol": "BTC-USD",
-            "side": "long",
-            "size": 0.1,
-            "entry_price": 45000.0,
-            "current_price": 45123.45,
-            "unrealized_pnl": 12.35,
-        },
-        "BTC-USD",
+    bot.publish_market_data("BTC-USD", 45123.45)
+    data = decision_data(1)
+    bot.publish_trading_decision(
+        "req-1",
+        "buy",
+        0.85,
+        data["reasoning"],
+        45001.0,
+        0.1,
+        5,
+        data["indicators"],
+        data["risk_analysis"],
     )
+    bot.publish_position_update("BTC-USD", "long", 0.1, 45000.0, 45123.45, 12.35)
     budget = scaled(1.0) * 1000
     await page.wait_for_function(
         """() => document.querySelector('[data-testid="price-card"][data-symbol="BTC-USD"]'
@@ -303,7 +318,7 @@ async def test_published_events_are_shown_within_one_second(
         '[data-testid="position"][data-symbol="BTC-USD"] >> text=+12.35', timeout=budget
     )
     assert time.monotonic() - started < scaled(1.0)
-    publisher.publish("error", {"message": "exchange timeout", "level": "WARNING"})
+    bot.publish_error("exchange timeout", level="WARNING")
     await page.wait_for_selector(
         '[data-testid="source"][data-source="bot-1"] >> text=exchange timeout', timeout=budget
     )
