@@ -398,7 +398,7 @@ class Hub:
         self.stats.conflated += client.conflated
         client.conflated = 0
         for pattern in self.index.patterns_of(client):
-            self._remove_pattern(client, pattern, now)
+            self._remove_pattern(client, pattern, now, linger=not client.implicit)
         client.frames.clear()
         client.held = None
 
@@ -424,7 +424,11 @@ class Hub:
         self._need_prefix(pattern.zmq_prefix)
         return True
 
-    def _remove_pattern(self, client: Client, pattern: Pattern, now: float) -> bool:
+    def _remove_pattern(
+        self, client: Client, pattern: Pattern, now: float, *, linger: bool = True
+    ) -> bool:
+        """Drop one pattern; a bus subscription nobody needs lingers for resumes, except
+        the implicit "everything" of a client that never subscribed (it cannot resume)."""
         if not self.index.remove(pattern, client):
             return False
         self.generation += 1
@@ -435,8 +439,11 @@ class Hub:
         else:
             self.prefix_refs.pop(prefix, None)
             if prefix not in self.permanent:
-                self.linger_until[prefix] = now + self.upstream_linger
-                if self.upstream_linger == 0:
+                if linger or prefix in self.linger_until:
+                    self.linger_until[prefix] = max(
+                        self.linger_until.get(prefix, 0.0), now + self.upstream_linger
+                    )
+                if not linger or self.upstream_linger == 0:
                     self._drop_prefix(prefix)
         return True
 
@@ -464,7 +471,7 @@ class Hub:
             client.implicit = False
             for pattern in self.index.patterns_of(client):
                 if pattern not in request.patterns:
-                    self._remove_pattern(client, pattern, now)
+                    self._remove_pattern(client, pattern, now, linger=False)
         for pattern in request.patterns:
             self._add_pattern(client, pattern)
         held_now = sorted(p.text for p in self.index.patterns_of(client))
@@ -494,7 +501,7 @@ class Hub:
         if client.implicit:
             client.implicit = False
             for pattern in self.index.patterns_of(client):
-                self._remove_pattern(client, pattern, now)
+                self._remove_pattern(client, pattern, now, linger=False)
         for pattern in request.patterns:
             self._remove_pattern(client, pattern, now)
         held_now = sorted(p.text for p in self.index.patterns_of(client))
