@@ -45,8 +45,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from tradebus.cli import COMMANDS
-
 HERE = Path(__file__).resolve().parent
 HOST = "127.0.0.1"
 # How far the last delivery may trail the last publish for a rate to count as sustained.
@@ -109,10 +107,12 @@ def compile_loadgen(directory: Path) -> Path:
     if gcc is None:
         raise BenchError("the load generator needs a C compiler (gcc or cc) on PATH")
     binary = directory / "loadgen"
-    subprocess.run(
-        [gcc, "-O2", "-Wall", "-o", str(binary), str(HERE / "loadgen.c")],
-        check=True,
+    source = HERE / "loadgen.c"
+    built = subprocess.run(
+        [gcc, "-O2", "-Wall", "-o", str(binary), str(source)], capture_output=True, text=True
     )
+    if built.returncode != 0:
+        raise BenchError(f"{gcc} could not compile {source}:\n{built.stderr}")
     return binary
 
 
@@ -631,9 +631,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()
     servers = [s for s in args.servers.split(",") if s]
-    if "bridge" in servers and "bridge" not in COMMANDS:
-        print("bridge: `tradebus bridge` is not registered yet; measuring the naive server only")
-        servers.remove("bridge")
+    unknown = set(servers) - {"naive", "bridge"}
+    if unknown:
+        parser.error(f"unknown server(s): {', '.join(sorted(unknown))}")
     if "naive" not in servers:
         servers.insert(0, "naive")  # every figure needs its baseline from the same run
     limit = raise_fd_limit()
@@ -644,9 +644,9 @@ def main(argv: list[str]) -> int:
     print(f"machine: {machine_state()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_bridge_") as tmp:
         workdir = Path(tmp)
-        loadgen = compile_loadgen(workdir)
         all_results: dict[str, ServerResults] = {}
         try:
+            loadgen = compile_loadgen(workdir)
             with Bench(plan, workdir, loadgen) as bench:
                 for name in servers:
                     all_results[name] = bench.run_server(name)
