@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -508,3 +511,42 @@ def test_proxy_restart_disconnects_holds_and_reconnects(
         first.stop()
         if second is not None:
             second.stop()
+
+
+def test_log_lines_match_the_guides_troubleshooting_greps() -> None:
+    # A real process with the project's JSON logging: every publisher line must be found by
+    # `grep -i websocket` and `grep "WebSocket.*publish"`, and drops must be reported.
+    script = (
+        "from monitoring.logging import configure_logging\n"
+        "from bot_client import Publisher\n"
+        "configure_logging('INFO')\n"
+        "p = Publisher(url='tcp://127.0.0.1:9', source_id='greps', queue_size=1,\n"
+        "              retry_delay=0.01, heartbeat_interval=0)\n"
+        "for n in range(3):\n"
+        "    p.publish('ai_decision', {'n': n})\n"
+        "p.close(timeout=0.05)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        timeout=scaled(30),
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    lines = [orjson.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    raw = done.stderr.decode().splitlines()
+    assert raw
+    assert all(re.search("(?i)websocket", line) for line in raw)
+    assert all(re.search("WebSocket.*publish", line) for line in raw)
+    events = [line["event"] for line in lines]
+    assert "websocket.publisher_started" in events
+    assert "websocket.publisher_closed" in events
+    dropped = [line for line in lines if line["event"] == "websocket.publish_dropped"]
+    assert dropped
+    assert dropped[0]["level"] == "warning"
+    reported = sum(
+        sum(line.get(field, {}).values())
+        for line in dropped
+        for field in ("dropped", "undelivered_at_close")
+    )
+    assert reported == 3  # two overflowed, one undelivered at close: all three visible
