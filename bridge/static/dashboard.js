@@ -74,16 +74,15 @@ const clockTime = (iso) => {
 
 const model = {
   symbols: new Map(), // symbol -> Series
-  decisions: [], // newest first, not yet rendered ones in pendingDecisions
-  pendingDecisions: [],
-  positions: new Map(), // symbol -> {data, dirty}
-  sources: new Map(), // source -> {lastEventAt, bridge: {status, at} | null, health, status, errors}
+  pendingDecisions: [], // received since the last frame, oldest first
+  positions: new Map(), // symbol -> {data, source}
+  sources: new Map(), // source -> see touchSource()
   connection: { state: "idle", detail: "" },
   eventsThisSecond: 0,
   latencies: [],
   unrecovered: 0,
   lastServerError: null,
-  dirty: { positions: false, connection: true, selector: true, footer: true, notices: false },
+  dirty: { positions: false, connection: true, selector: true, notices: false },
 };
 
 class Series {
@@ -157,11 +156,13 @@ window.tradebus = client; // for the console and for tests
 let applied = copyOf(selection); // the selection last confirmed by the bridge
 
 function applySelection() {
-  const wanted = new Set(wantedPatterns());
   const held = new Set(client.patterns());
-  const removed = [...held].filter((p) => !wanted.has(p));
-  const added = [...wanted].filter((p) => !held.has(p));
+  const added = wantedPatterns().filter((p) => !held.has(p));
+  // Reconciles with the selection as it is when the bridge answers: the user may have
+  // changed it again meanwhile.
   const finish = () => {
+    const wanted = new Set(wantedPatterns());
+    const removed = client.patterns().filter((p) => !wanted.has(p));
     if (removed.length) {
       client.unsubscribe(removed);
       forgetUnwanted(wanted);
@@ -328,10 +329,6 @@ client.onState(({ state, attempt, delayMs, code, reason }) => {
   }
   model.connection = { state, detail };
   model.dirty.connection = true;
-});
-
-client.onGap(() => {
-  model.dirty.footer = true;
 });
 
 client.onSnapshot(({ mode, recovered }) => {
