@@ -5,7 +5,9 @@ this process measures only the publisher. Each call is timed with ``perf_counter
 
 Baseline, same run, same proxy: raw pyzmq ``send_multipart`` of pre-encoded three-frame
 messages on an XPUB socket: the cost of handing bytes to ZeroMQ with no validation, no
-encoding, no sequencing. The ratio shows what the publisher adds on top.
+encoding, no sequencing. The ratio shows what the publisher adds on top. A second reference
+sends the same frames with three calls of pyzmq's Cython ``send`` (no Python wrapper), the
+cheapest way to hand them to ZeroMQ from the calling thread.
 
     python -m bench publisher        (PUBLISHER_BENCH_EVENTS=200000 by default)
 """
@@ -70,28 +72,36 @@ def _data(index: int) -> dict[str, object]:
     }
 
 
-def _timed(call: Callable[[int], None], count: int) -> tuple[float, array[int]]:
-    """Seconds for ``count`` calls and each call's duration in ns."""
+Timing = tuple[float, float, "array[int]"]
+
+
+def _timed(call: Callable[[int], None], count: int) -> Timing:
+    """Wall seconds and calling-thread CPU seconds for ``count`` calls, each call's ns."""
     durations = array("q", bytes(8 * count))
     clock = time.perf_counter_ns
+    cpu_started = time.thread_time()
     started = clock()
     for index in range(count):
         before = clock()
         call(index)
         durations[index] = clock() - before
-    return (clock() - started) / 1e9, durations
+    return (clock() - started) / 1e9, time.thread_time() - cpu_started, durations
 
 
-def _report(name: str, seconds: float, durations: array[int]) -> tuple[float, float, float]:
+def _report(name: str, timing: Timing) -> tuple[float, float, float]:
+    seconds, cpu_seconds, durations = timing
     ordered = sorted(durations)
     count = len(ordered)
     rate = count / seconds
     p50 = ordered[count // 2] / 1000
     p99 = ordered[int(count * 0.99)] / 1000
     p999 = ordered[int(count * 0.999)] / 1000
+    # CPU per call of the calling thread only: what the call costs the bot, free of the
+    # time it spent descheduled on a busy machine
+    cpu_us = cpu_seconds / count * 1e6
     print(
-        f"{name:<34} {rate:>10,.0f} events/s   p50 {p50:6.2f} us   p99 {p99:6.2f} us   "
-        f"p99.9 {p999:7.2f} us"
+        f"{name:<36} {rate:>9,.0f} ev/s  p50 {p50:6.2f} us  p99 {p99:7.2f} us  "
+        f"p99.9 {p999:8.2f} us  cpu {cpu_us:5.2f} us"
     )
     return rate, p50, p99
 
@@ -137,32 +147,60 @@ def _run(context: zmq.Context[zmq.Socket[bytes]], frontend: str) -> int:
                 retries += 1
 
     _timed(baseline, WARMUP)
-    base_seconds, base_durations = _timed(baseline, EVENTS)
+    base_timing = _timed(baseline, EVENTS)
+    # a second reference: the three frames through pyzmq's Cython send, as the publisher's
+    # I/O thread sends them, but from the calling thread
+    cython_send = zmq.backend.Socket.send.__get__(raw)
+    topic, meta, payload = sample
+    more = zmq.SNDMORE | zmq.NOBLOCK
+
+    def three_sends(_index: int) -> None:
+        nonlocal retries
+        while True:
+            try:
+                cython_send(topic, more)
+            except zmq.Again:
+                retries += 1
+                continue
+            cython_send(meta, more)
+            cython_send(payload, zmq.NOBLOCK)
+            return
+
+    _timed(three_sends, WARMUP)
+    sends_timing = _timed(three_sends, EVENTS)
     raw.close(linger=1000)
 
-    publisher = Publisher(
-        url=frontend,
-        source_id="bench",
-        publish_interval=0,
-        queue_size=100_000,
-        heartbeat_interval=0,
-        retry_delay=0.05,
-        context=context,
-    )
-    deadline = time.monotonic() + 10
-    while not publisher.connected and time.monotonic() < deadline:
-        time.sleep(0.01)
-    publish = publisher.publish
     payloads = [_data(i) for i in range(100)]
 
-    def publish_call(index: int) -> None:
-        publish("market_data", payloads[index % 100])
+    def measure(caller_sends: bool) -> tuple[Timing, dict[str, object]]:
+        publisher = Publisher(
+            url=frontend,
+            source_id="bench-caller" if caller_sends else "bench",
+            publish_interval=0,
+            queue_size=100_000,
+            heartbeat_interval=0,
+            retry_delay=0.05,
+            caller_sends=caller_sends,
+            context=context,
+        )
+        deadline = time.monotonic() + 10
+        while not publisher.connected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        publish = publisher.publish
 
-    _timed(publish_call, WARMUP)
-    pub_seconds, pub_durations = _timed(publish_call, EVENTS)
-    publisher.flush(10)
-    status = publisher.status()
-    publisher.close()
+        def publish_call(index: int) -> None:
+            publish("market_data", payloads[index % 100])
+
+        _timed(publish_call, WARMUP)
+        timing = _timed(publish_call, EVENTS)
+        publisher.flush(10)
+        status = publisher.status()
+        publisher.close()
+        return timing, status
+
+    # the two designs of the ZeroMQ send path, alternated so that load changes hit both
+    pub_timing, status = measure(caller_sends=False)
+    caller_timing, caller_status = measure(caller_sends=True)
 
     # the same call with the guide's defaults around it: market data rate-limited to one per
     # symbol per second (conflated, nothing sent), and a disabled publisher (the default)
@@ -173,7 +211,7 @@ def _run(context: zmq.Context[zmq.Socket[bytes]], frontend: str) -> int:
         gated_publish("market_data", payloads[index % 100])
 
     _timed(gated_call, WARMUP)
-    gated_seconds, gated_durations = _timed(gated_call, EVENTS)
+    gated_timing = _timed(gated_call, EVENTS)
     gated.close()
     disabled = Publisher.from_env({})
     disabled_publish = disabled.publish
@@ -181,23 +219,23 @@ def _run(context: zmq.Context[zmq.Socket[bytes]], frontend: str) -> int:
     def disabled_call(index: int) -> None:
         disabled_publish("market_data", payloads[index % 100])
 
-    disabled_seconds, disabled_durations = _timed(disabled_call, EVENTS)
+    disabled_timing = _timed(disabled_call, EVENTS)
 
-    print(f"{'':<34} {'throughput':>10}")
-    base_rate, base_p50, base_p99 = _report(
-        "baseline: raw send_multipart", base_seconds, base_durations
-    )
-    rate, p50, p99 = _report("Publisher.publish()", pub_seconds, pub_durations)
+    base_rate, base_p50, base_p99 = _report("baseline: raw send_multipart", base_timing)
+    _report("reference: 3 Cython sends", sends_timing)
+    rate, p50, p99 = _report("Publisher.publish()", pub_timing)
+    _report("publish(), caller_sends=True", caller_timing)
     print(
         f"ratio publish/baseline: throughput {rate / base_rate:.2f}x, "
         f"p50 {p50 / base_p50:.2f}x, p99 {p99 / base_p99:.2f}x"
     )
-    _report("publish(), 1 s interval (conflated)", gated_seconds, gated_durations)
-    _report("publish(), disabled (default)", disabled_seconds, disabled_durations)
-    print(
-        f"publisher status: sent {status['sent']}, dropped {status['dropped_total']}, "
-        f"queued {status['queued']}"
-    )
+    _report("publish(), 1 s interval (conflated)", gated_timing)
+    _report("publish(), disabled (default)", disabled_timing)
+    for name, figures in (("publisher", status), ("caller_sends", caller_status)):
+        print(
+            f"{name} status: sent {figures['sent']}, dropped {figures['dropped_total']}, "
+            f"queued {figures['queued']}"
+        )
     met = rate >= TARGET_RATE and p99 < TARGET_P99_US
     print(
         f"target >= {TARGET_RATE:,} events/s and p99 < {TARGET_P99_US:.0f} us: "

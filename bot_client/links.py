@@ -134,6 +134,8 @@ class ZmqLink:
         self._xpub = xpub
         # the Cython method itself: pyzmq's Python-level wrapper doubles the cost of a send
         self._send = zmq.backend.Socket.send.__get__(xpub)
+        if publisher.caller_sends:
+            publisher._caller_send = self._send
         xpub.connect(settings.url)
 
     def start(self) -> None:
@@ -173,7 +175,8 @@ class ZmqLink:
                 now = time.monotonic()
                 next_due = timers.run(now, self.connected)
                 self._read_monitor()
-                self._read_subscriptions()
+                with publisher._lock:  # callers may be sending on the socket (caller_sends)
+                    self._read_subscriptions()
                 sent, blocked = self._drain()
                 if sent:
                     last_busy = now
@@ -277,8 +280,9 @@ class ZmqLink:
                 queued=publisher.queued(),
             )
         else:
-            with publisher._lock:
-                publisher._fast_ok = False
+            # a plain store (this may run under the lock): a caller already past its
+            # check sends into libzmq's pipe, which survives the reconnect
+            publisher._fast_ok = False
             publisher._log.warning(
                 "websocket.publisher_disconnected",
                 message="WebSocket publisher lost the bus; holding events",

@@ -381,14 +381,16 @@ def test_bot_values_encode_and_invalid_calls_raise(
     assert b'"pnl":1234.567890123' in event.payload
 
 
+@pytest.mark.parametrize("caller_sends", [False, True])
 def test_threads_publishing_one_topic_keep_sequence_order(
-    proxy: Proxy, subscriber: BlockingSubscriber, zmq_context: Context
+    proxy: Proxy, subscriber: BlockingSubscriber, zmq_context: Context, caller_sends: bool
 ) -> None:
     with Publisher(
         url=proxy.frontend_endpoint,
         source_id="threads",
         queue_size=10_000,
         heartbeat_interval=0,
+        caller_sends=caller_sends,
         context=zmq_context,
     ) as publisher:
         wait_for(lambda: publisher.connected)
