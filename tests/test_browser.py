@@ -743,3 +743,22 @@ async def test_a_refused_selection_keeps_the_subscriptions_in_force_and_says_why
         )
     finally:
         await running.stop()
+
+
+async def test_url_parameters_choose_the_initial_subscription(
+    bridge: Bridge, browser: BrowserContext, publisher: BusPublisher
+) -> None:
+    page, wire, console = await open_dashboard(
+        browser, bridge.url + "/?types=market_data,ai_decision&symbols=ETH-USD"
+    )
+    subscribe = next(m for m in wire.sent if m.get("op") == "subscribe")
+    assert sorted(subscribe["topics"]) == ["ai_decision", "market_data.ETH-USD"]
+    assert await page.is_checked('[data-testid="symbol-toggle"][data-symbol="ETH-USD"]')
+    assert not await page.is_checked('[data-testid="symbol-all"]')
+    assert not await page.is_checked('[data-testid="type-toggle"][data-type="trading_decision"]')
+    mark = len(wire.received)
+    publisher.publish("market_data", {"symbol": "BTC-USD", "price": 1.0}, "BTC-USD")
+    publisher.publish("market_data", {"symbol": "ETH-USD", "price": 2.0}, "ETH-USD")
+    await wire.wait_for(lambda: bool(wire.events(mark)), "the ETH-USD event")
+    assert [e["topic"] for e in wire.events(mark)] == ["market_data.ETH-USD"]
+    assert console.errors == []
