@@ -1,0 +1,325 @@
+"""Bus throughput: publisher -> proxy -> subscriber, each in its own process.
+
+Run: ``python -m bench.bench_bus_throughput`` (or ``make bench``). Prints, measured in the
+same run:
+
+* raw pyzmq PUB -> SUB, one 300-byte frame, no proxy, no envelope (the baseline);
+* tradebus publisher -> ``tradebus`` proxy with its last-value cache -> SUB, 300-byte
+  three-frame envelopes (topic + meta + payload);
+* the same through a proxy with ``cache=False``, to show what the cache costs.
+
+Events are encoded before the clock starts so the figures are the bus's, not orjson's.
+Throughput = events / (first send -> last receive), both on the system-wide monotonic clock.
+HWMs are raised so that no event is dropped; losses would be printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event as MpEvent
+from typing import Any
+
+import zmq
+import zmq.backend
+
+from bus.transport import NOBLOCK, recv_event, send_event
+
+EVENT_BYTES = 300
+HWM = 2_000_000
+WARMUP_TOPIC = b"warmup"
+# the fastest raw pyzmq calls, without the sugar layer (as bus.transport uses)
+raw_send = zmq.backend.Socket.send
+raw_recv = zmq.backend.Socket.recv
+
+
+def _encoded_events(count: int, envelope: bool) -> list[list[bytes]]:
+    """``count`` messages of exactly EVENT_BYTES bytes in total."""
+    if not envelope:
+        return [[os.urandom(EVENT_BYTES)] for _ in range(count)]
+    from bus.envelope import encode_event
+
+    symbols = ["BTC-USD", "ETH-USD", "SOL-USD", "ETH-PERP"]
+
+    def encode(index: int, pad: str) -> list[bytes]:
+        symbol = symbols[index % len(symbols)]
+        data = {"symbol": symbol, "price": 45000.5 + index, "volume": 1.25, "pad": pad}
+        return encode_event(
+            f"market_data.{symbol}", "market_data", data, "bench-1", 1, index // 4 + 1
+        )
+
+    pad = "x" * (EVENT_BYTES - sum(len(f) for f in encode(count, "")))
+    messages = [encode(index, pad) for index in range(count)]
+    return messages
+
+
+def _publisher(
+    endpoint: str, bind: bool, count: int, envelope: bool, go: MpEvent, report: Connection
+) -> None:
+    messages = _encoded_events(count, envelope)
+    context = zmq.Context()
+    socket = context.socket(zmq.PUB)
+    socket.sndhwm = HWM
+    socket.linger = -1
+    if bind:
+        socket.bind(endpoint)
+    else:
+        socket.connect(endpoint)
+    # Until the subscriber says it receives, send warm-up messages: proves the whole path
+    # (subscriptions included) is connected before the measured stream starts.
+    while not go.wait(0.01):
+        socket.send_multipart([WARMUP_TOPIC, b"", b""] if envelope else [WARMUP_TOPIC])
+    started = time.monotonic()
+    if envelope:
+        for topic, meta, payload in messages:
+            send_event(socket, topic, meta, payload)
+    else:
+        for (frame,) in messages:
+            raw_send(socket, frame)
+    report.send(started)
+    socket.close()
+    context.term()
+
+
+def _subscriber(
+    endpoint: str, bind: bool, count: int, envelope: bool, go: MpEvent, report: Connection
+) -> None:
+    context = zmq.Context()
+    socket = context.socket(zmq.SUB)
+    socket.rcvhwm = HWM
+    socket.subscribe(b"")
+    if bind:
+        socket.bind(endpoint)
+    else:
+        socket.connect(endpoint)
+    while True:
+        first: Any = socket.recv_multipart()
+        if first[0] != WARMUP_TOPIC:
+            break
+        go.set()
+    received = 1
+    recv: Any = recv_event if envelope else partial(raw_recv, flags=NOBLOCK)
+    while received < count:
+        try:
+            message = recv(socket)
+        except zmq.Again:
+            # the queue is empty: wait (Socket.poll is too slow to call per message)
+            if not socket.poll(2_000):
+                break  # events were lost; the count shows how many
+            continue
+        if message is not None:
+            received += 1
+    finished = time.monotonic()
+    report.send((finished, received))
+    socket.close(linger=0)
+    context.term()
+
+
+def _thread_cpu_seconds() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) of every thread of this process, by native id."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    result = {}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/stat") as stat:
+            text = stat.read()
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        result[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / ticks)
+    return result
+
+
+def _proxy(
+    frontend: str,
+    backend: str,
+    snapshot: str,
+    cache: bool,
+    count: int,
+    cache_options: dict[str, int],
+    stop: MpEvent,
+    report: Connection,
+) -> None:
+    from bus.proxy import Proxy, ProxyConfig
+
+    config = ProxyConfig(
+        frontend=frontend,
+        backend=backend,
+        snapshot=snapshot,
+        frontend_hwm=HWM,
+        backend_hwm=HWM,
+        cache=cache,
+        **cache_options,  # type: ignore[arg-type]
+    )
+    with Proxy(config) as proxy:
+        forwarder, *cache_thread = [t.native_id for t in reversed(proxy._threads)]
+        stop.wait()
+        # the subscriber has everything; how far behind is the (lower-priority) cache?
+        backlog = count - proxy.cache.stats.events if cache else 0
+        deadline = time.monotonic() + 60
+        while cache and proxy.cache.stats.events < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        cpu = {"forwarder": 0.0, "cache": 0.0, "zmq io": 0.0}
+        for tid, (name, seconds) in _thread_cpu_seconds().items():
+            if tid == forwarder:
+                cpu["forwarder"] += seconds
+            elif tid in cache_thread:
+                cpu["cache"] += seconds
+            elif name.startswith("ZMQbg/IO"):
+                cpu["zmq io"] += seconds
+        report.send((cpu, backlog, proxy.cache.stats.events, proxy.cache.stats.gaps))
+
+
+@dataclass
+class Run:
+    rate: float
+    received: int
+    proxy_cpu: dict[str, float] = field(default_factory=dict)
+    cache_backlog: int = 0
+    cached: int = 0
+    cache_gaps: int = 0
+
+
+def _free_endpoint() -> str:
+    context = zmq.Context.instance()
+    probe = context.socket(zmq.PUB)
+    port = probe.bind_to_random_port("tcp://127.0.0.1")
+    probe.close(linger=0)
+    return f"tcp://127.0.0.1:{port}"
+
+
+def _measure(
+    count: int, envelope: bool, proxy_cache: bool | None, cache_options: dict[str, int]
+) -> Run:
+    """One run; ``proxy_cache`` None means no proxy (publisher binds, subscriber connects)."""
+    spawn = mp.get_context("spawn")
+    go = spawn.Event()
+    stop = spawn.Event()
+    pub_report, pub_end = spawn.Pipe(duplex=False)
+    sub_report, sub_end = spawn.Pipe(duplex=False)
+    proxy_report, proxy_end = spawn.Pipe(duplex=False)
+    processes = []
+    if proxy_cache is None:
+        endpoint = _free_endpoint()
+        pub_args = (endpoint, True, count, envelope, go, pub_end)
+        sub_args = (endpoint, False, count, envelope, go, sub_end)
+    else:
+        frontend, backend, snapshot = (_free_endpoint() for _ in range(3))
+        proxy_args = (
+            frontend,
+            backend,
+            snapshot,
+            proxy_cache,
+            count,
+            cache_options,
+            stop,
+            proxy_end,
+        )
+        processes.append(spawn.Process(target=_proxy, args=proxy_args))
+        pub_args = (frontend, False, count, envelope, go, pub_end)
+        sub_args = (backend, False, count, envelope, go, sub_end)
+    processes.append(spawn.Process(target=_subscriber, args=sub_args))
+    processes.append(spawn.Process(target=_publisher, args=pub_args))
+    for process in processes:
+        process.start()
+    try:
+        started: float = pub_report.recv()
+        finished, received = sub_report.recv()
+        run = Run(received / (finished - started), received)
+        stop.set()
+        if proxy_cache is not None:
+            run.proxy_cpu, run.cache_backlog, run.cached, run.cache_gaps = proxy_report.recv()
+    finally:
+        stop.set()
+        for process in processes:
+            process.join(60)
+            if process.is_alive():
+                process.kill()
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=300_000, help="events per run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per configuration")
+    parser.add_argument(
+        "--only", choices=["baseline", "cache", "nocache"], action="append", help="run only these"
+    )
+    parser.add_argument(
+        "--capture-hwm", type=int, help="the proxy's capture HWM (default: its own)"
+    )
+    parser.add_argument("--cache-nice", type=int, help="the cache thread's niceness")
+    args = parser.parse_args()
+    configurations = {
+        "raw PUB -> SUB (baseline)": (False, None),
+        "proxy, cache on": (True, True),
+        "proxy, cache off": (True, False),
+    }
+    keys = dict(zip(configurations, ["baseline", "cache", "nocache"], strict=True))
+    cache_options = {}
+    if args.capture_hwm is not None:
+        cache_options["capture_hwm"] = args.capture_hwm
+    if args.cache_nice is not None:
+        cache_options["cache_nice"] = args.cache_nice
+    results: dict[str, list[Run]] = {name: [] for name in configurations}
+    print(
+        f"{args.events} events of {EVENT_BYTES} bytes per run, {args.rounds} rounds, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+    # interleave configurations so a busy spell on the machine hits them alike
+    for _round in range(args.rounds):
+        for name, (envelope, cache) in configurations.items():
+            if args.only and keys[name] not in args.only:
+                continue
+            results[name].append(_measure(args.events, envelope, cache, cache_options))
+    medians = {}
+    for name, runs in results.items():
+        if not runs:
+            continue
+        medians[name] = statistics.median(r.rate for r in runs)
+        lost = sum(args.events - r.received for r in runs)
+        rates = ", ".join(f"{r.rate:,.0f}" for r in runs)
+        print(
+            f"{name:28s} median {medians[name]:>10,.0f} events/s  (runs: {rates})"
+            + (f"  LOST {lost}" if lost else ""),
+            flush=True,
+        )
+    for name in ("proxy, cache on", "proxy, cache off"):
+        runs = results[name]
+        if not runs:
+            continue
+        total = args.events * len(runs)
+        per_event = {
+            part: sum(r.proxy_cpu[part] for r in runs) / total * 1e6 for part in runs[0].proxy_cpu
+        }
+        parts = ", ".join(f"{part} {us:.2f}" for part, us in per_event.items())
+        print(f"{name:28s} proxy CPU per event (us): {parts}")
+    cached = results["proxy, cache on"]
+    if cached:
+        print(
+            "cache: backlog when the subscriber had everything "
+            + ", ".join(f"{r.cache_backlog:,}" for r in cached)
+            + "; events cached in the end "
+            + ", ".join(f"{r.cached:,}" for r in cached)
+            + "; cache gaps "
+            + ", ".join(str(r.cache_gaps) for r in cached)
+        )
+    baseline = medians.get("raw PUB -> SUB (baseline)")
+    with_cache = medians.get("proxy, cache on")
+    without_cache = medians.get("proxy, cache off")
+    if baseline and with_cache:
+        print(f"ratio proxy (cache on) / raw baseline: {with_cache / baseline:.2f}")
+    if baseline and without_cache:
+        print(f"ratio proxy (cache off) / raw baseline: {without_cache / baseline:.2f}")
+    if with_cache and without_cache:
+        print(f"ratio proxy cache on / cache off:      {with_cache / without_cache:.2f}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
