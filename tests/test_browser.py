@@ -122,10 +122,12 @@ class Wire:
     def __init__(self, page: Page) -> None:
         self.received: list[dict[str, Any]] = []
         self.sent: list[dict[str, Any]] = []
+        self.urls: list[str] = []
         self._changed = asyncio.Event()
         page.on("websocket", self._attach)
 
     def _attach(self, ws: WebSocket) -> None:
+        self.urls.append(ws.url)
         ws.on("framereceived", lambda payload: self._record(self.received, payload))
         ws.on("framesent", lambda payload: self._record(self.sent, payload))
 
@@ -762,3 +764,37 @@ async def test_url_parameters_choose_the_initial_subscription(
     await wire.wait_for(lambda: bool(wire.events(mark)), "the ETH-USD event")
     assert [e["topic"] for e in wire.events(mark)] == ["market_data.ETH-USD"]
     assert console.errors == []
+
+
+async def test_a_token_reaches_the_bridge_without_staying_in_urls(
+    bridge_config: BridgeConfig, chromium: Browser
+) -> None:
+    safe, unsafe = "s3cret.token-1", "a/b=c+d"  # the second cannot be a subprotocol
+    running = Bridge(bridge_config.replace(tokens=(safe, unsafe)))
+    await running.start()
+    contexts = [await chromium.new_context() for _ in range(3)]
+    try:
+        page, wire, console = await open_dashboard(contexts[0], f"{running.url}/?token={safe}")
+        assert "token" not in page.url  # moved out of the address bar
+        assert "token" not in wire.urls[0]  # sent as the subprotocol "bearer.<token>"
+        await page.reload()  # the tab keeps it for reloads
+        await page.wait_for_selector(
+            '[data-testid="connection-state"][data-state="open"]', timeout=scaled(5) * 1000
+        )
+        assert console.errors == []
+
+        page, wire, _console = await open_dashboard(
+            contexts[1], f"{running.url}/?token=a%2Fb%3Dc%2Bd"
+        )
+        assert wire.urls[0].endswith("?token=a%2Fb%3Dc%2Bd")
+
+        page = await contexts[2].new_page()  # no token: refused, never open
+        await page.goto(running.url + "/")
+        await page.wait_for_selector(
+            '[data-testid="connection-state"][data-state="disconnected"]', timeout=scaled(5) * 1000
+        )
+        assert await page.evaluate("window.tradebus.stats.received") == 0
+    finally:
+        for context in contexts:
+            await context.close()
+        await running.stop()

@@ -4,7 +4,8 @@
 //
 // Query parameters: ws=<url> (bridge endpoint), stale=<seconds> (no event from a source for
 // this long shows it stale; default 15), window=<seconds> (chart span; default 300),
-// types=a,b and symbols=X,Y (initial topic selection; default everything).
+// types=a,b and symbols=X,Y (initial topic selection; default everything), token=<bearer
+// token> when the bridge requires one.
 
 import { TradebusClient, patternMatches } from "./tradebus.js";
 
@@ -148,7 +149,20 @@ function wantedPatterns() {
   return patterns;
 }
 
-const client = new TradebusClient({ url: wsUrl() });
+// ?token=... is moved out of the address bar (history, screenshots, shared links) into this
+// tab's session storage, so a reload still works.
+function takeToken() {
+  const given = params.get("token");
+  if (given) {
+    sessionStorage.setItem("tradebus.token", given);
+    const clean = new URL(location.href);
+    clean.searchParams.delete("token");
+    history.replaceState(null, "", clean);
+  }
+  return sessionStorage.getItem("tradebus.token") ?? undefined;
+}
+
+const client = new TradebusClient({ url: wsUrl(), token: takeToken() });
 window.tradebus = client; // for the console and for tests
 
 // The selector changes what the bridge sends (subscribe/unsubscribe on the wire); the page

@@ -76,7 +76,10 @@ export interface Position {
 export interface ClientOptions {
   /** Default ws(s)://<page host>/ws. */
   url?: string;
-  /** Sent as ?token=... */
+  /**
+   * Bearer token: sent as the subprotocol "bearer.<token>" (next to "tradebus"), or as
+   * ?token=... when it holds characters a subprotocol cannot.
+   */
   token?: string;
   /** Sec-WebSocket-Protocol values. */
   protocols?: string | string[];

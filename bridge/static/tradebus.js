@@ -20,6 +20,9 @@ const DEFAULTS = Object.freeze({
   maxRequestBytes: 32768, // the bridge's inbound limit is 64 KiB by default
 });
 
+// Characters a WebSocket subprotocol may hold (RFC 6455 / RFC 7230 token).
+const SUBPROTOCOL_SAFE = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+
 // Types whose latest event is their whole state: a resume may fall back to a snapshot.
 const CONFLATABLE = new Set(["market_data", "position_update", "indicator_update"]);
 
@@ -138,13 +141,20 @@ export class TradebusClient {
   _open() {
     const WS = this.options.WebSocket ?? globalThis.WebSocket;
     let url = this.url;
-    if (this.options.token) {
-      url += `${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(this.options.token)}`;
+    let protocols = this.options.protocols;
+    const token = this.options.token;
+    if (token && SUBPROTOCOL_SAFE.test(token)) {
+      // Browsers cannot set an Authorization header; a subprotocol keeps the token out of
+      // URLs, which end up in logs and proxies.
+      const extra = protocols === undefined ? [] : [].concat(protocols);
+      protocols = ["tradebus", `bearer.${token}`, ...extra];
+    } else if (token) {
+      url += `${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(token)}`;
     }
     this._setState(this._attempt === 0 ? "connecting" : "reconnecting", { attempt: this._attempt });
     let ws;
     try {
-      ws = new WS(url, this.options.protocols);
+      ws = new WS(url, protocols);
     } catch (error) {
       this._scheduleReconnect({ code: 0, reason: String(error) });
       return;
