@@ -328,7 +328,9 @@ class ZmqLink:
             # only the first frame can meet a full pipe: libzmq checks at message start
             return sent, True
         finally:
-            publisher.counters.sent += sent
+            if sent:
+                with publisher._lock:  # callers count their own sends (caller_sends)
+                    publisher.counters.sent += sent
 
     def _close_sockets(self) -> None:
         publisher = self.publisher

@@ -364,7 +364,8 @@ class Publisher(EventHelpers):
             self._fast.clear()
             report = self._drop_log.take(math.inf) or {}
         lost += self._link.abandoned()
-        counted = self.counters.count_drops(lost)
+        with self._lock:
+            counted = self.counters.count_drops(lost)
         if counted or report:
             self._log.warning(
                 "websocket.publish_dropped",
