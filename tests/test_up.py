@@ -43,13 +43,13 @@ class Stack:
     banner: list[str]
 
 
-def start_up(*extra: str) -> Stack:
+def start_up(*extra: str, log_level: str = "WARNING") -> Stack:
     process = subprocess.Popen(
         [sys.executable, "-m", "tradebus", "up", *RANDOM_PORTS, *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "TRADEBUS_LOG_LEVEL": "WARNING"},
+        env={**os.environ, "TRADEBUS_LOG_LEVEL": log_level},
     )
     assert process.stdout is not None
     banner: list[str] = []
@@ -148,12 +148,23 @@ def test_up_stops_on_ctrl_c_and_frees_its_ports(stack: Stack) -> None:
 
 
 def test_demo_via_websocket_reaches_browsers_like_a_guide_bot() -> None:
-    stack = start_up("--demo-via-websocket", "--demo-speed", "20", "--no-metrics")
+    stack = start_up("--demo-via-websocket", "--demo-speed", "20", "--no-metrics", log_level="INFO")
     try:
         events = receive_types(stack.websocket, {"market_data", "trading_decision"}, limit=10)
         assert events["market_data"]["source"] == "demo-bot"
         code, errors = stop(stack, signal.SIGTERM)
         assert code == 0, errors
+        # the guide's troubleshooting greps find the connection and publish events
+        websocket_lines = [
+            json.loads(line) for line in errors.splitlines() if re.search("(?i)websocket", line)
+        ]
+        connected = [e for e in websocket_lines if e["event"] == "websocket.client_connected"]
+        assert {e["role"] for e in connected} == {"publisher", "subscriber"}
+        publish_lines = [
+            line for line in errors.splitlines() if re.search("WebSocket.*publish", line)
+        ]
+        assert any('"websocket.publisher_connected"' in line for line in publish_lines)
+        assert any('"websocket.publisher_closed"' in line for line in publish_lines)
     finally:
         if stack.process.poll() is None:
             stack.process.kill()
