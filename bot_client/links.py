@@ -23,11 +23,12 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from bot_client.core import Entry, backoff_delay
-from bot_client.publisher import SUMMARY_SECONDS
 
 if TYPE_CHECKING:
     from bot_client.publisher import Publisher
 
+# A "websocket.publish_summary" log line this often.
+SUMMARY_SECONDS: Final = 60.0
 # Longest sleep of an idle I/O thread: bounds how late a missed wake-up can make anything.
 IDLE_WAIT: Final = 0.25
 # While blocked on a full ZeroMQ pipe, re-check at least this often.
@@ -373,7 +374,6 @@ class WebSocketLink:
         self._stopping: asyncio.Event | None = None
         self._deadline = 0.0
         self._started = threading.Event()
-        self._leftover: list[Entry] = []
         # consecutive "try again later" answers: they back off like failed connections
         self._deferrals = 0
 
@@ -405,9 +405,8 @@ class WebSocketLink:
         return len(self._in_flight)
 
     def abandoned(self) -> list[Entry]:
-        leftover = [entry for _id, entry in self._in_flight] + self._leftover
+        leftover = [entry for _id, entry in self._in_flight]
         self._in_flight.clear()
-        self._leftover = []
         return leftover
 
     # -- the thread ---------------------------------------------------------------------------

@@ -15,8 +15,8 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable, Mapping
+from typing import Any, Final
 
 import orjson
 import zmq
@@ -35,18 +35,15 @@ from bot_client.core import (
 )
 from bot_client.encoding import DUMPS_OPTIONS, dumps_data, event_data, to_json_value
 from bot_client.errors import InvalidEventError
+from bot_client.links import Link, make_link
 from bot_client.settings import PublisherSettings
 from bus.envelope import MAX_PAYLOAD_BYTES, encode_meta, encode_payload, format_timestamp
 from bus.errors import EnvelopeError, TopicError
 from bus.topics import make_topic, validate_key
 from monitoring.logging import get_logger
 
-if TYPE_CHECKING:
-    from bot_client.links import Link
-
 DROP_REPORT_SECONDS: Final = 5.0
 AT_EXIT_SECONDS: Final = 2.0
-SUMMARY_SECONDS: Final = 60.0
 HEARTBEAT_TOPIC_KEY: Final = "heartbeat"
 _time_ns = time.time_ns
 _Again = zmq.Again
@@ -258,7 +255,7 @@ class Publisher(EventHelpers):
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         autostart: bool = True,
         caller_sends: bool = False,
-        clock: Any = time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
         **overrides: Any,
     ) -> None:
         if "url" in overrides:
@@ -303,8 +300,6 @@ class Publisher(EventHelpers):
         if not settings.enabled:
             self.publish = self._discard  # type: ignore[method-assign]
             return
-        from bot_client.links import make_link
-
         self._link = make_link(self, context)
         if autostart:
             self.start()
