@@ -310,3 +310,21 @@ async def test_the_snapshot_is_shown_but_not_counted_as_live(bridge_url: str) ->
     lines = out.getvalue().splitlines()
     assert any("from earlier" in line and "(snapshot)" in line for line in lines)
     assert any("from later" in line and "(snapshot)" not in line for line in lines)
+
+
+async def test_a_bridge_going_away_or_refusing_a_pattern_fails_the_tap(proxy: Proxy) -> None:
+    server = await start_bridge(
+        BridgeConfig(port=0, bus=proxy.backend_endpoint, snapshot=proxy.snapshot_endpoint)
+    )
+    url = f"ws://127.0.0.1:{server.port}/ws"
+    try:
+        listener = asyncio.create_task(tap_cli("--url", url, "--duration", "20", "--quiet"))
+        await wait_listening(url)
+        refused = await tap_cli("--url", url, "--topics", "market data", "--duration", "2")
+    finally:
+        await server.close()
+    gone = await asyncio.wait_for(listener, scaled(30))
+    assert gone.returncode == 1
+    assert "tap: closed by the bridge: code 10" in gone.stderr
+    assert refused.returncode == 2
+    assert "refused the WebSocket handshake: HTTP 400" in refused.stderr

@@ -512,7 +512,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--expect",
         type=_count,
-        help="stop once N live events arrived; exit status 1 if fewer arrived in time",
+        help="stop once N live events arrived; exit status 1 if fewer arrived in time "
+        "(it is 1 too when the bridge reports an error or closes the connection)",
     )
     parser.add_argument(
         "--send", choices=SEND_CHOICES, help="publish the guide's example event(s) instead"
@@ -564,13 +565,18 @@ def run(args: argparse.Namespace) -> int:
         print(orjson.dumps(summary).decode())
     else:
         print(format_summary(summary))
+    failed = False
     if options.expect is not None and summary["events"] < options.expect:
         print(
             f"tap: expected {options.expect} events, {summary['events']} arrived",
             file=sys.stderr,
         )
-        return 1
-    return 0
+        failed = True
+    if summary["errors"]:
+        # a refused pattern or a closed connection: what was asked for was not watched
+        print(f"tap: {summary['errors'][0]}", file=sys.stderr)
+        failed = True
+    return 1 if failed else 0
 
 
 async def _listen_until_signal(options: TapOptions) -> dict[str, Any]:
