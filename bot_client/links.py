@@ -37,6 +37,8 @@ BLOCKED_WAIT: Final = 0.01
 DRAIN_BATCH: Final = 256
 # Messages libzmq itself holds per connection; beyond it our outbox's policy applies.
 ZMQ_SNDHWM: Final = 10_000
+# While busy, connection state and timers are checked this often.
+CHECK_SECONDS: Final = 0.005
 # After sending, nap this long (instead of sleeping until woken) for this many seconds.
 SPIN_NAP: Final = 0.0002
 SPIN_SECONDS: Final = 0.02
@@ -114,6 +116,7 @@ class ZmqLink:
         self._stop = threading.Event()
         self._deadline = 0.0
         self._thread: threading.Thread | None = None
+        self._woken = True
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -171,13 +174,21 @@ class ZmqLink:
         selector.register(self._wake_r, selectors.EVENT_READ)
         timers = _Timers(publisher, time.monotonic())
         last_busy = 0.0
+        next_check = 0.0
+        next_due = 0.0
         try:
             while True:
                 now = time.monotonic()
-                next_due = timers.run(now, self.connected)
-                self._read_monitor()
-                with publisher._lock:  # callers may be sending on the socket (caller_sends)
-                    self._read_subscriptions()
+                # while events stream through, connection state and timers are looked at
+                # every CHECK_SECONDS only: the sending loop stays short, which leaves the
+                # interpreter to the bot's threads
+                if now >= next_check or now >= next_due or self._woken:
+                    self._woken = False
+                    next_check = now + CHECK_SECONDS
+                    next_due = timers.run(now, self.connected)
+                    self._read_monitor()
+                    with publisher._lock:  # callers may be sending (caller_sends)
+                        self._read_subscriptions()
                 sent, blocked = self._drain()
                 if sent:
                     last_busy = now
@@ -185,6 +196,7 @@ class ZmqLink:
                     break
                 if blocked:
                     selector.select(BLOCKED_WAIT)
+                    self._woken = True
                 elif publisher._fast and self.connected:
                     continue
                 elif now - last_busy < SPIN_SECONDS:
@@ -214,6 +226,7 @@ class ZmqLink:
         if not (publisher._fast and self.connected):
             selector.select(wait)
         publisher._io_sleeping = False
+        self._woken = True
         with contextlib.suppress(BlockingIOError):
             while self._wake_r.recv(4096):
                 pass
