@@ -25,7 +25,7 @@ import zmq.asyncio
 from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from bridge.auth import Authenticator, Grant, origin_allowed, token_from_request
+from bridge.auth import Authenticator, origin_allowed, token_from_request
 from bridge.config import BridgeConfig
 from bridge.errors import AuthError, ConfigError
 from bridge.hub import Client, Hub, SlowConsumerError
@@ -394,7 +394,8 @@ class Bridge:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         self.log.warning("websocket.connection_rejected", reason=reason, **fields)
 
-    async def handle_ws(self, request: web.Request) -> web.StreamResponse:
+    def _admit(self, request: web.Request) -> tuple[Client, list[Pattern]]:
+        """Handshake checks (raising the HTTP refusal) and the new client, not yet counted."""
         config = self.config
         ip = request.remote or ""
         origin = request.headers.get("Origin")
@@ -421,7 +422,6 @@ class Bridge:
             self._reject("auth", ip=ip, code=error.code)
             raise web.HTTPUnauthorized(text=f"{error.code}: {error}\n") from None
         query = request.query
-        publisher = query.get("role") == "publisher"
         source = query.get("source", "")
         try:
             if source:
@@ -433,7 +433,23 @@ class Bridge:
         except (TopicError, ValueError) as error:
             self._reject("bad_query", ip=ip)
             raise web.HTTPBadRequest(text=f"{error}\n") from None
-        may_publish = grant.publish or (config.allow_publish and _is_loopback(ip))
+        client = Client(
+            next(self._client_ids),
+            grant=grant,
+            publisher=query.get("role") == "publisher",
+            may_publish=grant.publish or (config.allow_publish and _is_loopback(ip)),
+            ip=ip,
+            source=source,
+            epoch=epoch,
+        )
+        return client, initial
+
+    async def handle_ws(self, request: web.Request) -> web.StreamResponse:
+        """One WebSocket connection, from handshake to close (one coroutine per client)."""
+        config, hub = self.config, self.hub
+        assert self._loop is not None
+        client, initial = self._admit(request)
+        grant = client.grant
         ws = web.WebSocketResponse(
             heartbeat=config.ping_interval,
             compress=False,
@@ -443,114 +459,96 @@ class Bridge:
             protocols=(SUBPROTOCOL,),
         )
         # counted before the handshake's first await, so concurrent handshakes see it
-        self.connections[ip] = self.connections.get(ip, 0) + 1
+        self.connections[client.ip] = self.connections.get(client.ip, 0) + 1
         try:
             await ws.prepare(request)
-            client = Client(
-                next(self._client_ids),
-                grant=grant,
-                publisher=publisher,
-                may_publish=may_publish,
-                ip=ip,
-                source=source,
-                epoch=epoch,
-            )
             client.transport = request.transport
             client.conn = ws
-            return await self._serve(client, ws, grant, initial)
-        finally:
-            left = self.connections.get(ip, 1) - 1
-            if left > 0:
-                self.connections[ip] = left
-            else:
-                self.connections.pop(ip, None)
-
-    async def _serve(
-        self,
-        client: Client,
-        ws: web.WebSocketResponse,
-        grant: Grant,
-        initial: list[Pattern],
-    ) -> web.WebSocketResponse:
-        config, hub = self.config, self.hub
-        assert self._loop is not None
-        client.push(hub.greeting(client, config.ping_interval))
-        hub.add_client(client, time.time_ns())
-        self.log.info(
-            "websocket.client_connected",
-            client=client.id,
-            session=client.session,
-            ip=client.ip,
-            role="publisher" if client.publisher else "subscriber",
-            may_publish=client.may_publish,
-            subject=grant.subject,
-        )
-        expiry: asyncio.TimerHandle | None = None
-        if grant.expires_at is not None:
-            expiry = self._loop.call_later(
-                max(0.0, grant.expires_at - time.time()), self._expire, client
-            )
-        now = time.monotonic()
-        if client.may_publish:
-            bucket = TokenBucket(config.publish_rate_limit, config.publish_rate_burst, now)
-        else:
-            bucket = TokenBucket(config.rate_limit, config.rate_burst, now)
-        errors = 0
-        close_code, close_reason = CLOSE_NORMAL, ""
-        try:
-            if initial:
-                self._request(client, Subscribe(tuple(initial), True, None, None))
-            self._apply_upstream()
-            self.flush()
-            while True:
-                message = await ws.receive()
-                if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                    if not bucket.take(time.monotonic()):
-                        close_code, close_reason = CLOSE_POLICY, "rate limit exceeded"
-                        self.log.warning("websocket.rate_limited", client=client.id, ip=client.ip)
-                        break
-                    try:
-                        failed = await self._handle(client, message.data)
-                    except Exception:
-                        self.log.exception("websocket.internal_error", client=client.id)
-                        close_code, close_reason = CLOSE_INTERNAL_ERROR, "internal error"
-                        break
-                    if failed:
-                        errors += 1
-                        if errors > config.max_errors:
-                            close_code, close_reason = CLOSE_POLICY, "too many invalid messages"
-                            break
-                    self._apply_upstream()
-                    self.schedule_flush()
-                    continue
-                if message.type is WSMsgType.ERROR:
-                    close_code = ws.close_code or CLOSE_TOO_BIG
-                    close_reason = str(message.data)
-                    if close_code == CLOSE_TOO_BIG:
-                        self.log.warning(
-                            "websocket.message_too_big", client=client.id, ip=client.ip
-                        )
-                elif message.type is WSMsgType.CLOSE:
-                    close_code = int(message.data) if message.data else CLOSE_NORMAL
-                    close_reason = message.extra or ""
-                break
-        finally:
-            if expiry is not None:
-                expiry.cancel()
-            was_registered = client in hub.clients
-            hub.remove_client(client, time.monotonic())
-            self._backlog.discard(client)
-            self._apply_upstream()
-            if was_registered and not ws.closed:
-                await ws.close(code=close_code, message=close_reason.encode()[:120])
+            client.push(hub.greeting(client, config.ping_interval))
+            hub.add_client(client, time.time_ns())
             self.log.info(
-                "websocket.client_disconnected",
+                "websocket.client_connected",
                 client=client.id,
+                session=client.session,
                 ip=client.ip,
-                code=int(ws.close_code) if ws.close_code is not None else close_code,
-                reason=close_reason[:120],
+                role="publisher" if client.publisher else "subscriber",
+                may_publish=client.may_publish,
+                subject=grant.subject,
             )
-        return ws
+            expiry: asyncio.TimerHandle | None = None
+            if grant.expires_at is not None:
+                expiry = self._loop.call_later(
+                    max(0.0, grant.expires_at - time.time()), self._expire, client
+                )
+            now = time.monotonic()
+            if client.may_publish:
+                bucket = TokenBucket(config.publish_rate_limit, config.publish_rate_burst, now)
+            else:
+                bucket = TokenBucket(config.rate_limit, config.rate_burst, now)
+            errors = 0
+            close_code, close_reason = CLOSE_NORMAL, ""
+            try:
+                if initial:
+                    self._request(client, Subscribe(tuple(initial), True, None, None))
+                self._apply_upstream()
+                self.flush()
+                while True:
+                    message = await ws.receive()
+                    if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                        if not bucket.take(time.monotonic()):
+                            close_code, close_reason = CLOSE_POLICY, "rate limit exceeded"
+                            self.log.warning(
+                                "websocket.rate_limited", client=client.id, ip=client.ip
+                            )
+                            break
+                        try:
+                            failed = await self._handle(client, message.data)
+                        except Exception:
+                            self.log.exception("websocket.internal_error", client=client.id)
+                            close_code, close_reason = CLOSE_INTERNAL_ERROR, "internal error"
+                            break
+                        if failed:
+                            errors += 1
+                            if errors > config.max_errors:
+                                close_code, close_reason = CLOSE_POLICY, "too many invalid messages"
+                                break
+                        self._apply_upstream()
+                        self.schedule_flush()
+                        continue
+                    if message.type is WSMsgType.ERROR:
+                        close_code = ws.close_code or CLOSE_TOO_BIG
+                        close_reason = str(message.data)
+                        if close_code == CLOSE_TOO_BIG:
+                            self.log.warning(
+                                "websocket.message_too_big", client=client.id, ip=client.ip
+                            )
+                    elif message.type is WSMsgType.CLOSE:
+                        close_code = int(message.data) if message.data else CLOSE_NORMAL
+                        close_reason = message.extra or ""
+                    break
+            finally:
+                if expiry is not None:
+                    expiry.cancel()
+                was_registered = client in hub.clients
+                hub.remove_client(client, time.monotonic())
+                self._backlog.discard(client)
+                self._apply_upstream()
+                if was_registered and not ws.closed:
+                    await ws.close(code=close_code, message=close_reason.encode()[:120])
+                self.log.info(
+                    "websocket.client_disconnected",
+                    client=client.id,
+                    ip=client.ip,
+                    code=int(ws.close_code) if ws.close_code is not None else close_code,
+                    reason=close_reason[:120],
+                )
+            return ws
+        finally:
+            left = self.connections.get(client.ip, 1) - 1
+            if left > 0:
+                self.connections[client.ip] = left
+            else:
+                self.connections.pop(client.ip, None)
 
     def _expire(self, client: Client) -> None:
         if client in self.hub.clients:
@@ -621,10 +619,6 @@ async def _metrics(request: web.Request) -> web.Response:
     )
 
 
-async def _ws(request: web.Request) -> web.StreamResponse:
-    return await request.app[BRIDGE_KEY].handle_ws(request)
-
-
 def _static_root(request: web.Request) -> Path:
     return Path(request.app[BRIDGE_KEY].config.static_dir).resolve()
 
@@ -652,7 +646,7 @@ def create_app(config: BridgeConfig | None = None) -> web.Application:
     bridge = Bridge(config or BridgeConfig.from_env())
     app = web.Application()
     app[BRIDGE_KEY] = bridge
-    app.router.add_get("/ws", _ws)
+    app.router.add_get("/ws", bridge.handle_ws)
     app.router.add_get("/health", _health)
     app.router.add_get("/ready", _ready)
     app.router.add_get("/metrics", _metrics)

@@ -70,6 +70,10 @@ Entry = tuple[int, bytes, int, int, bytes, float, bytes]
 Held = tuple[bytes, bytes | None, bytes | None, int, int]
 
 
+# shared by every client that is not behind: slots are only written while behind
+_NO_SLOTS: Final[dict[bytes, int]] = {}
+
+
 class SlowConsumerError(BridgeError):
     """A client's outbound queue overflowed: it is closed with 4008 "slow consumer"."""
 
@@ -145,7 +149,7 @@ class Client:
         self.frames: list[bytes] = []
         self.nbytes = 0  # maintained only while behind
         self.behind = False
-        self.slots: dict[bytes, int] = {}
+        self.slots: dict[bytes, int] = _NO_SLOTS
         self.held: list[Held] | None = None
         self.held_bytes = 0
         self.special = False  # behind or holding: the hot path's cue to call push_event
@@ -215,7 +219,7 @@ class Client:
         if self.behind:
             self.behind = False
             self.nbytes = 0
-            self.slots = {}
+            self.slots = _NO_SLOTS
             self.special = self.held is not None
         return data
 
