@@ -247,7 +247,8 @@ class DropLog:
 class Counters:
     """What ``status()`` reports and the operations helper exports as metrics."""
 
-    published: int = 0
+    # market data accepted by the interval gate (other types count by their topic's seq)
+    interval_accepted: int = 0
     sent: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     conflated: int = 0

@@ -422,7 +422,8 @@ class Publisher(EventHelpers):
         counters = self.counters
         return {
             "connected": self.connected,
-            "published": counters.published,
+            "published": counters.interval_accepted
+            + sum(slot.seq for slot in list(self._topics.values()) if not slot.gated),
             "sent": counters.sent,
             "queued": self.queued(),
             "dropped": dict(counters.dropped),
@@ -488,8 +489,7 @@ class Publisher(EventHelpers):
                     f"event {type_name!r} encodes to {len(payload)} bytes; the bus limit is "
                     f"{MAX_PAYLOAD_BYTES}"
                 )
-            slot.seq = seq
-            self.counters.published += 1
+            slot.seq = seq  # also the count of this topic's published events
             meta = encode_meta(self._source_bytes, self.epoch, seq, now_ns)
             if self._fast_ok:
                 caller_send = self._caller_send
@@ -550,7 +550,7 @@ class Publisher(EventHelpers):
             ):
                 self.counters.filtered += 1
                 return
-            self.counters.published += 1
+            self.counters.interval_accepted += 1
             if gate.offer(slot.topic, now):
                 self._emit_held((slot, data_json))
                 return
