@@ -218,17 +218,17 @@ class Bridge:
             return
         hub = self.hub
         recv = raw.recv_multipart
-        while int(raw.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        readable = raw.getsockopt
+        while True:
+            # EVENTS is checked before each receive: cheaper than ending on zmq.Again, and
+            # reading it is what re-arms the edge-triggered FD
             batch: list[list[bytes]] = []
-            append = batch.append
-            try:
-                for _ in range(MAX_BATCH):
-                    append(recv(zmq.NOBLOCK))
-            except zmq.Again:
-                pass
-            if batch:
-                hub.dispatch(batch, time.monotonic(), time.time_ns())
-                self.flush()
+            while int(readable(zmq.EVENTS)) & zmq.POLLIN and len(batch) < MAX_BATCH:
+                batch.append(recv(zmq.NOBLOCK))
+            if not batch:
+                return
+            hub.dispatch(batch, time.monotonic(), time.time_ns())
+            self.flush()
             if len(batch) == MAX_BATCH:
                 assert self._loop is not None
                 self._loop.call_soon(self._on_upstream)
