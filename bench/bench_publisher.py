@@ -22,6 +22,7 @@ import time
 from array import array
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -172,7 +173,7 @@ def _run(context: zmq.Context[zmq.Socket[bytes]], frontend: str) -> int:
 
     payloads = [_data(i) for i in range(100)]
 
-    def measure(caller_sends: bool) -> tuple[Timing, dict[str, object]]:
+    def measure(caller_sends: bool) -> tuple[Timing, dict[str, Any], float]:
         publisher = Publisher(
             url=frontend,
             source_id="bench-caller" if caller_sends else "bench",
@@ -192,15 +193,22 @@ def _run(context: zmq.Context[zmq.Socket[bytes]], frontend: str) -> int:
             publish("market_data", payloads[index % 100])
 
         _timed(publish_call, WARMUP)
-        timing = _timed(publish_call, EVENTS)
         publisher.flush(10)
+        sent_before = publisher.status()["sent"]
+        timing = _timed(publish_call, EVENTS)
+        flush_started = time.perf_counter()
+        publisher.flush(30)
+        flush_seconds = time.perf_counter() - flush_started
         status = publisher.status()
         publisher.close()
-        return timing, status
+        # what reached ZeroMQ, per second until the last event did: the call rate only
+        # counts if the I/O thread kept up (nothing dropped)
+        delivered = status["sent"] - sent_before
+        return timing, status, delivered / (timing[0] + flush_seconds)
 
     # the two designs of the ZeroMQ send path, alternated so that load changes hit both
-    pub_timing, status = measure(caller_sends=False)
-    caller_timing, caller_status = measure(caller_sends=True)
+    pub_timing, status, delivered_rate = measure(caller_sends=False)
+    caller_timing, caller_status, caller_delivered_rate = measure(caller_sends=True)
 
     # the same call with the guide's defaults around it: market data rate-limited to one per
     # symbol per second (conflated, nothing sent), and a disabled publisher (the default)
@@ -231,12 +239,21 @@ def _run(context: zmq.Context[zmq.Socket[bytes]], frontend: str) -> int:
     )
     _report("publish(), 1 s interval (conflated)", gated_timing)
     _report("publish(), disabled (default)", disabled_timing)
-    for name, figures in (("publisher", status), ("caller_sends", caller_status)):
+    for name, figures, delivered in (
+        ("publish()", status, delivered_rate),
+        ("caller_sends", caller_status, caller_delivered_rate),
+    ):
         print(
-            f"{name} status: sent {figures['sent']}, dropped {figures['dropped_total']}, "
-            f"queued {figures['queued']}"
+            f"{name}: delivered {delivered:,.0f} events/s to ZeroMQ "
+            f"(sent {figures['sent']}, dropped {figures['dropped_total']}, "
+            f"queued {figures['queued']})"
         )
-    met = rate >= TARGET_RATE and p99 < TARGET_P99_US
+    met = (
+        rate >= TARGET_RATE
+        and p99 < TARGET_P99_US
+        and status["dropped_total"] == 0
+        and delivered_rate >= TARGET_RATE
+    )
     print(
         f"target >= {TARGET_RATE:,} events/s and p99 < {TARGET_P99_US:.0f} us: "
         f"{'met' if met else 'NOT met'}"
