@@ -627,7 +627,7 @@ class WebSocketLink:
         if rejected is not None:
             publisher.counters.rejected += 1
             with publisher._lock:
-                publisher._dropped(rejected)
+                publisher._dropped(rejected.type_name)
         publisher._log.warning(
             "websocket.publish_rejected",
             message="WebSocket publish rejected by the bridge",

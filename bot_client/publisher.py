@@ -357,6 +357,8 @@ class Publisher(EventHelpers):
             self._stopped = True
             lost = [_entry(*held) for held in self._fast] + self._outbox.drain()
             self._fast.clear()
+            if self._gate is not None:  # market data published while closing
+                lost += [_entry(slot, b"", b"") for slot, _data in self._gate.release_all()]
             report = self._drop_log.take(math.inf) or {}
         lost += self._link.abandoned()
         with self._lock:
@@ -545,6 +547,9 @@ class Publisher(EventHelpers):
         data_json = dumps_data(slot.type_name, data)
         now = self._clock()
         with self._lock:
+            if self._stopped:  # nothing would ever release it
+                self._dropped(slot.type_name)
+                return
             if self._filter is not None and not self._filter.significant(
                 slot.topic, data.get("price")
             ):
@@ -604,19 +609,20 @@ class Publisher(EventHelpers):
     def _enqueue(self, entry: Entry) -> None:
         """Put an encoded event in the outbox, counting what overflow drops. Lock held."""
         if self._stopped:
-            self._dropped(entry)
+            self._dropped(entry.type_name)
             return
         was_empty = not self._outbox
         dropped = self._outbox.push(entry)
         if dropped is not None:
-            self._dropped(dropped)
+            self._dropped(dropped.type_name)
         if was_empty:
             self._wake()
 
-    def _dropped(self, entry: Entry) -> None:
+    def _dropped(self, type_name: str) -> None:
+        """Count one lost event of ``type_name`` and report it (rate-limited). Lock held."""
         counters = self.counters
-        counters.dropped[entry.type_name] = counters.dropped.get(entry.type_name, 0) + 1
-        report = self._drop_log.record(entry.type_name, self._clock())
+        counters.dropped[type_name] = counters.dropped.get(type_name, 0) + 1
+        report = self._drop_log.record(type_name, self._clock())
         if report is not None:
             self._warn_drops(report)
 

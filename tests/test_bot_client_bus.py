@@ -421,6 +421,11 @@ def test_heartbeat_and_status(
     ) as publisher:
         first, second = receive(subscriber, 2)
         status = publisher.status()
+    # after close: counted as dropped, never raised, never silently held
+    publisher.publish("custom_event", {"late": True})
+    publisher.publish_market_data("BTC-USD", 1.0)
+    publisher.publish_market_data("BTC-USD", 2.0)
+    assert publisher.status()["dropped"] == {"custom_event": 1, "market_data": 2}
     assert first.topic == second.topic == "system_status.heartbeat"
     assert first.data["heartbeat"] is True
     assert second.seq == first.seq + 1
