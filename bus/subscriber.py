@@ -394,13 +394,14 @@ class BlockingSubscriber:
             raise RuntimeError("subscriber not started (use `with` or `start()`)")
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._pending:
-            if deadline is not None:
-                left_ms = max(0, int((deadline - time.monotonic()) * 1000))
-                if not self._socket.poll(left_ms):
-                    return None
             try:
                 message = recv_event(self._socket)
             except zmq.Again:
+                # Nothing queued: only now wait (Socket.poll costs microseconds per call).
+                if deadline is None:
+                    self._socket.poll()
+                elif not self._socket.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                    return None
                 continue
             self._pending.extend(self.state.receive(message))
         return self._pending.popleft()

@@ -364,3 +364,31 @@ def test_blocking_subscriber(
         ]
         assert sub.recv(0.1) is None
         assert sub.stats.snapshot_events == 1
+
+
+def test_blocking_recv_waits_without_spinning(
+    zmq_context: Context, proxy: Proxy, publishers: list[Publisher]
+) -> None:
+    results: list[tuple[object, float]] = []
+    with BlockingSubscriber(
+        ["*"],
+        endpoint=proxy.backend_endpoint,
+        snapshot=True,
+        snapshot_endpoint=proxy.snapshot_endpoint,
+        context=zmq_context,
+    ) as sub:
+
+        def wait_forever() -> None:
+            started = time.thread_time()
+            item = sub.recv()
+            results.append((item, time.thread_time() - started))
+
+        waiter = threading.Thread(target=wait_forever)
+        waiter.start()
+        time.sleep(0.5)  # the waiter must sit idle, not spin, for this long
+        publishers[0].publish("ai_decision", n=1)
+        waiter.join(scaled(5))
+        assert not waiter.is_alive()
+    ((item, cpu_seconds),) = results
+    assert isinstance(item, Event)
+    assert cpu_seconds < 0.1
