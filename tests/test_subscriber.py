@@ -392,3 +392,11 @@ def test_blocking_recv_waits_without_spinning(
     ((item, cpu_seconds),) = results
     assert isinstance(item, Event)
     assert cpu_seconds < 0.1
+
+
+async def test_async_recv_waits_without_spinning(zmq_context: Context, proxy: Proxy) -> None:
+    async with subscriber(proxy, zmq_context, ["*"], snapshot=True) as sub:
+        started = time.thread_time()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(sub.recv(), 0.5)
+        assert time.thread_time() - started < 0.1
