@@ -496,11 +496,15 @@ class Bridge:
                     message = await ws.receive()
                     if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                         if not bucket.take(time.monotonic()):
-                            close_code, close_reason = CLOSE_POLICY, "rate limit exceeded"
-                            self.log.warning(
-                                "websocket.rate_limited", client=client.id, ip=client.ip
-                            )
-                            break
+                            if not client.may_publish:
+                                close_code, close_reason = CLOSE_POLICY, "rate limit exceeded"
+                                self.log.warning(
+                                    "websocket.rate_limited", client=client.id, ip=client.ip
+                                )
+                                break
+                            # a publisher above its rate is slowed down, not dropped: not
+                            # reading its socket pushes back on it through TCP
+                            await asyncio.sleep(bucket.reserve(time.monotonic()))
                         try:
                             failed = await self._handle(client, message.data)
                         except Exception:
@@ -585,7 +589,7 @@ class Bridge:
         return False
 
     async def _publish_request(self, client: Client, request: PublishRequest) -> None:
-        if client.may_publish and (self._pub is None or not self.publish_ready):
+        if client.may_publish and (self._pub is None or not self.publish_ready or not self.ready):
             self.hub.stats.publish_rejected["bus_unavailable"] = (
                 self.hub.stats.publish_rejected.get("bus_unavailable", 0) + 1
             )

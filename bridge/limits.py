@@ -24,3 +24,10 @@ class TokenBucket:
             self._tokens -= cost
             return True
         return False
+
+    def reserve(self, now: float, cost: float = 1.0) -> float:
+        """Take ``cost`` tokens even if the bucket runs into debt; returns how long the
+        caller should wait before acting (0 when the tokens were there)."""
+        self.take(now, 0.0)  # refill
+        self._tokens -= cost
+        return max(0.0, -self._tokens / self.rate)

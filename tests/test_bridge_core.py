@@ -470,3 +470,12 @@ def test_source_liveness_with_injected_time() -> None:
     late = Client(5)
     hub.add_client(late, 0)
     assert [m["type"] for m in texts(late, statuses=True)] == ["source_status"]
+
+
+def test_token_bucket_reservation_for_publishers() -> None:
+    bucket = TokenBucket(rate=4.0, burst=1.0, now=0.0)
+    assert bucket.reserve(0.0) == 0.0
+    assert bucket.reserve(0.0) == pytest.approx(0.25)  # in debt: wait a quarter second
+    assert bucket.reserve(0.0) == pytest.approx(0.5)
+    assert not bucket.take(0.4)
+    assert bucket.take(0.75)

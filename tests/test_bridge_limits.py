@@ -181,6 +181,25 @@ async def test_rate_limit_closes_with_1008(server: BridgeServer) -> None:
     assert await closed_with(client) == (1008, "rate limit exceeded")
 
 
+async def test_publisher_above_its_rate_is_slowed_not_closed(
+    proxy: Proxy, publisher: BusPublisher
+) -> None:
+    await publisher.connected()
+    config = bridge_config(
+        proxy, allow_publish=True, publish_rate_limit=100.0, publish_rate_burst=5.0
+    )
+    async with running_bridge(config) as server:
+        bot = await connect(server, "role=publisher&source=fast-bot")
+        started = time.monotonic()
+        for n in range(1, 31):
+            await bot.send(orjson.dumps({"type": "ai_decision", "data": {}, "id": n}).decode())
+        acks = [await recv(bot) for _ in range(30)]
+        elapsed = time.monotonic() - started
+        assert acks == [{"type": "ack", "id": n} for n in range(1, 31)]
+        assert elapsed >= 0.2  # 25 events beyond the burst at 100/s
+        await bot.close()
+
+
 async def test_max_subscriptions(server: BridgeServer) -> None:
     client = await connect(server)
     await subscribe(client, ["a", "b"])
