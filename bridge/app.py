@@ -108,6 +108,7 @@ class Bridge:
         self._dealer: zmq.asyncio.Socket | None = None
         self._pub: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing_tasks: set[asyncio.Task[bool]] = set()
         self._markers: dict[int, bytes] = {}
         self._backlog: set[Client] = set()
         self._backlog_timer: asyncio.TimerHandle | None = None
@@ -384,7 +385,9 @@ class Bridge:
         if ws.closed:
             return
         task = asyncio.create_task(ws.close(code=code, message=reason.encode(), drain=False))
-        task.add_done_callback(lambda _t: None)
+        # the loop keeps only weak references to tasks: hold it until it is done
+        self._closing_tasks.add(task)
+        task.add_done_callback(self._closing_tasks.discard)
         if self._loop is not None and transport is not None:
             # a client that reads nothing never answers the close frame
             self._loop.call_later(self.config.close_timeout + 0.5, transport.abort)

@@ -32,6 +32,7 @@ from tests.test_bridge_support import (
     request,
     running_bridge,
     subscribe,
+    wait_for,
     ws_url,
 )
 
@@ -233,19 +234,22 @@ async def test_bad_requests_get_errors_and_the_connection_survives(server: Bridg
 
 
 async def test_max_connections_total_and_per_address(proxy: Proxy) -> None:
-    config = bridge_config(proxy, max_connections=3, max_connections_per_ip=2)
-    async with running_bridge(config) as server:
+    async with running_bridge(bridge_config(proxy, max_connections_per_ip=2)) as server:
         first = await connect(server)
         second = await connect(server)
         await expect_refused(server, 429)
-        server.bridge.config = server.bridge.config.replace(max_connections_per_ip=10)
-        third = await connect(server)
-        await expect_refused(server, 503)
         await first.close()
-        await asyncio.sleep(0.05)
-        fourth = await connect(server)
-        for client in (second, third, fourth):
+        await wait_for(lambda: sum(server.bridge.connections.values()) == 1, "a slot to free")
+        third = await connect(server)
+        for client in (second, third):
             await client.close()
+        assert server.bridge.rejected == {"max_connections_per_ip": 1}
+    async with running_bridge(bridge_config(proxy, max_connections=2)) as server:
+        clients = [await connect(server), await connect(server)]
+        await expect_refused(server, 503)
+        for client in clients:
+            await client.close()
+        assert server.bridge.rejected == {"max_connections": 1}
 
 
 # -- liveness ---------------------------------------------------------------------------
