@@ -24,6 +24,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _niceness(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value <= 19:
+        raise argparse.ArgumentTypeError(f"expected 0..19, got {text!r}")
+    return value
+
+
 def _setting(name: str, default: object) -> str:
     """The TRADEBUS__PROXY_<NAME> variable, else the default; argparse validates both."""
     return os.environ.get(f"TRADEBUS__PROXY_{name}", str(default))
@@ -71,6 +81,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="topics kept in the last-value cache (default %(default)s)",
     )
     parser.add_argument(
+        "--cache-nice",
+        type=_niceness,
+        default=_setting("CACHE_NICE", defaults.cache_nice),
+        help="CPU niceness of the cache thread, 0..19: forwarding goes first (default %(default)s)",
+    )
+    parser.add_argument(
         "--no-cache", action="store_true", help="no last-value cache and no snapshot service"
     )
     parser.add_argument(
@@ -97,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         backend_hwm=args.backend_hwm,
         capture_hwm=args.capture_hwm,
         cache_max_topics=args.cache_max_topics,
+        cache_nice=args.cache_nice,
         cache=not args.no_cache,
     )
     stop = threading.Event()

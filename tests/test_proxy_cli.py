@@ -110,10 +110,11 @@ def test_signals_stop_the_proxy_cleanly(ports: list[int], signum: signal.Signals
     assert "Traceback" not in stderr
 
 
-def one_line_error(*args: str) -> str:
+def one_line_error(*args: str, **environment: str) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "tradebus", "proxy", *args],
         cwd=ROOT,
+        env={**os.environ, **environment},
         capture_output=True,
         text=True,
         timeout=scaled(20),
@@ -148,6 +149,7 @@ def test_bad_endpoint_is_one_line_and_exit_2() -> None:
         (["--backend-hwm", "-5"], "expected a number above 0"),
         (["--capture-hwm", "lots"], "expected a whole number"),
         (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--cache-nice", "20"], "expected 0..19"),
     ],
 )
 def test_bad_options_are_one_line_and_exit_2(args: list[str], complaint: str) -> None:
@@ -238,3 +240,13 @@ def test_killed_proxy_restarts_and_everyone_reconnects_reporting_the_gap(
         first.kill()
         if second is not None:
             second.kill()
+
+
+def test_settings_come_from_the_environment_too(ports: list[int]) -> None:
+    line = one_line_error(TRADEBUS__PROXY_BACKEND_HWM="lots")
+    assert "argument --backend-hwm: expected a whole number, got 'lots'" in line
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", ports[0]))
+        holder.listen()
+        line = one_line_error(TRADEBUS__PROXY_FRONTEND=f"tcp://127.0.0.1:{ports[0]}")
+    assert f"publisher (XSUB) socket to tcp://127.0.0.1:{ports[0]}: Address already" in line
