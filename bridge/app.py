@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import itertools
 import ssl
 import time
@@ -65,15 +64,6 @@ PLACEHOLDER_PAGE: Final = (
     "<p>tradebus bridge is running. The dashboard is not installed "
     "(bridge/static/index.html is missing). WebSocket endpoint: <code>/ws</code>.</p>"
 )
-
-
-def _is_loopback(address: str | None) -> bool:
-    if not address:
-        return False
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 class Bridge:
@@ -440,7 +430,7 @@ class Bridge:
             next(self._client_ids),
             grant=grant,
             publisher=query.get("role") == "publisher",
-            may_publish=grant.publish or (config.allow_publish and _is_loopback(ip)),
+            may_publish=grant.publish or config.publish_trusted(ip),
             ip=ip,
             source=source,
             epoch=epoch,

@@ -25,6 +25,7 @@ _HELP_TEXT = {
     "snapshot": "the proxy's snapshot service ('' for none)",
     "publish_to": "the proxy's XSUB endpoint WebSocket publishers' events go to",
     "allow_publish": "let loopback connections publish without a token",
+    "publish_networks": "trusted networks (CIDR, comma-separated) that may publish without a token",
     "origins": "extra allowed Origin values, comma-separated ('*' allows any)",
     "tokens": "static tokens that may subscribe, comma-separated (enables auth)",
     "publish_tokens": "static tokens that may subscribe and publish (enables auth)",

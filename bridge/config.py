@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -25,6 +26,7 @@ class BridgeConfig:
     snapshot: str = "tcp://127.0.0.1:5557"  # the proxy's snapshot service; "" = none
     publish_to: str = "tcp://127.0.0.1:5555"  # the proxy's XSUB, for WebSocket publishers
     allow_publish: bool = False  # loopback connections may publish without a token
+    publish_networks: tuple[str, ...] = ()  # trusted networks (CIDR) that may publish too
     origins: tuple[str, ...] = ()  # extra allowed Origin values; "*" allows any
     tokens: tuple[str, ...] = ()  # static tokens: subscribe to everything
     publish_tokens: tuple[str, ...] = ()  # static tokens: subscribe and publish
@@ -86,6 +88,14 @@ class BridgeConfig:
         if self.jwt_secret is not None and len(self.jwt_secret.encode()) < 32:
             # RFC 7518 3.2: an HS256 key must be at least as long as the hash (32 bytes)
             raise ConfigError("bridge setting jwt_secret must be at least 32 bytes")
+        for network in self.publish_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"bridge setting publish_networks: {network!r} is not a network "
+                    "such as 172.16.0.0/12 or 10.0.0.5/32"
+                ) from None
         if bool(self.cert) != bool(self.key):
             raise ConfigError("bridge settings cert and key must be given together")
         for type_name in self.conflate_types:
@@ -93,6 +103,18 @@ class BridgeConfig:
                 validate_type(type_name)
             except TopicError as error:
                 raise ConfigError(f"bridge setting conflate_types: {error}") from None
+
+    def publish_trusted(self, address: str | None) -> bool:
+        """Whether a connection from ``address`` may publish without a publisher token."""
+        if not address:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if self.allow_publish and ip.is_loopback:
+            return True
+        return any(ip in ipaddress.ip_network(n, strict=False) for n in self.publish_networks)
 
     @property
     def auth_required(self) -> bool:

@@ -317,12 +317,15 @@ def test_the_override_makes_the_bot_publish_over_websocket_by_container_name() -
     assert settings.enabled
     assert settings.url == "ws://dashboard-backend:8000/ws"
     assert settings.transport == "ws"
-    assert settings.token  # the bridge trusts only loopback without a token
     backend = services("websocket")["dashboard-backend"]
     with pytest.MonkeyPatch.context() as patch:
         clean_environment(patch, environment_of(backend))
         config = config_from_args(parse(command_of(backend)))
-    assert settings.token in config.publish_tokens
+    bot_address = bot["networks"]["trading-network"]["ipv4_address"]
+    assert config.publish_trusted(bot_address), "the bot's address may publish"
+    # browsers on the host arrive from the network's gateway: they must not be trusted
+    assert not config.publish_trusted("172.28.0.1")
+    assert not config.auth_required, "viewers need no token"
     base_bot = services("base")["ai-trading-bot"]
     with pytest.MonkeyPatch.context() as patch:
         clean_environment(patch, environment_of(base_bot))
