@@ -244,8 +244,8 @@ def _measure(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=300_000, help="events per run")
-    parser.add_argument("--rounds", type=int, default=3, help="runs per configuration")
+    parser.add_argument("--events", type=int, default=200_000, help="events per run")
+    parser.add_argument("--rounds", type=int, default=5, help="runs per configuration")
     parser.add_argument(
         "--only", choices=["baseline", "cache", "nocache"], action="append", help="run only these"
     )
