@@ -56,6 +56,9 @@ CLOSE_GOING_AWAY: Final = 1001
 CLOSE_POLICY: Final = 1008
 CLOSE_TOO_BIG: Final = 1009
 CLOSE_INTERNAL_ERROR: Final = 1011
+# after start-up, how long WebSocket publishers' events may wait for the bus links
+# before they are refused with "bus_unavailable"
+PUBLISH_HOLD_SECONDS: Final = 1.0
 CLOSE_TOKEN_EXPIRED: Final = 4001
 CLOSE_SLOW_CONSUMER: Final = 4008
 
@@ -88,6 +91,9 @@ class Bridge:
         self.registry.register(BridgeCollector(self))
         self.ready = not config.snapshot
         self.publish_ready = False
+        # set while a WebSocket publisher's event can go onto the bus right away
+        self._bus_usable = asyncio.Event()
+        self._publish_grace_until = 0.0
         self.connections: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
         self.slow_closed_bytes = 0
@@ -111,6 +117,7 @@ class Bridge:
     async def start(self) -> None:
         config = self.config
         self._loop = asyncio.get_running_loop()
+        self._publish_grace_until = time.monotonic() + PUBLISH_HOLD_SECONDS
         self._context = zmq.asyncio.Context()
         sub = self._context.socket(zmq.SUB)
         sub.linger = 0
@@ -259,6 +266,7 @@ class Bridge:
         self._probe_answered = now
         if not self.ready:
             self.ready = True
+            self._update_bus_usable()
             self.log.info("bridge.bus_connected", bus=self.config.bus)
 
     async def _read_publisher(self) -> None:
@@ -267,7 +275,14 @@ class Bridge:
             message = await self._pub.recv()
             if message[:1] == b"\x01" and not self.publish_ready:
                 self.publish_ready = True
+                self._update_bus_usable()
                 self.log.info("bridge.publisher_connected", publish_to=self.config.publish_to)
+
+    def _update_bus_usable(self) -> None:
+        if self._pub is not None and self.publish_ready and self.ready:
+            self._bus_usable.set()
+        else:
+            self._bus_usable.clear()
 
     async def _housekeeping(self) -> None:
         while True:
@@ -289,6 +304,7 @@ class Bridge:
             and now - self._probe_sent > PROBE_TIMEOUT
         ):
             self.ready = False
+            self._update_bus_usable()
             self.log.warning("bridge.bus_unavailable", snapshot=self.config.snapshot)
         interval = 5.0 if self.ready else 1.0
         if now - self._probe_sent >= interval and (
@@ -582,7 +598,14 @@ class Bridge:
         return False
 
     async def _publish_request(self, client: Client, request: PublishRequest) -> None:
-        if client.may_publish and (self._pub is None or not self.publish_ready or not self.ready):
+        grace = self._publish_grace_until - time.monotonic()
+        if client.may_publish and not self._bus_usable.is_set() and grace > 0:
+            # Just after start-up the bus links take a moment: hold this connection's
+            # events (its later messages wait behind, so order is kept) rather than
+            # refuse a publisher that connected a moment too early.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._bus_usable.wait(), grace)
+        if client.may_publish and not self._bus_usable.is_set():
             self.hub.stats.publish_rejected["bus_unavailable"] = (
                 self.hub.stats.publish_rejected.get("bus_unavailable", 0) + 1
             )
