@@ -18,6 +18,18 @@ from bus.proxy import Proxy, ProxyConfig
 TIMEOUT_FACTOR = float(os.environ.get("TRADEBUS_TEST_TIMEOUT_FACTOR", "1"))
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With TRADEBUS_FAIL_ON_SKIP=1 (set by .ci/run) a skipped test fails the run."""
+    if os.environ.get("TRADEBUS_FAIL_ON_SKIP") != "1":
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if skipped and session.exitstatus == 0:
+        names = ", ".join(report.nodeid for report in skipped[:5])
+        print(f"\nTRADEBUS_FAIL_ON_SKIP: {len(skipped)} test(s) skipped ({names}); failing the run")
+        session.exitstatus = 1
+
+
 def scaled(seconds: float) -> float:
     """A test wait, scaled for the machine."""
     return seconds * TIMEOUT_FACTOR
