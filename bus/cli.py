@@ -10,28 +10,9 @@ from types import FrameType
 
 from bus.proxy import DEFAULT_BACKEND, DEFAULT_FRONTEND, DEFAULT_SNAPSHOT, Proxy, ProxyConfig
 from monitoring.logging import configure_logging, get_logger
+from tradebus.arguments import positive_int, whole_number
 
 HELP = "run the bus proxy: publishers -> XSUB, XPUB -> subscribers, snapshots"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
-    return value
-
-
-def _niceness(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= value <= 19:
-        raise argparse.ArgumentTypeError(f"expected 0..19, got {text!r}")
-    return value
 
 
 def _setting(name: str, default: object) -> str:
@@ -58,31 +39,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--frontend-hwm",
-        type=_positive_int,
+        type=positive_int,
         default=_setting("FRONTEND_HWM", defaults.frontend_hwm),
         help="messages queued per publisher before libzmq stops reading it (default %(default)s)",
     )
     parser.add_argument(
         "--backend-hwm",
-        type=_positive_int,
+        type=positive_int,
         default=_setting("BACKEND_HWM", defaults.backend_hwm),
         help="messages queued per subscriber before its messages are dropped (default %(default)s)",
     )
     parser.add_argument(
         "--capture-hwm",
-        type=_positive_int,
+        type=positive_int,
         default=_setting("CAPTURE_HWM", defaults.capture_hwm),
         help="messages queued for the cache before cache updates are dropped (default %(default)s)",
     )
     parser.add_argument(
         "--cache-max-topics",
-        type=_positive_int,
+        type=positive_int,
         default=_setting("CACHE_MAX_TOPICS", defaults.cache_max_topics),
         help="topics kept in the last-value cache (default %(default)s)",
     )
     parser.add_argument(
         "--cache-nice",
-        type=_niceness,
+        type=whole_number(0, 19),
         default=_setting("CACHE_NICE", defaults.cache_nice),
         help="CPU niceness of the cache thread, 0..19: forwarding goes first (default %(default)s)",
     )
@@ -91,7 +72,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--metrics-port",
-        type=_positive_int,
+        type=positive_int,
         default=os.environ.get("TRADEBUS__PROXY_METRICS_PORT"),
         help="serve Prometheus metrics (/metrics) and /health on this port (default: off)",
     )

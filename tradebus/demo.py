@@ -29,6 +29,7 @@ from bus.errors import TopicError
 from bus.topics import validate_key
 from monitoring.errors import ToolError
 from monitoring.logging import configure_logging, get_logger
+from tradebus.arguments import positive_number
 
 HELP = "run a simulated trading bot that publishes to a bus (tcp://, ipc://) or bridge (ws://)"
 
@@ -455,14 +456,6 @@ async def play(
 
 
 # -- command line -------------------------------------------------------------------------------
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
-    return value
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -477,7 +470,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> Non
     )
     parser.add_argument(
         f"--{prefix}speed",
-        type=_positive,
+        type=positive_number(),
         default=1.0,
         help="simulated seconds per real second (default 1)",
     )
@@ -534,7 +527,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     add_demo_arguments(parser)
     parser.add_argument(
-        "--duration", type=_positive, help="simulated seconds to run (default: until Ctrl-C)"
+        "--duration",
+        type=positive_number(),
+        help="simulated seconds to run (default: until Ctrl-C)",
     )
     parser.add_argument(
         "--metrics-port",

@@ -42,6 +42,7 @@ from bus.subscriber import BlockingSubscriber, Gap, resolve_backend, resolve_sna
 from bus.topics import validate_source, validate_topic
 from monitoring.errors import ToolError
 from monitoring.logging import configure_logging, get_logger
+from tradebus.arguments import positive_int, positive_number
 
 HELP = "record bus topics to a JSON-lines file (see `tradebus replay`)"
 FORMAT_VERSION: Final = 1
@@ -366,24 +367,6 @@ def replay(
 
 
 # -- command line: record ------------------------------------------------------------------------
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
-    return value
-
-
-def _whole(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
-    return value
 
 
 def stop_on_signals() -> threading.Event:
@@ -420,8 +403,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="start the recording with the latest event of every matching topic",
     )
-    parser.add_argument("--duration", type=_positive, help="stop after this many seconds")
-    parser.add_argument("--count", type=_whole, help="stop after this many events")
+    parser.add_argument("--duration", type=positive_number(), help="stop after this many seconds")
+    parser.add_argument("--count", type=positive_int, help="stop after this many events")
     parser.add_argument(
         "--append", action="store_true", help="append to the file instead of replacing it"
     )

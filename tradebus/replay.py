@@ -12,6 +12,7 @@ import zmq
 
 from bus.proxy import DEFAULT_FRONTEND
 from monitoring.logging import configure_logging, get_logger
+from tradebus.arguments import positive_number
 from tradebus.record import (
     RecordingError,
     Restamper,
@@ -25,18 +26,6 @@ HELP = "publish a recording back onto the bus at its pace, scaled, or as fast as
 FRONTEND_VARIABLE = "TRADEBUS__PROXY_FRONTEND"
 
 
-def _speed(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a factor such as 2 or 0.5, got {text!r}"
-        ) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a factor above 0, got {text!r}")
-    return value
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", type=Path, help="a recording made by `tradebus record`")
     parser.add_argument(
@@ -47,7 +36,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     pace = parser.add_mutually_exclusive_group()
     pace.add_argument(
         "--speed",
-        type=_speed,
+        type=positive_number("a speed factor (e.g. 2 or 0.5)"),
         default=1.0,
         help="pace factor: 2 plays twice as fast, 0.5 half as fast (default 1: original pace)",
     )
@@ -63,7 +52,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--connect-timeout",
-        type=_speed,
+        type=positive_number("a speed factor (e.g. 2 or 0.5)"),
         default=5.0,
         help="seconds to wait for the proxy (default %(default)s)",
     )

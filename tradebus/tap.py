@@ -37,6 +37,7 @@ from bus.envelope import format_timestamp
 from bus.sequence import SeqStatus, SequenceTracker
 from monitoring.errors import ToolError
 from monitoring.logging import configure_logging, get_logger
+from tradebus.arguments import positive_number, whole_number
 
 HELP = "watch a bridge's WebSocket (or --send test events to it) and summarise what arrived"
 
@@ -462,24 +463,6 @@ async def _await_answer(
 
 
 # -- command line ------------------------------------------------------------------------------
-def _duration(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected seconds above 0, got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text!r}")
-    return value
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -495,7 +478,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--duration",
-        type=_duration,
+        type=positive_number("seconds"),
         help="seconds to listen (default: until Ctrl-C; 30 with --expect)",
     )
     parser.add_argument(
@@ -511,7 +494,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--expect",
-        type=_count,
+        type=whole_number(0),
         help="stop once N live events arrived; exit status 1 if fewer arrived in time "
         "(it is 1 too when the bridge reports an error or closes the connection)",
     )
@@ -519,7 +502,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--send", choices=SEND_CHOICES, help="publish the guide's example event(s) instead"
     )
     parser.add_argument(
-        "--repeat", type=_count, default=1, help="with --send, rounds of events (default 1)"
+        "--repeat",
+        type=whole_number(0),
+        default=1,
+        help="with --send, rounds of events (default 1)",
     )
     parser.add_argument(
         "--source",

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from bus.proxy import Proxy, ProxyConfig
 from monitoring.logging import configure_logging, get_logger
 from monitoring.metrics import MetricsServer, ProxyCollector, PublisherCollector
+from tradebus.arguments import port_number
 from tradebus.demo import add_demo_arguments, demo_settings, make_publisher, run_demo
 
 HELP = "run proxy + bridge + demo bot in one process and print the dashboard URL"
@@ -45,16 +46,6 @@ def _setting(name: str, default: object) -> str:
     return os.environ.get(name, str(default))
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port 0..65535, got {text!r}")
-    return value
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--host",
@@ -63,7 +54,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--port",
-        type=_port,
+        type=port_number,
         default=_setting("TRADEBUS__BRIDGE_PORT", 8000),
         help="the bridge's HTTP/WebSocket port; 0 picks a free one (default %(default)s)",
     )
@@ -84,7 +75,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--metrics-port",
-        type=_port,
+        type=port_number,
         default=_setting("TRADEBUS__UP_METRICS_PORT", DEFAULT_METRICS_PORT),
         help="Prometheus metrics of proxy, bridge and demo bot; 0 picks a free port "
         "(default %(default)s)",
