@@ -56,9 +56,12 @@ CLOSE_GOING_AWAY: Final = 1001
 CLOSE_POLICY: Final = 1008
 CLOSE_TOO_BIG: Final = 1009
 CLOSE_INTERNAL_ERROR: Final = 1011
+CLOSE_TRY_AGAIN_LATER: Final = 1013
 # after start-up, how long WebSocket publishers' events may wait for the bus links
 # before they are refused with "bus_unavailable"
 PUBLISH_HOLD_SECONDS: Final = 1.0
+# how far ahead of this host's clock a publisher's epoch (its start time) may be
+EPOCH_SKEW_NS: Final = 60 * 1_000_000_000
 CLOSE_TOKEN_EXPIRED: Final = 4001
 CLOSE_SLOW_CONSUMER: Final = 4008
 
@@ -95,6 +98,8 @@ class Bridge:
         self._bus_usable = asyncio.Event()
         self._publish_grace_until = 0.0
         self.connections: dict[str, int] = {}
+        # sources named by live publishing connections: one connection per source
+        self._publishing_sources: set[str] = set()
         self.rejected: dict[str, int] = {}
         self.slow_closed_bytes = 0
         self._client_ids = itertools.count(1)
@@ -438,10 +443,19 @@ class Bridge:
             epoch = int(query.get("epoch", "0") or 0)
             if epoch < 0:
                 raise ValueError("epoch must be >= 0")
+            if epoch > time.time_ns() + EPOCH_SKEW_NS:
+                # an epoch is its run's start time: one in the future would make every
+                # receiver drop the real source's later runs as stale
+                raise ValueError("epoch is in the future (it is the publisher's start time in ns)")
             initial = [Pattern(t) for t in query.get("topics", "").split(",") if t.strip()]
         except (TopicError, ValueError) as error:
             self._reject("bad_query", ip=ip)
             raise web.HTTPBadRequest(text=f"{error}\n") from None
+        if source and source in self._publishing_sources:
+            self._reject("source_in_use", ip=ip)
+            raise web.HTTPConflict(
+                text=f"source {source!r} is already publishing on another connection\n"
+            )
         client = Client(
             next(self._client_ids),
             grant=grant,
@@ -469,6 +483,9 @@ class Bridge:
         )
         # counted before the handshake's first await, so concurrent handshakes see it
         self.connections[client.ip] = self.connections.get(client.ip, 0) + 1
+        claims_source = bool(client.source) and client.may_publish
+        if claims_source:
+            self._publishing_sources.add(client.source)
         try:
             await ws.prepare(request)
             client.transport = request.transport
@@ -498,7 +515,13 @@ class Bridge:
             close_code, close_reason = CLOSE_NORMAL, ""
             try:
                 if initial:
-                    self._request(client, Subscribe(tuple(initial), True, None, None))
+                    try:
+                        self._request(client, Subscribe(tuple(initial), True, None, None))
+                    except RequestError as error:
+                        # e.g. patterns outside the token's or over max_subscriptions: the
+                        # client is told, as for the same request sent as a message
+                        hub.error(client, error.code, str(error), None)
+                        errors += 1
                 self._apply_upstream()
                 self.flush()
                 while True:
@@ -519,6 +542,13 @@ class Bridge:
                         except Exception:
                             self.log.exception("websocket.internal_error", client=client.id)
                             close_code, close_reason = CLOSE_INTERNAL_ERROR, "internal error"
+                            break
+                        if failed == "bus_unavailable":
+                            # Nothing this connection sends after a refused event may reach
+                            # the bus before it: the publisher resends from the refused one
+                            # on its next connection, in order.
+                            close_code, close_reason = CLOSE_TRY_AGAIN_LATER, "bus unavailable"
+                            self.flush()  # the error reply goes out before the close frame
                             break
                         if failed:
                             errors += 1
@@ -557,6 +587,8 @@ class Bridge:
                 )
             return ws
         finally:
+            if claims_source:
+                self._publishing_sources.discard(client.source)
             left = self.connections.get(client.ip, 1) - 1
             if left > 0:
                 self.connections[client.ip] = left
@@ -575,8 +607,8 @@ class Bridge:
         else:
             self.hub.unsubscribe(client, request, now)
 
-    async def _handle(self, client: Client, data: str | bytes) -> bool:
-        """Handle one client message; True when it was invalid (an error was sent)."""
+    async def _handle(self, client: Client, data: str | bytes) -> str | None:
+        """Handle one client message; the error code when it was refused (and told)."""
         hub = self.hub
         try:
             request = parse_request(data)
@@ -594,8 +626,8 @@ class Bridge:
                 self.log.warning(
                     "websocket.publish_rejected", client=client.id, ip=client.ip, code=error.code
                 )
-            return True
-        return False
+            return error.code
+        return None
 
     async def _publish_request(self, client: Client, request: PublishRequest) -> None:
         grace = self._publish_grace_until - time.monotonic()

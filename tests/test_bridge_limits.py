@@ -213,6 +213,63 @@ async def test_max_subscriptions(server: BridgeServer) -> None:
     await client.close()
 
 
+async def test_refused_url_topics_get_an_error_and_the_connection_survives(
+    server: BridgeServer,
+) -> None:
+    client = await connect(server, "topics=a,b,c,d")  # over max_subscriptions=3
+    error, _ = await recv_until(client, lambda m: m["type"] == "error")
+    assert error["code"] == "too_many_subscriptions"
+    pong = await request(client, {"op": "ping", "id": 1}, "pong")
+    assert pong["id"] == 1
+    await client.close()
+
+
+async def test_jwt_url_topics_outside_the_token_get_an_error(
+    proxy: Proxy, publisher: BusPublisher
+) -> None:
+    await publisher.connected()
+    async with running_bridge(bridge_config(proxy, jwt_secret=SECRET)) as server:
+        token = make_jwt(exp=int(time.time()) + 60, topics=["market_data"])
+        client = await connect(server, f"topics=ai_decision&token={token}")
+        error, _ = await recv_until(client, lambda m: m["type"] == "error")
+        assert error["code"] == "forbidden"
+        await client.close()
+
+
+async def test_a_publisher_cannot_take_over_a_live_source_or_claim_a_future_epoch(
+    proxy: Proxy, publisher: BusPublisher
+) -> None:
+    await publisher.connected()
+    async with running_bridge(bridge_config(proxy, allow_publish=True)) as server:
+        first = await connect(server, "role=publisher&source=bot-7")
+        await expect_refused(server, 409, "role=publisher&source=bot-7")
+        future = time.time_ns() + 3600 * 1_000_000_000
+        await expect_refused(server, 400, f"role=publisher&source=bot-8&epoch={future}")
+        await first.close()
+        # once the first connection is gone the source is free again (a reconnecting bot)
+        await wait_for(lambda: "bot-7" not in server.bridge._publishing_sources, "source released")
+        again = await connect(server, "role=publisher&source=bot-7")
+        await again.close()
+
+
+async def test_a_refused_publish_closes_the_connection_so_nothing_overtakes_it(
+    proxy: Proxy, publisher: BusPublisher, tmp_path: Path
+) -> None:
+    await publisher.connected()
+    # the bus is reachable for subscribing, but nothing listens where events go out
+    config = bridge_config(proxy, allow_publish=True).replace(publish_to=f"ipc://{tmp_path}/absent")
+    async with running_bridge(config) as server:
+        bridge = server.bridge
+        await wait_for(lambda: time.monotonic() > bridge._publish_grace_until, "grace over")
+        writer = await connect(server, "role=publisher&source=bot-9")
+        await writer.send('{"type": "ai_decision", "data": {"n": 1}, "id": 1}')
+        await writer.send('{"type": "ai_decision", "data": {"n": 2}, "id": 2}')
+        error, _ = await recv_until(writer, lambda m: m["type"] == "error")
+        assert (error["code"], error["id"]) == ("bus_unavailable", 1)
+        assert await closed_with(writer) == (1013, "bus unavailable")
+        assert bridge.hub.stats.publish_rejected == {"bus_unavailable": 1}, "id 2 was handled"
+
+
 async def test_bad_requests_get_errors_and_the_connection_survives(server: BridgeServer) -> None:
     client = await connect(server)
     cases = [
