@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
@@ -16,6 +18,31 @@ import structlog
 
 LEVEL_VARIABLES = ("TRADEBUS_LOG_LEVEL", "LOG_LEVEL")
 _configured = False
+
+# A secret can reach a log line inside text we do not build ourselves (an aiohttp error
+# quoting the URL, a user's --url): it is removed from every value on the way out.
+_SECRET_PATTERNS = (
+    re.compile(r"(?i)((?:^|[?&;\s])(?:token|access_token|jwt|secret|password)=)[^&\s'\"]+"),
+    re.compile(r"(?i)(\bbearer[ .])[A-Za-z0-9._~+/=-]+"),
+)
+REDACTED = "[REDACTED]"
+
+
+def redact(text: str) -> str:
+    """``text`` with token values (query parameters, bearer credentials) replaced."""
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
+    return text
+
+
+def redact_secrets(
+    _logger: object, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: redact secrets in every string value (and exception text)."""
+    for key, value in event_dict.items():
+        if isinstance(value, str) and ("=" in value or "earer" in value):
+            event_dict[key] = redact(value)
+    return event_dict
 
 
 def _level_from_environment() -> int:
@@ -46,6 +73,7 @@ def configure_logging(level: int | str | None = None, *, force: bool = False) ->
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            redact_secrets,
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ],
         logger_factory=structlog.BytesLoggerFactory(sys.stderr.buffer),

@@ -36,7 +36,7 @@ import orjson
 from bus.envelope import format_timestamp
 from bus.sequence import SeqStatus, SequenceTracker
 from monitoring.errors import ToolError
-from monitoring.logging import configure_logging, get_logger
+from monitoring.logging import configure_logging, get_logger, redact
 from tradebus.arguments import positive_number, whole_number
 
 HELP = "watch a bridge's WebSocket (or --send test events to it) and summarise what arrived"
@@ -297,9 +297,13 @@ async def _connect(
             max_msg_size=0,
         )
     except aiohttp.WSServerHandshakeError as error:
-        raise ToolError(f"{url} refused the WebSocket handshake: HTTP {error.status}") from None
+        raise ToolError(
+            f"{redact(url)} refused the WebSocket handshake: HTTP {error.status}"
+        ) from None
     except (aiohttp.ClientError, OSError, TimeoutError) as error:
-        raise ToolError(f"cannot connect to {url}: {error or type(error).__name__}") from None
+        raise ToolError(
+            redact(f"cannot connect to {url}: {error or type(error).__name__}")
+        ) from None
 
 
 async def listen(

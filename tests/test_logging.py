@@ -1,0 +1,81 @@
+"""Logs never carry secrets: the redaction processor, and real processes that hit errors."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from monitoring.logging import REDACTED, redact
+from tests.conftest import scaled
+
+SECRET = "s3cret-T0ken.value"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"ws://127.0.0.1:8000/ws?role=publisher&token={SECRET}&source=bot",
+        f"ws://h/ws?token={SECRET}",
+        f"Cannot connect to ws://h/ws?source=a&TOKEN={SECRET}: refused",
+        f"Authorization: Bearer {SECRET}",
+        f"subprotocols tradebus, bearer.{SECRET}",
+    ],
+)
+def test_redact_removes_token_values(text: str) -> None:
+    cleaned = redact(text)
+    assert SECRET not in cleaned
+    assert REDACTED in cleaned
+
+
+def test_redact_keeps_ordinary_text() -> None:
+    text = "ws://127.0.0.1:8000/ws?role=publisher&source=bot-1&epoch=12"
+    assert redact(text) == text
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def test_a_publisher_that_cannot_connect_does_not_log_its_token() -> None:
+    script = textwrap.dedent(
+        f"""
+        import time
+        from bot_client import Publisher
+        from monitoring.logging import configure_logging
+        configure_logging()
+        publisher = Publisher(
+            url="ws://127.0.0.1:{_closed_port()}/ws", token="{SECRET}",
+            source_id="leak-check", retry_delay=0.05, heartbeat_interval=0,
+        )
+        publisher.publish("custom_event", {{"n": 1}})
+        deadline = time.monotonic() + 10
+        while publisher.status()["connect_attempts"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        publisher.close(timeout=0.5)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=scaled(30)
+    )
+    assert "publisher_connect_failed" in done.stderr, done.stderr[-2000:]
+    assert SECRET not in done.stderr + done.stdout
+
+
+def test_tap_does_not_print_the_token_of_its_url() -> None:
+    url = f"ws://127.0.0.1:{_closed_port()}/ws?token={SECRET}"
+    done = subprocess.run(
+        [sys.executable, "-m", "tradebus", "tap", "--url", url, "--duration", "1"],
+        capture_output=True,
+        text=True,
+        timeout=scaled(30),
+    )
+    assert done.returncode != 0
+    assert "cannot connect" in done.stderr
+    assert SECRET not in done.stderr + done.stdout
