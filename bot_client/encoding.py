@@ -17,6 +17,7 @@ from typing import Any, Final
 import orjson
 
 from bot_client.errors import InvalidEventError
+from bus.envelope import MAX_PAYLOAD_BYTES
 
 DUMPS_OPTIONS: Final = (
     orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_PASSTHROUGH_DATETIME
@@ -75,11 +76,20 @@ def event_data(type_name: str, data: Any) -> dict[Any, Any]:
 
 
 def dumps_data(type_name: str, data: dict[Any, Any]) -> bytes:
-    """Encode the data object alone (events held before their envelope is built)."""
+    """Encode the data object alone (events held before their envelope is built).
+
+    Raises InvalidEventError when it cannot be encoded or cannot fit in a bus payload.
+    """
     try:
-        return orjson.dumps(data, default=to_json_value, option=DUMPS_OPTIONS)
+        encoded = orjson.dumps(data, default=to_json_value, option=DUMPS_OPTIONS)
     except TypeError as error:
         raise unencodable(type_name, error) from None
+    if len(encoded) > MAX_PAYLOAD_BYTES:
+        raise InvalidEventError(
+            f"data of event {type_name!r} encodes to {len(encoded)} bytes; the bus limit "
+            f"is {MAX_PAYLOAD_BYTES}"
+        )
+    return encoded
 
 
 def unencodable(type_name: str, error: Exception) -> InvalidEventError:

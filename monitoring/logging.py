@@ -16,6 +16,8 @@ from typing import Any
 import orjson
 import structlog
 
+from monitoring.errors import MonitoringError
+
 LEVEL_VARIABLES = ("TRADEBUS_LOG_LEVEL", "LOG_LEVEL")
 _configured = False
 
@@ -26,6 +28,10 @@ _SECRET_PATTERNS = (
     re.compile(r"(?i)(\bbearer[ .])[A-Za-z0-9._~+/=-]+"),
 )
 REDACTED = "[REDACTED]"
+
+
+class LogSettingError(MonitoringError):
+    """TRADEBUS_LOG_LEVEL or LOG_LEVEL names no log level."""
 
 
 def redact(text: str) -> str:
@@ -45,13 +51,26 @@ def redact_secrets(
     return event_dict
 
 
+LEVEL_NAMES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _parse_level(value: str, source: str) -> int:
+    name = value.strip().upper()
+    if name == "WARN":
+        name = "WARNING"
+    if name not in LEVEL_NAMES:
+        raise LogSettingError(
+            f"{source}={value!r}: expected one of {', '.join(n.lower() for n in LEVEL_NAMES)}"
+        )
+    level: int = logging.getLevelName(name)
+    return level
+
+
 def _level_from_environment() -> int:
     for variable in LEVEL_VARIABLES:
         value = os.environ.get(variable)
         if value:
-            level = logging.getLevelName(value.strip().upper())
-            if isinstance(level, int):
-                return level
+            return _parse_level(value, variable)
     return logging.INFO
 
 
@@ -61,8 +80,7 @@ def configure_logging(level: int | str | None = None, *, force: bool = False) ->
     if _configured and not force:
         return
     if isinstance(level, str):
-        resolved = logging.getLevelName(level.upper())
-        numeric = resolved if isinstance(resolved, int) else logging.INFO
+        numeric = _parse_level(level, "log level")
     else:
         numeric = _level_from_environment() if level is None else level
     structlog.configure(

@@ -7,6 +7,7 @@ import enum
 import itertools
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -381,3 +382,20 @@ def test_disabled_publisher_is_a_no_op() -> None:
     assert status["connected"] is False
     assert status["published"] == 0
     publisher.close()
+
+
+@pytest.mark.parametrize("interval", [0.0, 1.0])
+def test_oversized_events_raise_at_once_on_every_path(tmp_path: Path, interval: float) -> None:
+    # interval 1.0 sends market data through the publish-interval gate, 0.0 straight out
+    publisher = Publisher(
+        url=f"ipc://{tmp_path}/nobody.sock", publish_interval=interval, heartbeat_interval=0
+    )
+    huge = "x" * (1024 * 1024 + 1)
+    try:
+        with pytest.raises(InvalidEventError, match="bus limit"):
+            publisher.publish_market_data("BTC-USD", 1.0, note=huge)
+        with pytest.raises(InvalidEventError, match="bus limit"):
+            publisher.publish("ai_decision", {"reasoning": huge})
+        assert publisher.status()["queued"] == 0
+    finally:
+        publisher.close(timeout=0.5)

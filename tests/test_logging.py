@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -89,3 +90,18 @@ def test_tap_does_not_print_the_token_of_its_url() -> None:
     assert done.returncode != 0
     assert "cannot connect" in done.stderr
     assert SECRET not in done.stderr + done.stdout
+
+
+def test_a_bad_log_level_stops_a_command_with_one_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tradebus", "proxy", "--frontend", "tcp://127.0.0.1:*"],
+        capture_output=True,
+        text=True,
+        timeout=scaled(30),
+        env={**os.environ, "TRADEBUS_LOG_LEVEL": "loud"},
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "tradebus proxy: error: TRADEBUS_LOG_LEVEL='loud': "
+        "expected one of debug, info, warning, error, critical"
+    ]

@@ -29,7 +29,7 @@ from bus.errors import TopicError
 from bus.topics import validate_key
 from monitoring.errors import ToolError
 from monitoring.logging import configure_logging, get_logger
-from tradebus.arguments import positive_number
+from tradebus.arguments import port_number, positive_number
 
 HELP = "run a simulated trading bot that publishes to a bus (tcp://, ipc://) or bridge (ws://)"
 
@@ -533,7 +533,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--metrics-port",
-        type=int,
+        type=port_number,
         help="serve the publisher's Prometheus metrics (/metrics) and /health on this port",
     )
     parser.add_argument(

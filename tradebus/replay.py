@@ -52,7 +52,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--connect-timeout",
-        type=positive_number("a speed factor (e.g. 2 or 0.5)"),
+        type=positive_number("seconds"),
         default=5.0,
         help="seconds to wait for the proxy (default %(default)s)",
     )
