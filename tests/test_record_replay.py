@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import orjson
@@ -304,3 +306,46 @@ def test_cli_record_then_replay_with_a_new_source(
         ("replayer", 3),
     ]
     assert [orjson.loads(e.payload)["data"] for e in replayed] == [{"n": 1}, {"n": 2}, {"n": 3}]
+
+
+@pytest.mark.parametrize(("speed", "expected_gap"), [(1.0, 0.3), (3.0, 0.1), (None, 0.0)])
+def test_replay_keeps_the_recorded_pace_on_a_real_clock(
+    zmq_context: Ctx, speed: float | None, expected_gap: float
+) -> None:
+    events = [
+        RecordedEvent(
+            recv_ns=1_000_000_000 + n * 300_000_000,  # recorded 0.3 s apart
+            topic="ai_decision",
+            source="bot-a",
+            epoch=1,
+            seq=n + 1,
+            publish_ns=0,
+            payload=b'{"type":"ai_decision","data":{}}',
+        )
+        for n in range(4)
+    ]
+    sender = zmq_context.socket(zmq.PUSH)
+    receiver = zmq_context.socket(zmq.PULL)
+    try:
+        receiver.bind("inproc://replay-pace")
+        sender.connect("inproc://replay-pace")
+        arrivals: list[float] = []
+
+        def receive() -> None:
+            while len(arrivals) < len(events) and receiver.poll(scaled(5_000)):
+                receiver.recv_multipart()
+                arrivals.append(time.monotonic())
+
+        reader = threading.Thread(target=receive)
+        reader.start()
+        assert replay(iter(events), sender, threading.Event(), speed=speed) == len(events)
+        reader.join(scaled(10))
+        assert len(arrivals) == len(events)
+        gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+        # never early; late only by scheduling noise (not cumulative: offsets are absolute)
+        assert all(gap >= expected_gap - 0.02 for gap in gaps), gaps
+        total = arrivals[-1] - arrivals[0]
+        assert total == pytest.approx(3 * expected_gap, abs=scaled(0.1)), gaps
+    finally:
+        sender.close(linger=0)
+        receiver.close(linger=0)
