@@ -492,28 +492,9 @@ class Publisher(EventHelpers):
                     f"{MAX_PAYLOAD_BYTES}"
                 )
             slot.seq = seq  # also the count of this topic's published events
-            meta = encode_meta(self._source_bytes, self.epoch, seq, now_ns)
-            if self._fast_ok:
-                caller_send = self._caller_send
-                if caller_send is not None:
-                    try:
-                        caller_send(slot.topic_bytes, _SNDMORE_NOBLOCK)
-                    except _Again:
-                        pass
-                    else:
-                        # libzmq checks a full pipe at a message's first frame only
-                        caller_send(meta, _SNDMORE_NOBLOCK)
-                        caller_send(payload, _NOBLOCK)
-                        self.counters.sent += 1
-                        return
-                elif len(self._fast) < FAST_LIMIT:
-                    self._fast.append((slot, meta, payload))
-                    if self._io_sleeping:
-                        self._io_sleeping = False
-                        self._wake()
-                    return
-            self._fast_ok = False
-            self._enqueue(_entry(slot, meta, payload))
+            self._send_or_hold(
+                slot, encode_meta(self._source_bytes, self.epoch, seq, now_ns), payload
+            )
 
     def _discard(self, type_name: str, data: Any, key: str | None = None) -> None:
         """publish() of a disabled publisher: the guide's default, costs nothing."""
@@ -580,7 +561,13 @@ class Publisher(EventHelpers):
             self.epoch,
             seq,
         )
-        meta = encode_meta(self._source_bytes, self.epoch, seq, now_ns)
+        self._send_or_hold(slot, encode_meta(self._source_bytes, self.epoch, seq, now_ns), payload)
+
+    def _send_or_hold(self, slot: _Slot, meta: bytes, payload: bytes) -> None:
+        """Send now (caller_sends), hand to the I/O thread, or queue in the outbox. Lock held.
+
+        The fast ways are open only while nothing waits in the outbox, so order is kept.
+        """
         if self._fast_ok:
             caller_send = self._caller_send
             if caller_send is not None:
@@ -589,6 +576,7 @@ class Publisher(EventHelpers):
                 except _Again:
                     pass
                 else:
+                    # libzmq checks a full pipe at a message's first frame only
                     caller_send(meta, _SNDMORE_NOBLOCK)
                     caller_send(payload, _NOBLOCK)
                     self.counters.sent += 1
