@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, Generic, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -210,7 +210,64 @@ def _snapshot_error(endpoint: str, timeout: float) -> SnapshotError:
     )
 
 
-class Subscriber:
+SocketT = TypeVar("SocketT", bound="zmq.Socket[Any]")
+
+
+class _SubscriberBase(Generic[SocketT]):
+    """Settings and the I/O-free steps both subscribers share; they differ only in waiting."""
+
+    def __init__(
+        self,
+        patterns: Iterable[str] = ("*",),
+        *,
+        endpoint: str | None = None,
+        snapshot: bool = False,
+        snapshot_endpoint: str | None = None,
+        snapshot_timeout: float = DEFAULT_SNAPSHOT_TIMEOUT,
+        rcvhwm: int = DEFAULT_RCVHWM,
+    ) -> None:
+        self.state = SubscriptionState(patterns)
+        self.endpoint = resolve_backend(endpoint)
+        self.snapshot = snapshot
+        self.snapshot_endpoint = resolve_snapshot(snapshot_endpoint)
+        self.snapshot_timeout = snapshot_timeout
+        self.rcvhwm = rcvhwm
+        self._socket: SocketT | None = None
+        self._pending: deque[Item] = deque()
+
+    @property
+    def stats(self) -> SubscriberStats:
+        return self.state.stats
+
+    def _open(self, socket: SocketT) -> bytes:
+        """Subscribe (and to the sync marker when a snapshot follows), then connect."""
+        self._socket = socket
+        _configure_sub(socket, self.rcvhwm, self.state)
+        nonce = secrets.token_hex(8).encode()
+        if self.snapshot:
+            socket.subscribe(SYNC_PREFIX + nonce)
+        socket.connect(self.endpoint)
+        return nonce
+
+    def _snapshot_request(self, nonce: bytes) -> list[bytes]:
+        """A DEALER's request: the empty delimiter a REQ would add, then the body."""
+        return [b"", *snapshot_request(nonce, [p.text for p in self.state.patterns])]
+
+    def _apply_reply(self, nonce: bytes, reply: list[bytes]) -> None:
+        assert self._socket is not None
+        self._pending.extend(
+            self.state.apply_snapshot(reply[1:] if reply and reply[0] == b"" else reply)
+        )
+        self._socket.unsubscribe(SYNC_PREFIX + nonce)
+
+    def close(self) -> None:
+        """Close the socket at once (linger 0); safe to call more than once."""
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+
+class Subscriber(_SubscriberBase[zmq.asyncio.Socket]):
     """Asyncio subscriber: ``async with Subscriber(patterns) as sub: async for item in sub``.
 
     ``endpoint`` defaults to $TRADEBUS__PROXY_BACKEND or tcp://127.0.0.1:5556 and
@@ -230,59 +287,44 @@ class Subscriber:
         rcvhwm: int = DEFAULT_RCVHWM,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
     ) -> None:
-        self.state = SubscriptionState(patterns)
-        self.endpoint = resolve_backend(endpoint)
-        self.snapshot = snapshot
-        self.snapshot_endpoint = resolve_snapshot(snapshot_endpoint)
-        self.snapshot_timeout = snapshot_timeout
-        self.rcvhwm = rcvhwm
+        super().__init__(
+            patterns,
+            endpoint=endpoint,
+            snapshot=snapshot,
+            snapshot_endpoint=snapshot_endpoint,
+            snapshot_timeout=snapshot_timeout,
+            rcvhwm=rcvhwm,
+        )
         self._context = (
             zmq.asyncio.Context.instance() if context is None else zmq.asyncio.Context(context)
         )
-        self._socket: zmq.asyncio.Socket | None = None
-        self._pending: deque[Item] = deque()
         self._reads_without_yield = 0
-
-    @property
-    def stats(self) -> SubscriberStats:
-        return self.state.stats
 
     async def start(self) -> None:
         """Connect, subscribe and (with ``snapshot=True``) fetch the snapshot."""
         if self._socket is not None:
             raise RuntimeError("subscriber already started")
-        socket = self._context.socket(zmq.SUB)
-        self._socket = socket
         try:
-            _configure_sub(socket, self.rcvhwm, self.state)
-            nonce = secrets.token_hex(8).encode()
+            nonce = self._open(self._context.socket(zmq.SUB))
             if self.snapshot:
-                socket.subscribe(SYNC_PREFIX + nonce)
-            socket.connect(self.endpoint)
-            if self.snapshot:
-                self._pending.extend(await self._fetch_snapshot(nonce))
-                socket.unsubscribe(SYNC_PREFIX + nonce)
+                self._apply_reply(nonce, await self._fetch_snapshot(nonce))
         except BaseException:
             self.close()
             raise
 
-    async def _fetch_snapshot(self, nonce: bytes) -> list[Event]:
+    async def _fetch_snapshot(self, nonce: bytes) -> list[bytes]:
         dealer = self._context.socket(zmq.DEALER)
         dealer.linger = 0
         try:
             dealer.connect(self.snapshot_endpoint)
-            await dealer.send_multipart([b"", *snapshot_request(nonce, self._pattern_texts())])
+            await dealer.send_multipart(self._snapshot_request(nonce))
             # Live events meanwhile wait in the SUB socket's queue (up to rcvhwm).
             try:
-                reply = await asyncio.wait_for(dealer.recv_multipart(), self.snapshot_timeout)
+                return await asyncio.wait_for(dealer.recv_multipart(), self.snapshot_timeout)
             except TimeoutError:
                 raise _snapshot_error(self.snapshot_endpoint, self.snapshot_timeout) from None
         finally:
             dealer.close(linger=0)
-        return self.state.apply_snapshot(reply[1:] if reply and reply[0] == b"" else reply)
-
-    def _pattern_texts(self) -> list[str]:
-        return [p.text for p in self.state.patterns]
 
     async def recv(self) -> Item:
         """The next item: an Event, or a Gap right before the event that revealed it."""
@@ -304,12 +346,6 @@ class Subscriber:
             await asyncio.sleep(0)
         return self._pending.popleft()
 
-    def close(self) -> None:
-        """Close the socket at once (linger 0); safe to call more than once."""
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
-
     async def __aenter__(self) -> Subscriber:
         await self.start()
         return self
@@ -324,7 +360,7 @@ class Subscriber:
         return await self.recv()
 
 
-class BlockingSubscriber:
+class BlockingSubscriber(_SubscriberBase["zmq.Socket[bytes]"]):
     """The same subscriber for plain scripts: ``with BlockingSubscriber(patterns) as sub``.
 
     ``recv(timeout)`` returns None when nothing arrived in ``timeout`` seconds; iterating
@@ -342,51 +378,39 @@ class BlockingSubscriber:
         rcvhwm: int = DEFAULT_RCVHWM,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
     ) -> None:
-        self.state = SubscriptionState(patterns)
-        self.endpoint = resolve_backend(endpoint)
-        self.snapshot = snapshot
-        self.snapshot_endpoint = resolve_snapshot(snapshot_endpoint)
-        self.snapshot_timeout = snapshot_timeout
-        self.rcvhwm = rcvhwm
+        super().__init__(
+            patterns,
+            endpoint=endpoint,
+            snapshot=snapshot,
+            snapshot_endpoint=snapshot_endpoint,
+            snapshot_timeout=snapshot_timeout,
+            rcvhwm=rcvhwm,
+        )
         self._context: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context.instance()
-        self._socket: zmq.Socket[bytes] | None = None
-        self._pending: deque[Item] = deque()
-
-    @property
-    def stats(self) -> SubscriberStats:
-        return self.state.stats
 
     def start(self) -> None:
+        """Connect, subscribe and (with ``snapshot=True``) fetch the snapshot."""
         if self._socket is not None:
             raise RuntimeError("subscriber already started")
-        socket: zmq.Socket[bytes] = self._context.socket(zmq.SUB)
-        self._socket = socket
         try:
-            _configure_sub(socket, self.rcvhwm, self.state)
-            nonce = secrets.token_hex(8).encode()
+            nonce = self._open(self._context.socket(zmq.SUB))
             if self.snapshot:
-                socket.subscribe(SYNC_PREFIX + nonce)
-            socket.connect(self.endpoint)
-            if self.snapshot:
-                self._pending.extend(self._fetch_snapshot(nonce))
-                socket.unsubscribe(SYNC_PREFIX + nonce)
+                self._apply_reply(nonce, self._fetch_snapshot(nonce))
         except BaseException:
             self.close()
             raise
 
-    def _fetch_snapshot(self, nonce: bytes) -> list[Event]:
+    def _fetch_snapshot(self, nonce: bytes) -> list[bytes]:
         dealer: zmq.Socket[bytes] = self._context.socket(zmq.DEALER)
         dealer.linger = 0
         try:
             dealer.connect(self.snapshot_endpoint)
-            patterns = [p.text for p in self.state.patterns]
-            dealer.send_multipart([b"", *snapshot_request(nonce, patterns)])
+            dealer.send_multipart(self._snapshot_request(nonce))
             if not dealer.poll(int(self.snapshot_timeout * 1000)):
                 raise _snapshot_error(self.snapshot_endpoint, self.snapshot_timeout)
-            reply = dealer.recv_multipart()
+            return dealer.recv_multipart()
         finally:
             dealer.close(linger=0)
-        return self.state.apply_snapshot(reply[1:] if reply and reply[0] == b"" else reply)
 
     def recv(self, timeout: float | None = None) -> Item | None:
         """The next item, or None when ``timeout`` seconds passed without one."""
@@ -405,11 +429,6 @@ class BlockingSubscriber:
                 continue
             self._pending.extend(self.state.receive(message))
         return self._pending.popleft()
-
-    def close(self) -> None:
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
 
     def __enter__(self) -> BlockingSubscriber:
         self.start()
