@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 import zmq
 
 from bus.proxy import Proxy, ProxyConfig
+from bus.subscriber import BlockingSubscriber
 
 TIMEOUT_FACTOR = float(os.environ.get("TRADEBUS_TEST_TIMEOUT_FACTOR", "1"))
 
@@ -69,3 +71,30 @@ def proxy(zmq_context: zmq.Context[zmq.Socket[bytes]]) -> Iterator[Proxy]:
     running.start()
     yield running
     running.stop()
+
+
+def synced_subscriber(
+    proxy: Proxy, context: zmq.Context[zmq.Socket[bytes]], patterns: Sequence[str] = ("*",)
+) -> BlockingSubscriber:
+    """A subscriber to ``proxy`` whose subscription is in force once its ``with`` is entered
+    (the synced snapshot guarantees it), so nothing published afterwards is missed."""
+    return BlockingSubscriber(
+        list(patterns),
+        endpoint=proxy.backend_endpoint,
+        snapshot=True,
+        snapshot_endpoint=proxy.snapshot_endpoint,
+        context=context,
+    )
+
+
+def staging_proxy(tmp_path: Path, context: zmq.Context[zmq.Socket[bytes]]) -> Proxy:
+    """A proxy (not started) whose publisher socket is ``tmp_path/staging.sock``: renaming
+    that file into a publisher's ipc path makes the bus appear for it at a chosen moment."""
+    return Proxy(
+        ProxyConfig(
+            frontend=f"ipc://{tmp_path}/staging.sock",
+            backend="tcp://127.0.0.1:*",
+            snapshot="tcp://127.0.0.1:*",
+        ),
+        context=context,
+    )

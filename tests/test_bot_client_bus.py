@@ -23,7 +23,7 @@ from bot_client import AsyncPublisher, InvalidEventError, Publisher, WebSocketPu
 from bus.envelope import Event
 from bus.proxy import Proxy, ProxyConfig
 from bus.subscriber import BlockingSubscriber, Gap
-from tests.conftest import scaled
+from tests.conftest import scaled, staging_proxy, synced_subscriber
 
 Context = zmq.Context[zmq.Socket[bytes]]
 
@@ -69,13 +69,7 @@ GUIDE_DATA = {
 @pytest.fixture
 def subscriber(proxy: Proxy, zmq_context: Context) -> Iterator[BlockingSubscriber]:
     """Subscribed to everything; its subscription is in force once the fixture returns."""
-    with BlockingSubscriber(
-        ["*"],
-        endpoint=proxy.backend_endpoint,
-        snapshot=True,
-        snapshot_endpoint=proxy.snapshot_endpoint,
-        context=zmq_context,
-    ) as sub:
+    with synced_subscriber(proxy, zmq_context) as sub:
         yield sub
 
 
@@ -191,23 +185,10 @@ def test_events_held_while_proxy_down_arrive_in_order(tmp_path: Path, zmq_contex
     assert status["connected"] is False
     assert status["queued"] == 300
     assert status["sent"] == 0
-    proxy = Proxy(
-        ProxyConfig(
-            frontend=f"ipc://{tmp_path}/staging.sock",
-            backend="tcp://127.0.0.1:*",
-            snapshot="tcp://127.0.0.1:*",
-        ),
-        context=zmq_context,
-    )
+    proxy = staging_proxy(tmp_path, zmq_context)
     proxy.start()
     try:
-        with BlockingSubscriber(
-            ["*"],
-            endpoint=proxy.backend_endpoint,
-            snapshot=True,
-            snapshot_endpoint=proxy.snapshot_endpoint,
-            context=zmq_context,
-        ) as sub:
+        with synced_subscriber(proxy, zmq_context) as sub:
             os.rename(tmp_path / "staging.sock", target)
             events = receive(sub, 300)
             assert [(e.type, e.data["n"]) for e in events] == sent
@@ -240,23 +221,10 @@ def test_overflow_counts_drops_and_keeps_critical(tmp_path: Path, zmq_context: C
     status = publisher.status()
     assert status["queued"] == 20
     assert status["dropped_total"] == 480
-    proxy = Proxy(
-        ProxyConfig(
-            frontend=f"ipc://{tmp_path}/staging.sock",
-            backend="tcp://127.0.0.1:*",
-            snapshot="tcp://127.0.0.1:*",
-        ),
-        context=zmq_context,
-    )
+    proxy = staging_proxy(tmp_path, zmq_context)
     proxy.start()
     try:
-        with BlockingSubscriber(
-            ["*"],
-            endpoint=proxy.backend_endpoint,
-            snapshot=True,
-            snapshot_endpoint=proxy.snapshot_endpoint,
-            context=zmq_context,
-        ) as sub:
+        with synced_subscriber(proxy, zmq_context) as sub:
             os.rename(tmp_path / "staging.sock", target)
             delivered: list[Event] = []
             deadline = time.monotonic() + scaled(5)
@@ -472,13 +440,7 @@ def test_proxy_restart_disconnects_holds_and_reconnects(
         return proxy
 
     def synced(proxy: Proxy) -> BlockingSubscriber:
-        sub = BlockingSubscriber(
-            ["*"],
-            endpoint=proxy.backend_endpoint,
-            snapshot=True,
-            snapshot_endpoint=proxy.snapshot_endpoint,
-            context=zmq_context,
-        )
+        sub = synced_subscriber(proxy, zmq_context)
         sub.start()
         return sub
 

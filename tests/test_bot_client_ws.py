@@ -19,9 +19,9 @@ from bot_client import AsyncPublisher
 from bridge.app import BridgeServer, start_bridge
 from bridge.config import BridgeConfig
 from bus.envelope import Event
-from bus.proxy import Proxy, ProxyConfig
+from bus.proxy import Proxy
 from bus.subscriber import BlockingSubscriber, Gap
-from tests.conftest import scaled
+from tests.conftest import scaled, staging_proxy, synced_subscriber
 
 Context = zmq.Context[zmq.Socket[bytes]]
 
@@ -58,13 +58,7 @@ async def wait_for(condition: Callable[[], object], within: float = 5.0) -> None
 
 @pytest.fixture
 def subscriber(proxy: Proxy, zmq_context: Context) -> Iterator[BlockingSubscriber]:
-    with BlockingSubscriber(
-        ["*"],
-        endpoint=proxy.backend_endpoint,
-        snapshot=True,
-        snapshot_endpoint=proxy.snapshot_endpoint,
-        context=zmq_context,
-    ) as sub:
+    with synced_subscriber(proxy, zmq_context) as sub:
         yield sub
 
 
@@ -236,27 +230,14 @@ async def test_ws_events_refused_for_now_are_kept_and_delivered_later(
     await wait_for(lambda: server.bridge.ready)
     publisher = ws_publisher(server.port, "deferred", retry_delay=0.05, max_retries=2)
     await publisher.start()
-    later = Proxy(
-        ProxyConfig(
-            frontend=f"ipc://{tmp_path}/staging.sock",
-            backend="tcp://127.0.0.1:*",
-            snapshot="tcp://127.0.0.1:*",
-        ),
-        context=zmq_context,
-    )
+    later = staging_proxy(tmp_path, zmq_context)
     try:
         for n in range(10):
             publisher.publish("custom_event", {"n": n})
         await wait_for(lambda: publisher.status()["resent"] >= 10)
         assert publisher.status()["dropped_total"] == 0
         later.start()
-        with BlockingSubscriber(
-            ["*"],
-            endpoint=later.backend_endpoint,
-            snapshot=True,
-            snapshot_endpoint=later.snapshot_endpoint,
-            context=zmq_context,
-        ) as sub:
+        with synced_subscriber(later, zmq_context) as sub:
             os.rename(tmp_path / "staging.sock", target)
             events = await receive(sub, 10, "deferred")
         assert [e.data["n"] for e in events] == list(range(10))

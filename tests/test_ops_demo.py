@@ -17,9 +17,8 @@ import zmq
 from bus.envelope import Event
 from bus.errors import TopicError
 from bus.proxy import Proxy
-from bus.subscriber import BlockingSubscriber
 from bus.topics import make_topic
-from tests.conftest import scaled
+from tests.conftest import scaled, synced_subscriber
 from tradebus.demo import DemoEvent, DemoSession, DemoSettings, play, rsi
 
 START = 1_705_746_600.0  # 2024-01-20T10:30:00Z
@@ -200,13 +199,7 @@ def test_tradebus_demo_delivers_its_whole_session_to_the_bus(
     proxy: Proxy, zmq_context: zmq.Context[zmq.Socket[bytes]]
 ) -> None:
     expected = take(DemoSession(random.Random(1), START), 2.0)
-    with BlockingSubscriber(
-        ["*"],
-        endpoint=proxy.backend_endpoint,
-        snapshot=True,
-        snapshot_endpoint=proxy.snapshot_endpoint,
-        context=zmq_context,
-    ) as subscriber:
+    with synced_subscriber(proxy, zmq_context) as subscriber:
         result = subprocess.run(
             [
                 sys.executable,

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import zmq
 
-from bus import BlockingSubscriber, Event, Gap, SnapshotError, Subscriber
+from bus import Event, Gap, SnapshotError, Subscriber
 from bus.envelope import encode_event
 from bus.proxy import Proxy, ProxyConfig
 from bus.subscriber import SubscriptionState
 from bus.topics import Pattern
 from bus.transport import send_event
-from tests.conftest import scaled
+from tests.conftest import scaled, synced_subscriber
 
 Context = zmq.Context[zmq.Socket[bytes]]
 
@@ -345,13 +345,7 @@ def test_blocking_subscriber(
     publisher = publishers[0]
     publisher.publish("trading_decision", n=1)
     wait_until(lambda: proxy.cache.stats.events == 1, "the cache")
-    with BlockingSubscriber(
-        ["trading_decision"],
-        endpoint=proxy.backend_endpoint,
-        snapshot=True,
-        snapshot_endpoint=proxy.snapshot_endpoint,
-        context=zmq_context,
-    ) as sub:
+    with synced_subscriber(proxy, zmq_context, ["trading_decision"]) as sub:
         publisher.publish("market_data.X", n=2)
         publisher.publish("trading_decision", n=3)
         first = sub.recv(scaled(5))
@@ -370,13 +364,7 @@ def test_blocking_recv_waits_without_spinning(
     zmq_context: Context, proxy: Proxy, publishers: list[Publisher]
 ) -> None:
     results: list[tuple[object, float]] = []
-    with BlockingSubscriber(
-        ["*"],
-        endpoint=proxy.backend_endpoint,
-        snapshot=True,
-        snapshot_endpoint=proxy.snapshot_endpoint,
-        context=zmq_context,
-    ) as sub:
+    with synced_subscriber(proxy, zmq_context) as sub:
 
         def wait_forever() -> None:
             started = time.thread_time()
