@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import string
 import threading
 import time
 from collections.abc import Iterable
@@ -30,13 +31,7 @@ import zmq
 from bus.envelope import META_HEADER, META_HEADER_SIZE, WIRE_VERSION
 from bus.errors import EndpointError, TopicError
 from bus.topics import Pattern
-from bus.transport import (
-    NOBLOCK,
-    PAYLOAD_FIRST_BYTE,
-    TOPIC_FIRST_BYTES,
-    drain_message,
-    has_more,
-)
+from bus.transport import receiver
 
 DEFAULT_FRONTEND: Final = "tcp://127.0.0.1:5555"
 DEFAULT_BACKEND: Final = "tcp://127.0.0.1:5556"
@@ -49,10 +44,11 @@ STATUS_UNSYNCED: Final = b"unsynced"
 STATUS_ERROR: Final = b"error"
 
 _SUBSCRIBE: Final = 1
-_SUBSCRIPTION_BYTES: Final = (b"\x00", b"\x01")
+# a topic starts with a letter (docs/protocol.md), a payload is a JSON object
+_TOPIC_FIRST_BYTES: Final = frozenset(bytes([c]) for c in string.ascii_letters.encode())
+_PAYLOAD_FIRST_BYTE: Final = b"{"
 _SYNC_SUBSCRIPTION: Final = bytes([_SUBSCRIBE]) + SYNC_PREFIX
 _unpack_header = META_HEADER.unpack_from
-_recv = zmq.backend.Socket.recv
 
 
 @dataclass(frozen=True)
@@ -312,6 +308,7 @@ class Proxy:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.cache_nice)
         cache = self.cache
+        receive = receiver(capture)
         poller = zmq.Poller()
         poller.register(capture, zmq.POLLIN)
         poller.register(snapshot, zmq.POLLIN)
@@ -329,34 +326,20 @@ class Proxy:
                 # drain in bursts: poll once per batch, not once per message
                 for _ in range(10_000):
                     try:
-                        first = _recv(capture, NOBLOCK)
+                        frames = receive()
                     except zmq.Again:
                         break
-                    if first[:1] in _SUBSCRIPTION_BYTES:
+                    if len(frames) == 3:
+                        topic, meta, payload = frames
+                        if topic[:1] in _TOPIC_FIRST_BYTES and payload[:1] == _PAYLOAD_FIRST_BYTE:
+                            cache.update(topic, meta, payload)
+                            continue
+                    elif len(frames) == 1 and frames[0][:1] in (b"\x00", b"\x01"):
                         # a (un)subscription on its way from a subscriber to the publishers
-                        if has_more(capture):
-                            drain_message(capture)
-                            cache.stats.invalid += 1
-                        elif first.startswith(_SYNC_SUBSCRIPTION):
-                            self._synced(snapshot, first, seen_syncs, parked, now)
-                        continue
-                    # an event: its other two frames follow (see bus/transport.py)
-                    try:
-                        meta = _recv(capture, NOBLOCK)
-                        payload = _recv(capture, NOBLOCK)
-                    except zmq.Again:
-                        cache.stats.invalid += 1
-                        continue
-                    if first[:1] in TOPIC_FIRST_BYTES and payload[:1] == PAYLOAD_FIRST_BYTE:
-                        cache.update(first, meta, payload)
+                        if frames[0].startswith(_SYNC_SUBSCRIPTION):
+                            self._synced(snapshot, frames[0], seen_syncs, parked, now)
                         continue
                     cache.stats.invalid += 1
-                    for frame in (meta, payload):
-                        # a short event must not swallow the sync marker after it
-                        if frame.startswith(_SYNC_SUBSCRIPTION):
-                            self._synced(snapshot, frame, seen_syncs, parked, now)
-                    if has_more(capture):
-                        drain_message(capture)
             if snapshot in ready:
                 while True:
                     try:

@@ -1,86 +1,172 @@
-"""Sending and receiving three-frame bus messages at the cost of libzmq, not of pyzmq's sugar.
+"""Sending and receiving three-frame bus messages at the cost of libzmq, not of pyzmq's calls.
 
-pyzmq's ``send_multipart``/``recv_multipart`` cost several microseconds per frame in Python:
-the sugar layer's keyword handling, and above all one ``getsockopt(RCVMORE)`` per frame,
-which builds a ``SocketOption`` enum on every call (about 2 us, measured with pyzmq 27).
+pyzmq costs about 0.5 us of interpreter work per frame on this project's machines, and
+``send_multipart``/``recv_multipart`` several microseconds per frame; a bus message has
+three frames and every hop handles millions of them. ``bus._wire`` (bus/_wire.c) sends or
+receives a whole message in one C call: measured 0.35 us for the three frames of a send
+against 1.5 us for three of pyzmq's Cython sends (docs/performance.md).
 
-The bus always sends exactly three frames and each starts with a byte that tells what it
-is: a topic starts with an ASCII letter, a meta frame with its version byte ``\x01``, a
-payload with ``{``. So these helpers call the Cython backend directly and read three frames
-without asking RCVMORE; when a first byte is not what its position needs, the frames are
-misaligned (a publisher sent fewer or more than three) and RCVMORE is asked then, to discard
-the rest of the message being read:
+The C module calls the libzmq that pyzmq itself loaded, found through the process's memory
+map, so it acts on the same library instance and sockets as pyzmq. Where it cannot be
+built (no C compiler) or bound (no ``/proc/self/maps``), the same functions run on pyzmq's
+Cython calls: ``ACCELERATED`` tells which, and the benchmarks print it.
 
-* fewer than three frames: the missing ones are taken from the next message, whose topic
-  or meta then sits where a meta or payload belongs; that message is discarded too (its
-  loss shows as a sequence gap), or nothing is queued (``zmq.Again``);
-* more than three: the extra frame is read as the next topic and fails the same checks.
-
-A malformed message never corrupts the messages after it.
+``sender(socket)`` and ``receiver(socket)`` return callables bound to one socket for hot
+loops; the socket must stay open while they are used.
 """
 
 from __future__ import annotations
 
-import string
+import ctypes
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Final
 
 import zmq
 import zmq.backend
 
-from bus.envelope import WIRE_VERSION
-
 SNDMORE: Final = int(zmq.SNDMORE)
 NOBLOCK: Final = int(zmq.NOBLOCK)
 RCVMORE: Final = int(zmq.RCVMORE)
-TOPIC_FIRST_BYTES: Final = frozenset(bytes([c]) for c in string.ascii_letters.encode())
-META_FIRST_BYTE: Final = bytes([WIRE_VERSION])
-PAYLOAD_FIRST_BYTE: Final = b"{"
+# receive_message returns at most this many frames (a longer message is consumed whole)
+MAX_FRAMES: Final = 4
+_SNDMORE_NOBLOCK: Final = SNDMORE | NOBLOCK
 
 _send = zmq.backend.Socket.send
 _recv = zmq.backend.Socket.recv
 _get = zmq.backend.Socket.get
 
 AnySocket = zmq.Socket[bytes] | zmq.backend.Socket
+Sender = Callable[[bytes, bytes, bytes], bool]
+Receiver = Callable[[], tuple[bytes, ...]]
+
+_LIBZMQ_FUNCTIONS: Final = (
+    "zmq_send",
+    "zmq_msg_init",
+    "zmq_msg_recv",
+    "zmq_msg_data",
+    "zmq_msg_size",
+    "zmq_msg_more",
+    "zmq_msg_close",
+)
+
+
+def _loaded_libzmq() -> str | None:
+    """The file of the libzmq that pyzmq loaded: pyzmq's bundled copy before any other."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libzmq" in line and "/" in line}
+    except OSError:
+        return None
+    if not paths:
+        # pyzmq built with libzmq linked statically into its backend module
+        backend = Path(zmq.backend.__file__).parent / "cython"
+        paths = {str(p) for p in backend.glob("_zmq*.so")}
+    package = str(Path(zmq.__file__).parent.parent)
+    ordered = sorted(paths, key=lambda path: (not path.startswith(package), path))
+    return ordered[0] if ordered else None
+
+
+def _bind_accelerator() -> bool:
+    if os.environ.get("TRADEBUS_NO_ACCELERATOR"):
+        return False
+    try:
+        from bus import _wire
+    except ImportError:
+        return False
+    library_path = _loaded_libzmq()
+    if library_path is None:
+        return False
+    try:
+        library = ctypes.CDLL(library_path)
+        found = [
+            ctypes.cast(getattr(library, name), ctypes.c_void_p).value for name in _LIBZMQ_FUNCTIONS
+        ]
+    except (OSError, AttributeError):
+        return False
+    addresses = [address for address in found if address]
+    if len(addresses) != len(_LIBZMQ_FUNCTIONS):
+        return False
+    send, msg_init, msg_recv, msg_data, msg_size, msg_more, msg_close = addresses
+    _wire.bind(
+        send, msg_init, msg_recv, msg_data, msg_size, msg_more, msg_close, zmq.ZMQError, zmq.Again
+    )
+    global _send3, _recv_message
+    _send3 = _wire.send3
+    _recv_message = _wire.recv_message
+    return True
+
+
+def _python_send3(socket: AnySocket, topic: bytes, meta: bytes, payload: bytes) -> bool:
+    try:
+        _send(socket, topic, _SNDMORE_NOBLOCK)
+    except zmq.Again:
+        return False
+    # libzmq checks a full pipe at a message's first frame only
+    _send(socket, meta, _SNDMORE_NOBLOCK)
+    _send(socket, payload, NOBLOCK)
+    return True
+
+
+def _python_recv_message(socket: AnySocket) -> tuple[bytes, ...]:
+    frames = [_recv(socket, NOBLOCK)]
+    while _get(socket, RCVMORE):
+        frame = _recv(socket, NOBLOCK)
+        if len(frames) < MAX_FRAMES:
+            frames.append(frame)
+    return tuple(frames)
+
+
+# handle-level C functions once bound (their first argument is Socket.underlying)
+_send3: Callable[[int, bytes, bytes, bytes], bool] | None = None
+_recv_message: Callable[[int], tuple[bytes, ...]] | None = None
+ACCELERATED: Final = _bind_accelerator()
+
+
+def sender(socket: AnySocket) -> Sender:
+    """``send(topic, meta, payload) -> bool`` for ``socket``, never blocking.
+
+    False means the pipe is full (an XPUB with ZMQ_XPUB_NODROP) and nothing was sent; a
+    PUB socket never refuses: at its HWM libzmq drops the message (see docs/protocol.md).
+    """
+    if _send3 is not None:
+        return functools.partial(_send3, socket.underlying)
+    return functools.partial(_python_send3, socket)
+
+
+def receiver(socket: AnySocket) -> Receiver:
+    """``receive() -> frames`` for ``socket``: one whole message, at most MAX_FRAMES of its
+    frames, never blocking; raises ``zmq.Again`` when nothing is queued."""
+    if _recv_message is not None:
+        return functools.partial(_recv_message, socket.underlying)
+    return functools.partial(_python_recv_message, socket)
 
 
 def send_event(socket: AnySocket, topic: bytes, meta: bytes, payload: bytes) -> None:
-    """Send one bus message (PUB sockets never block; a full queue drops it, see HWMs)."""
+    """Send one bus message; waits only where the socket does (a full NODROP XPUB)."""
+    if _send3 is not None and _send3(socket.underlying, topic, meta, payload):
+        return
     _send(socket, topic, SNDMORE)
     _send(socket, meta, SNDMORE)
     _send(socket, payload)
 
 
+def receive_message(socket: AnySocket) -> tuple[bytes, ...]:
+    """One whole message's frames (at most MAX_FRAMES), or ``zmq.Again`` if none is queued."""
+    if _recv_message is not None:
+        return _recv_message(socket.underlying)
+    return _python_recv_message(socket)
+
+
 def recv_event(socket: AnySocket) -> tuple[bytes, bytes, bytes] | None:
-    """The next queued three-frame message without blocking, or None if it was malformed.
+    """The next queued bus message without blocking, or None if it had not three frames.
 
-    Raises ``zmq.Again`` when nothing is queued. The frames' contents are not validated
-    beyond their first byte: decode them with bus.envelope.
+    Raises ``zmq.Again`` when nothing is queued. The frames' contents are not validated:
+    decode them with bus.envelope.
     """
-    topic: bytes = _recv(socket, NOBLOCK)
-    if topic[:1] not in TOPIC_FIRST_BYTES:
-        if has_more(socket):
-            drain_message(socket)
+    frames = receive_message(socket)
+    if len(frames) != 3:
         return None
-    try:
-        meta: bytes = _recv(socket, NOBLOCK)
-        payload: bytes = _recv(socket, NOBLOCK)
-    except zmq.Again:
-        return None
-    if meta[:1] != META_FIRST_BYTE or payload[:1] != PAYLOAD_FIRST_BYTE:
-        if has_more(socket):
-            drain_message(socket)
-        return None
-    return topic, meta, payload
-
-
-def has_more(socket: AnySocket) -> bool:
-    """Whether the last frame received has more frames after it."""
-    return bool(_get(socket, RCVMORE))
-
-
-def drain_message(socket: AnySocket) -> None:
-    """Receive and discard the rest of the current message."""
-    while True:
-        _recv(socket, NOBLOCK)
-        if not _get(socket, RCVMORE):
-            return
+    return frames
