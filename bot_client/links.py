@@ -23,6 +23,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from bot_client.core import Entry, backoff_delay
+from bus.transport import sender
 
 if TYPE_CHECKING:
     from bot_client.publisher import Publisher
@@ -42,8 +43,6 @@ CHECK_SECONDS: Final = 0.005
 # After sending, nap this long (instead of sleeping until woken) for this many seconds.
 SPIN_NAP: Final = 0.0002
 SPIN_SECONDS: Final = 0.02
-_NOBLOCK: Final = zmq.NOBLOCK
-_SNDMORE_NOBLOCK: Final = zmq.SNDMORE | zmq.NOBLOCK
 # Bridge error codes that mean "not now", not "never": the event is kept and resent.
 TRANSIENT_ERRORS: Final = frozenset({"bus_unavailable"})
 # Unacknowledged WebSocket events allowed in flight (resent after a reconnect).
@@ -136,8 +135,8 @@ class ZmqLink:
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
         )
         self._xpub = xpub
-        # the Cython method itself: pyzmq's Python-level wrapper doubles the cost of a send
-        self._send = zmq.backend.Socket.send.__get__(xpub)
+        # one call per three-frame message (bus.transport); False when the pipe is full
+        self._send = sender(xpub)
         if publisher.caller_sends:
             publisher._caller_send = self._send
         xpub.connect(settings.url)
@@ -311,13 +310,13 @@ class ZmqLink:
         send = self._send
         fast = publisher._fast
         sent = 0
+        blocked = False
         try:
             # deque popleft is atomic; callers only append, so no lock is needed here
             while fast:
                 slot, meta, payload = fast[0]
-                send(slot.topic_bytes, _SNDMORE_NOBLOCK)
-                send(meta, _SNDMORE_NOBLOCK)
-                send(payload, _NOBLOCK)
+                if not send(slot.topic_bytes, meta, payload):
+                    return sent, True
                 fast.popleft()
                 sent += 1
                 if sent >= DRAIN_BATCH:
@@ -330,17 +329,13 @@ class ZmqLink:
             with publisher._lock:
                 outbox = publisher._outbox
                 while outbox and sent < DRAIN_BATCH:
-                    topic, meta, payload = outbox.peek().frames
-                    send(topic, _SNDMORE_NOBLOCK)
-                    send(meta, _SNDMORE_NOBLOCK)
-                    send(payload, _NOBLOCK)
+                    if not send(*outbox.peek().frames):
+                        blocked = True
+                        break
                     outbox.pop()
                     sent += 1
                 publisher._fast_ok = not outbox and not fast and not publisher._closed
-            return sent, False
-        except zmq.Again:
-            # only the first frame can meet a full pipe: libzmq checks at message start
-            return sent, True
+            return sent, blocked
         finally:
             if sent:
                 with publisher._lock:  # callers count their own sends (caller_sends)

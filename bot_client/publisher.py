@@ -1,10 +1,11 @@
 """``Publisher``: hands a trading bot's events to the bus (tcp://, ipc://) or the bridge (ws://).
 
 The call path never waits for the network. ``publish`` validates and encodes the event
-once, in the caller's thread, then either sends it straight to the ZeroMQ socket (connected,
-nothing queued: three non-blocking sends under a lock) or puts it in the bounded outbox
-that the publisher's I/O thread delivers, in order, when the connection allows. Anything
-the outbox must drop is counted by type, logged (rate-limited) and shown by ``status()``.
+once, in the caller's thread, then either sends it straight to the ZeroMQ socket
+(connected, nothing queued: one non-blocking C call for its three frames, under a lock) or
+puts it in the bounded outbox that the publisher's I/O thread delivers, in order, when the
+connection allows. Anything the outbox must drop is counted by type, logged (rate-limited)
+and shown by ``status()``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import math
+import struct
 import threading
 import time
 from collections import deque
@@ -33,12 +35,20 @@ from bot_client.core import (
     Outbox,
     SignificanceFilter,
 )
-from bot_client.encoding import DUMPS_OPTIONS, dumps_data, event_data, to_json_value
+from bot_client.encoding import DUMPS_OPTIONS, dumps_data, event_data, to_json_value, unencodable
 from bot_client.errors import InvalidEventError
 from bot_client.links import Link, make_link
 from bot_client.settings import PublisherSettings
-from bus.envelope import MAX_PAYLOAD_BYTES, encode_meta, encode_payload, format_timestamp
-from bus.errors import EnvelopeError, TopicError
+from bus.envelope import (
+    MAX_PAYLOAD_BYTES,
+    META_HEADER,
+    TIMESTAMP_FIELD,
+    WIRE_VERSION,
+    payload_parts,
+    timestamp_bytes,
+    with_timestamp,
+)
+from bus.errors import TopicError
 from bus.topics import make_topic, validate_key
 from monitoring.logging import get_logger
 
@@ -46,10 +56,12 @@ DROP_REPORT_SECONDS: Final = 5.0
 AT_EXIT_SECONDS: Final = 2.0
 HEARTBEAT_TOPIC_KEY: Final = "heartbeat"
 _time_ns = time.time_ns
-_Again = zmq.Again
-_NOBLOCK: Final = zmq.NOBLOCK
-_SNDMORE_NOBLOCK: Final = zmq.SNDMORE | zmq.NOBLOCK
-_format_timestamp = format_timestamp
+_timestamp_bytes = timestamp_bytes
+_dumps = orjson.dumps
+# the data object's own timestamp (added when it has none), then the envelope's field
+_DATA_TIMESTAMP_FIRST: Final = b'"timestamp":"'
+_DATA_TIMESTAMP_NEXT: Final = TIMESTAMP_FIELD
+_DATA_END_AND_TIMESTAMP: Final = b'"}' + TIMESTAMP_FIELD
 # Events on the fast path at most; beyond it the outbox (and its drop policy) takes over.
 FAST_LIMIT: Final = 8192
 # Held market data whose data object is already encoded (validated) at call time.
@@ -59,9 +71,19 @@ _Held = tuple["_Slot", bytes]
 class _Slot:
     """Per-topic state: the topic in both forms, its sequence counter and its policies."""
 
-    __slots__ = ("conflatable", "critical", "gated", "seq", "topic", "topic_bytes", "type_name")
+    __slots__ = (
+        "conflatable",
+        "critical",
+        "gated",
+        "head",
+        "seq",
+        "tail",
+        "topic",
+        "topic_bytes",
+        "type_name",
+    )
 
-    def __init__(self, type_name: str, topic: str, gated: bool) -> None:
+    def __init__(self, type_name: str, topic: str, gated: bool, source: str, epoch: int) -> None:
         self.type_name = type_name
         self.topic = topic
         self.topic_bytes = topic.encode()
@@ -69,6 +91,8 @@ class _Slot:
         self.critical = type_name in CRITICAL_TYPES
         self.conflatable = type_name in CONFLATABLE_TYPES
         self.gated = gated
+        # this topic's payload bytes around the data, timestamp and seq (bus.envelope)
+        self.head, self.tail = payload_parts(type_name, topic, source, epoch)
 
 
 class EventHelpers:
@@ -254,7 +278,7 @@ class Publisher(EventHelpers):
         *,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         autostart: bool = True,
-        caller_sends: bool = False,
+        caller_sends: bool = True,
         clock: Callable[[], float] = time.monotonic,
         **overrides: Any,
     ) -> None:
@@ -268,6 +292,7 @@ class Publisher(EventHelpers):
         self.source: str = settings.source_id
         self.epoch: int = time.time_ns()
         self._source_bytes = self.source.encode()
+        self._pack_meta = struct.Struct(f"{META_HEADER.format}{len(self._source_bytes)}s").pack
         self._log = get_logger("WebSocket publisher", source=self.source)
         self._lock = threading.Lock()
         # (type, key), (type, symbol) or type -> its topic's slot
@@ -289,7 +314,7 @@ class Publisher(EventHelpers):
         self._fast: deque[tuple[_Slot, bytes, bytes]] = deque()
         self._fast_ok = False
         self._io_sleeping = False
-        # ZeroMQ with caller_sends: the socket's Cython send, used under the lock instead
+        # ZeroMQ with caller_sends: bus.transport's sender, used under the lock instead
         # of the hand-off deque (see docs/performance.md for the measured difference)
         self._caller_send: Any = None
         self.caller_sends = caller_sends
@@ -448,10 +473,6 @@ class Publisher(EventHelpers):
         """
         if type(data) is not dict:
             data = event_data(type_name, data)
-        now_ns = _time_ns()
-        timestamp = _format_timestamp(now_ns)
-        if "timestamp" not in data:
-            data = {**data, "timestamp": timestamp}
         slot_key: Any = None
         symbol: Any = None
         try:
@@ -470,31 +491,45 @@ class Publisher(EventHelpers):
         if slot.gated:
             self._publish_gated(slot, data)
             return
-        with self._lock:
+        now_ns = _time_ns()
+        stamp = _timestamp_bytes(now_ns)
+        try:
+            data_json = _dumps(data, default=to_json_value, option=DUMPS_OPTIONS)
+        except TypeError as error:
+            raise unencodable(type_name, error) from None
+        # the payload as bus.envelope.encode_payload writes it, from pre-encoded parts
+        if "timestamp" in data:
+            parts = [slot.head, data_json, TIMESTAMP_FIELD, stamp, slot.tail]
+        else:
+            parts = [
+                slot.head,
+                data_json[:-1],
+                _DATA_TIMESTAMP_NEXT if data else _DATA_TIMESTAMP_FIRST,
+                stamp,
+                _DATA_END_AND_TIMESTAMP,
+                stamp,
+                slot.tail,
+            ]
+        lock = self._lock
+        lock.acquire()
+        try:
             seq = slot.seq + 1
-            try:
-                payload = encode_payload(
-                    type_name,
-                    data,
-                    timestamp,
-                    slot.topic,
-                    self.source,
-                    self.epoch,
-                    seq,
-                    to_json_value,
-                    DUMPS_OPTIONS,
-                )
-            except EnvelopeError as error:
-                raise InvalidEventError(str(error)) from None
+            parts.append(b"%d}" % seq)
+            payload = b"".join(parts)
             if len(payload) > MAX_PAYLOAD_BYTES:
                 raise InvalidEventError(
                     f"event {type_name!r} encodes to {len(payload)} bytes; the bus limit is "
                     f"{MAX_PAYLOAD_BYTES}"
                 )
             slot.seq = seq  # also the count of this topic's published events
-            self._send_or_hold(
-                slot, encode_meta(self._source_bytes, self.epoch, seq, now_ns), payload
-            )
+            meta = self._pack_meta(WIRE_VERSION, 0, self.epoch, seq, now_ns, self._source_bytes)
+            send = self._caller_send
+            if send is not None and self._fast_ok and send(slot.topic_bytes, meta, payload):
+                self.counters.sent += 1
+            else:
+                self._send_or_hold(slot, meta, payload)
+        finally:
+            lock.release()
 
     def _discard(self, type_name: str, data: Any, key: str | None = None) -> None:
         """publish() of a disabled publisher: the guide's default, costs nothing."""
@@ -516,7 +551,7 @@ class Publisher(EventHelpers):
             slot = self._topics.get(topic)
             if slot is None:
                 gated = self._gate is not None and type_name in INTERVAL_TYPES
-                slot = self._topics[topic] = _Slot(type_name, topic, gated)
+                slot = self._topics[topic] = _Slot(type_name, topic, gated, self.source, self.epoch)
             with contextlib.suppress(TypeError):
                 self._slots[slot_key] = slot
             return slot
@@ -526,6 +561,9 @@ class Publisher(EventHelpers):
         gate = self._gate
         assert gate is not None
         data_json = dumps_data(slot.type_name, data)
+        if "timestamp" not in data:
+            # the time of the call; the envelope's timestamp is the time it goes out
+            data_json = with_timestamp(data_json, _timestamp_bytes(_time_ns()))
         now = self._clock()
         with self._lock:
             if self._stopped:  # nothing would ever release it
@@ -549,19 +587,21 @@ class Publisher(EventHelpers):
     def _emit_held(self, held: _Held) -> None:
         """Build and send (or queue) an event whose data was encoded earlier. Lock held."""
         slot, data_json = held
-        now_ns = time.time_ns()
+        now_ns = _time_ns()
         seq = slot.seq + 1
         slot.seq = seq
-        payload = encode_payload(
-            slot.type_name,
-            orjson.Fragment(data_json),
-            format_timestamp(now_ns),
-            slot.topic,
-            self.source,
-            self.epoch,
-            seq,
+        payload = b"".join(
+            (
+                slot.head,
+                data_json,
+                TIMESTAMP_FIELD,
+                _timestamp_bytes(now_ns),
+                slot.tail,
+                b"%d}" % seq,
+            )
         )
-        self._send_or_hold(slot, encode_meta(self._source_bytes, self.epoch, seq, now_ns), payload)
+        meta = self._pack_meta(WIRE_VERSION, 0, self.epoch, seq, now_ns, self._source_bytes)
+        self._send_or_hold(slot, meta, payload)
 
     def _send_or_hold(self, slot: _Slot, meta: bytes, payload: bytes) -> None:
         """Send now (caller_sends), hand to the I/O thread, or queue in the outbox. Lock held.
@@ -571,14 +611,7 @@ class Publisher(EventHelpers):
         if self._fast_ok:
             caller_send = self._caller_send
             if caller_send is not None:
-                try:
-                    caller_send(slot.topic_bytes, _SNDMORE_NOBLOCK)
-                except _Again:
-                    pass
-                else:
-                    # libzmq checks a full pipe at a message's first frame only
-                    caller_send(meta, _SNDMORE_NOBLOCK)
-                    caller_send(payload, _NOBLOCK)
+                if caller_send(slot.topic_bytes, meta, payload):
                     self.counters.sent += 1
                     return
             elif len(self._fast) < FAST_LIMIT:

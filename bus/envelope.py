@@ -100,19 +100,56 @@ def meta_publish_ns(frame: bytes | memoryview) -> int:
     return publish_ns
 
 
-_second_cache: list[Any] = [-1, ""]
+# (millisecond, its formatted prefix): one tuple, swapped whole, so threads never see a
+# millisecond paired with another's prefix
+_millisecond_prefix: tuple[int, bytes] = (-1, b"")
+# the last three digits of the microseconds and the closing "Z"
+_MICROSECOND_SUFFIXES: Final = tuple(b"%03dZ" % n for n in range(1000))
+
+
+def timestamp_bytes(ns: int) -> bytes:
+    """ISO-8601 UTC with microseconds and a ``Z``: ``b"2024-01-20T10:30:00.123456Z"``.
+
+    Publishers call this for every event: the text up to the millisecond is cached.
+    """
+    global _millisecond_prefix
+    millisecond, rest = divmod(ns, 1_000_000)
+    cached_millisecond, prefix = _millisecond_prefix
+    if cached_millisecond != millisecond:
+        seconds, milliseconds = divmod(millisecond, 1000)
+        text = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        prefix = b"%s.%03d" % (text.encode(), milliseconds)
+        _millisecond_prefix = (millisecond, prefix)
+    return prefix + _MICROSECOND_SUFFIXES[rest // 1000]
 
 
 def format_timestamp(ns: int) -> str:
-    """ISO-8601 UTC with microseconds and a ``Z``: ``2024-01-20T10:30:00.123456Z``.
+    """ISO-8601 UTC with microseconds and a ``Z``: ``2024-01-20T10:30:00.123456Z``."""
+    return timestamp_bytes(ns).decode()
 
-    The formatted second is cached because publishers call this for every event.
-    """
-    seconds, rest = divmod(ns, 1_000_000_000)
-    if _second_cache[0] != seconds:
-        _second_cache[0] = seconds
-        _second_cache[1] = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{_second_cache[1]}.{rest // 1000:06d}Z"
+
+# Payloads built from pre-encoded parts, for publishers: byte for byte what
+# encode_payload gives (tested), without building and encoding the envelope dict per event:
+#   head + data JSON + TIMESTAMP_FIELD + timestamp + tail + seq + b"}"
+TIMESTAMP_FIELD: Final = b',"timestamp":"'
+
+
+def payload_parts(type_name: str, topic: str, source: str, epoch: int) -> tuple[bytes, bytes]:
+    """(head, tail): the constant bytes of one topic's payloads around data and timestamp."""
+    head = b'{"type":%s,"data":' % orjson.dumps(type_name)
+    tail = b'","topic":%s,"source":%s,"epoch":%d,"seq":' % (
+        orjson.dumps(topic),
+        orjson.dumps(source),
+        epoch,
+    )
+    return head, tail
+
+
+def with_timestamp(data_json: bytes, stamp: bytes) -> bytes:
+    """A JSON object's bytes with ``"timestamp": stamp`` added as its last field."""
+    if data_json == b"{}":
+        return b'{"timestamp":"%s"}' % stamp
+    return b'%s%s%s"}' % (data_json[:-1], TIMESTAMP_FIELD, stamp)
 
 
 def encode_payload(

@@ -20,7 +20,8 @@ import pytest
 import zmq
 
 from bot_client import AsyncPublisher, InvalidEventError, Publisher, WebSocketPublisher
-from bus.envelope import Event
+from bot_client.encoding import DUMPS_OPTIONS, to_json_value
+from bus.envelope import Event, Meta, encode_payload
 from bus.proxy import Proxy, ProxyConfig
 from bus.subscriber import BlockingSubscriber, Gap
 from tests.conftest import scaled, staging_proxy, synced_subscriber
@@ -347,6 +348,48 @@ def test_bot_values_encode_and_invalid_calls_raise(
         "timestamp": event.data["timestamp"],
     }
     assert b'"pnl":1234.567890123' in event.payload
+
+
+@pytest.mark.parametrize("caller_sends", [False, True])
+def test_payloads_are_byte_for_byte_the_envelope_encoding(
+    proxy: Proxy, subscriber: BlockingSubscriber, zmq_context: Context, caller_sends: bool
+) -> None:
+    # the publisher assembles payloads from pre-encoded parts; bus.envelope is the reference
+    calls: list[tuple[str, dict[str, object], str | None]] = [
+        ("market_data", {"symbol": "BTC-USD", "price": 45000.5}, None),
+        ("custom", {}, None),
+        ("custom", {"timestamp": "2024-01-20T10:30:00Z", "n": 1}, "k-1"),
+        ("ai_decision", {"reasoning": 'quote " backslash \\ é ✓ \n', "c": [1, None]}, None),
+        ("position_update", {"symbol": "ETH/USD", "pnl": Decimal("-1.50")}, None),
+        ("trading_decision", {"at": datetime(2024, 1, 20, tzinfo=UTC)}, None),
+    ]
+    with Publisher(
+        url=proxy.frontend_endpoint,
+        source_id="bytes-1",
+        heartbeat_interval=0,
+        publish_interval=0,
+        caller_sends=caller_sends,
+        context=zmq_context,
+    ) as publisher:
+        for type_name, data, key in calls:
+            publisher.publish(type_name, data, key)
+        events = receive(subscriber, len(calls))
+    for event, (type_name, data, _key) in zip(events, calls, strict=True):
+        data_with_time = data if "timestamp" in data else {**data, "timestamp": event.timestamp}
+        expected = encode_payload(
+            type_name,
+            data_with_time,
+            event.timestamp,
+            event.topic,
+            "bytes-1",
+            event.epoch,
+            event.seq,
+            to_json_value,
+            DUMPS_OPTIONS,
+        )
+        assert event.payload == expected
+        assert event.meta == Meta("bytes-1", publisher.epoch, event.seq, event.publish_ns)
+        assert_iso_utc(event.timestamp)
 
 
 @pytest.mark.parametrize("caller_sends", [False, True])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from datetime import UTC, datetime
 
 import orjson
 import pytest
@@ -11,15 +12,20 @@ from hypothesis import strategies as st
 
 from bus.envelope import (
     META_HEADER_SIZE,
+    TIMESTAMP_FIELD,
     Event,
     decode_event,
     decode_meta,
     encode_event,
     encode_meta,
+    encode_payload,
     format_timestamp,
     meta_position,
     meta_publish_ns,
     meta_source,
+    payload_parts,
+    timestamp_bytes,
+    with_timestamp,
 )
 from bus.errors import EnvelopeError
 
@@ -109,6 +115,41 @@ def test_round_trip_property(
 def test_timestamp_is_iso_utc_with_microseconds() -> None:
     assert format_timestamp(1705746600_123456789) == "2024-01-20T10:30:00.123456Z"
     assert format_timestamp(1705746601_000000000) == "2024-01-20T10:30:01.000000Z"
+
+
+@given(st.integers(0, 253402300799_999999999))  # up to 9999-12-31T23:59:59.999999999
+def test_cached_timestamp_matches_datetime_formatting(ns: int) -> None:
+    def expected(ns: int) -> str:
+        seconds = datetime.fromtimestamp(ns // 10**9, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{seconds}.{ns % 10**9 // 1000:06d}Z"
+
+    # the second call is another microsecond of the same millisecond: from the cache
+    same_millisecond = ns - ns % 1_000_000 + (ns % 1_000_000 + 1000) % 1_000_000
+    for value in (ns, same_millisecond):
+        assert format_timestamp(value) == expected(value)
+        assert timestamp_bytes(value) == expected(value).encode()
+
+
+@given(json_values, st.text(min_size=1, max_size=5), st.integers(0, 2**63), st.integers(1, 2**63))
+def test_payload_parts_rebuild_encode_payload(
+    data: object, source: str, epoch: int, seq: int
+) -> None:
+    data_object = {"value": data}
+    head, tail = payload_parts("custom", "custom.k", source, epoch)
+    stamp = b"2024-01-20T10:30:00.123456Z"
+    data_json = with_timestamp(orjson.dumps(data_object), stamp)
+    built = b"".join((head, data_json, TIMESTAMP_FIELD, stamp, tail, b"%d}" % seq))
+    expected = encode_payload(
+        "custom",
+        {**data_object, "timestamp": stamp.decode()},
+        stamp.decode(),
+        "custom.k",
+        source,
+        epoch,
+        seq,
+    )
+    assert built == expected
+    assert with_timestamp(b"{}", stamp) == b'{"timestamp":"2024-01-20T10:30:00.123456Z"}'
 
 
 def test_unencodable_data_is_an_envelope_error() -> None:
