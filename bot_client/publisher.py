@@ -278,7 +278,7 @@ class Publisher(EventHelpers):
         *,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         autostart: bool = True,
-        caller_sends: bool = True,
+        caller_sends: bool = False,
         clock: Callable[[], float] = time.monotonic,
         **overrides: Any,
     ) -> None:
