@@ -42,6 +42,7 @@ from bridge.protocol import (
 from bus.errors import TopicError
 from bus.proxy import SNAPSHOT_COMMAND, STATUS_OK, SYNC_PREFIX, snapshot_request
 from bus.topics import Pattern, validate_source
+from bus.transport import receiver
 from monitoring.logging import get_logger
 
 SUBPROTOCOL: Final = "tradebus"
@@ -174,6 +175,8 @@ class Bridge:
         self._tasks.clear()
         if self._backlog_timer is not None:
             self._backlog_timer.cancel()
+        # a reader call already scheduled must find no socket, not a closed one's handle
+        self._sub_raw = None
         for socket in (self._sub, self._dealer, self._pub):
             if socket is not None:
                 socket.close(linger=0)
@@ -213,28 +216,32 @@ class Bridge:
         """Drain the SUB socket in batches: route each batch, then write once per client.
 
         The ZeroMQ FD is edge-triggered: it only signals again once the socket's events
-        were read, so this drains until EVENTS shows nothing more; after a full batch it
-        yields to the loop (clients' reads, timers) and continues in the next turn.
+        were read, so this drains until nothing is queued and EVENTS agrees; after a full
+        batch it yields to the loop (clients' reads, timers) and continues in the next turn.
         """
         raw = self._sub_raw
         if raw is None or raw.closed:
             return
         hub = self.hub
-        recv = raw.recv_multipart
+        receive = receiver(raw)  # one C call per message (bus.transport)
         readable = raw.getsockopt
         while True:
-            # EVENTS is checked before each receive: cheaper than ending on zmq.Again, and
-            # reading it is what re-arms the edge-triggered FD
-            batch: list[list[bytes]] = []
-            while int(readable(zmq.EVENTS)) & zmq.POLLIN and len(batch) < MAX_BATCH:
-                batch.append(recv(zmq.NOBLOCK))
-            if not batch:
-                return
-            hub.dispatch(batch, time.monotonic(), time.time_ns())
-            self.flush()
+            batch: list[tuple[bytes, ...]] = []
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(receive())
+                except zmq.Again:
+                    break
+            if batch:
+                hub.dispatch(batch, time.monotonic(), time.time_ns())
+                self.flush()
             if len(batch) == MAX_BATCH:
                 assert self._loop is not None
                 self._loop.call_soon(self._on_upstream)
+                return
+            # reading EVENTS is what re-arms the edge-triggered FD; a message that arrived
+            # meanwhile is read now, or the FD would not signal it
+            if not int(readable(zmq.EVENTS)) & zmq.POLLIN:
                 return
 
     async def _read_snapshots(self) -> None:

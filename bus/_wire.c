@@ -67,7 +67,7 @@ static int bound(void) {
 static void *socket_handle(PyObject *handle) {
     void *socket = PyLong_AsVoidPtr(handle);
     if (socket == NULL && !PyErr_Occurred())
-        PyErr_SetString(PyExc_ValueError, "socket handle is 0 (a closed socket?)");
+        raise_errno(ENOTSOCK); /* pyzmq's handle of a closed socket is 0 */
     return socket;
 }
 

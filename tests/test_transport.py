@@ -147,6 +147,17 @@ def test_errors_are_pyzmq_errors(implementation: Implementation, zmq_context: Co
         pub.close(linger=0)
 
 
+def test_a_closed_socket_is_enotsock(zmq_context: Context) -> None:
+    push = zmq_context.socket(zmq.PUSH)
+    push.close(linger=0)
+    with pytest.raises(zmq.ZMQError) as raised:
+        transport.send_event(push, b"t", b"m", b"p")
+    assert raised.value.errno == errno.ENOTSOCK
+    with pytest.raises(zmq.ZMQError) as raised:
+        transport.receive_message(push)
+    assert raised.value.errno == errno.ENOTSOCK
+
+
 def test_frames_must_be_bytes(pair: tuple[zmq.Socket[bytes], zmq.Socket[bytes]]) -> None:
     push, _pull = pair
     with pytest.raises(TypeError):
