@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import string
+import struct
 import threading
 import time
 from collections.abc import Iterable
@@ -28,7 +29,7 @@ from typing import Final
 
 import zmq
 
-from bus.envelope import META_HEADER, META_HEADER_SIZE, WIRE_VERSION
+from bus.envelope import META_HEADER_SIZE, WIRE_VERSION
 from bus.errors import EndpointError, TopicError
 from bus.topics import Pattern
 from bus.transport import receiver
@@ -48,7 +49,9 @@ _SUBSCRIBE: Final = 1
 _TOPIC_FIRST_BYTES: Final = frozenset(bytes([c]) for c in string.ascii_letters.encode())
 _PAYLOAD_FIRST_BYTE: Final = b"{"
 _SYNC_SUBSCRIPTION: Final = bytes([_SUBSCRIBE]) + SYNC_PREFIX
-_unpack_header = META_HEADER.unpack_from
+# epoch and seq: the two u64 after the meta frame's version and flags bytes
+_unpack_position = struct.Struct(">QQ").unpack_from
+_POSITION_OFFSET: Final = 2
 
 
 @dataclass(frozen=True)
@@ -98,58 +101,81 @@ def _bind(socket: zmq.Socket[bytes], endpoint: str, role: str) -> str:
 
 
 class LastValueCache:
-    """Latest (meta, payload) per topic, fed from the capture stream. Not thread-safe."""
+    """Latest event per topic, fed from the capture stream. Not thread-safe.
+
+    ``entries[topic]`` is ``(meta, payload, source, epoch, seq)``: the latest event's
+    frames and its position, kept beside them so that the next event of the same source
+    is checked for gaps without unpacking the previous meta.
+    """
 
     def __init__(self, max_topics: int) -> None:
         self.max_topics = max_topics
-        self.entries: dict[bytes, tuple[bytes, bytes]] = {}
+        self.entries: dict[bytes, tuple[bytes, bytes, bytes, int, int]] = {}
         self.stats = CacheStats()
+        # (source, topic) -> (epoch, seq) of sources other than the one of a topic's entry
         self._positions: dict[tuple[bytes, bytes], tuple[int, int]] = {}
-        self._types: dict[bytes, str] = {}
+        # events per topic since the last fold_counts()
+        self._counts: dict[bytes, int] = {}
 
     def update(self, topic: bytes, meta: bytes, payload: bytes) -> None:
-        """Keep ``(meta, payload)`` as the latest of ``topic``; count events and gaps.
+        """Keep the event as the latest of ``topic``; count events and gaps.
 
         This runs for every forwarded event on the CPU that forwarding needs too, so it
-        does only that: no SequenceTracker call (about 1 us more per event, measured), just
-        the last (epoch, seq) per (source, topic) to count gaps (see docs/protocol.md).
+        does only that (see docs/performance.md): the position of the latest event per
+        (source, topic) to count gaps, and a count per topic that fold_counts() turns into
+        the counts by type.
         """
         stats = self.stats
         if len(meta) <= META_HEADER_SIZE or meta[0] != WIRE_VERSION:
             stats.invalid += 1
             return
         stats.events += 1
-        type_name = self._types.get(topic)
-        if type_name is None:
-            type_name = topic.split(b".", 1)[0].decode(errors="replace")
-            if len(self._types) >= self.max_topics:
-                self._types.clear()
-            self._types[topic] = type_name
-        by_type = stats.by_type
-        by_type[type_name] = by_type.get(type_name, 0) + 1
-        _version, _flags, epoch, seq, _publish_ns = _unpack_header(meta)
-        positions = self._positions
-        key = (meta[META_HEADER_SIZE:], topic)
-        last = positions.get(key)
-        if last is None:
-            if len(positions) >= 4 * self.max_topics:
-                # bound memory when topics churn; forgetting positions invents no gaps
-                positions.clear()
-        elif seq != last[1] + 1 and epoch == last[0]:
-            if seq <= last[1]:
-                return  # a duplicate or late event: the cache keeps the newer one
-            stats.gaps += 1
-            stats.missed += seq - last[1] - 1
-        elif epoch < last[0]:
-            return  # from an older run of that source
-        positions[key] = (epoch, seq)
+        counts = self._counts
+        counts[topic] = counts.get(topic, 0) + 1
+        epoch, seq = _unpack_position(meta, _POSITION_OFFSET)
+        source = meta[META_HEADER_SIZE:]
         entries = self.entries
-        if topic not in entries:
+        entry = entries.get(topic)
+        if entry is not None and entry[2] == source:
+            last_epoch = entry[3]
+            last_seq = entry[4]
+        else:
+            # a new topic, or another source than the one of its latest event
+            last = self._positions.get((source, topic))
+            if last is None:
+                last_epoch = -1
+                last_seq = 0
+            else:
+                last_epoch, last_seq = last
+        if epoch == last_epoch:
+            if seq != last_seq + 1:
+                if seq <= last_seq:
+                    return  # a duplicate or late event: the cache keeps the newer one
+                stats.gaps += 1
+                stats.missed += seq - last_seq - 1
+        elif epoch < last_epoch:
+            return  # from an older run of that source
+        if entry is None:
             if len(entries) >= self.max_topics:
                 del entries[next(iter(entries))]
                 stats.evictions += 1
             stats.topics = len(entries) + 1
-        entries[topic] = (meta, payload)
+        elif entry[2] != source:
+            positions = self._positions
+            if len(positions) >= 4 * self.max_topics:
+                # bound memory when sources churn; forgetting positions invents no gaps
+                positions.clear()
+            positions[(entry[2], topic)] = (entry[3], entry[4])
+            positions.pop((source, topic), None)
+        entries[topic] = (meta, payload, source, epoch, seq)
+
+    def fold_counts(self) -> None:
+        """Add the events counted per topic since the last call to ``stats.by_type``."""
+        by_type = self.stats.by_type
+        for topic, count in self._counts.items():
+            type_name = topic.split(b".", 1)[0].decode(errors="replace")
+            by_type[type_name] = by_type.get(type_name, 0) + count
+        self._counts.clear()
 
     def matching(self, patterns: list[Pattern]) -> list[bytes]:
         """Frames ``topic, meta, payload, ...`` for every cached topic matching a pattern."""
@@ -157,8 +183,8 @@ class LastValueCache:
         for topic in sorted(self.entries):
             text = topic.decode(errors="replace")
             if not patterns or any(p.matches(text) for p in patterns):
-                meta, payload = self.entries[topic]
-                frames += (topic, meta, payload)
+                entry = self.entries[topic]
+                frames += (topic, entry[0], entry[1])
         return frames
 
 
@@ -340,6 +366,7 @@ class Proxy:
                             self._synced(snapshot, frames[0], seen_syncs, parked, now)
                         continue
                     cache.stats.invalid += 1
+                cache.fold_counts()
             if snapshot in ready:
                 while True:
                     try:

@@ -77,7 +77,7 @@ def test_forwards_events_and_caches_the_latest_per_topic(
             send_event(publisher, *frames)
         assert [subscriber.recv_multipart() for _ in sent] == sent
         wait_until(lambda: proxy.cache.stats.events >= 3, "the cache")
-        assert proxy.cache.entries[b"market_data.X"] == (sent[1][1], sent[1][2])
+        assert proxy.cache.entries[b"market_data.X"][:2] == (sent[1][1], sent[1][2])
         assert proxy.cache.stats.by_type["market_data"] == 2
     finally:
         subscriber.close(linger=0)
@@ -200,3 +200,26 @@ def test_cache_bounds_topics_and_counts_gaps_duplicates_and_restarts() -> None:
     frames = cache.matching([Pattern("t.C")])
     assert frames[0] == b"t.C"
     assert len(frames) == 3
+
+
+def test_cache_tracks_each_source_of_a_shared_topic() -> None:
+    cache = LastValueCache(max_topics=10)
+
+    def put(source: str, epoch: int, seq: int) -> None:
+        frames = encode_event("system_status", "system_status", {"n": seq}, source, epoch, seq)
+        cache.update(frames[0], frames[1], frames[2])
+
+    # two bots interleaved on one topic: each in sequence, no gap
+    for seq in (1, 2, 3):
+        put("bot-a", 1, seq)
+        put("bot-b", 7, seq)
+    assert (cache.stats.gaps, cache.stats.events) == (0, 6)
+    put("bot-a", 1, 6)  # bot-a lost 4 and 5 while bot-b's event was the latest
+    assert (cache.stats.gaps, cache.stats.missed) == (1, 2)
+    put("bot-b", 7, 2)  # late for bot-b: the newer event of the topic stays
+    assert b'"n":6' in cache.entries[b"system_status"][1]
+    put("bot-b", 7, 4)
+    assert (cache.stats.gaps, cache.stats.missed) == (1, 2)
+    assert b'"source":"bot-b"' in cache.entries[b"system_status"][1]
+    cache.fold_counts()
+    assert cache.stats.by_type == {"system_status": 9}
