@@ -6,7 +6,9 @@ same run:
 * raw pyzmq PUB -> SUB, one 300-byte frame, no proxy, no envelope (the baseline);
 * tradebus publisher -> ``tradebus`` proxy with its last-value cache -> SUB, 300-byte
   three-frame envelopes (topic + meta + payload);
-* the same through a proxy with ``cache=False``, to show what the cache costs.
+* the same through a proxy with ``cache=False``, to show what the cache costs;
+* below saturation, paced at ``--latency-rates``: publish -> receive latency through the
+  proxy with the cache on and off (the cache must not slow forwarding).
 
 Events are encoded before the clock starts so the figures are the bus's, not orjson's.
 Throughput = events / (first send -> last receive), both on the system-wide monotonic clock.
@@ -20,6 +22,7 @@ import multiprocessing as mp
 import os
 import statistics
 import time
+from array import array
 from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing.connection import Connection
@@ -29,7 +32,8 @@ from typing import Any
 import zmq
 import zmq.backend
 
-from bus.transport import NOBLOCK, recv_event, send_event
+from bus.envelope import META_HEADER_SIZE, encode_meta, meta_publish_ns
+from bus.transport import ACCELERATED, NOBLOCK, receiver, sender
 
 EVENT_BYTES = 300
 HWM = 2_000_000
@@ -77,8 +81,9 @@ def _publisher(
         socket.send_multipart([WARMUP_TOPIC, b"", b""] if envelope else [WARMUP_TOPIC])
     started = time.monotonic()
     if envelope:
+        send = sender(socket)  # one C call per message (bus.transport)
         for topic, meta, payload in messages:
-            send_event(socket, topic, meta, payload)
+            send(topic, meta, payload)
     else:
         for (frame,) in messages:
             raw_send(socket, frame)
@@ -104,19 +109,80 @@ def _subscriber(
             break
         go.set()
     received = 1
-    recv: Any = recv_event if envelope else partial(raw_recv, flags=NOBLOCK)
+    # a whole message per call: three frames through the C accelerator, or the one frame
+    recv: Any = receiver(socket) if envelope else partial(raw_recv, socket, flags=NOBLOCK)
     while received < count:
         try:
-            message = recv(socket)
+            recv()
         except zmq.Again:
             # the queue is empty: wait (Socket.poll is too slow to call per message)
             if not socket.poll(2_000):
                 break  # events were lost; the count shows how many
             continue
-        if message is not None:
-            received += 1
+        received += 1
     finished = time.monotonic()
     report.send((finished, received))
+    socket.close(linger=0)
+    context.term()
+
+
+def _paced_publisher(endpoint: str, rate: int, count: int, go: MpEvent, report: Connection) -> None:
+    """``count`` events at ``rate`` per second, each stamped with its send time in meta.
+
+    Sent in bursts of one millisecond's worth (sleeping between them: a spinning publisher
+    would take a core from the proxy); the meta frame is built right before each send.
+    """
+    (topic, meta, payload), *_ = _encoded_events(1, True)
+    source = meta[META_HEADER_SIZE:]
+    context = zmq.Context()
+    socket = context.socket(zmq.PUB)
+    socket.sndhwm = HWM
+    socket.linger = -1
+    socket.connect(endpoint)
+    while not go.wait(0.01):
+        socket.send_multipart([WARMUP_TOPIC, b"", b""])
+    send = sender(socket)
+    burst = max(1, rate // 1000)
+    started = time.monotonic()
+    for first in range(0, count, burst):
+        due = started + first / rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        for seq in range(first + 1, min(first + burst, count) + 1):
+            send(topic, encode_meta(source, 1, seq, time.time_ns()), payload)
+    report.send(started)
+    socket.close()
+    context.term()
+
+
+def _latency_subscriber(endpoint: str, count: int, go: MpEvent, report: Connection) -> None:
+    """Receives ``count`` events; reports (received, p50, p99, p99.9 latency in us)."""
+    context = zmq.Context()
+    socket = context.socket(zmq.SUB)
+    socket.rcvhwm = HWM
+    socket.subscribe(b"")
+    socket.connect(endpoint)
+    while socket.recv_multipart()[0] == WARMUP_TOPIC:
+        go.set()
+    latencies = array("q")
+    receive = receiver(socket)
+    now_ns = time.time_ns
+    while len(latencies) < count - 1:
+        try:
+            _topic, meta, _payload = receive()
+        except zmq.Again:
+            if not socket.poll(2_000):
+                break
+            continue
+        latencies.append(now_ns() - meta_publish_ns(meta))
+    ordered = sorted(latencies)
+    n = len(ordered)
+    report.send(
+        (n + 1, *(ordered[min(n - 1, int(n * q))] / 1000 for q in (0.5, 0.99, 0.999)))
+        if n
+        else (1, 0.0, 0.0, 0.0)
+    )
     socket.close(linger=0)
     context.term()
 
@@ -242,6 +308,38 @@ def _measure(
     return run
 
 
+def _measure_latency(rate: int, seconds: float, proxy_cache: bool) -> tuple[int, ...]:
+    """(received, p50, p99, p99.9 us) of events paced at ``rate`` through a proxy."""
+    count = int(rate * seconds)
+    spawn = mp.get_context("spawn")
+    go = spawn.Event()
+    stop = spawn.Event()
+    pub_report, pub_end = spawn.Pipe(duplex=False)
+    sub_report, sub_end = spawn.Pipe(duplex=False)
+    _proxy_report, proxy_end = spawn.Pipe(duplex=False)
+    frontend, backend, snapshot = (_free_endpoint() for _ in range(3))
+    processes = [
+        spawn.Process(
+            target=_proxy,
+            args=(frontend, backend, snapshot, proxy_cache, count, {}, stop, proxy_end),
+        ),
+        spawn.Process(target=_latency_subscriber, args=(backend, count, go, sub_end)),
+        spawn.Process(target=_paced_publisher, args=(frontend, rate, count, go, pub_end)),
+    ]
+    for process in processes:
+        process.start()
+    try:
+        pub_report.recv()
+        result: tuple[int, ...] = sub_report.recv()
+    finally:
+        stop.set()
+        for process in processes:
+            process.join(60)
+            if process.is_alive():
+                process.kill()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000, help="events per run")
@@ -253,6 +351,15 @@ def main() -> None:
         "--capture-hwm", type=int, help="the proxy's capture HWM (default: its own)"
     )
     parser.add_argument("--cache-nice", type=int, help="the cache thread's niceness")
+    parser.add_argument(
+        "--latency-rates",
+        default="10000,50000",
+        help="paced rates (events/s) at which to compare forwarding latency with the cache "
+        "on and off; empty to skip (default %(default)s)",
+    )
+    parser.add_argument(
+        "--latency-seconds", type=float, default=2.0, help="seconds per latency run"
+    )
     args = parser.parse_args()
     configurations = {
         "raw PUB -> SUB (baseline)": (False, None),
@@ -268,7 +375,8 @@ def main() -> None:
     results: dict[str, list[Run]] = {name: [] for name in configurations}
     print(
         f"{args.events} events of {EVENT_BYTES} bytes per run, {args.rounds} rounds, "
-        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}",
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, "
+        f"C accelerator {'on' if ACCELERATED else 'OFF'}",
         flush=True,
     )
     # interleave configurations so a busy spell on the machine hits them alike
@@ -324,6 +432,19 @@ def main() -> None:
         print(f"ratio proxy (cache off) / raw baseline: {without_cache / baseline:.2f}")
     if with_cache and without_cache:
         print(f"ratio proxy cache on / cache off:      {with_cache / without_cache:.2f}")
+    rates = [int(rate) for rate in args.latency_rates.split(",") if rate]
+    for rate in rates:
+        # below saturation: does the cache slow forwarding? (publish -> receive, same host)
+        for _round in range(args.rounds):
+            for cache in (True, False):
+                received, p50, p99, p999 = _measure_latency(rate, args.latency_seconds, cache)
+                lost = int(rate * args.latency_seconds) - received
+                print(
+                    f"latency at {rate:,} events/s, cache {'on ' if cache else 'off'}: "
+                    f"p50 {p50:7.1f} us  p99 {p99:8.1f} us  p99.9 {p999:8.1f} us"
+                    + (f"  LOST {lost}" if lost else ""),
+                    flush=True,
+                )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
