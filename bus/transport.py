@@ -33,6 +33,8 @@ RCVMORE: Final = int(zmq.RCVMORE)
 # receive_message returns at most this many frames (a longer message is consumed whole)
 MAX_FRAMES: Final = 4
 _SNDMORE_NOBLOCK: Final = SNDMORE | NOBLOCK
+# set to any value: pyzmq's calls only, not bus._wire (to compare, or to rule it out)
+ACCELERATOR_OFF_VARIABLE: Final = "TRADEBUS_NO_ACCELERATOR"
 
 _send = zmq.backend.Socket.send
 _recv = zmq.backend.Socket.recv
@@ -70,7 +72,7 @@ def _loaded_libzmq() -> str | None:
 
 
 def _bind_accelerator() -> bool:
-    if os.environ.get("TRADEBUS_NO_ACCELERATOR"):
+    if os.environ.get(ACCELERATOR_OFF_VARIABLE):
         return False
     try:
         from bus import _wire

@@ -18,6 +18,7 @@ from bridge.app import BRIDGE_KEY, create_app
 from bridge.config import ENV_PREFIX, BridgeConfig
 from bus.proxy import CacheStats
 from bus.subscriber import BACKEND_VARIABLE, SNAPSHOT_VARIABLE
+from bus.transport import ACCELERATOR_OFF_VARIABLE
 from monitoring.logging import LEVEL_VARIABLES
 from monitoring.metrics import ProxyCollector, PublisherCollector
 from tests.conftest import scaled
@@ -51,6 +52,7 @@ def every_setting(monkeypatch: pytest.MonkeyPatch) -> set[str]:
     names = {spec.variable for spec in SPECS}
     names |= {ENV_PREFIX + f.name.upper() for f in fields(BridgeConfig)}
     names |= set(LEVEL_VARIABLES) | {BACKEND_VARIABLE, SNAPSHOT_VARIABLE, FRONTEND_VARIABLE}
+    names.add(ACCELERATOR_OFF_VARIABLE)
     for command in COMMANDS:
         names |= settings_read_by(command, monkeypatch)
     return names

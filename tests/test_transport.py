@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 
@@ -56,6 +58,15 @@ def _next(receive: transport.Receiver, socket: zmq.Socket[bytes]) -> tuple[bytes
 def test_the_accelerator_is_built_and_bound() -> None:
     # CI builds it (gcc, Python headers); without it every hop runs several times slower
     assert transport.ACCELERATED, "bus._wire was not built or not bound: see pyproject.toml"
+
+
+def test_the_variable_turns_the_accelerator_off() -> None:
+    probe = "import bus.transport as t; print(t.ACCELERATED)"
+    environment = {**os.environ, transport.ACCELERATOR_OFF_VARIABLE: "1"}
+    output = subprocess.run(
+        [sys.executable, "-c", probe], env=environment, capture_output=True, text=True, timeout=30
+    )
+    assert output.stdout.strip() == "False", output.stderr
 
 
 def test_three_frames_round_trip(
