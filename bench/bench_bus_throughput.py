@@ -435,16 +435,21 @@ def main() -> None:
     rates = [int(rate) for rate in args.latency_rates.split(",") if rate]
     for rate in rates:
         # below saturation: does the cache slow forwarding? (publish -> receive, same host)
+        latency_runs: dict[bool, list[tuple[int, ...]]] = {True: [], False: []}
         for _round in range(args.rounds):
             for cache in (True, False):
-                received, p50, p99, p999 = _measure_latency(rate, args.latency_seconds, cache)
-                lost = int(rate * args.latency_seconds) - received
-                print(
-                    f"latency at {rate:,} events/s, cache {'on ' if cache else 'off'}: "
-                    f"p50 {p50:7.1f} us  p99 {p99:8.1f} us  p99.9 {p999:8.1f} us"
-                    + (f"  LOST {lost}" if lost else ""),
-                    flush=True,
-                )
+                latency_runs[cache].append(_measure_latency(rate, args.latency_seconds, cache))
+        for cache, runs in latency_runs.items():
+            lost = sum(int(rate * args.latency_seconds) - run[0] for run in runs)
+            p50s = ", ".join(f"{run[1]:.0f}" for run in runs)
+            p99s = ", ".join(f"{run[2]:.0f}" for run in runs)
+            print(
+                f"latency at {rate:,} events/s, cache {'on ' if cache else 'off'}: median p50 "
+                f"{statistics.median(run[1] for run in runs):5.0f} us (runs {p50s}), median p99 "
+                f"{statistics.median(run[2] for run in runs):5.0f} us (runs {p99s})"
+                + (f"  LOST {lost}" if lost else ""),
+                flush=True,
+            )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

@@ -16,7 +16,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <limits.h>
 #include <stdint.h>
+#include <string.h>
 
 /* zmq_msg_t is 64 opaque bytes, aligned for pointers (zmq.h) */
 typedef struct {
@@ -142,6 +144,50 @@ PyDoc_STRVAR(recv_message_doc,
     "longer message is consumed whole and its first four returned, so that len() != 3\n"
     "tells a malformed bus message). Raises zmq.Again when nothing is queued.");
 
+/* Receive one whole message, keeping at most MAX_FRAMES frames as new references in
+ * frames[0..*kept). Returns 0, a zmq errno (no Python error set, nothing kept), or -1 with
+ * a Python error set (out of memory; the message is consumed, nothing kept). */
+static int receive_frames(void *socket, PyObject **frames, Py_ssize_t *kept) {
+    int more = 1;
+    int failed = 0;
+    zmq_msg message;
+    *kept = 0;
+    while (more) {
+        zmq_msg_init_(&message);
+        if (zmq_msg_recv_(&message, socket, ZMQ_DONTWAIT) < 0) {
+            int error = errno;
+            zmq_msg_close_(&message);
+            for (Py_ssize_t i = 0; i < *kept; i++)
+                Py_DECREF(frames[i]);
+            *kept = 0;
+            /* only possible at a first frame: libzmq queues whole messages */
+            return error;
+        }
+        more = zmq_msg_more_(&message);
+        if (*kept < MAX_FRAMES && !failed) {
+            frames[*kept] = PyBytes_FromStringAndSize((const char *)zmq_msg_data_(&message),
+                                                      (Py_ssize_t)zmq_msg_size_(&message));
+            if (frames[*kept] == NULL)
+                failed = 1; /* out of memory: consume the rest of the message, then raise */
+            else
+                (*kept)++;
+        }
+        zmq_msg_close_(&message);
+    }
+    if (failed) {
+        for (Py_ssize_t i = 0; i < *kept; i++)
+            Py_DECREF(frames[i]);
+        *kept = 0;
+        return -1;
+    }
+    return 0;
+}
+
+static void release_frames(PyObject **frames, Py_ssize_t kept) {
+    for (Py_ssize_t i = 0; i < kept; i++)
+        Py_DECREF(frames[i]);
+}
+
 static PyObject *recv_message(PyObject *module, PyObject *handle) {
     if (!bound())
         return NULL;
@@ -149,40 +195,13 @@ static PyObject *recv_message(PyObject *module, PyObject *handle) {
     if (socket == NULL)
         return NULL;
     PyObject *frames[MAX_FRAMES];
-    Py_ssize_t kept = 0;
-    int more = 1;
-    int failed = 0;
-    zmq_msg message;
-    while (more) {
-        zmq_msg_init_(&message);
-        if (zmq_msg_recv_(&message, socket, ZMQ_DONTWAIT) < 0) {
-            int error = errno;
-            zmq_msg_close_(&message);
-            for (Py_ssize_t i = 0; i < kept; i++)
-                Py_DECREF(frames[i]);
-            /* only possible at a first frame: libzmq queues whole messages */
-            return raise_errno(error);
-        }
-        more = zmq_msg_more_(&message);
-        if (kept < MAX_FRAMES && !failed) {
-            frames[kept] = PyBytes_FromStringAndSize((const char *)zmq_msg_data_(&message),
-                                                     (Py_ssize_t)zmq_msg_size_(&message));
-            if (frames[kept] == NULL)
-                failed = 1; /* out of memory: consume the rest of the message, then raise */
-            else
-                kept++;
-        }
-        zmq_msg_close_(&message);
-    }
-    if (failed) {
-        for (Py_ssize_t i = 0; i < kept; i++)
-            Py_DECREF(frames[i]);
-        return NULL;
-    }
+    Py_ssize_t kept;
+    int status = receive_frames(socket, frames, &kept);
+    if (status != 0)
+        return status > 0 ? raise_errno(status) : NULL;
     PyObject *result = PyTuple_New(kept);
     if (result == NULL) {
-        for (Py_ssize_t i = 0; i < kept; i++)
-            Py_DECREF(frames[i]);
+        release_frames(frames, kept);
         return NULL;
     }
     for (Py_ssize_t i = 0; i < kept; i++)
@@ -190,10 +209,298 @@ static PyObject *recv_message(PyObject *module, PyObject *handle) {
     return result;
 }
 
+/* ---- the proxy's last-value cache: bus.proxy.LastValueCache.update, message by message.
+ * bus/proxy.py holds the reference implementation in Python (drain_capture_python); the
+ * tests feed both the same random streams and compare every entry, position and count. */
+
+#define META_HEADER_SIZE 26
+#define WIRE_VERSION 1
+static const char SYNC_SUBSCRIPTION[] = "\x01\x00sync.";
+#define SYNC_SUBSCRIPTION_SIZE 7
+
+typedef struct {
+    PyObject *entries;   /* topic -> (meta, payload, source, epoch, seq) */
+    PyObject *positions; /* (source, topic) -> (epoch, seq) */
+    PyObject *counts;    /* topic -> events since the last fold */
+    Py_ssize_t max_topics;
+    unsigned long long events, invalid, gaps, missed, evictions;
+} cache_state;
+
+static uint64_t big_endian_u64(const unsigned char *bytes) {
+    uint64_t value = 0;
+    for (int i = 0; i < 8; i++)
+        value = (value << 8) | bytes[i];
+    return value;
+}
+
+static int add_stat(PyObject *stats, const char *name, unsigned long long delta) {
+    if (delta == 0)
+        return 0;
+    PyObject *old = PyObject_GetAttrString(stats, name);
+    if (old == NULL)
+        return -1;
+    PyObject *increment = PyLong_FromUnsignedLongLong(delta);
+    PyObject *sum = increment == NULL ? NULL : PyNumber_Add(old, increment);
+    Py_DECREF(old);
+    Py_XDECREF(increment);
+    if (sum == NULL)
+        return -1;
+    int status = PyObject_SetAttrString(stats, name, sum);
+    Py_DECREF(sum);
+    return status;
+}
+
+static int position_of(PyObject *pair, uint64_t *epoch, uint64_t *seq) {
+    *epoch = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(pair, 0));
+    *seq = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(pair, 1));
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+/* count one event of the topic: counts[topic] += 1 */
+static int count_event(cache_state *state, PyObject *topic) {
+    PyObject *count = PyDict_GetItemWithError(state->counts, topic);
+    if (count == NULL && PyErr_Occurred())
+        return -1;
+    long long value = count == NULL ? 0 : PyLong_AsLongLong(count);
+    if (value == -1 && PyErr_Occurred())
+        return -1;
+    PyObject *updated = PyLong_FromLongLong(value + 1);
+    if (updated == NULL)
+        return -1;
+    int status = PyDict_SetItem(state->counts, topic, updated);
+    Py_DECREF(updated);
+    return status;
+}
+
+static int cache_update(cache_state *state, PyObject *stats, PyObject *topic, PyObject *meta,
+                        PyObject *payload) {
+    Py_ssize_t meta_size = PyBytes_GET_SIZE(meta);
+    const unsigned char *header = (const unsigned char *)PyBytes_AS_STRING(meta);
+    if (meta_size <= META_HEADER_SIZE || header[0] != WIRE_VERSION) {
+        state->invalid++;
+        return 0;
+    }
+    state->events++;
+    if (count_event(state, topic) < 0)
+        return -1;
+    uint64_t epoch = big_endian_u64(header + 2);
+    uint64_t seq = big_endian_u64(header + 10);
+    int status = -1;
+    PyObject *key = NULL, *epoch_object = NULL, *seq_object = NULL, *updated = NULL;
+    PyObject *source = PyBytes_FromStringAndSize((const char *)header + META_HEADER_SIZE,
+                                                 meta_size - META_HEADER_SIZE);
+    if (source == NULL)
+        return -1;
+    PyObject *entry = PyDict_GetItemWithError(state->entries, topic);
+    if (entry == NULL && PyErr_Occurred())
+        goto done;
+    Py_XINCREF(entry);
+    int same_source = 0;
+    if (entry != NULL) {
+        same_source = PyObject_RichCompareBool(PyTuple_GET_ITEM(entry, 2), source, Py_EQ);
+        if (same_source < 0)
+            goto done;
+    }
+    int known = 0;
+    uint64_t last_epoch = 0, last_seq = 0;
+    if (same_source) {
+        known = 1;
+        last_epoch = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(entry, 3));
+        last_seq = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(entry, 4));
+        if (PyErr_Occurred())
+            goto done;
+    } else {
+        /* a new topic, or another source than the one of its latest event */
+        key = PyTuple_Pack(2, source, topic);
+        if (key == NULL)
+            goto done;
+        PyObject *last = PyDict_GetItemWithError(state->positions, key);
+        if (last == NULL && PyErr_Occurred())
+            goto done;
+        if (last != NULL) {
+            known = 1;
+            if (position_of(last, &last_epoch, &last_seq) < 0)
+                goto done;
+        }
+    }
+    if (known) {
+        if (epoch == last_epoch) {
+            if (seq != last_seq + 1) {
+                if (seq <= last_seq) {
+                    status = 0; /* a duplicate or late event: the cache keeps the newer one */
+                    goto done;
+                }
+                uint64_t missed = seq - last_seq - 1;
+                if (state->missed > ULLONG_MAX - missed) {
+                    if (add_stat(stats, "missed", state->missed) < 0)
+                        goto done;
+                    state->missed = 0;
+                }
+                state->gaps++;
+                state->missed += missed;
+            }
+        } else if (epoch < last_epoch) {
+            status = 0; /* from an older run of that source */
+            goto done;
+        }
+    }
+    if (entry == NULL) {
+        if (PyDict_GET_SIZE(state->entries) >= state->max_topics) {
+            Py_ssize_t position = 0;
+            PyObject *oldest, *value;
+            if (PyDict_Next(state->entries, &position, &oldest, &value)) {
+                Py_INCREF(oldest);
+                int deleted = PyDict_DelItem(state->entries, oldest);
+                Py_DECREF(oldest);
+                if (deleted < 0)
+                    goto done;
+                state->evictions++;
+            }
+        }
+    } else if (!same_source) {
+        /* the entry's source keeps its position aside; this source's is now the entry */
+        if (PyDict_GET_SIZE(state->positions) >= 4 * state->max_topics)
+            PyDict_Clear(state->positions);
+        PyObject *aside_key = PyTuple_Pack(2, PyTuple_GET_ITEM(entry, 2), topic);
+        PyObject *aside = PyTuple_Pack(2, PyTuple_GET_ITEM(entry, 3), PyTuple_GET_ITEM(entry, 4));
+        int stored = aside_key != NULL && aside != NULL
+                         ? PyDict_SetItem(state->positions, aside_key, aside)
+                         : -1;
+        Py_XDECREF(aside_key);
+        Py_XDECREF(aside);
+        if (stored < 0)
+            goto done;
+        if (PyDict_DelItem(state->positions, key) < 0) {
+            if (!PyErr_ExceptionMatches(PyExc_KeyError))
+                goto done;
+            PyErr_Clear();
+        }
+    }
+    epoch_object = PyLong_FromUnsignedLongLong(epoch);
+    seq_object = PyLong_FromUnsignedLongLong(seq);
+    if (epoch_object == NULL || seq_object == NULL)
+        goto done;
+    updated = PyTuple_Pack(5, meta, payload, source, epoch_object, seq_object);
+    if (updated == NULL || PyDict_SetItem(state->entries, topic, updated) < 0)
+        goto done;
+    status = 0;
+done:
+    Py_XDECREF(entry);
+    Py_XDECREF(key);
+    Py_XDECREF(epoch_object);
+    Py_XDECREF(seq_object);
+    Py_XDECREF(updated);
+    Py_DECREF(source);
+    return status;
+}
+
+static int is_topic_start(PyObject *frame) {
+    if (PyBytes_GET_SIZE(frame) < 1)
+        return 0;
+    unsigned char first = (unsigned char)PyBytes_AS_STRING(frame)[0];
+    return (first >= 'a' && first <= 'z') || (first >= 'A' && first <= 'Z');
+}
+
+PyDoc_STRVAR(cache_drain_doc,
+    "cache_drain(handle, cache, limit) -> (messages, sync_subscription | None)\n"
+    "Feed up to ``limit`` captured messages to a bus.proxy.LastValueCache, without blocking.\n"
+    "Stops after a snapshot sync subscription, which it returns: the caller answers the\n"
+    "snapshots waiting for it before anything captured later reaches the cache.");
+
+static PyObject *cache_drain(PyObject *module, PyObject *args) {
+    PyObject *handle, *cache;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "OOn", &handle, &cache, &limit))
+        return NULL;
+    if (!bound())
+        return NULL;
+    void *socket = socket_handle(handle);
+    if (socket == NULL)
+        return NULL;
+    cache_state state = {0};
+    PyObject *stats = NULL, *max_topics = NULL, *sync = NULL, *result = NULL;
+    state.entries = PyObject_GetAttrString(cache, "entries");
+    state.positions = PyObject_GetAttrString(cache, "_positions");
+    state.counts = PyObject_GetAttrString(cache, "_counts");
+    stats = PyObject_GetAttrString(cache, "stats");
+    max_topics = PyObject_GetAttrString(cache, "max_topics");
+    if (state.entries == NULL || state.positions == NULL || state.counts == NULL ||
+        stats == NULL || max_topics == NULL)
+        goto finish;
+    if (!PyDict_CheckExact(state.entries) || !PyDict_CheckExact(state.positions) ||
+        !PyDict_CheckExact(state.counts)) {
+        PyErr_SetString(PyExc_TypeError, "cache_drain needs a LastValueCache");
+        goto finish;
+    }
+    state.max_topics = PyLong_AsSsize_t(max_topics);
+    if (state.max_topics == -1 && PyErr_Occurred())
+        goto finish;
+    Py_ssize_t messages = 0;
+    int failed = 0;
+    while (messages < limit) {
+        PyObject *frames[MAX_FRAMES];
+        Py_ssize_t kept;
+        int status = receive_frames(socket, frames, &kept);
+        if (status == EAGAIN)
+            break;
+        if (status != 0) {
+            if (status > 0)
+                raise_errno(status);
+            failed = 1;
+            break;
+        }
+        messages++;
+        if (kept == 3 && is_topic_start(frames[0]) && PyBytes_GET_SIZE(frames[2]) > 0 &&
+            PyBytes_AS_STRING(frames[2])[0] == '{') {
+            if (cache_update(&state, stats, frames[0], frames[1], frames[2]) < 0)
+                failed = 1;
+        } else if (kept == 1 && PyBytes_GET_SIZE(frames[0]) > 0 &&
+                   (unsigned char)PyBytes_AS_STRING(frames[0])[0] <= 1) {
+            /* a (un)subscription on its way from a subscriber to the publishers */
+            if (PyBytes_GET_SIZE(frames[0]) >= SYNC_SUBSCRIPTION_SIZE &&
+                memcmp(PyBytes_AS_STRING(frames[0]), SYNC_SUBSCRIPTION,
+                       SYNC_SUBSCRIPTION_SIZE) == 0) {
+                sync = frames[0];
+                kept = 0; /* the reference moved to sync */
+                release_frames(frames, 0);
+                break;
+            }
+        } else {
+            state.invalid++;
+        }
+        release_frames(frames, kept);
+        if (failed)
+            break;
+    }
+    /* the counts so far are added even after an error: they describe what was consumed */
+    if (add_stat(stats, "events", state.events) < 0 ||
+        add_stat(stats, "invalid", state.invalid) < 0 || add_stat(stats, "gaps", state.gaps) < 0 ||
+        add_stat(stats, "missed", state.missed) < 0 ||
+        add_stat(stats, "evictions", state.evictions) < 0)
+        failed = 1;
+    if (!failed) {
+        PyObject *topics = PyLong_FromSsize_t(PyDict_GET_SIZE(state.entries));
+        if (topics == NULL || PyObject_SetAttrString(stats, "topics", topics) < 0)
+            failed = 1;
+        Py_XDECREF(topics);
+    }
+    if (!failed)
+        result = Py_BuildValue("(nO)", messages, sync == NULL ? Py_None : sync);
+finish:
+    Py_XDECREF(sync);
+    Py_XDECREF(state.entries);
+    Py_XDECREF(state.positions);
+    Py_XDECREF(state.counts);
+    Py_XDECREF(stats);
+    Py_XDECREF(max_topics);
+    return result;
+}
+
 static PyMethodDef wire_methods[] = {
     {"bind", bind, METH_VARARGS, bind_doc},
     {"send3", (PyCFunction)(void (*)(void))send3, METH_FASTCALL, send3_doc},
     {"recv_message", recv_message, METH_O, recv_message_doc},
+    {"cache_drain", cache_drain, METH_VARARGS, cache_drain_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -18,12 +18,13 @@ subscriber's sequence tracker.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import string
 import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -32,7 +33,7 @@ import zmq
 from bus.envelope import META_HEADER_SIZE, WIRE_VERSION
 from bus.errors import EndpointError, TopicError
 from bus.topics import Pattern
-from bus.transport import receiver
+from bus.transport import Receiver, cache_drainer, receiver
 
 DEFAULT_FRONTEND: Final = "tcp://127.0.0.1:5555"
 DEFAULT_BACKEND: Final = "tcp://127.0.0.1:5556"
@@ -45,6 +46,11 @@ STATUS_UNSYNCED: Final = b"unsynced"
 STATUS_ERROR: Final = b"error"
 
 _SUBSCRIBE: Final = 1
+# The cache drains its capture queue every CACHE_DRAIN_BUSY_MS while events flow, backing
+# off to CACHE_DRAIN_IDLE_MS when idle; a snapshot request always drains first.
+CACHE_DRAIN_BUSY_MS: Final = 2
+CACHE_DRAIN_IDLE_MS: Final = 100
+CACHE_DRAIN_BATCH: Final = 10_000
 # a topic starts with a letter (docs/protocol.md), a payload is a JSON object
 _TOPIC_FIRST_BYTES: Final = frozenset(bytes([c]) for c in string.ascii_letters.encode())
 _PAYLOAD_FIRST_BYTE: Final = b"{"
@@ -186,6 +192,36 @@ class LastValueCache:
                 entry = self.entries[topic]
                 frames += (topic, entry[0], entry[1])
         return frames
+
+
+def drain_capture_python(
+    receive: Receiver, cache: LastValueCache, limit: int
+) -> tuple[int, bytes | None]:
+    """Feed up to ``limit`` captured messages to ``cache``: (messages, sync marker or None).
+
+    Stops after a snapshot sync subscription and returns it, so that the caller answers
+    the snapshots waiting for it before later events reach the cache. bus/_wire.c's
+    cache_drain does the same in C; this is its reference (the tests compare them).
+    """
+    count = 0
+    while count < limit:
+        try:
+            frames = receive()
+        except zmq.Again:
+            break
+        count += 1
+        if len(frames) == 3:
+            topic, meta, payload = frames
+            if topic[:1] in _TOPIC_FIRST_BYTES and payload[:1] == _PAYLOAD_FIRST_BYTE:
+                cache.update(topic, meta, payload)
+                continue
+        elif len(frames) == 1 and frames[0][:1] in (b"\x00", b"\x01"):
+            # a (un)subscription on its way from a subscriber to the publishers
+            if frames[0].startswith(_SYNC_SUBSCRIPTION):
+                return count, frames[0]
+            continue
+        cache.stats.invalid += 1
+    return count, None
 
 
 class Proxy:
@@ -333,40 +369,32 @@ class Proxy:
         # queue; only past capture_hwm are updates dropped, and counted as cache gaps.
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.cache_nice)
-        cache = self.cache
         receive = receiver(capture)
+        drain = cache_drainer(capture) or functools.partial(drain_capture_python, receive)
+        # The capture socket is drained on a cadence, not when it becomes readable: waiting
+        # on it would make the forwarder wake this thread for every event, a system call
+        # (and on a VM an interrupt to the other CPU) made before the event goes on to the
+        # subscribers. Snapshot requests and stop still wake the thread at once, and each
+        # request is answered after a drain (docs/performance.md has the measurements).
         poller = zmq.Poller()
-        poller.register(capture, zmq.POLLIN)
         poller.register(snapshot, zmq.POLLIN)
         poller.register(control, zmq.POLLIN)
         seen_syncs: dict[bytes, float] = {}
         # nonce -> [(reply envelope, patterns, deadline)]
         parked: dict[bytes, list[tuple[list[bytes], list[Pattern], float]]] = {}
-        timeout_ms = 100
+        wait_ms = CACHE_DRAIN_BUSY_MS
         while True:
-            ready = dict(poller.poll(timeout_ms))
+            ready = dict(poller.poll(CACHE_DRAIN_BUSY_MS if parked else wait_ms))
             if control in ready:
                 return
             now = time.monotonic()
-            if capture in ready:
-                # drain in bursts: poll once per batch, not once per message
-                for _ in range(10_000):
-                    try:
-                        frames = receive()
-                    except zmq.Again:
-                        break
-                    if len(frames) == 3:
-                        topic, meta, payload = frames
-                        if topic[:1] in _TOPIC_FIRST_BYTES and payload[:1] == _PAYLOAD_FIRST_BYTE:
-                            cache.update(topic, meta, payload)
-                            continue
-                    elif len(frames) == 1 and frames[0][:1] in (b"\x00", b"\x01"):
-                        # a (un)subscription on its way from a subscriber to the publishers
-                        if frames[0].startswith(_SYNC_SUBSCRIPTION):
-                            self._synced(snapshot, frames[0], seen_syncs, parked, now)
-                        continue
-                    cache.stats.invalid += 1
-                cache.fold_counts()
+            drained = self._drain_capture(drain, snapshot, seen_syncs, parked, now)
+            if drained >= CACHE_DRAIN_BATCH:
+                wait_ms = 0  # more is queued: go on after a look at requests
+            elif drained:
+                wait_ms = CACHE_DRAIN_BUSY_MS
+            else:
+                wait_ms = min(2 * wait_ms + 1, CACHE_DRAIN_IDLE_MS)
             if snapshot in ready:
                 while True:
                     try:
@@ -375,6 +403,30 @@ class Proxy:
                         break
                     self._handle_request(snapshot, request, seen_syncs, parked, now)
             self._expire(snapshot, seen_syncs, parked, now)
+
+    def _drain_capture(
+        self,
+        drain: Callable[[LastValueCache, int], tuple[int, bytes | None]],
+        snapshot: zmq.Socket[bytes],
+        seen_syncs: dict[bytes, float],
+        parked: dict[bytes, list[tuple[list[bytes], list[Pattern], float]]],
+        now: float,
+    ) -> int:
+        """Feed up to CACHE_DRAIN_BATCH captured messages to the cache; how many there were.
+
+        A sync marker is handled where it stands in the stream: the snapshots waiting for
+        it are answered before any later event reaches the cache.
+        """
+        count = 0
+        while count < CACHE_DRAIN_BATCH:
+            drained, sync = drain(self.cache, CACHE_DRAIN_BATCH - count)
+            count += drained
+            if sync is None:
+                break
+            self._synced(snapshot, sync, seen_syncs, parked, now)
+        if count:
+            self.cache.fold_counts()
+        return count
 
     def _synced(
         self,

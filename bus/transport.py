@@ -22,7 +22,7 @@ import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import zmq
 import zmq.backend
@@ -95,9 +95,10 @@ def _bind_accelerator() -> bool:
     _wire.bind(
         send, msg_init, msg_recv, msg_data, msg_size, msg_more, msg_close, zmq.ZMQError, zmq.Again
     )
-    global _send3, _recv_message
+    global _send3, _recv_message, _cache_drain
     _send3 = _wire.send3
     _recv_message = _wire.recv_message
+    _cache_drain = _wire.cache_drain
     return True
 
 
@@ -124,6 +125,7 @@ def _python_recv_message(socket: AnySocket) -> tuple[bytes, ...]:
 # handle-level C functions once bound (their first argument is Socket.underlying)
 _send3: Callable[[int, bytes, bytes, bytes], bool] | None = None
 _recv_message: Callable[[int], tuple[bytes, ...]] | None = None
+_cache_drain: Callable[[int, Any, int], tuple[int, bytes | None]] | None = None
 ACCELERATED: Final = _bind_accelerator()
 
 
@@ -144,6 +146,13 @@ def receiver(socket: AnySocket) -> Receiver:
     if _recv_message is not None:
         return functools.partial(_recv_message, socket.underlying)
     return functools.partial(_python_recv_message, socket)
+
+
+def cache_drainer(socket: AnySocket) -> Callable[[Any, int], tuple[int, bytes | None]] | None:
+    """The C version of bus.proxy.drain_capture_python bound to ``socket``, if accelerated."""
+    if _cache_drain is not None:
+        return functools.partial(_cache_drain, socket.underlying)
+    return None
 
 
 def send_event(socket: AnySocket, topic: bytes, meta: bytes, payload: bytes) -> None:

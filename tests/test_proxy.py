@@ -6,15 +6,19 @@ import re
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import asdict
+from functools import partial
 
 import pytest
 import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bus.envelope import encode_event
 from bus.errors import EndpointError
-from bus.proxy import LastValueCache, Proxy, ProxyConfig
+from bus.proxy import LastValueCache, Proxy, ProxyConfig, drain_capture_python
 from bus.topics import Pattern
-from bus.transport import send_event
+from bus.transport import ACCELERATED, cache_drainer, receiver, send_event
 from tests.conftest import scaled
 
 Context = zmq.Context[zmq.Socket[bytes]]
@@ -223,3 +227,86 @@ def test_cache_tracks_each_source_of_a_shared_topic() -> None:
     assert b'"source":"bot-b"' in cache.entries[b"system_status"][1]
     cache.fold_counts()
     assert cache.stats.by_type == {"system_status": 9}
+
+
+# -- the C cache drain against its Python reference ------------------------------------------
+
+_events = st.builds(
+    lambda topic, source, epoch, seq: encode_event(
+        topic, topic.split(".")[0], {"seq": seq}, source, epoch, seq
+    ),
+    st.sampled_from(["t.A", "t.B", "u.C"]),
+    st.sampled_from(["bot-a", "bot-b"]),
+    st.integers(1, 2),
+    st.integers(1, 6),
+)
+_oddities = st.sampled_from(
+    [
+        [b"t.A", b"\x01short", b"{}"],  # meta too short
+        [b"t.A", b"\x02" + bytes(30), b"{}"],  # unknown wire version
+        [b"1bad", bytes([1]) + bytes(30), b"{}"],  # topic not starting with a letter
+        [b"t.A", bytes([1]) + bytes(30), b"[1]"],  # payload not an object
+        [b"t.A", b"m"],
+        [b"t.A", b"m", b"{}", b"extra"],
+        [b"\x01t.A"],  # a subscription
+        [b"\x00t.A"],  # an unsubscription
+        [b"\x01\x00sync.n1"],  # a snapshot sync marker
+        [b"\x01\x00sync.n2"],
+        [b""],
+    ]
+)
+
+
+def _drain_all(
+    drain: Callable[[LastValueCache, int], tuple[int, bytes | None]],
+    cache: LastValueCache,
+    limit: int,
+) -> list[tuple[int, bytes | None]]:
+    calls = []
+    while True:
+        count, sync = drain(cache, limit)
+        calls.append((count, sync))
+        if count == 0 and sync is None:
+            return calls
+
+
+@pytest.mark.skipif(not ACCELERATED, reason="needs the C accelerator")
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_events | _oddities, max_size=60), st.integers(1, 7), st.integers(1, 3))
+def test_c_cache_drain_matches_the_python_reference(
+    messages: list[list[bytes]], limit: int, max_topics: int
+) -> None:
+    context: Context = zmq.Context()
+    sockets = []
+    try:
+        caches, drains = [], []
+        for index in range(2):
+            pull = context.socket(zmq.PULL)
+            push = context.socket(zmq.PUSH)
+            for socket in (pull, push):
+                socket.sndhwm = socket.rcvhwm = 0
+                socket.linger = 0
+                sockets.append(socket)
+            pull.bind(f"inproc://drain-{index}")
+            push.connect(f"inproc://drain-{index}")
+            for frames in messages:
+                push.send_multipart(frames)
+            caches.append(LastValueCache(max_topics))
+            c_drain = cache_drainer(pull)
+            assert c_drain is not None
+            drains.append(c_drain if index == 0 else partial(drain_capture_python, receiver(pull)))
+        # both sockets hold every message (inproc delivers at send)
+        c_calls = _drain_all(drains[0], caches[0], limit)
+        python_calls = _drain_all(drains[1], caches[1], limit)
+        assert c_calls == python_calls
+        assert sum(count for count, _sync in c_calls) == len(messages)
+        c_cache, python_cache = caches
+        assert c_cache.entries == python_cache.entries
+        assert list(c_cache.entries) == list(python_cache.entries)  # eviction order too
+        assert c_cache._positions == python_cache._positions
+        assert c_cache._counts == python_cache._counts
+        assert asdict(c_cache.stats) == asdict(python_cache.stats)
+    finally:
+        for socket in sockets:
+            socket.close(linger=0)
+        context.term()
