@@ -35,6 +35,7 @@ EVENTS = int(os.environ.get("PUBLISHER_BENCH_EVENTS", "200000"))
 WARMUP = 20_000
 TARGET_RATE = 250_000
 TARGET_P99_US = 20.0
+PACED_RATE = 10_000
 
 
 def _start_proxy(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -89,6 +90,24 @@ def _timed(call: Callable[[int], None], count: int) -> Timing:
         call(index)
         durations[index] = clock() - before
     return (clock() - started) / 1e9, time.thread_time() - cpu_started, durations
+
+
+def _paced(call: Callable[[int], None], rate: int) -> Timing:
+    """Like _timed, for 2 s of calls at ``rate`` per second (10 per sleep), each call timed."""
+    count = 2 * rate
+    durations = array("q", bytes(8 * count))
+    clock = time.perf_counter_ns
+    cpu_started = time.thread_time()
+    started = time.perf_counter()
+    for index in range(count):
+        if index % 10 == 0:
+            delay = started + index / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        before = clock()
+        call(index)
+        durations[index] = clock() - before
+    return time.perf_counter() - started, time.thread_time() - cpu_started, durations
 
 
 def _report(name: str, timing: Timing) -> tuple[float, float, float]:
@@ -187,7 +206,7 @@ def _run(context: zmq.Context[zmq.Socket[bytes]], frontend: str) -> int:
 
     payloads = [_data(i) for i in range(100)]
 
-    def measure(caller_sends: bool) -> tuple[Timing, dict[str, Any], float]:
+    def measure(caller_sends: bool, paced: int = 0) -> tuple[Timing, dict[str, Any], float]:
         publisher = Publisher(
             url=frontend,
             source_id="bench-caller" if caller_sends else "bench",
@@ -209,7 +228,7 @@ def _run(context: zmq.Context[zmq.Socket[bytes]], frontend: str) -> int:
         _timed(publish_call, WARMUP)
         publisher.flush(10)
         sent_before = publisher.status()["sent"]
-        timing = _timed(publish_call, EVENTS)
+        timing = _timed(publish_call, EVENTS) if not paced else _paced(publish_call, paced)
         flush_started = time.perf_counter()
         publisher.flush(30)
         flush_seconds = time.perf_counter() - flush_started
@@ -223,6 +242,9 @@ def _run(context: zmq.Context[zmq.Socket[bytes]], frontend: str) -> int:
     # the two designs of the ZeroMQ send path, alternated so that load changes hit both
     pub_timing, status, delivered_rate = measure(caller_sends=False)
     caller_timing, caller_status, caller_delivered_rate = measure(caller_sends=True)
+    # a trading loop's pace rather than flat out: what one call costs the bot then
+    paced_timing, _paced_status, _rate = measure(caller_sends=False, paced=PACED_RATE)
+    paced_caller_timing, _status, _rate = measure(caller_sends=True, paced=PACED_RATE)
 
     # the same call with the guide's defaults around it: market data rate-limited to one per
     # symbol per second (conflated, nothing sent), and a disabled publisher (the default)
@@ -252,6 +274,8 @@ def _run(context: zmq.Context[zmq.Socket[bytes]], frontend: str) -> int:
         f"ratio publish/baseline: throughput {rate / base_rate:.2f}x, "
         f"p50 {p50 / base_p50:.2f}x, p99 {p99 / base_p99:.2f}x"
     )
+    _report(f"publish() at {PACED_RATE:,}/s", paced_timing)
+    _report(f"caller_sends=True at {PACED_RATE:,}/s", paced_caller_timing)
     _report("publish(), 1 s interval (conflated)", gated_timing)
     _report("publish(), disabled (default)", disabled_timing)
     for name, figures, delivered in (
