@@ -4,14 +4,15 @@
  * pyzmq costs about 0.5 us of interpreter work per frame on top of libzmq's own; a bus
  * message has three frames, so a publisher, the proxy's cache and every subscriber spend
  * most of their time in that wrapper (docs/performance.md). These functions call
- * libzmq directly, non-blocking, with the GIL held (each call takes well under a
- * microsecond and never waits).
+ * libzmq directly, non-blocking, with the GIL held: send3 and recv_message take well
+ * under a microsecond; cache_drain is bounded by the number of messages it is given.
  *
- * There is no link-time dependency on libzmq: bus/transport.py finds the libzmq that
- * pyzmq itself loaded and passes the addresses of its functions to bind(), so these
- * calls always act on the same library instance, and the same sockets, as pyzmq.
- * The socket argument is pyzmq's ``Socket.underlying`` (the address of libzmq's socket);
- * the caller must not pass the handle of a closed socket.
+ * There is no link-time dependency on libzmq: bus/transport.py resolves libzmq's
+ * functions through pyzmq's own extension module and passes their addresses to bind(),
+ * so these calls act on the same library instance, and the same sockets, as pyzmq.
+ * The socket argument is the pyzmq socket itself: its ``underlying`` address is read on
+ * every call, and pyzmq sets it to 0 when the socket is closed (ENOTSOCK here), so a
+ * closed socket is never used.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -66,10 +67,22 @@ static int bound(void) {
     return 1;
 }
 
-static void *socket_handle(PyObject *handle) {
-    void *socket = PyLong_AsVoidPtr(handle);
+static PyObject *underlying_name; /* "underlying", interned at import */
+
+/* libzmq's socket behind a pyzmq socket (or its address as an int) */
+static void *socket_handle(PyObject *socket_object) {
+    void *socket;
+    if (PyLong_Check(socket_object)) {
+        socket = PyLong_AsVoidPtr(socket_object);
+    } else {
+        PyObject *address = PyObject_GetAttr(socket_object, underlying_name);
+        if (address == NULL)
+            return NULL;
+        socket = PyLong_AsVoidPtr(address);
+        Py_DECREF(address);
+    }
     if (socket == NULL && !PyErr_Occurred())
-        raise_errno(ENOTSOCK); /* pyzmq's handle of a closed socket is 0 */
+        raise_errno(ENOTSOCK); /* pyzmq's address of a closed socket is 0 */
     return socket;
 }
 
@@ -102,7 +115,7 @@ static PyObject *bind(PyObject *module, PyObject *args) {
 }
 
 PyDoc_STRVAR(send3_doc,
-    "send3(handle, topic, meta, payload) -> bool\n"
+    "send3(socket, topic, meta, payload) -> bool\n"
     "Send one three-frame message without blocking. False: the pipe is full and nothing\n"
     "was sent (libzmq checks at a message's first frame only). Raises zmq.ZMQError.");
 
@@ -139,7 +152,7 @@ static PyObject *send3(PyObject *module, PyObject *const *args, Py_ssize_t nargs
 }
 
 PyDoc_STRVAR(recv_message_doc,
-    "recv_message(handle) -> tuple of frames\n"
+    "recv_message(socket) -> tuple of frames\n"
     "Receive one whole message without blocking: its frames as bytes, at most four (a\n"
     "longer message is consumed whole and its first four returned, so that len() != 3\n"
     "tells a malformed bus message). Raises zmq.Again when nothing is queued.");
@@ -325,11 +338,11 @@ static int cache_update(cache_state *state, PyObject *stats, PyObject *topic, Py
     }
     if (known) {
         if (epoch == last_epoch) {
-            if (seq != last_seq + 1) {
-                if (seq <= last_seq) {
-                    status = 0; /* a duplicate or late event: the cache keeps the newer one */
-                    goto done;
-                }
+            if (seq <= last_seq) {
+                status = 0; /* a duplicate or late event: the cache keeps the newer one */
+                goto done;
+            }
+            if (seq - last_seq != 1) { /* not last_seq + 1, which wraps at 2**64 - 1 */
                 uint64_t missed = seq - last_seq - 1;
                 if (state->missed > ULLONG_MAX - missed) {
                     if (add_stat(stats, "missed", state->missed) < 0)
@@ -359,7 +372,7 @@ static int cache_update(cache_state *state, PyObject *stats, PyObject *topic, Py
         }
     } else if (!same_source) {
         /* the entry's source keeps its position aside; this source's is now the entry */
-        if (PyDict_GET_SIZE(state->positions) >= 4 * state->max_topics)
+        if (PyDict_GET_SIZE(state->positions) / 4 >= state->max_topics) /* 4x, no overflow */
             PyDict_Clear(state->positions);
         PyObject *aside_key = PyTuple_Pack(2, PyTuple_GET_ITEM(entry, 2), topic);
         PyObject *aside = PyTuple_Pack(2, PyTuple_GET_ITEM(entry, 3), PyTuple_GET_ITEM(entry, 4));
@@ -402,7 +415,7 @@ static int is_topic_start(PyObject *frame) {
 }
 
 PyDoc_STRVAR(cache_drain_doc,
-    "cache_drain(handle, cache, limit) -> (messages, sync_subscription | None)\n"
+    "cache_drain(socket, cache, limit) -> (messages, sync_subscription | None)\n"
     "Feed up to ``limit`` captured messages to a bus.proxy.LastValueCache, without blocking.\n"
     "Stops after a snapshot sync subscription, which it returns: the caller answers the\n"
     "snapshots waiting for it before anything captured later reaches the cache.");
@@ -472,20 +485,26 @@ static PyObject *cache_drain(PyObject *module, PyObject *args) {
         if (failed)
             break;
     }
-    /* the counts so far are added even after an error: they describe what was consumed */
-    if (add_stat(stats, "events", state.events) < 0 ||
-        add_stat(stats, "invalid", state.invalid) < 0 || add_stat(stats, "gaps", state.gaps) < 0 ||
-        add_stat(stats, "missed", state.missed) < 0 ||
-        add_stat(stats, "evictions", state.evictions) < 0)
-        failed = 1;
-    if (!failed) {
-        PyObject *topics = PyLong_FromSsize_t(PyDict_GET_SIZE(state.entries));
-        if (topics == NULL || PyObject_SetAttrString(stats, "topics", topics) < 0)
-            failed = 1;
-        Py_XDECREF(topics);
-    }
-    if (!failed)
+    /* the counts so far are added even after an error, which is kept aside meanwhile:
+     * they describe what was consumed */
+    PyObject *error_type = NULL, *error_value = NULL, *error_traceback = NULL;
+    if (failed)
+        PyErr_Fetch(&error_type, &error_value, &error_traceback);
+    PyObject *topics = PyLong_FromSsize_t(PyDict_GET_SIZE(state.entries));
+    int stats_failed = topics == NULL || add_stat(stats, "events", state.events) < 0 ||
+                       add_stat(stats, "invalid", state.invalid) < 0 ||
+                       add_stat(stats, "gaps", state.gaps) < 0 ||
+                       add_stat(stats, "missed", state.missed) < 0 ||
+                       add_stat(stats, "evictions", state.evictions) < 0 ||
+                       PyObject_SetAttrString(stats, "topics", topics) < 0;
+    Py_XDECREF(topics);
+    if (failed) {
+        if (stats_failed)
+            PyErr_Clear(); /* the first error is the one to report */
+        PyErr_Restore(error_type, error_value, error_traceback);
+    } else if (!stats_failed) {
         result = Py_BuildValue("(nO)", messages, sync == NULL ? Py_None : sync);
+    }
 finish:
     Py_XDECREF(sync);
     Py_XDECREF(state.entries);
@@ -510,4 +529,9 @@ static struct PyModuleDef wire_module = {
     -1, wire_methods,
 };
 
-PyMODINIT_FUNC PyInit__wire(void) { return PyModule_Create(&wire_module); }
+PyMODINIT_FUNC PyInit__wire(void) {
+    underlying_name = PyUnicode_InternFromString("underlying");
+    if (underlying_name == NULL)
+        return NULL;
+    return PyModule_Create(&wire_module);
+}

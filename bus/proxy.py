@@ -50,7 +50,8 @@ _SUBSCRIBE: Final = 1
 # off to CACHE_DRAIN_IDLE_MS when idle; a snapshot request always drains first.
 CACHE_DRAIN_BUSY_MS: Final = 2
 CACHE_DRAIN_IDLE_MS: Final = 100
-CACHE_DRAIN_BATCH: Final = 10_000
+# at most this many messages per C call: the call holds the GIL (about 2 ms here)
+CACHE_DRAIN_BATCH: Final = 2_000
 # a topic starts with a letter (docs/protocol.md), a payload is a JSON object
 _TOPIC_FIRST_BYTES: Final = frozenset(bytes([c]) for c in string.ascii_letters.encode())
 _PAYLOAD_FIRST_BYTE: Final = b"{"
@@ -115,6 +116,8 @@ class LastValueCache:
     """
 
     def __init__(self, max_topics: int) -> None:
+        if max_topics < 1:
+            raise ValueError(f"the cache needs room for at least one topic, not {max_topics}")
         self.max_topics = max_topics
         self.entries: dict[bytes, tuple[bytes, bytes, bytes, int, int]] = {}
         self.stats = CacheStats()

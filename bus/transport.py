@@ -6,13 +6,15 @@ three frames and every hop handles millions of them. ``bus._wire`` (bus/_wire.c)
 receives a whole message in one C call: measured 0.35 us for the three frames of a send
 against 1.5 us for three of pyzmq's Cython sends (docs/performance.md).
 
-The C module calls the libzmq that pyzmq itself loaded, found through the process's memory
-map, so it acts on the same library instance and sockets as pyzmq. Where it cannot be
-built (no C compiler) or bound (no ``/proc/self/maps``), the same functions run on pyzmq's
-Cython calls: ``ACCELERATED`` tells which, and the benchmarks print it.
+The C module calls libzmq's functions as resolved through pyzmq's own extension module
+(and only if that libzmq reports pyzmq's version), so it acts on the same library instance
+and sockets as pyzmq. Where it cannot be built (no C compiler) or bound, the same
+functions run on pyzmq's Cython calls: ``ACCELERATED`` tells which, and the benchmarks
+print it.
 
 ``sender(socket)`` and ``receiver(socket)`` return callables bound to one socket for hot
-loops; the socket must stay open while they are used.
+loops. They hold the socket itself and read its address on every call: on a closed socket
+they raise ``zmq.ZMQError`` (ENOTSOCK), as pyzmq does.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import ctypes
 import functools
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Final
 
 import zmq
@@ -55,20 +56,25 @@ _LIBZMQ_FUNCTIONS: Final = (
 )
 
 
-def _loaded_libzmq() -> str | None:
-    """The file of the libzmq that pyzmq loaded: pyzmq's bundled copy before any other."""
+def _pyzmq_libzmq() -> ctypes.CDLL | None:
+    """libzmq as pyzmq's own extension module sees it.
+
+    Symbols looked up through that module resolve the way the module's own calls do (its
+    bundled libzmq, a system one, or libzmq linked into it), so they belong to the library
+    instance that owns pyzmq's sockets, whatever else the process has loaded.
+    """
     try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "libzmq" in line and "/" in line}
-    except OSError:
+        from zmq.backend.cython import _zmq
+
+        library = ctypes.CDLL(_zmq.__file__)
+        version = library.zmq_version
+    except (ImportError, OSError, AttributeError):
         return None
-    if not paths:
-        # pyzmq built with libzmq linked statically into its backend module
-        backend = Path(zmq.backend.__file__).parent / "cython"
-        paths = {str(p) for p in backend.glob("_zmq*.so")}
-    package = str(Path(zmq.__file__).parent.parent)
-    ordered = sorted(paths, key=lambda path: (not path.startswith(package), path))
-    return ordered[0] if ordered else None
+    major, minor, patch = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    version(ctypes.byref(major), ctypes.byref(minor), ctypes.byref(patch))
+    if (major.value, minor.value, patch.value) != zmq.zmq_version_info():
+        return None  # not the libzmq pyzmq reports: do not guess
+    return library
 
 
 def _bind_accelerator() -> bool:
@@ -78,16 +84,14 @@ def _bind_accelerator() -> bool:
         from bus import _wire
     except ImportError:
         return False
-    library_path = _loaded_libzmq()
-    if library_path is None:
+    library = _pyzmq_libzmq()
+    if library is None:
         return False
     try:
-        library = ctypes.CDLL(library_path)
-        found = [
-            ctypes.cast(getattr(library, name), ctypes.c_void_p).value for name in _LIBZMQ_FUNCTIONS
-        ]
-    except (OSError, AttributeError):
+        functions = [getattr(library, name) for name in _LIBZMQ_FUNCTIONS]
+    except AttributeError:
         return False
+    found = [ctypes.cast(function, ctypes.c_void_p).value for function in functions]
     addresses = [address for address in found if address]
     if len(addresses) != len(_LIBZMQ_FUNCTIONS):
         return False
@@ -122,10 +126,10 @@ def _python_recv_message(socket: AnySocket) -> tuple[bytes, ...]:
     return tuple(frames)
 
 
-# handle-level C functions once bound (their first argument is Socket.underlying)
-_send3: Callable[[int, bytes, bytes, bytes], bool] | None = None
-_recv_message: Callable[[int], tuple[bytes, ...]] | None = None
-_cache_drain: Callable[[int, Any, int], tuple[int, bytes | None]] | None = None
+# the C functions once bound (their first argument is the pyzmq socket)
+_send3: Callable[[AnySocket, bytes, bytes, bytes], bool] | None = None
+_recv_message: Callable[[AnySocket], tuple[bytes, ...]] | None = None
+_cache_drain: Callable[[AnySocket, Any, int], tuple[int, bytes | None]] | None = None
 ACCELERATED: Final = _bind_accelerator()
 
 
@@ -136,7 +140,7 @@ def sender(socket: AnySocket) -> Sender:
     PUB socket never refuses: at its HWM libzmq drops the message (see docs/protocol.md).
     """
     if _send3 is not None:
-        return functools.partial(_send3, socket.underlying)
+        return functools.partial(_send3, socket)
     return functools.partial(_python_send3, socket)
 
 
@@ -144,20 +148,20 @@ def receiver(socket: AnySocket) -> Receiver:
     """``receive() -> frames`` for ``socket``: one whole message, at most MAX_FRAMES of its
     frames, never blocking; raises ``zmq.Again`` when nothing is queued."""
     if _recv_message is not None:
-        return functools.partial(_recv_message, socket.underlying)
+        return functools.partial(_recv_message, socket)
     return functools.partial(_python_recv_message, socket)
 
 
 def cache_drainer(socket: AnySocket) -> Callable[[Any, int], tuple[int, bytes | None]] | None:
     """The C version of bus.proxy.drain_capture_python bound to ``socket``, if accelerated."""
     if _cache_drain is not None:
-        return functools.partial(_cache_drain, socket.underlying)
+        return functools.partial(_cache_drain, socket)
     return None
 
 
 def send_event(socket: AnySocket, topic: bytes, meta: bytes, payload: bytes) -> None:
     """Send one bus message; waits only where the socket does (a full NODROP XPUB)."""
-    if _send3 is not None and _send3(socket.underlying, topic, meta, payload):
+    if _send3 is not None and _send3(socket, topic, meta, payload):
         return
     _send(socket, topic, SNDMORE)
     _send(socket, meta, SNDMORE)
@@ -167,7 +171,7 @@ def send_event(socket: AnySocket, topic: bytes, meta: bytes, payload: bytes) -> 
 def receive_message(socket: AnySocket) -> tuple[bytes, ...]:
     """One whole message's frames (at most MAX_FRAMES), or ``zmq.Again`` if none is queued."""
     if _recv_message is not None:
-        return _recv_message(socket.underlying)
+        return _recv_message(socket)
     return _python_recv_message(socket)
 
 

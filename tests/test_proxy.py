@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -18,7 +19,7 @@ from bus.envelope import encode_event
 from bus.errors import EndpointError
 from bus.proxy import LastValueCache, Proxy, ProxyConfig, drain_capture_python
 from bus.topics import Pattern
-from bus.transport import ACCELERATED, cache_drainer, receiver, send_event
+from bus.transport import ACCELERATED, _python_recv_message, cache_drainer, send_event
 from tests.conftest import scaled
 
 Context = zmq.Context[zmq.Socket[bytes]]
@@ -206,6 +207,11 @@ def test_cache_bounds_topics_and_counts_gaps_duplicates_and_restarts() -> None:
     assert len(frames) == 3
 
 
+def test_cache_needs_room_for_a_topic() -> None:
+    with pytest.raises(ValueError, match="at least one topic"):
+        LastValueCache(0)
+
+
 def test_cache_tracks_each_source_of_a_shared_topic() -> None:
     cache = LastValueCache(max_topics=10)
 
@@ -231,14 +237,15 @@ def test_cache_tracks_each_source_of_a_shared_topic() -> None:
 
 # -- the C cache drain against its Python reference ------------------------------------------
 
+_U64_MAX = 2**64 - 1
 _events = st.builds(
     lambda topic, source, epoch, seq: encode_event(
         topic, topic.split(".")[0], {"seq": seq}, source, epoch, seq
     ),
     st.sampled_from(["t.A", "t.B", "u.C"]),
-    st.sampled_from(["bot-a", "bot-b"]),
-    st.integers(1, 2),
-    st.integers(1, 6),
+    st.sampled_from(["bot-a", "bot-b", "bot-c"]),
+    st.integers(1, 2) | st.sampled_from([0, _U64_MAX - 1, _U64_MAX]),
+    st.integers(1, 6) | st.sampled_from([0, _U64_MAX - 1, _U64_MAX]),
 )
 _oddities = st.sampled_from(
     [
@@ -272,7 +279,11 @@ def _drain_all(
 
 @pytest.mark.skipif(not ACCELERATED, reason="needs the C accelerator")
 @settings(max_examples=150, deadline=None)
-@given(st.lists(_events | _oddities, max_size=60), st.integers(1, 7), st.integers(1, 3))
+@given(
+    st.lists(_events | _oddities, max_size=60),
+    st.integers(1, 7),
+    st.integers(1, 3) | st.sampled_from([2**62, sys.maxsize]),
+)
 def test_c_cache_drain_matches_the_python_reference(
     messages: list[list[bytes]], limit: int, max_topics: int
 ) -> None:
@@ -294,7 +305,9 @@ def test_c_cache_drain_matches_the_python_reference(
             caches.append(LastValueCache(max_topics))
             c_drain = cache_drainer(pull)
             assert c_drain is not None
-            drains.append(c_drain if index == 0 else partial(drain_capture_python, receiver(pull)))
+            # the reference reads with pyzmq's own calls, not the accelerator
+            python_receive = partial(_python_recv_message, pull)
+            drains.append(c_drain if index == 0 else partial(drain_capture_python, python_receive))
         # both sockets hold every message (inproc delivers at send)
         c_calls = _drain_all(drains[0], caches[0], limit)
         python_calls = _drain_all(drains[1], caches[1], limit)

@@ -158,9 +158,18 @@ def test_errors_are_pyzmq_errors(implementation: Implementation, zmq_context: Co
         pub.close(linger=0)
 
 
-def test_a_closed_socket_is_enotsock(zmq_context: Context) -> None:
+def test_a_closed_socket_is_enotsock(implementation: Implementation, zmq_context: Context) -> None:
+    make_sender, make_receiver = implementation
     push = zmq_context.socket(zmq.PUSH)
+    # made while it is open, used after it is closed
+    send, receive = make_sender(push), make_receiver(push)
     push.close(linger=0)
+    with pytest.raises(zmq.ZMQError) as raised:
+        send(b"t", b"m", b"p")
+    assert raised.value.errno == errno.ENOTSOCK
+    with pytest.raises(zmq.ZMQError) as raised:
+        receive()
+    assert raised.value.errno == errno.ENOTSOCK
     with pytest.raises(zmq.ZMQError) as raised:
         transport.send_event(push, b"t", b"m", b"p")
     assert raised.value.errno == errno.ENOTSOCK
