@@ -93,4 +93,7 @@ def dumps_data(type_name: str, data: dict[Any, Any]) -> bytes:
 
 
 def unencodable(type_name: str, error: Exception) -> InvalidEventError:
-    return InvalidEventError(f"data of event {type_name!r} is not JSON-encodable: {error}")
+    # orjson reports an exception raised while converting a value (model_dump, tolist) as
+    # "Type is not JSON serializable"; the cause says what really failed
+    cause = f" ({error.__cause__!r})" if error.__cause__ is not None else ""
+    return InvalidEventError(f"data of event {type_name!r} is not JSON-encodable: {error}{cause}")

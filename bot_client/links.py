@@ -20,6 +20,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import aiohttp
 import orjson
 import zmq
+from aiohttp import WSCloseCode
 from zmq.utils.monitor import recv_monitor_message
 
 from bot_client.core import Entry, backoff_delay
@@ -36,6 +37,8 @@ IDLE_WAIT: Final = 0.25
 BLOCKED_WAIT: Final = 0.01
 # Events sent in one go before the lock is released to callers.
 DRAIN_BATCH: Final = 256
+# how long a failed send waits for the bridge's close frame
+READ_CLOSE_SECONDS: Final = 0.25
 # Messages libzmq itself holds per connection; beyond it our outbox's policy applies.
 ZMQ_SNDHWM: Final = 10_000
 # While busy, connection state and timers are checked this often.
@@ -384,6 +387,11 @@ class WebSocketLink:
         self._started = threading.Event()
         # consecutive "try again later" answers: they back off like failed connections
         self._deferrals = 0
+        # sessions in a row that ended with events in flight and no ack: backed off
+        self._fruitless = 0
+        self._acked = False
+        # the smallest message the bridge closed the connection on as too big (1009)
+        self._too_big: int | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(
@@ -495,6 +503,7 @@ class WebSocketLink:
                 resending=len(self._in_flight),
                 queued=len(publisher._outbox),
             )
+            self._acked = False
             try:
                 await self._session(ws)
             except (aiohttp.ClientError, ConnectionError, OSError) as error:
@@ -508,9 +517,14 @@ class WebSocketLink:
             finally:
                 self.connected = False
                 await ws.close()
-            if self._deferrals and not self._finished():
+            if ws.close_code == WSCloseCode.MESSAGE_TOO_BIG:
+                self._refuse_largest_in_flight()
+            elif self._in_flight and not self._acked:
+                self._fruitless += 1
+            pause = max(self._deferrals, self._fruitless)
+            if pause and not self._finished():
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(backoff_delay(delays, self._deferrals)):
+                    async with asyncio.timeout(backoff_delay(delays, pause)):
                         await self._stopping.wait()
             if not self._finished():
                 log.warning(
@@ -537,6 +551,13 @@ class WebSocketLink:
                 await ws.send_str(_with_id(entry, message_id))
                 self.publisher.counters.resent += 1
             await self._write(ws, reader)
+        except (aiohttp.ClientError, ConnectionError, OSError):
+            # a send into a connection the bridge is closing: let the reader take the close
+            # frame first, whose code may say why (1009: an event too big)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(READ_CLOSE_SECONDS):
+                    await asyncio.wait({reader})
+            raise
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -559,8 +580,12 @@ class WebSocketLink:
                     batch.append((self._next_id, outbox.pop()))
                     self._next_id += 1
             for message_id, entry in batch:
+                text = _with_id(entry, message_id)
+                if self._too_big is not None and len(text) >= self._too_big:
+                    self._refuse(entry, len(text))
+                    continue
                 self._in_flight.append((message_id, entry))
-                await ws.send_str(_with_id(entry, message_id))
+                await ws.send_str(text)
             if batch:
                 continue
             waiters = [asyncio.ensure_future(wakeup.wait()), reader]
@@ -589,6 +614,8 @@ class WebSocketLink:
             message_id = body.get("id")
             if kind == "ack" and isinstance(message_id, int):
                 self._deferrals = 0
+                self._fruitless = 0
+                self._acked = True
                 while self._in_flight and self._in_flight[0][0] <= message_id:
                     self._in_flight.popleft()
                     counters.sent += 1
@@ -608,6 +635,35 @@ class WebSocketLink:
                     )
                     return
                 self._rejected(body, message_id)
+
+    def _refuse_largest_in_flight(self) -> None:
+        """The bridge closed with 1009: an event in flight was bigger than it accepts.
+
+        Which one is not said, but the largest in flight is at least as big as it, so
+        that one goes (counted as rejected) and its size is remembered as too big: every
+        1009 removes one event the bridge cannot take and never one it can.
+        """
+        if not self._in_flight:
+            return
+        sizes = [len(_with_id(entry, message_id)) for message_id, entry in self._in_flight]
+        largest = max(range(len(sizes)), key=sizes.__getitem__)
+        _message_id, entry = self._in_flight[largest]
+        del self._in_flight[largest]
+        self._too_big = min(sizes[largest], self._too_big or sizes[largest])
+        self._refuse(entry, sizes[largest])
+
+    def _refuse(self, entry: Entry, size: int) -> None:
+        publisher = self.publisher
+        publisher.counters.rejected += 1
+        with publisher._lock:
+            publisher._dropped(entry.type_name)
+        publisher._log.warning(
+            "websocket.publish_rejected",
+            message="WebSocket publish rejected by the bridge: event too big",
+            code="message_too_big",
+            reason=f"{size} bytes; the bridge closed the connection (1009) on {self._too_big}",
+            type=entry.type_name,
+        )
 
     def _rejected(self, body: dict[str, Any], message_id: Any) -> None:
         publisher = self.publisher

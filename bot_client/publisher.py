@@ -524,10 +524,13 @@ class Publisher(EventHelpers):
             slot.seq = seq  # also the count of this topic's published events
             meta = self._pack_meta(WIRE_VERSION, 0, self.epoch, seq, now_ns, self._source_bytes)
             send = self._caller_send
-            if send is not None and self._fast_ok and send(slot.topic_bytes, meta, payload):
-                self.counters.sent += 1
-            else:
+            if send is None or not self._fast_ok:
                 self._send_or_hold(slot, meta, payload)
+            elif send(slot.topic_bytes, meta, payload):
+                self.counters.sent += 1
+            else:  # the pipe is full: the outbox holds it, and what follows, in order
+                self._fast_ok = False
+                self._enqueue(_entry(slot, meta, payload))
         finally:
             lock.release()
 
@@ -564,6 +567,13 @@ class Publisher(EventHelpers):
         if "timestamp" not in data:
             # the time of the call; the envelope's timestamp is the time it goes out
             data_json = with_timestamp(data_json, _timestamp_bytes(_time_ns()))
+        # the payload it becomes, with the longest timestamp and seq, must fit the bus
+        largest = len(slot.head) + len(data_json) + len(TIMESTAMP_FIELD) + len(slot.tail) + 48
+        if largest > MAX_PAYLOAD_BYTES:
+            raise InvalidEventError(
+                f"event {slot.type_name!r} encodes to up to {largest} bytes; the bus limit is "
+                f"{MAX_PAYLOAD_BYTES}"
+            )
         now = self._clock()
         with self._lock:
             if self._stopped:  # nothing would ever release it

@@ -396,6 +396,12 @@ def test_oversized_events_raise_at_once_on_every_path(tmp_path: Path, interval: 
             publisher.publish_market_data("BTC-USD", 1.0, note=huge)
         with pytest.raises(InvalidEventError, match="bus limit"):
             publisher.publish("ai_decision", {"reasoning": huge})
+        # data under the limit whose envelope takes it over
+        nearly = "x" * (1024 * 1024 - 60)
+        with pytest.raises(InvalidEventError, match="bus limit"):
+            publisher.publish_market_data("BTC-USD", 1.0, note=nearly)
+        with pytest.raises(InvalidEventError, match="bus limit"):
+            publisher.publish("ai_decision", {"reasoning": nearly})
         assert publisher.status()["queued"] == 0
     finally:
         publisher.close(timeout=0.5)

@@ -262,3 +262,26 @@ async def test_ws_rejected_events_are_counted(proxy: Proxy, subscriber: Blocking
         assert await asyncio.to_thread(subscriber.recv, 0.2) is None
     finally:
         await server.close()
+
+
+async def test_ws_events_too_big_for_the_bridge_are_counted_and_do_not_block_others(
+    bridge: BridgeServer, subscriber: BlockingSubscriber
+) -> None:
+    # the bridge takes messages up to 64 KiB (close 1009 beyond); the bus up to 1 MiB
+    async with ws_publisher(bridge.port, "big-bot", queue_size=100) as publisher:
+        publisher.publish_ai_decision("BUY", "before", 0.5)
+        publisher.publish("custom", {"blob": "x" * 100_000})
+        publisher.publish_ai_decision("SELL", "after", 0.5)
+        events = await receive(subscriber, 2, "big-bot")
+        await wait_for(lambda: publisher.status()["rejected"] == 1)
+        # later events of that size are refused without another round trip
+        publisher.publish("custom", {"blob": "y" * 200_000})
+        publisher.publish_ai_decision("HOLD", "last", 0.5)
+        events += await receive(subscriber, 1, "big-bot")
+        await wait_for(
+            lambda: (publisher.status()["rejected"], publisher.status()["queued"]) == (2, 0)
+        )
+        status = publisher.status()
+    assert [e.data["reasoning"] for e in events] == ["before", "after", "last"]
+    assert status["dropped"] == {"custom": 2}
+    assert (status["reconnects"] <= 1, status["sent"]) == (True, 3)
