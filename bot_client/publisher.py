@@ -313,6 +313,8 @@ class Publisher(EventHelpers):
         # used while the link is up and the outbox empty (``_fast_ok``).
         self._fast: deque[tuple[_Slot, bytes, bytes]] = deque()
         self._fast_ok = False
+        # no more than the queue size waits there, so what is held stays within twice it
+        self._fast_limit = min(FAST_LIMIT, settings.queue_size)
         self._io_sleeping = False
         # ZeroMQ with caller_sends: bus.transport's sender, used under the lock instead
         # of the hand-off deque (see docs/performance.md for the measured difference)
@@ -624,7 +626,7 @@ class Publisher(EventHelpers):
                 if caller_send(slot.topic_bytes, meta, payload):
                     self.counters.sent += 1
                     return
-            elif len(self._fast) < FAST_LIMIT:
+            elif len(self._fast) < self._fast_limit:
                 self._fast.append((slot, meta, payload))
                 if self._io_sleeping:
                     self._io_sleeping = False
