@@ -493,31 +493,35 @@ class Publisher(EventHelpers):
         if slot.gated:
             self._publish_gated(slot, data)
             return
-        now_ns = _time_ns()
-        stamp = _timestamp_bytes(now_ns)
         try:
             data_json = _dumps(data, default=to_json_value, option=DUMPS_OPTIONS)
         except TypeError as error:
             raise unencodable(type_name, error) from None
-        # the payload as bus.envelope.encode_payload writes it, from pre-encoded parts
-        if "timestamp" in data:
-            parts = [slot.head, data_json, TIMESTAMP_FIELD, stamp, slot.tail]
-        else:
-            parts = [
-                slot.head,
-                data_json[:-1],
-                _DATA_TIMESTAMP_NEXT if data else _DATA_TIMESTAMP_FIRST,
-                stamp,
-                _DATA_END_AND_TIMESTAMP,
-                stamp,
-                slot.tail,
-            ]
         lock = self._lock
         lock.acquire()
         try:
+            # stamped under the lock: timestamps follow seq order, whichever thread calls
+            now_ns = _time_ns()
+            stamp = _timestamp_bytes(now_ns)
             seq = slot.seq + 1
-            parts.append(b"%d}" % seq)
-            payload = b"".join(parts)
+            # the payload as bus.envelope.encode_payload writes it, from pre-encoded parts
+            if "timestamp" in data:
+                payload = b"".join(
+                    (slot.head, data_json, TIMESTAMP_FIELD, stamp, slot.tail, b"%d}" % seq)
+                )
+            else:
+                payload = b"".join(
+                    (
+                        slot.head,
+                        data_json[:-1],
+                        _DATA_TIMESTAMP_NEXT if data else _DATA_TIMESTAMP_FIRST,
+                        stamp,
+                        _DATA_END_AND_TIMESTAMP,
+                        stamp,
+                        slot.tail,
+                        b"%d}" % seq,
+                    )
+                )
             if len(payload) > MAX_PAYLOAD_BYTES:
                 raise InvalidEventError(
                     f"event {type_name!r} encodes to {len(payload)} bytes; the bus limit is "

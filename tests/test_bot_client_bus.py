@@ -419,6 +419,10 @@ def test_threads_publishing_one_topic_keep_sequence_order(
     assert [e.seq for e in events] == list(range(1, 2001))
     for worker in range(4):
         assert [e.data["n"] for e in events if e.data["w"] == worker] == list(range(500))
+    # stamped in seq order too, whichever thread published
+    stamps = [e.publish_ns for e in events]
+    assert stamps == sorted(stamps)
+    assert [e.timestamp for e in events] == sorted(e.timestamp for e in events)
 
 
 def test_heartbeat_and_status(
