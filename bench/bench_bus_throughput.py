@@ -18,14 +18,17 @@ HWMs are raised so that no event is dropped; losses would be printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import statistics
 import time
 from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as MpEvent
 from typing import Any
 
@@ -63,11 +66,10 @@ def _encoded_events(count: int, envelope: bool) -> list[list[bytes]]:
     return messages
 
 
-def _publisher(
-    endpoint: str, bind: bool, count: int, envelope: bool, go: MpEvent, report: Connection
-) -> None:
-    messages = _encoded_events(count, envelope)
-    context = zmq.Context()
+def _warm_publisher(
+    context: zmq.Context[zmq.Socket[bytes]], endpoint: str, bind: bool, envelope: bool, go: MpEvent
+) -> zmq.Socket[bytes]:
+    """A PUB socket on ``endpoint`` once the subscriber has received from it."""
     socket = context.socket(zmq.PUB)
     socket.sndhwm = HWM
     socket.linger = -1
@@ -79,6 +81,32 @@ def _publisher(
     # (subscriptions included) is connected before the measured stream starts.
     while not go.wait(0.01):
         socket.send_multipart([WARMUP_TOPIC, b"", b""] if envelope else [WARMUP_TOPIC])
+    return socket
+
+
+def _warm_subscriber(
+    context: zmq.Context[zmq.Socket[bytes]], endpoint: str, bind: bool, go: MpEvent
+) -> zmq.Socket[bytes]:
+    """A SUB socket on ``endpoint`` that has received warm-up messages and then, consumed
+    here, the first measured one."""
+    socket = context.socket(zmq.SUB)
+    socket.rcvhwm = HWM
+    socket.subscribe(b"")
+    if bind:
+        socket.bind(endpoint)
+    else:
+        socket.connect(endpoint)
+    while socket.recv_multipart()[0] == WARMUP_TOPIC:
+        go.set()
+    return socket
+
+
+def _publisher(
+    endpoint: str, bind: bool, count: int, envelope: bool, go: MpEvent, report: Connection
+) -> None:
+    messages = _encoded_events(count, envelope)
+    context = zmq.Context()
+    socket = _warm_publisher(context, endpoint, bind, envelope, go)
     started = time.monotonic()
     if envelope:
         send = sender(socket)  # one C call per message (bus.transport)
@@ -96,18 +124,7 @@ def _subscriber(
     endpoint: str, bind: bool, count: int, envelope: bool, go: MpEvent, report: Connection
 ) -> None:
     context = zmq.Context()
-    socket = context.socket(zmq.SUB)
-    socket.rcvhwm = HWM
-    socket.subscribe(b"")
-    if bind:
-        socket.bind(endpoint)
-    else:
-        socket.connect(endpoint)
-    while True:
-        first: Any = socket.recv_multipart()
-        if first[0] != WARMUP_TOPIC:
-            break
-        go.set()
+    socket = _warm_subscriber(context, endpoint, bind, go)
     received = 1
     # a whole message per call: three frames through the C accelerator, or the one frame
     recv: Any = receiver(socket) if envelope else partial(raw_recv, socket, flags=NOBLOCK)
@@ -135,12 +152,7 @@ def _paced_publisher(endpoint: str, rate: int, count: int, go: MpEvent, report: 
     (topic, meta, payload), *_ = _encoded_events(1, True)
     source = meta[META_HEADER_SIZE:]
     context = zmq.Context()
-    socket = context.socket(zmq.PUB)
-    socket.sndhwm = HWM
-    socket.linger = -1
-    socket.connect(endpoint)
-    while not go.wait(0.01):
-        socket.send_multipart([WARMUP_TOPIC, b"", b""])
+    socket = _warm_publisher(context, endpoint, False, True, go)
     send = sender(socket)
     burst = max(1, rate // 1000)
     started = time.monotonic()
@@ -159,12 +171,7 @@ def _paced_publisher(endpoint: str, rate: int, count: int, go: MpEvent, report: 
 def _latency_subscriber(endpoint: str, count: int, go: MpEvent, report: Connection) -> None:
     """Receives ``count`` events; reports (received, p50, p99, p99.9 latency in us)."""
     context = zmq.Context()
-    socket = context.socket(zmq.SUB)
-    socket.rcvhwm = HWM
-    socket.subscribe(b"")
-    socket.connect(endpoint)
-    while socket.recv_multipart()[0] == WARMUP_TOPIC:
-        go.set()
+    socket = _warm_subscriber(context, endpoint, False, go)
     latencies = array("q")
     receive = receiver(socket)
     now_ns = time.time_ns
@@ -258,6 +265,21 @@ def _free_endpoint() -> str:
     return f"tcp://127.0.0.1:{port}"
 
 
+@contextlib.contextmanager
+def _running(processes: Sequence[BaseProcess], stop: MpEvent) -> Iterator[None]:
+    """Start ``processes``; on the way out set ``stop`` and join them, killing stragglers."""
+    for process in processes:
+        process.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for process in processes:
+            process.join(60)
+            if process.is_alive():
+                process.kill()
+
+
 def _measure(
     count: int, envelope: bool, proxy_cache: bool | None, cache_options: dict[str, int]
 ) -> Run:
@@ -290,21 +312,13 @@ def _measure(
         sub_args = (backend, False, count, envelope, go, sub_end)
     processes.append(spawn.Process(target=_subscriber, args=sub_args))
     processes.append(spawn.Process(target=_publisher, args=pub_args))
-    for process in processes:
-        process.start()
-    try:
+    with _running(processes, stop):
         started: float = pub_report.recv()
         finished, received = sub_report.recv()
         run = Run(received / (finished - started), received)
         stop.set()
         if proxy_cache is not None:
             run.proxy_cpu, run.cache_backlog, run.cached, run.cache_gaps = proxy_report.recv()
-    finally:
-        stop.set()
-        for process in processes:
-            process.join(60)
-            if process.is_alive():
-                process.kill()
     return run
 
 
@@ -326,17 +340,9 @@ def _measure_latency(rate: int, seconds: float, proxy_cache: bool) -> tuple[int,
         spawn.Process(target=_latency_subscriber, args=(backend, count, go, sub_end)),
         spawn.Process(target=_paced_publisher, args=(frontend, rate, count, go, pub_end)),
     ]
-    for process in processes:
-        process.start()
-    try:
+    with _running(processes, stop):
         pub_report.recv()
         result: tuple[int, ...] = sub_report.recv()
-    finally:
-        stop.set()
-        for process in processes:
-            process.join(60)
-            if process.is_alive():
-                process.kill()
     return result
 
 
@@ -432,22 +438,22 @@ def main() -> None:
         print(f"ratio proxy (cache off) / raw baseline: {without_cache / baseline:.2f}")
     if with_cache and without_cache:
         print(f"ratio proxy cache on / cache off:      {with_cache / without_cache:.2f}")
-    rates = [int(rate) for rate in args.latency_rates.split(",") if rate]
-    for rate in rates:
+    paced_rates = [int(text) for text in args.latency_rates.split(",") if text]
+    for paced in paced_rates:
         # below saturation: does the cache slow forwarding? (publish -> receive, same host)
         latency_runs: dict[bool, list[tuple[int, ...]]] = {True: [], False: []}
         for _round in range(args.rounds):
             for cache in (True, False):
-                latency_runs[cache].append(_measure_latency(rate, args.latency_seconds, cache))
-        for cache, runs in latency_runs.items():
-            lost = sum(int(rate * args.latency_seconds) - run[0] for run in runs)
-            p50s = ", ".join(f"{run[1]:.0f}" for run in runs)
-            p99s = ", ".join(f"{run[2]:.0f}" for run in runs)
+                latency_runs[cache].append(_measure_latency(paced, args.latency_seconds, cache))
+        for cache, measured in latency_runs.items():
+            lost = sum(int(paced * args.latency_seconds) - run[0] for run in measured)
+            p50s = ", ".join(f"{run[1]:.0f}" for run in measured)
+            p99s = ", ".join(f"{run[2]:.0f}" for run in measured)
             print(
-                f"latency at {rate:,} events/s, cache {'on ' if cache else 'off'}: median p50 "
-                f"{statistics.median(run[1] for run in runs):5.0f} us (runs {p50s}), median p99 "
-                f"{statistics.median(run[2] for run in runs):5.0f} us (runs {p99s})"
-                + (f"  LOST {lost}" if lost else ""),
+                f"latency at {paced:,} events/s, cache {'on ' if cache else 'off'}: median p50 "
+                f"{statistics.median(run[1] for run in measured):5.0f} us (runs {p50s}), "
+                f"median p99 {statistics.median(run[2] for run in measured):5.0f} us "
+                f"(runs {p99s})" + (f"  LOST {lost}" if lost else ""),
                 flush=True,
             )
     print(f"load average after: {os.getloadavg()[0]:.2f}")

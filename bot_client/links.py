@@ -653,16 +653,11 @@ class WebSocketLink:
         self._refuse(entry, sizes[largest])
 
     def _refuse(self, entry: Entry, size: int) -> None:
-        publisher = self.publisher
-        publisher.counters.rejected += 1
-        with publisher._lock:
-            publisher._dropped(entry.type_name)
-        publisher._log.warning(
-            "websocket.publish_rejected",
-            message="WebSocket publish rejected by the bridge: event too big",
-            code="message_too_big",
-            reason=f"{size} bytes; the bridge closed the connection (1009) on {self._too_big}",
-            type=entry.type_name,
+        self._count_rejected(
+            entry,
+            "WebSocket publish rejected by the bridge: event too big",
+            "message_too_big",
+            f"{size} bytes; the bridge closed the connection (1009) on {self._too_big}",
         )
 
     def _rejected(self, body: dict[str, Any], message_id: Any) -> None:
@@ -675,16 +670,26 @@ class WebSocketLink:
                     rejected = entry
                     break
                 publisher.counters.sent += 1
-        if rejected is not None:
+        self._count_rejected(
+            rejected,
+            "WebSocket publish rejected by the bridge",
+            body.get("code"),
+            body.get("message"),
+        )
+
+    def _count_rejected(self, entry: Entry | None, message: str, code: Any, reason: Any) -> None:
+        """Count ``entry`` (if known) as rejected and dropped, and log the rejection."""
+        publisher = self.publisher
+        if entry is not None:
             publisher.counters.rejected += 1
             with publisher._lock:
-                publisher._dropped(rejected.type_name)
+                publisher._dropped(entry.type_name)
         publisher._log.warning(
             "websocket.publish_rejected",
-            message="WebSocket publish rejected by the bridge",
-            code=body.get("code"),
-            reason=body.get("message"),
-            type=rejected.type_name if rejected is not None else None,
+            message=message,
+            code=code,
+            reason=reason,
+            type=entry.type_name if entry is not None else None,
         )
 
 

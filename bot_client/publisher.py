@@ -60,8 +60,9 @@ _timestamp_bytes = timestamp_bytes
 _dumps = orjson.dumps
 # the data object's own timestamp (added when it has none), then the envelope's field
 _DATA_TIMESTAMP_FIRST: Final = b'"timestamp":"'
-_DATA_TIMESTAMP_NEXT: Final = TIMESTAMP_FIELD
 _DATA_END_AND_TIMESTAMP: Final = b'"}' + TIMESTAMP_FIELD
+# what a payload adds to its parts at most: the timestamp and the largest seq with "}"
+_LONGEST_STAMP_AND_SEQ: Final = len(b"2024-01-20T10:30:00.123456Z") + len(b"%d}" % (2**64 - 1))
 # Events on the fast path at most; beyond it the outbox (and its drop policy) takes over.
 FAST_LIMIT: Final = 8192
 # Held market data whose data object is already encoded (validated) at call time.
@@ -514,7 +515,7 @@ class Publisher(EventHelpers):
                     (
                         slot.head,
                         data_json[:-1],
-                        _DATA_TIMESTAMP_NEXT if data else _DATA_TIMESTAMP_FIRST,
+                        TIMESTAMP_FIELD if data else _DATA_TIMESTAMP_FIRST,
                         stamp,
                         _DATA_END_AND_TIMESTAMP,
                         stamp,
@@ -529,14 +530,7 @@ class Publisher(EventHelpers):
                 )
             slot.seq = seq  # also the count of this topic's published events
             meta = self._pack_meta(WIRE_VERSION, 0, self.epoch, seq, now_ns, self._source_bytes)
-            send = self._caller_send
-            if send is None or not self._fast_ok:
-                self._send_or_hold(slot, meta, payload)
-            elif send(slot.topic_bytes, meta, payload):
-                self.counters.sent += 1
-            else:  # the pipe is full: the outbox holds it, and what follows, in order
-                self._fast_ok = False
-                self._enqueue(_entry(slot, meta, payload))
+            self._send_or_hold(slot, meta, payload)
         finally:
             lock.release()
 
@@ -574,7 +568,8 @@ class Publisher(EventHelpers):
             # the time of the call; the envelope's timestamp is the time it goes out
             data_json = with_timestamp(data_json, _timestamp_bytes(_time_ns()))
         # the payload it becomes, with the longest timestamp and seq, must fit the bus
-        largest = len(slot.head) + len(data_json) + len(TIMESTAMP_FIELD) + len(slot.tail) + 48
+        parts = len(slot.head) + len(data_json) + len(TIMESTAMP_FIELD) + len(slot.tail)
+        largest = parts + _LONGEST_STAMP_AND_SEQ
         if largest > MAX_PAYLOAD_BYTES:
             raise InvalidEventError(
                 f"event {slot.type_name!r} encodes to up to {largest} bytes; the bus limit is "
