@@ -225,6 +225,7 @@ class _SubscriberBase(Generic[SocketT]):
         snapshot_endpoint: str | None = None,
         snapshot_timeout: float = DEFAULT_SNAPSHOT_TIMEOUT,
         rcvhwm: int = DEFAULT_RCVHWM,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
     ) -> None:
         self.state = SubscriptionState(patterns)
         self.endpoint = resolve_backend(endpoint)
@@ -232,8 +233,14 @@ class _SubscriberBase(Generic[SocketT]):
         self.snapshot_endpoint = resolve_snapshot(snapshot_endpoint)
         self.snapshot_timeout = snapshot_timeout
         self.rcvhwm = rcvhwm
+        self._context = self._use_context(context)
         self._socket: SocketT | None = None
         self._pending: deque[Item] = deque()
+
+    @staticmethod
+    def _use_context(context: zmq.Context[zmq.Socket[bytes]] | None) -> zmq.Context[SocketT]:
+        """The context this subscriber's sockets come from (``context`` or a shared one)."""
+        raise NotImplementedError
 
     @property
     def stats(self) -> SubscriberStats:
@@ -276,29 +283,14 @@ class Subscriber(_SubscriberBase[zmq.asyncio.Socket]):
     does not arrive within ``snapshot_timeout`` seconds raises SnapshotError.
     """
 
-    def __init__(
-        self,
-        patterns: Iterable[str] = ("*",),
-        *,
-        endpoint: str | None = None,
-        snapshot: bool = False,
-        snapshot_endpoint: str | None = None,
-        snapshot_timeout: float = DEFAULT_SNAPSHOT_TIMEOUT,
-        rcvhwm: int = DEFAULT_RCVHWM,
-        context: zmq.Context[zmq.Socket[bytes]] | None = None,
-    ) -> None:
-        super().__init__(
-            patterns,
-            endpoint=endpoint,
-            snapshot=snapshot,
-            snapshot_endpoint=snapshot_endpoint,
-            snapshot_timeout=snapshot_timeout,
-            rcvhwm=rcvhwm,
-        )
-        self._context = (
-            zmq.asyncio.Context.instance() if context is None else zmq.asyncio.Context(context)
-        )
-        self._reads_without_yield = 0
+    # reads since the last yield to the event loop (see recv)
+    _reads_without_yield = 0
+
+    @staticmethod
+    def _use_context(
+        context: zmq.Context[zmq.Socket[bytes]] | None,
+    ) -> zmq.Context[zmq.asyncio.Socket]:
+        return zmq.asyncio.Context.instance() if context is None else zmq.asyncio.Context(context)
 
     async def start(self) -> None:
         """Connect, subscribe and (with ``snapshot=True``) fetch the snapshot."""
@@ -367,26 +359,11 @@ class BlockingSubscriber(_SubscriberBase["zmq.Socket[bytes]"]):
     blocks until the next item.
     """
 
-    def __init__(
-        self,
-        patterns: Iterable[str] = ("*",),
-        *,
-        endpoint: str | None = None,
-        snapshot: bool = False,
-        snapshot_endpoint: str | None = None,
-        snapshot_timeout: float = DEFAULT_SNAPSHOT_TIMEOUT,
-        rcvhwm: int = DEFAULT_RCVHWM,
-        context: zmq.Context[zmq.Socket[bytes]] | None = None,
-    ) -> None:
-        super().__init__(
-            patterns,
-            endpoint=endpoint,
-            snapshot=snapshot,
-            snapshot_endpoint=snapshot_endpoint,
-            snapshot_timeout=snapshot_timeout,
-            rcvhwm=rcvhwm,
-        )
-        self._context: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context.instance()
+    @staticmethod
+    def _use_context(
+        context: zmq.Context[zmq.Socket[bytes]] | None,
+    ) -> zmq.Context[zmq.Socket[bytes]]:
+        return context or zmq.Context.instance()
 
     def start(self) -> None:
         """Connect, subscribe and (with ``snapshot=True``) fetch the snapshot."""
