@@ -37,6 +37,9 @@ IDLE_WAIT: Final = 0.25
 BLOCKED_WAIT: Final = 0.01
 # Events sent in one go before the lock is released to callers.
 DRAIN_BATCH: Final = 256
+# Events the C hand-off sends in one go: it holds neither the GIL nor the lock, so callers
+# are not held up by it; the bound only keeps state checks (CHECK_SECONDS) coming.
+HANDOFF_DRAIN_BATCH: Final = 65_536
 # how long a failed send waits for the bridge's close frame
 READ_CLOSE_SECONDS: Final = 0.25
 # Messages libzmq itself holds per connection; beyond it our outbox's policy applies.
@@ -60,6 +63,7 @@ class Link(Protocol):
     def wake(self) -> None: ...
     def in_flight(self) -> int: ...
     def abandoned(self) -> list[Entry]: ...
+    def caller_socket(self) -> zmq.Socket[bytes] | None: ...
 
 
 def make_link(publisher: Publisher, context: zmq.Context[zmq.Socket[bytes]] | None) -> Link:
@@ -163,6 +167,10 @@ class ZmqLink:
 
     def in_flight(self) -> int:
         return 0
+
+    def caller_socket(self) -> zmq.Socket[bytes] | None:
+        """The socket callers send on under the publisher's lock (caller_sends), or None."""
+        return self._xpub if self.publisher.caller_sends else None
 
     def abandoned(self) -> list[Entry]:
         return []
@@ -315,15 +323,20 @@ class ZmqLink:
         sent = 0
         blocked = False
         try:
-            # deque popleft is atomic; callers only append, so no lock is needed here
-            while fast:
-                slot, meta, payload = fast[0]
-                if not send(slot.topic_bytes, meta, payload):
-                    return sent, True
-                fast.popleft()
-                sent += 1
-                if sent >= DRAIN_BATCH:
-                    return sent, False
+            if isinstance(fast, deque):
+                # popleft is atomic; callers only append, so no lock is needed here
+                while fast:
+                    slot, meta, payload = fast[0]
+                    if not send(slot.topic_bytes, meta, payload):
+                        return sent, True
+                    fast.popleft()
+                    sent += 1
+                    if sent >= DRAIN_BATCH:
+                        return sent, False
+            elif fast:  # bot_client._publish.HandOff: sends with the GIL released
+                sent, blocked = fast.drain(self._xpub, HANDOFF_DRAIN_BATCH)
+                if blocked or fast:
+                    return sent, blocked
             if not publisher._outbox:
                 if not publisher._fast_ok and not publisher._closed:
                     with publisher._lock:
@@ -419,6 +432,9 @@ class WebSocketLink:
 
     def in_flight(self) -> int:
         return len(self._in_flight)
+
+    def caller_socket(self) -> None:
+        return None  # events go through the I/O thread's WebSocket
 
     def abandoned(self) -> list[Entry]:
         leftover = [entry for _id, entry in self._in_flight]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import math
+import os
 import struct
 import threading
 import time
@@ -37,7 +38,7 @@ from bot_client.core import (
 )
 from bot_client.encoding import DUMPS_OPTIONS, dumps_data, event_data, to_json_value, unencodable
 from bot_client.errors import InvalidEventError
-from bot_client.links import Link, make_link
+from bot_client.links import Link, ZmqLink, make_link
 from bot_client.settings import PublisherSettings
 from bus.envelope import (
     MAX_PAYLOAD_BYTES,
@@ -50,6 +51,7 @@ from bus.envelope import (
 )
 from bus.errors import TopicError
 from bus.topics import make_topic, validate_key
+from bus.transport import ACCELERATOR_OFF_VARIABLE, libzmq_send_address
 from monitoring.logging import get_logger
 
 DROP_REPORT_SECONDS: Final = 5.0
@@ -58,6 +60,18 @@ HEARTBEAT_TOPIC_KEY: Final = "heartbeat"
 _time_ns = time.time_ns
 _timestamp_bytes = timestamp_bytes
 _dumps = orjson.dumps
+
+
+def _c_path_module() -> Any:
+    """bot_client._publish (bot_client/_publish.c), or None where it was not built."""
+    try:
+        from bot_client import _publish
+    except ImportError:  # built without a C compiler: publish() stays all Python
+        return None
+    return _publish
+
+
+_C_PATH: Final[Any] = _c_path_module()
 # the data object's own timestamp (added when it has none), then the envelope's field
 _DATA_TIMESTAMP_FIRST: Final = b'"timestamp":"'
 _DATA_END_AND_TIMESTAMP: Final = b'"}' + TIMESTAMP_FIELD
@@ -65,6 +79,9 @@ _DATA_END_AND_TIMESTAMP: Final = b'"}' + TIMESTAMP_FIELD
 _LONGEST_STAMP_AND_SEQ: Final = len(b"2024-01-20T10:30:00.123456Z") + len(b"%d}" % (2**64 - 1))
 # Events on the fast path at most; beyond it the outbox (and its drop policy) takes over.
 FAST_LIMIT: Final = 8192
+# The same for the C hand-off (bot_client/_publish.c), whose sender holds no lock: room for
+# the 5 ms the I/O thread can wait for the interpreter while a caller publishes flat out.
+HANDOFF_LIMIT: Final = 65_536
 # Held market data whose data object is already encoded (validated) at call time.
 _Held = tuple["_Slot", bytes]
 
@@ -295,7 +312,9 @@ class Publisher(EventHelpers):
         self._source_bytes = self.source.encode()
         self._pack_meta = struct.Struct(f"{META_HEADER.format}{len(self._source_bytes)}s").pack
         self._log = get_logger("WebSocket publisher", source=self.source)
-        self._lock = threading.Lock()
+        # the C path's lock where it is built: it takes it without a Python call
+        self._lock: Any = _C_PATH.Lock() if _C_PATH is not None else threading.Lock()
+        self._fast_path: Any = None
         # (type, key), (type, symbol) or type -> its topic's slot
         self._slots: dict[Any, _Slot] = {}
         self._topics: dict[str, _Slot] = {}
@@ -312,7 +331,9 @@ class Publisher(EventHelpers):
         self.counters = Counters()
         # Events handed to the I/O thread on the fast path: (slot, meta, payload), in order,
         # used while the link is up and the outbox empty (``_fast_ok``).
-        self._fast: deque[tuple[_Slot, bytes, bytes]] = deque()
+        # (a bot_client._publish.HandOff instead where the C path is built: see
+        # _install_fast_path)
+        self._fast: Any = deque()
         self._fast_ok = False
         # no more than the queue size waits there, so what is held stays within twice it
         self._fast_limit = min(FAST_LIMIT, settings.queue_size)
@@ -329,8 +350,51 @@ class Publisher(EventHelpers):
             self.publish = self._discard  # type: ignore[method-assign]
             return
         self._link = make_link(self, context)
+        self.fast_path = self._install_fast_path()
         if autostart:
             self.start()
+
+    def _install_fast_path(self) -> bool:
+        """Route publish() through bot_client/_publish.c where it is built and bound.
+
+        The C path does what ``Publisher.publish`` does for the common event and calls it
+        for everything else; with caller_sends it sends on the link's socket itself.
+        """
+        if (
+            _C_PATH is None
+            or not isinstance(self._lock, _C_PATH.Lock)
+            or os.environ.get(ACCELERATOR_OFF_VARIABLE)
+        ):
+            return False
+        socket = self._link.caller_socket() if self._link is not None else None
+        send_address = libzmq_send_address()
+        if send_address is None and (socket is not None or isinstance(self._link, ZmqLink)):
+            return False
+        if socket is None and isinstance(self._link, ZmqLink):
+            assert send_address is not None
+            self._fast_limit = HANDOFF_LIMIT
+            self._fast = _C_PATH.HandOff(HANDOFF_LIMIT, _Slot, send_address)
+        path = _C_PATH.FastPath(
+            owner=self,
+            slots=self._slots,
+            slot_type=_Slot,
+            lock=self._lock,
+            socket=socket,
+            send_address=send_address or 0,
+            handoff=self._fast if isinstance(self._fast, _C_PATH.HandOff) else None,
+            dumps=_dumps,
+            default=to_json_value,
+            option=DUMPS_OPTIONS,
+            symbol_keyed=SYMBOL_KEYED_TYPES,
+            source=self._source_bytes,
+            epoch=self.epoch,
+            max_payload=MAX_PAYLOAD_BYTES,
+            fallback=Publisher.publish.__get__(self),
+            hand_over=self._hold if socket is not None else self._send_or_hold,
+        )
+        self._fast_path = path
+        self.publish = path.publish  # type: ignore[method-assign]
+        return True
 
     @classmethod
     def from_env(
@@ -448,13 +512,18 @@ class Publisher(EventHelpers):
                 **self._figures(),
             }
 
+    def _sent(self) -> int:
+        """Events handed to the transport: the Python paths' count and the C path's."""
+        path = self._fast_path
+        return self.counters.sent + (path.sent if path is not None else 0)
+
     def _figures(self) -> dict[str, Any]:
         counters = self.counters
         return {
             "connected": self.connected,
             "published": counters.interval_accepted
             + sum(slot.seq for slot in list(self._topics.values()) if not slot.gated),
-            "sent": counters.sent,
+            "sent": self._sent(),
             "queued": self.queued(),
             "dropped": dict(counters.dropped),
             "dropped_total": sum(counters.dropped.values()),
@@ -634,6 +703,11 @@ class Publisher(EventHelpers):
         self._fast_ok = False
         self._enqueue(_entry(slot, meta, payload))
 
+    def _hold(self, slot: _Slot, meta: bytes, payload: bytes) -> None:
+        """Queue an event the caller could not send (the C path's caller_sends). Lock held."""
+        self._fast_ok = False
+        self._enqueue(_entry(slot, meta, payload))
+
     def _wake(self) -> None:
         if self._link is not None:
             self._link.wake()
@@ -693,7 +767,7 @@ class Publisher(EventHelpers):
                 "errors": [],
                 "heartbeat": True,
                 "publisher": {
-                    "sent": self.counters.sent,
+                    "sent": self._sent(),
                     "queued": self.queued(),
                     "dropped": sum(self.counters.dropped.values()),
                 },

@@ -99,7 +99,8 @@ def _bind_accelerator() -> bool:
     _wire.bind(
         send, msg_init, msg_recv, msg_data, msg_size, msg_more, msg_close, zmq.ZMQError, zmq.Again
     )
-    global _send3, _recv_message, _cache_drain
+    global _send3, _recv_message, _cache_drain, _send_address
+    _send_address = send
     _send3 = _wire.send3
     _recv_message = _wire.recv_message
     _cache_drain = _wire.cache_drain
@@ -130,7 +131,13 @@ def _python_recv_message(socket: AnySocket) -> tuple[bytes, ...]:
 _send3: Callable[[AnySocket, bytes, bytes, bytes], bool] | None = None
 _recv_message: Callable[[AnySocket], tuple[bytes, ...]] | None = None
 _cache_drain: Callable[[AnySocket, Any, int], tuple[int, bytes | None]] | None = None
+_send_address: int | None = None
 ACCELERATED: Final = _bind_accelerator()
+
+
+def libzmq_send_address() -> int | None:
+    """The address of the zmq_send the accelerator calls, for other C code; None when off."""
+    return _send_address
 
 
 def sender(socket: AnySocket) -> Sender:

@@ -24,6 +24,7 @@ from bot_client.encoding import DUMPS_OPTIONS, to_json_value
 from bus.envelope import Event, Meta, encode_payload
 from bus.proxy import Proxy, ProxyConfig
 from bus.subscriber import BlockingSubscriber, Gap
+from bus.transport import ACCELERATOR_OFF_VARIABLE
 from tests.conftest import scaled, staging_proxy, synced_subscriber
 
 Context = zmq.Context[zmq.Socket[bytes]]
@@ -65,6 +66,15 @@ GUIDE_DATA = {
         "unrealized_pnl": 50.0,
     },
 }
+
+
+@pytest.fixture(params=["c", "python"])
+def publish_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which publish() the test's publishers use: the C path (bot_client/_publish.c) or the
+    Python one it falls back to (its reference). Tests assert publisher.fast_path."""
+    if request.param == "python":
+        monkeypatch.setenv(ACCELERATOR_OFF_VARIABLE, "1")
+    return str(request.param)
 
 
 @pytest.fixture
@@ -202,7 +212,9 @@ def test_events_held_while_proxy_down_arrive_in_order(tmp_path: Path, zmq_contex
         proxy.stop()
 
 
-def test_overflow_counts_drops_and_keeps_critical(tmp_path: Path, zmq_context: Context) -> None:
+def test_overflow_counts_drops_and_keeps_critical(
+    tmp_path: Path, zmq_context: Context, publish_path: str
+) -> None:
     target = tmp_path / "in.sock"
     publisher = Publisher(
         url=f"ipc://{target}",
@@ -213,6 +225,7 @@ def test_overflow_counts_drops_and_keeps_critical(tmp_path: Path, zmq_context: C
         heartbeat_interval=0,
         context=zmq_context,
     )
+    assert publisher.fast_path == (publish_path == "c")
     kinds = ["market_data", "ai_decision", "trading_decision", "system_status", "trade_execution"]
     published: dict[str, int] = {}
     for n in range(500):
@@ -302,7 +315,7 @@ def test_significance_filter_skips_small_moves(
 
 
 def test_bot_values_encode_and_invalid_calls_raise(
-    proxy: Proxy, subscriber: BlockingSubscriber, zmq_context: Context
+    proxy: Proxy, subscriber: BlockingSubscriber, zmq_context: Context, publish_path: str
 ) -> None:
     class Order(pydantic.BaseModel):
         price: Decimal
@@ -312,6 +325,7 @@ def test_bot_values_encode_and_invalid_calls_raise(
     with Publisher(
         url=proxy.frontend_endpoint, source_id="values", heartbeat_interval=0, context=zmq_context
     ) as publisher:
+        assert publisher.fast_path == (publish_path == "c")
         with pytest.raises(InvalidEventError, match="event type 'bad type'"):
             publisher.publish("bad type", {})
         with pytest.raises(InvalidEventError, match="topic key"):
@@ -324,6 +338,16 @@ def test_bot_values_encode_and_invalid_calls_raise(
             publisher.publish("custom", {}, key=["k"])  # type: ignore[arg-type]
         with pytest.raises(InvalidEventError, match="not JSON-encodable"):
             publisher.publish("custom", {"what": object()})
+        publisher.publish("custom", {})  # the topic is known now: the C path's checks
+        with pytest.raises(InvalidEventError, match="not JSON-encodable"):
+            publisher.publish("custom", {"what": object()})
+        with pytest.raises(InvalidEventError, match="bus limit is 1048576"):
+            publisher.publish("custom", {"big": "x" * (1 << 20)})
+        with pytest.raises(TypeError, match="missing 1 required positional argument"):
+            publisher.publish("custom")  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
+            publisher.publish("custom", {}, colour=1)  # type: ignore[call-arg]
+        publisher.publish(type_name="custom", data={"by": "keywords"}, key=None)
         publisher.publish(
             "performance_update",
             {
@@ -335,8 +359,10 @@ def test_bot_values_encode_and_invalid_calls_raise(
                 "at": placed,
             },
         )
-        (event,) = receive(subscriber, 1)
-        assert publisher.status()["published"] == 1
+        first, second, event = receive(subscriber, 3)
+        assert publisher.status()["published"] == 3
+    assert (first.topic, first.seq, second.topic, second.seq) == ("custom", 1, "custom", 2)
+    assert second.data == {"by": "keywords", "timestamp": second.timestamp}
     assert event.seq == 1  # the failed calls consumed no sequence number
     assert event.data == {
         "pnl": 1234.567890123,
@@ -352,7 +378,11 @@ def test_bot_values_encode_and_invalid_calls_raise(
 
 @pytest.mark.parametrize("caller_sends", [False, True])
 def test_payloads_are_byte_for_byte_the_envelope_encoding(
-    proxy: Proxy, subscriber: BlockingSubscriber, zmq_context: Context, caller_sends: bool
+    proxy: Proxy,
+    subscriber: BlockingSubscriber,
+    zmq_context: Context,
+    caller_sends: bool,
+    publish_path: str,
 ) -> None:
     # the publisher assembles payloads from pre-encoded parts; bus.envelope is the reference
     calls: list[tuple[str, dict[str, object], str | None]] = [
@@ -371,6 +401,7 @@ def test_payloads_are_byte_for_byte_the_envelope_encoding(
         caller_sends=caller_sends,
         context=zmq_context,
     ) as publisher:
+        assert publisher.fast_path == (publish_path == "c")
         for type_name, data, key in calls:
             publisher.publish(type_name, data, key)
         events = receive(subscriber, len(calls))
@@ -394,7 +425,11 @@ def test_payloads_are_byte_for_byte_the_envelope_encoding(
 
 @pytest.mark.parametrize("caller_sends", [False, True])
 def test_threads_publishing_one_topic_keep_sequence_order(
-    proxy: Proxy, subscriber: BlockingSubscriber, zmq_context: Context, caller_sends: bool
+    proxy: Proxy,
+    subscriber: BlockingSubscriber,
+    zmq_context: Context,
+    caller_sends: bool,
+    publish_path: str,
 ) -> None:
     with Publisher(
         url=proxy.frontend_endpoint,
@@ -404,6 +439,7 @@ def test_threads_publishing_one_topic_keep_sequence_order(
         caller_sends=caller_sends,
         context=zmq_context,
     ) as publisher:
+        assert publisher.fast_path == (publish_path == "c")
         wait_for(lambda: publisher.connected)
 
         def work(worker: int) -> None:
