@@ -8,7 +8,10 @@ messages on an XPUB socket: the cost of handing bytes to ZeroMQ with no validati
 encoding, no sequencing. The ratio shows what the publisher adds on top. A second reference
 sends the same frames with three calls of pyzmq's Cython ``send`` (no Python wrapper), a
 third with one call of the C accelerator (bus/_wire.c), the cheapest way to hand them to
-ZeroMQ from Python and so the floor of any ``publish()``.
+ZeroMQ from Python.
+
+``publish()`` runs its C path (bot_client/_publish.c) where it is built; the same run also
+measures the Python ``publish()`` it falls back to, and ``caller_sends=True``.
 
     python -m bench publisher        (PUBLISHER_BENCH_EVENTS=200000 by default)
 """
@@ -28,8 +31,9 @@ from typing import Any
 import zmq
 
 from bot_client import Publisher
+from bot_client.publisher import C_PATH_BUILT
 from bus.envelope import encode_event
-from bus.transport import ACCELERATED, sender
+from bus.transport import ACCELERATED, ACCELERATOR_OFF_VARIABLE, sender
 
 EVENTS = int(os.environ.get("PUBLISHER_BENCH_EVENTS", "200000"))
 WARMUP = 20_000
@@ -148,7 +152,8 @@ def _run(context: zmq.Context[zmq.Socket[bytes]], frontend: str) -> int:
     print(
         f"{EVENTS} events per run, payload {len(sample[2])} bytes, ipc:// to a proxy process; "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
-        f"C accelerator {'on' if ACCELERATED else 'OFF'}"
+        f"C accelerator {'on' if ACCELERATED else 'OFF'}, C publish path "
+        f"{'on' if C_PATH_BUILT else 'OFF'}"
     )
 
     raw: zmq.Socket[bytes] = context.socket(zmq.XPUB)
@@ -206,17 +211,25 @@ def _run(context: zmq.Context[zmq.Socket[bytes]], frontend: str) -> int:
 
     payloads = [_data(i) for i in range(100)]
 
-    def measure(caller_sends: bool, paced: int = 0) -> tuple[Timing, dict[str, Any], float]:
-        publisher = Publisher(
-            url=frontend,
-            source_id="bench-caller" if caller_sends else "bench",
-            publish_interval=0,
-            queue_size=100_000,
-            heartbeat_interval=0,
-            retry_delay=0.05,
-            caller_sends=caller_sends,
-            context=context,
-        )
+    def measure(
+        caller_sends: bool, paced: int = 0, python_path: bool = False
+    ) -> tuple[Timing, dict[str, Any], float]:
+        if python_path:  # the Python publish(), the C path's reference, for comparison
+            os.environ[ACCELERATOR_OFF_VARIABLE] = "1"
+        try:
+            publisher = Publisher(
+                url=frontend,
+                source_id="bench-caller" if caller_sends else "bench",
+                publish_interval=0,
+                queue_size=100_000,
+                heartbeat_interval=0,
+                retry_delay=0.05,
+                caller_sends=caller_sends,
+                context=context,
+            )
+        finally:
+            os.environ.pop(ACCELERATOR_OFF_VARIABLE, None)
+        assert publisher.fast_path != python_path
         deadline = time.monotonic() + 10
         while not publisher.connected and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -242,6 +255,7 @@ def _run(context: zmq.Context[zmq.Socket[bytes]], frontend: str) -> int:
     # the two designs of the ZeroMQ send path, alternated so that load changes hit both
     pub_timing, status, delivered_rate = measure(caller_sends=False)
     caller_timing, caller_status, caller_delivered_rate = measure(caller_sends=True)
+    python_timing, python_status, python_delivered_rate = measure(False, python_path=True)
     # a trading loop's pace rather than flat out: what one call costs the bot then
     paced_timing, _paced_status, _rate = measure(caller_sends=False, paced=PACED_RATE)
     paced_caller_timing, _status, _rate = measure(caller_sends=True, paced=PACED_RATE)
@@ -270,6 +284,7 @@ def _run(context: zmq.Context[zmq.Socket[bytes]], frontend: str) -> int:
     _report("reference: 1 accelerated send", accelerated_timing)
     rate, p50, p99 = _report("Publisher.publish()", pub_timing)
     _report("publish(), caller_sends=True", caller_timing)
+    _report("publish(), Python path (no C)", python_timing)
     print(
         f"ratio publish/baseline: throughput {rate / base_rate:.2f}x, "
         f"p50 {p50 / base_p50:.2f}x, p99 {p99 / base_p99:.2f}x"
@@ -281,6 +296,7 @@ def _run(context: zmq.Context[zmq.Socket[bytes]], frontend: str) -> int:
     for name, figures, delivered in (
         ("publish()", status, delivered_rate),
         ("caller_sends=True", caller_status, caller_delivered_rate),
+        ("Python path", python_status, python_delivered_rate),
     ):
         print(
             f"{name}: delivered {delivered:,.0f} events/s to ZeroMQ "

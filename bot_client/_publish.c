@@ -33,6 +33,8 @@ typedef int (*send_fn)(void *socket, const void *buffer, size_t length, int flag
 /* "2024-01-20T10:30:00.123456Z" */
 #define STAMP_SIZE 27
 #define MAX_SEQ_DIGITS 20
+/* references per HandOff entry: slot, meta, payload, topic */
+#define ENTRY_SIZE 4
 
 static const char TIMESTAMP_FIELD[] = ",\"timestamp\":\"";
 #define TIMESTAMP_FIELD_SIZE (sizeof(TIMESTAMP_FIELD) - 1)
@@ -169,7 +171,7 @@ static void *socket_handle(PyObject *socket_object) {
  * consumer once it has the GIL back. */
 typedef struct {
     PyObject_HEAD
-    PyObject **entries; /* 3 per slot of the ring: slot, meta, payload */
+    PyObject **entries; /* 4 per place in the ring: slot, meta, payload and the topic */
     size_t mask;        /* ring size - 1 (a power of two) */
     size_t limit;       /* at most this many entries wait */
     _Atomic size_t head; /* next to fill (callers) */
@@ -184,10 +186,11 @@ typedef struct {
 static void handoff_release_sent(HandOff *self) {
     size_t tail = atomic_load_explicit(&self->tail, memory_order_acquire);
     while (self->released != tail) {
-        PyObject **entry = &self->entries[3 * (self->released & self->mask)];
+        PyObject **entry = &self->entries[ENTRY_SIZE * (self->released & self->mask)];
         Py_CLEAR(entry[0]);
         Py_CLEAR(entry[1]);
         Py_CLEAR(entry[2]);
+        Py_CLEAR(entry[3]);
         self->released++;
     }
 }
@@ -197,16 +200,19 @@ static size_t handoff_waiting(HandOff *self) {
            atomic_load_explicit(&self->tail, memory_order_acquire);
 }
 
-/* 1 queued, 0 full; GIL held */
-static int handoff_push(HandOff *self, PyObject *slot, PyObject *meta, PyObject *payload) {
+/* 1 queued, 0 full; GIL held. The topic is held with the entry, so the sender, which reads
+ * it without the GIL, does not depend on the slot keeping it. */
+static int handoff_push(HandOff *self, PyObject *slot, PyObject *meta, PyObject *payload,
+                        PyObject *topic) {
     handoff_release_sent(self);
     size_t head = atomic_load_explicit(&self->head, memory_order_relaxed);
     if (head - atomic_load_explicit(&self->tail, memory_order_acquire) >= self->limit)
         return 0;
-    PyObject **entry = &self->entries[3 * (head & self->mask)];
+    PyObject **entry = &self->entries[ENTRY_SIZE * (head & self->mask)];
     entry[0] = Py_NewRef(slot);
     entry[1] = Py_NewRef(meta);
     entry[2] = Py_NewRef(payload);
+    entry[3] = Py_NewRef(topic);
     atomic_store_explicit(&self->head, head + 1, memory_order_release);
     return 1;
 }
@@ -232,7 +238,7 @@ static PyObject *HandOff_new(PyTypeObject *type, PyObject *args, PyObject *kwarg
     HandOff *self = (HandOff *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
-    self->entries = PyMem_Calloc(3 * size, sizeof(PyObject *));
+    self->entries = PyMem_Calloc(ENTRY_SIZE * size, sizeof(PyObject *));
     if (self->entries == NULL) {
         Py_DECREF(self);
         return PyErr_NoMemory();
@@ -256,7 +262,7 @@ static int HandOff_traverse(HandOff *self, visitproc visit, void *arg) {
     if (self->entries != NULL) {
         size_t head = atomic_load_explicit(&self->head, memory_order_relaxed);
         for (size_t i = self->released; i != head; i++) {
-            Py_VISIT(self->entries[3 * (i & self->mask)]);
+            Py_VISIT(self->entries[ENTRY_SIZE * (i & self->mask)]);
         }
     }
     return 0;
@@ -292,7 +298,7 @@ static PyObject *HandOff_append(HandOff *self, PyObject *item) {
         return NULL;
     }
     if (!handoff_push(self, PyTuple_GET_ITEM(item, 0), PyTuple_GET_ITEM(item, 1),
-                      PyTuple_GET_ITEM(item, 2))) {
+                      PyTuple_GET_ITEM(item, 2), topic)) {
         PyErr_SetString(PyExc_BufferError, "HandOff is full (check len() first)");
         return NULL;
     }
@@ -307,7 +313,7 @@ static PyObject *HandOff_iter(HandOff *self) {
     if (items == NULL)
         return NULL;
     for (size_t i = tail; i != head; i++) {
-        PyObject **entry = &self->entries[3 * (i & self->mask)];
+        PyObject **entry = &self->entries[ENTRY_SIZE * (i & self->mask)];
         PyObject *item = PyTuple_Pack(3, entry[0], entry[1], entry[2]);
         if (item == NULL) {
             Py_DECREF(items);
@@ -357,10 +363,9 @@ static PyObject *HandOff_drain(HandOff *self, PyObject *args) {
     while (sent < limit) {
         if (tail == atomic_load_explicit(&self->head, memory_order_acquire))
             break;
-        /* entries from tail to head are the callers' no more: read without the GIL;
-         * a slot's topic_bytes is set once, before the slot is first published */
-        PyObject **entry = &self->entries[3 * (tail & self->mask)];
-        PyObject *topic = *(PyObject **)((char *)entry[0] + self->topic_offset);
+        /* entries from tail to head are the callers' no more: read without the GIL */
+        PyObject **entry = &self->entries[ENTRY_SIZE * (tail & self->mask)];
+        PyObject *topic = entry[3];
         if (self->send(socket, PyBytes_AS_STRING(topic), (size_t)PyBytes_GET_SIZE(topic),
                        ZMQ_DONTWAIT | ZMQ_SNDMORE) < 0) {
             if (errno == EAGAIN)
@@ -499,10 +504,11 @@ static PyObject *call_fallback(FastPath *self, PyObject *type_name, PyObject *da
 }
 
 /* The slot of (type, key), (type, data["symbol"]) or type, as Publisher.publish keys it;
- * a borrowed reference, or NULL with no error set when Python must decide. Keyed slots are
- * found again through keyed_slots (type -> key -> slot), which costs no tuple. */
+ * a new reference, or NULL with no error set when Python must decide. Keyed slots are found
+ * again through keyed_slots (type -> key -> slot), which costs no tuple. A lookup may run
+ * the key's own __hash__ and __eq__, which may change `data`: the key is held meanwhile. */
 static PyObject *find_slot(FastPath *self, PyObject *type_name, PyObject *data, PyObject *key) {
-    PyObject *inner_key = key;
+    PyObject *slot = NULL;
     if (key == Py_None) {
         int keyed = PySet_Contains(self->symbol_keyed, type_name);
         if (keyed < 0) {
@@ -510,52 +516,43 @@ static PyObject *find_slot(FastPath *self, PyObject *type_name, PyObject *data, 
             return NULL;
         }
         if (!keyed) {
-            PyObject *slot = PyDict_GetItemWithError(self->slots, type_name);
+            slot = PyDict_GetItemWithError(self->slots, type_name);
             if (slot == NULL)
                 PyErr_Clear();
-            return slot;
+            return Py_XNewRef(slot);
         }
-        inner_key = PyDict_GetItemWithError(data, name_symbol);
-        if (inner_key == NULL) {
+        key = PyDict_GetItemWithError(data, name_symbol);
+        if (key == NULL) {
             if (PyErr_Occurred()) {
                 PyErr_Clear();
                 return NULL;
             }
-            inner_key = Py_None;
+            key = Py_None;
         }
     }
+    Py_INCREF(key);
     PyObject *by_type = PyDict_GetItemWithError(self->keyed_slots, type_name);
     if (by_type != NULL) {
-        PyObject *slot = PyDict_GetItemWithError(by_type, inner_key);
-        if (slot != NULL)
-            return slot;
+        Py_INCREF(by_type);
+        slot = Py_XNewRef(PyDict_GetItemWithError(by_type, key));
     }
-    if (PyErr_Occurred()) { /* unhashable: Python says what is wrong */
-        PyErr_Clear();
-        return NULL;
-    }
-    PyObject *slot_key = PyTuple_Pack(2, type_name, inner_key);
-    if (slot_key == NULL) {
-        PyErr_Clear();
-        return NULL;
-    }
-    PyObject *slot = PyDict_GetItemWithError(self->slots, slot_key);
-    Py_DECREF(slot_key);
-    if (slot == NULL) {
-        PyErr_Clear();
-        return NULL;
-    }
-    if (by_type == NULL) {
-        by_type = PyDict_New();
-        if (by_type == NULL || PyDict_SetItem(self->keyed_slots, type_name, by_type) < 0) {
-            Py_XDECREF(by_type);
-            PyErr_Clear();
-            return slot;
+    if (slot == NULL && !PyErr_Occurred()) {
+        PyObject *slot_key = PyTuple_Pack(2, type_name, key);
+        if (slot_key != NULL) {
+            slot = Py_XNewRef(PyDict_GetItemWithError(self->slots, slot_key));
+            Py_DECREF(slot_key);
         }
-        Py_DECREF(by_type); /* keyed_slots holds it */
+        if (slot != NULL && by_type == NULL) {
+            by_type = PyDict_New();
+            if (by_type != NULL && PyDict_SetItem(self->keyed_slots, type_name, by_type) < 0)
+                Py_CLEAR(by_type);
+        }
+        if (slot != NULL && by_type != NULL && PyDict_SetItem(by_type, key, slot) < 0)
+            PyErr_Clear(); /* only the cache misses it */
     }
-    if (PyDict_SetItem(by_type, inner_key, slot) < 0)
-        PyErr_Clear();
+    PyErr_Clear(); /* unhashable or failing key: Python says what is wrong */
+    Py_XDECREF(by_type);
+    Py_DECREF(key);
     return slot;
 }
 
@@ -692,7 +689,7 @@ static PyObject *stamp_and_send(FastPath *self, PyObject *slot, PyObject *data_j
                 goto finish;
             int awake = sleeping == Py_False;
             Py_DECREF(sleeping);
-            if (awake && handoff_push((HandOff *)self->handoff, slot, meta, payload))
+            if (awake && handoff_push((HandOff *)self->handoff, slot, meta, payload, topic))
                 done = 1;
         }
     }
@@ -747,13 +744,18 @@ static PyObject *FastPath_publish(FastPath *self, PyObject *const *args, Py_ssiz
     if (!PyDict_CheckExact(data) || !PyUnicode_CheckExact(type_name) ||
         (key != Py_None && !PyUnicode_CheckExact(key)))
         return call_fallback(self, type_name, data, key);
+    if (self->owner == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "FastPath was not initialised");
+        return NULL;
+    }
     PyObject *slot = find_slot(self, type_name, data, key);
     if (slot == NULL)
         return call_fallback(self, type_name, data, key);
     if (Py_TYPE(slot) != (PyTypeObject *)self->slot_type ||
-        *field(self, slot, FIELD_GATED) != Py_False) /* rate-limited market data */
+        *field(self, slot, FIELD_GATED) != Py_False) { /* rate-limited market data */
+        Py_DECREF(slot);
         return call_fallback(self, type_name, data, key);
-    Py_INCREF(slot); /* the dict may change while orjson calls default= */
+    }
     PyObject *dumps_args[3] = {data, self->dumps_default, self->dumps_option};
     PyObject *data_json = PyObject_Vectorcall(self->dumps, dumps_args, 1, dumps_kwnames);
     if (data_json == NULL || !PyBytes_Check(data_json) || PyBytes_GET_SIZE(data_json) < 2) {
@@ -769,7 +771,8 @@ static PyObject *FastPath_publish(FastPath *self, PyObject *const *args, Py_ssiz
         Py_DECREF(slot);
         return NULL;
     }
-    int empty = PyDict_GET_SIZE(data) == 0;
+    /* from the encoding, not the dict: a default= callback may have changed the dict */
+    int empty = PyBytes_GET_SIZE(data_json) == 2;
     lock_take(self->lock);
     PyObject *result = stamp_and_send(self, slot, data_json, has_timestamp, empty);
     lock_give(self->lock);
@@ -837,6 +840,10 @@ static void FastPath_dealloc(FastPath *self) {
 }
 
 static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwargs) {
+    if (self->owner != NULL) { /* its lock may be held by a publish() in progress */
+        PyErr_SetString(PyExc_TypeError, "FastPath is already initialised");
+        return -1;
+    }
     static char *keywords[] = {"owner",       "slots",     "slot_type",    "lock",
                                "socket",    "send_address", "handoff",
                                "dumps",   "default",      "option",
@@ -862,11 +869,11 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwargs) {
         if (field_offset_of(slot_type, FIELD_NAMES[i], &offsets[i]) < 0)
             return -1;
     }
-    PyObject *keyed_slots = PyDict_New();
     if (handoff != Py_None && !Py_IS_TYPE(handoff, &HandOffType)) {
         PyErr_SetString(PyExc_TypeError, "FastPath: handoff must be a HandOff or None");
         return -1;
     }
+    PyObject *keyed_slots = PyDict_New();
     char *source_copy = PyMem_Malloc((size_t)source_size + 1);
     if (keyed_slots == NULL || source_copy == NULL) {
         Py_XDECREF(keyed_slots);
@@ -876,8 +883,6 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwargs) {
         return -1;
     }
     memcpy(source_copy, source, (size_t)source_size);
-    FastPath_clear(self);
-    PyMem_Free(self->source);
     self->owner = Py_NewRef(owner);
     self->slots = Py_NewRef(slots);
     self->slot_type = Py_NewRef(slot_type);

@@ -72,6 +72,7 @@ def _c_path_module() -> Any:
 
 
 _C_PATH: Final[Any] = _c_path_module()
+C_PATH_BUILT: Final = _C_PATH is not None
 # the data object's own timestamp (added when it has none), then the envelope's field
 _DATA_TIMESTAMP_FIRST: Final = b'"timestamp":"'
 _DATA_END_AND_TIMESTAMP: Final = b'"}' + TIMESTAMP_FIELD
@@ -584,7 +585,8 @@ class Publisher(EventHelpers):
                     (
                         slot.head,
                         data_json[:-1],
-                        TIMESTAMP_FIELD if data else _DATA_TIMESTAMP_FIRST,
+                        # from the encoding: a default= callback may have changed the dict
+                        _DATA_TIMESTAMP_FIRST if data_json == b"{}" else TIMESTAMP_FIELD,
                         stamp,
                         _DATA_END_AND_TIMESTAMP,
                         stamp,

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bot_client import Publisher
-from bot_client._publish import HandOff, Lock
+from bot_client._publish import FastPath, HandOff, Lock
 from bot_client.publisher import _Slot
 from bus.envelope import timestamp_bytes
 from bus.proxy import Proxy
@@ -156,6 +156,55 @@ def test_c_timestamps_equal_the_envelope_text(stamps_ns: list[int]) -> None:
             path.timestamp(-1)
     finally:
         publisher.close(timeout=0)
+
+
+def test_fast_path_refuses_misuse_and_survives_hostile_keys(
+    proxy: Proxy, zmq_context: Context
+) -> None:
+    with pytest.raises(RuntimeError, match="not initialised"):
+        FastPath.__new__(FastPath).publish("custom", {})
+    with (
+        synced_subscriber(proxy, zmq_context, ["trading_loop"]) as sub,
+        Publisher(
+            url=proxy.frontend_endpoint,
+            source_id="hostile",
+            queue_size=1000,
+            heartbeat_interval=0,
+            context=zmq_context,
+        ) as publisher,
+    ):
+        with pytest.raises(TypeError, match="already initialised"):
+            publisher._fast_path.__init__()
+        publisher.publish("trading_loop", {"symbol": "BTC-USD", "n": 0})
+
+        class Symbol:
+            """A symbol whose hashing drops the data's only reference to it."""
+
+            def __init__(self, data: dict[str, object]) -> None:
+                self.data: dict[str, object] | None = data
+
+            def __hash__(self) -> int:
+                if self.data is not None:
+                    self.data.pop("symbol", None)
+                    self.data = None
+                return hash("BTC-USD")
+
+            def __eq__(self, other: object) -> bool:
+                return True
+
+        for n in range(1, 200):
+            data: dict[str, object] = {"n": n}
+            data["symbol"] = Symbol(data)
+            publisher.publish("trading_loop", data)
+        numbers = []
+        deadline = time.monotonic() + scaled(5)
+        while len(numbers) < 200:
+            item = sub.recv(max(0.0, deadline - time.monotonic()))
+            assert item is not None, (numbers, publisher.status())
+            assert not isinstance(item, Gap), item
+            assert item.topic == "trading_loop.BTC-USD"
+            numbers.append(item.data["n"])
+        assert numbers == list(range(200))
 
 
 def test_flat_out_publishing_arrives_whole_and_in_order(
