@@ -176,6 +176,9 @@ typedef struct {
     size_t limit;       /* at most this many entries wait */
     _Atomic size_t head; /* next to fill (callers) */
     _Atomic size_t tail; /* next to send (the I/O thread) */
+    /* events sent, counted before `tail` moves past them: a reader that sees an event gone
+     * from the ring (len) afterwards sees it counted here */
+    _Atomic unsigned long long sent;
     size_t released;     /* entries before this have had their references dropped */
     _Atomic int draining;
     Py_ssize_t topic_offset; /* _Slot.topic_bytes */
@@ -383,6 +386,7 @@ static PyObject *HandOff_drain(HandOff *self, PyObject *args) {
             atomic_store_explicit(&self->tail, tail, memory_order_release);
             break;
         }
+        atomic_fetch_add_explicit(&self->sent, 1, memory_order_release);
         tail++;
         atomic_store_explicit(&self->tail, tail, memory_order_release);
         sent++;
@@ -397,6 +401,17 @@ static PyObject *HandOff_drain(HandOff *self, PyObject *args) {
     }
     return Py_BuildValue("(nO)", sent, blocked ? Py_True : Py_False);
 }
+
+static PyObject *HandOff_get_sent(HandOff *self, void *closure) {
+    return PyLong_FromUnsignedLongLong(atomic_load_explicit(&self->sent, memory_order_acquire));
+}
+
+static PyGetSetDef HandOff_getset[] = {
+    {"sent", (getter)HandOff_get_sent, NULL,
+     "events drain() has sent (read len() first: an event leaves it after it is counted)",
+     NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
 
 static PyMethodDef HandOff_methods[] = {
     {"append", (PyCFunction)HandOff_append, METH_O,
@@ -419,6 +434,7 @@ static PyTypeObject HandOffType = {
     .tp_clear = (inquiry)HandOff_clear,
     .tp_iter = (getiterfunc)HandOff_iter,
     .tp_methods = HandOff_methods,
+    .tp_getset = HandOff_getset,
     .tp_as_sequence = &HandOff_as_sequence,
 };
 

@@ -318,44 +318,66 @@ class ZmqLink:
         if not self.connected:
             return 0, False
         publisher = self.publisher
-        send = self._send
         fast = publisher._fast
+        if isinstance(fast, deque):
+            return self._drain_python(fast)
+        handed_sent = 0
+        if fast:  # bot_client._publish.HandOff: sends with the GIL released, and counts
+            # what it sent itself (Publisher._sent)
+            handed_sent, blocked = fast.drain(self._xpub, HANDOFF_DRAIN_BATCH)
+            if blocked or fast:
+                return handed_sent, blocked
+        sent, blocked = self._drain_outbox(0)
+        return handed_sent + sent, blocked
+
+    def _drain_python(self, fast: deque[Any]) -> tuple[int, bool]:
+        """The hand-off deque, then the outbox (publish() without its C path)."""
+        send = self._send
         sent = 0
-        blocked = False
         try:
-            if isinstance(fast, deque):
-                # popleft is atomic; callers only append, so no lock is needed here
-                while fast:
-                    slot, meta, payload = fast[0]
-                    if not send(slot.topic_bytes, meta, payload):
-                        return sent, True
-                    fast.popleft()
-                    sent += 1
-                    if sent >= DRAIN_BATCH:
-                        return sent, False
-            elif fast:  # bot_client._publish.HandOff: sends with the GIL released
-                sent, blocked = fast.drain(self._xpub, HANDOFF_DRAIN_BATCH)
-                if blocked or fast:
-                    return sent, blocked
-            if not publisher._outbox:
-                if not publisher._fast_ok and not publisher._closed:
-                    with publisher._lock:
-                        publisher._fast_ok = not publisher._outbox and not publisher._closed
-                return sent, False
+            # popleft is atomic; callers only append, so no lock is needed here
+            while fast:
+                slot, meta, payload = fast[0]
+                if not send(slot.topic_bytes, meta, payload):
+                    return sent, True
+                fast.popleft()
+                sent += 1
+                if sent >= DRAIN_BATCH:
+                    return sent, False
+        finally:
+            self._count_sent(sent)
+        return self._drain_outbox(sent)
+
+    def _drain_outbox(self, sent: int) -> tuple[int, bool]:
+        """Send from the outbox, up to DRAIN_BATCH events in all; reopen the fast path once
+        it is empty. ``sent``: events this round has already sent."""
+        publisher = self.publisher
+        send = self._send
+        if not publisher._outbox:
+            if not publisher._fast_ok and not publisher._closed:
+                with publisher._lock:
+                    publisher._fast_ok = not publisher._outbox and not publisher._closed
+            return sent, False
+        blocked = False
+        from_outbox = 0
+        try:
             with publisher._lock:
                 outbox = publisher._outbox
-                while outbox and sent < DRAIN_BATCH:
+                while outbox and sent + from_outbox < DRAIN_BATCH:
                     if not send(*outbox.peek().frames):
                         blocked = True
                         break
                     outbox.pop()
-                    sent += 1
-                publisher._fast_ok = not outbox and not fast and not publisher._closed
-            return sent, blocked
+                    from_outbox += 1
+                publisher._fast_ok = not outbox and not publisher._fast and not publisher._closed
         finally:
-            if sent:
-                with publisher._lock:  # callers count their own sends (caller_sends)
-                    publisher.counters.sent += sent
+            self._count_sent(from_outbox)
+        return sent + from_outbox, blocked
+
+    def _count_sent(self, sent: int) -> None:
+        if sent:
+            with self.publisher._lock:  # callers count their own sends (caller_sends)
+                self.publisher.counters.sent += sent
 
     def _close_sockets(self) -> None:
         publisher = self.publisher

@@ -514,18 +514,23 @@ class Publisher(EventHelpers):
             }
 
     def _sent(self) -> int:
-        """Events handed to the transport: the Python paths' count and the C path's."""
+        """Events handed to the transport: the Python paths' count and the C path's (sent
+        from callers, or by the I/O thread from the C hand-off)."""
         path = self._fast_path
-        return self.counters.sent + (path.sent if path is not None else 0)
+        sent = self.counters.sent + (path.sent if path is not None else 0)
+        return sent + (0 if isinstance(self._fast, deque) else self._fast.sent)
 
     def _figures(self) -> dict[str, Any]:
         counters = self.counters
+        # queued before sent: an event that goes out in between shows in both, never in
+        # neither (the hand-off counts an event sent before it leaves the queue)
+        queued = self.queued()
         return {
             "connected": self.connected,
             "published": counters.interval_accepted
             + sum(slot.seq for slot in list(self._topics.values()) if not slot.gated),
             "sent": self._sent(),
-            "queued": self.queued(),
+            "queued": queued,
             "dropped": dict(counters.dropped),
             "dropped_total": sum(counters.dropped.values()),
             "conflated": counters.conflated,

@@ -229,6 +229,9 @@ def test_flat_out_publishing_arrives_whole_and_in_order(
             time.sleep(0.005)
         for n in range(count):
             publisher.publish("flat", {"n": n})
+            if n % 500 == 0:  # while the I/O thread sends: no event is in neither figure
+                status = publisher.status()
+                assert status["sent"] + status["queued"] + status["dropped_total"] >= n + 1
         numbers = []
         deadline = time.monotonic() + scaled(20)
         while len(numbers) < count:
