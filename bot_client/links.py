@@ -40,6 +40,8 @@ DRAIN_BATCH: Final = 256
 # Events the C hand-off sends in one go: it holds neither the GIL nor the lock, so callers
 # are not held up by it; the bound only keeps state checks (CHECK_SECONDS) coming.
 HANDOFF_DRAIN_BATCH: Final = 65_536
+# how long a new connection waits for the bridge's greeting before sending
+GREETING_SECONDS: Final = 1.0
 # how long a failed send waits for the bridge's close frame
 READ_CLOSE_SECONDS: Final = 0.25
 # Messages libzmq itself holds per connection; beyond it our outbox's policy applies.
@@ -427,6 +429,8 @@ class WebSocketLink:
         self._acked = False
         # the smallest message the bridge closed the connection on as too big (1009)
         self._too_big: int | None = None
+        # the largest message the bridge says it takes (its greeting), if it says
+        self._max_message_bytes: int | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(
@@ -557,6 +561,7 @@ class WebSocketLink:
                 await ws.close()
             if ws.close_code == WSCloseCode.MESSAGE_TOO_BIG:
                 self._refuse_largest_in_flight()
+                self._fruitless = 0  # that session removed the event it could not take
             elif self._in_flight and not self._acked:
                 self._fruitless += 1
             pause = max(self._deferrals, self._fruitless)
@@ -583,9 +588,13 @@ class WebSocketLink:
         return idle or time.monotonic() >= self._deadline
 
     async def _session(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        await self._read_greeting(ws)
         reader = asyncio.create_task(self._read_acks(ws))
         try:
             for message_id, entry in list(self._in_flight):
+                if self._refused_as_too_big(entry, message_id):
+                    self._in_flight.remove((message_id, entry))
+                    continue
                 await ws.send_str(_with_id(entry, message_id))
                 self.publisher.counters.resent += 1
             await self._write(ws, reader)
@@ -600,6 +609,39 @@ class WebSocketLink:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+
+    async def _read_greeting(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """The bridge's first message, ``connection_established``, says the largest message
+        it takes; bigger events are then refused here, before they cost a connection (the
+        bridge closes on them with 1009, or, when the close frame is lost, 1006)."""
+        try:
+            async with asyncio.timeout(min(self.publisher.settings.timeout, GREETING_SECONDS)):
+                message = await ws.receive()
+        except TimeoutError:
+            return  # not a tradebus bridge, or an old one: 1009 closes tell instead
+        if message.type != aiohttp.WSMsgType.TEXT:
+            return  # closing: the session's first send finds out
+        try:
+            body = orjson.loads(message.data)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(body, dict) and body.get("type") == "connection_established":
+            limit = body.get("max_message_bytes")
+            if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+                self._max_message_bytes = limit
+
+    def _refused_as_too_big(self, entry: Entry, message_id: int) -> bool:
+        """Refuse (count as rejected) an event the bridge would close the connection on."""
+        size = _size_with_id(entry, message_id)
+        if self._max_message_bytes is not None and size > self._max_message_bytes:
+            self._refuse(entry, f"{size} bytes; the bridge takes at most {self._max_message_bytes}")
+            return True
+        if self._too_big is not None and size >= self._too_big:
+            self._refuse(
+                entry, f"{size} bytes; the bridge closed the connection (1009) on {self._too_big}"
+            )
+            return True
+        return False
 
     async def _write(self, ws: aiohttp.ClientWebSocketResponse, reader: asyncio.Task[None]) -> None:
         publisher = self.publisher
@@ -618,12 +660,10 @@ class WebSocketLink:
                     batch.append((self._next_id, outbox.pop()))
                     self._next_id += 1
             for message_id, entry in batch:
-                text = _with_id(entry, message_id)
-                if self._too_big is not None and len(text) >= self._too_big:
-                    self._refuse(entry, len(text))
+                if self._refused_as_too_big(entry, message_id):
                     continue
                 self._in_flight.append((message_id, entry))
-                await ws.send_str(text)
+                await ws.send_str(_with_id(entry, message_id))
             if batch:
                 continue
             waiters = [asyncio.ensure_future(wakeup.wait()), reader]
@@ -683,19 +723,22 @@ class WebSocketLink:
         """
         if not self._in_flight:
             return
-        sizes = [len(_with_id(entry, message_id)) for message_id, entry in self._in_flight]
+        sizes = [_size_with_id(entry, message_id) for message_id, entry in self._in_flight]
         largest = max(range(len(sizes)), key=sizes.__getitem__)
         _message_id, entry = self._in_flight[largest]
         del self._in_flight[largest]
         self._too_big = min(sizes[largest], self._too_big or sizes[largest])
-        self._refuse(entry, sizes[largest])
+        self._refuse(
+            entry,
+            f"{sizes[largest]} bytes; the bridge closed the connection (1009) on {self._too_big}",
+        )
 
-    def _refuse(self, entry: Entry, size: int) -> None:
+    def _refuse(self, entry: Entry, reason: str) -> None:
         self._count_rejected(
             entry,
             "WebSocket publish rejected by the bridge: event too big",
             "message_too_big",
-            f"{size} bytes; the bridge closed the connection (1009) on {self._too_big}",
+            reason,
         )
 
     def _rejected(self, body: dict[str, Any], message_id: Any) -> None:
@@ -729,6 +772,11 @@ class WebSocketLink:
             reason=reason,
             type=entry.type_name if entry is not None else None,
         )
+
+
+def _size_with_id(entry: Entry, message_id: int) -> int:
+    """Bytes of ``_with_id(entry, message_id)`` as UTF-8: the size the bridge limits."""
+    return len(entry.frames[2]) + len(b',"id":') + len(str(message_id))
 
 
 def _with_id(entry: Entry, message_id: int) -> str:

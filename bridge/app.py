@@ -497,7 +497,7 @@ class Bridge:
             await ws.prepare(request)
             client.transport = request.transport
             client.conn = ws
-            client.push(hub.greeting(client, config.ping_interval))
+            client.push(hub.greeting(client, config.ping_interval, config.max_message_bytes))
             hub.add_client(client, time.time_ns())
             self.log.info(
                 "websocket.client_connected",

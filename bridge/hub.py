@@ -409,7 +409,7 @@ class Hub:
     def mark(self, client: Client) -> None:
         self.dirty.add(client)
 
-    def greeting(self, client: Client, ping_interval: float) -> bytes:
+    def greeting(self, client: Client, ping_interval: float, max_message_bytes: int) -> bytes:
         return message_frame(
             {
                 "type": "connection_established",
@@ -418,6 +418,9 @@ class Hub:
                 "ping_interval": int(ping_interval)
                 if float(ping_interval).is_integer()
                 else ping_interval,
+                # what a client may send: publishers refuse bigger events themselves
+                # instead of learning it from a 1009 close
+                "max_message_bytes": max_message_bytes,
             }
         )
 

@@ -249,6 +249,54 @@ async def test_ws_events_refused_for_now_are_kept_and_delivered_later(
         later.stop()
 
 
+async def test_ws_events_too_big_for_a_bridge_that_only_closes_are_refused_once() -> None:
+    # A peer like an older bridge: its greeting does not say its size limit, and it closes
+    # the connection with 1009 on a bigger message. The publisher drops the largest event
+    # in flight (counted), remembers its size, and refuses later ones that big itself.
+    port = free_port()
+    seen: list[str] = []
+
+    async def old_bridge(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        await ws.send_str('{"type":"connection_established","server":"tradebus"}')
+        async for message in ws:
+            if len(message.data.encode()) > 65_536:
+                seen.append("big")
+                await ws.close(code=1009, message=b"too big")
+                break
+            body = orjson.loads(message.data)
+            seen.append(body["data"]["reasoning"])
+            await ws.send_str(orjson.dumps({"type": "ack", "id": body["id"]}).decode())
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", old_bridge)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with ws_publisher(port, "old-peer", retry_delay=0.05) as publisher:
+            publisher.publish_ai_decision("BUY", "before", 0.5)
+            publisher.publish("custom", {"blob": "x" * 100_000})
+            publisher.publish_ai_decision("SELL", "after", 0.5)
+            await wait_for(
+                lambda: (publisher.status()["rejected"], publisher.status()["sent"]) == (1, 2)
+            )
+            publisher.publish("custom", {"blob": "y" * 200_000})
+            publisher.publish_ai_decision("HOLD", "last", 0.5)
+            await wait_for(
+                lambda: (publisher.status()["rejected"], publisher.status()["sent"]) == (2, 3)
+            )
+            status = publisher.status()
+        assert status["dropped"] == {"custom": 2}
+        assert seen.count("big") == 1  # the second big event never left the publisher
+        assert [text for text in seen if text != "big"][-1] == "last"
+        assert {"before", "after", "last"} <= set(seen)
+    finally:
+        await runner.cleanup()
+
+
 async def test_ws_rejected_events_are_counted(proxy: Proxy, subscriber: BlockingSubscriber) -> None:
     server = await started_bridge(bridge_config(proxy, allow_publish=False))
     try:
