@@ -7,7 +7,7 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import orjson
@@ -54,6 +54,18 @@ async def wait_for(condition: Callable[[], object], within: float = 5.0) -> None
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+async def serve_ws(
+    port: int, handler: Callable[[web.Request], Awaitable[web.WebSocketResponse]]
+) -> web.AppRunner:
+    """A bare WebSocket peer on ``port`` at /ws (stop it with ``runner.cleanup()``)."""
+    app = web.Application()
+    app.router.add_get("/ws", handler)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
 
 
 @pytest.fixture
@@ -189,11 +201,7 @@ async def test_ws_unacknowledged_events_are_resent_after_reconnect(
             taken.append(orjson.loads(message.data))
         return ws
 
-    app = web.Application()
-    app.router.add_get("/ws", silent_ingest)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner = await serve_ws(port, silent_ingest)
     publisher = ws_publisher(port, "unacked", retry_delay=0.05)
     await publisher.start()
     try:
@@ -270,11 +278,7 @@ async def test_ws_events_too_big_for_a_bridge_that_only_closes_are_refused_once(
             await ws.send_str(orjson.dumps({"type": "ack", "id": body["id"]}).decode())
         return ws
 
-    app = web.Application()
-    app.router.add_get("/ws", old_bridge)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner = await serve_ws(port, old_bridge)
     try:
         async with ws_publisher(port, "old-peer", retry_delay=0.05) as publisher:
             publisher.publish_ai_decision("BUY", "before", 0.5)
