@@ -108,6 +108,7 @@ def _publisher(
     context = zmq.Context()
     socket = _warm_publisher(context, endpoint, bind, envelope, go)
     started = time.monotonic()
+    cpu_started = time.process_time()  # all threads: this one and libzmq's I/O thread
     if envelope:
         send = sender(socket)  # one C call per message (bus.transport)
         for topic, meta, payload in messages:
@@ -116,7 +117,8 @@ def _publisher(
         for (frame,) in messages:
             raw_send(socket, frame)
     report.send(started)
-    socket.close()
+    socket.close()  # waits (linger) until libzmq has written everything out
+    report.send(time.process_time() - cpu_started)
     context.term()
 
 
@@ -126,6 +128,7 @@ def _subscriber(
     context = zmq.Context()
     socket = _warm_subscriber(context, endpoint, bind, go)
     received = 1
+    cpu_started = time.process_time()
     # a whole message per call: three frames through the C accelerator, or the one frame
     recv: Any = receiver(socket) if envelope else partial(raw_recv, socket, flags=NOBLOCK)
     while received < count:
@@ -138,7 +141,7 @@ def _subscriber(
             continue
         received += 1
     finished = time.monotonic()
-    report.send((finished, received))
+    report.send((finished, received, time.process_time() - cpu_started))
     socket.close(linger=0)
     context.term()
 
@@ -251,6 +254,8 @@ def _proxy(
 class Run:
     rate: float
     received: int
+    publisher_cpu: float = 0.0  # seconds, all threads of that process
+    subscriber_cpu: float = 0.0
     proxy_cpu: dict[str, float] = field(default_factory=dict)
     cache_backlog: int = 0
     cached: int = 0
@@ -314,8 +319,8 @@ def _measure(
     processes.append(spawn.Process(target=_publisher, args=pub_args))
     with _running(processes, stop):
         started: float = pub_report.recv()
-        finished, received = sub_report.recv()
-        run = Run(received / (finished - started), received)
+        finished, received, subscriber_cpu = sub_report.recv()
+        run = Run(received / (finished - started), received, pub_report.recv(), subscriber_cpu)
         stop.set()
         if proxy_cache is not None:
             run.proxy_cpu, run.cache_backlog, run.cached, run.cache_gaps = proxy_report.recv()
@@ -403,16 +408,27 @@ def main() -> None:
             + (f"  LOST {lost}" if lost else ""),
             flush=True,
         )
-    for name in ("proxy, cache on", "proxy, cache off"):
-        runs = results[name]
+    for name, runs in results.items():
         if not runs:
             continue
         total = args.events * len(runs)
         per_event = {
             part: sum(r.proxy_cpu[part] for r in runs) / total * 1e6 for part in runs[0].proxy_cpu
         }
-        parts = ", ".join(f"{part} {us:.2f}" for part, us in per_event.items())
-        print(f"{name:28s} proxy CPU per event (us): {parts}")
+        if per_event:
+            parts = ", ".join(f"{part} {us:.2f}" for part, us in per_event.items())
+            print(f"{name:28s} proxy CPU per event (us): {parts}")
+        # what each event costs the whole machine: at best 2 cores / that many events/s
+        ends = (
+            sum(r.publisher_cpu for r in runs) / total * 1e6,
+            sum(r.subscriber_cpu for r in runs) / total * 1e6,
+        )
+        all_us = sum(ends) + sum(per_event.values())
+        print(
+            f"{name:28s} CPU per event (us): publisher {ends[0]:.2f}, subscriber {ends[1]:.2f}, "
+            f"all processes {all_us:.2f}: {os.cpu_count()} cores allow at most "
+            f"{(os.cpu_count() or 1) / all_us * 1e6:,.0f} events/s"
+        )
     cached = results["proxy, cache on"]
     if cached:
         print(
