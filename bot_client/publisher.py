@@ -336,7 +336,8 @@ class Publisher(EventHelpers):
         # _install_fast_path)
         self._fast: Any = deque()
         self._fast_ok = False
-        # no more than the queue size waits there, so what is held stays within twice it
+        # no more than the queue size waits in the deque, so what is held stays within
+        # twice it (the C hand-off holds up to HANDOFF_LIMIT in flight: _install_fast_path)
         self._fast_limit = min(FAST_LIMIT, settings.queue_size)
         self._io_sleeping = False
         # ZeroMQ with caller_sends: bus.transport's sender, used under the lock instead
@@ -707,11 +708,11 @@ class Publisher(EventHelpers):
                     self._io_sleeping = False
                     self._wake()
                 return
-        self._fast_ok = False
-        self._enqueue(_entry(slot, meta, payload))
+        self._hold(slot, meta, payload)
 
     def _hold(self, slot: _Slot, meta: bytes, payload: bytes) -> None:
-        """Queue an event the caller could not send (the C path's caller_sends). Lock held."""
+        """Queue an event in the outbox and close the fast ways until it is empty, so that
+        order is kept (also the C path's way when a caller's own send fails). Lock held."""
         self._fast_ok = False
         self._enqueue(_entry(slot, meta, payload))
 
