@@ -161,6 +161,27 @@ static void *socket_handle(PyObject *socket_object) {
     return socket;
 }
 
+/* One bus message (three frames) without blocking; touches no Python object's count, so it
+ * runs with or without the GIL. 1 sent; 0 nothing sent (EAGAIN: the pipe is full, or
+ * another error at the first frame, in *error); -1 failed within the message (*error). */
+static int send_message(send_fn send, void *socket, PyObject *topic, PyObject *meta,
+                        PyObject *payload, int *error) {
+    if (send(socket, PyBytes_AS_STRING(topic), (size_t)PyBytes_GET_SIZE(topic),
+             ZMQ_DONTWAIT | ZMQ_SNDMORE) < 0) {
+        *error = errno == EAGAIN ? 0 : errno;
+        return 0;
+    }
+    /* libzmq checks a full pipe at a message's first frame only: the rest fits */
+    if (send(socket, PyBytes_AS_STRING(meta), (size_t)PyBytes_GET_SIZE(meta),
+             ZMQ_DONTWAIT | ZMQ_SNDMORE) < 0 ||
+        send(socket, PyBytes_AS_STRING(payload), (size_t)PyBytes_GET_SIZE(payload),
+             ZMQ_DONTWAIT) < 0) {
+        *error = errno;
+        return -1;
+    }
+    return 1;
+}
+
 /* HandOff: the events callers hand to the publisher's I/O thread, in order.
  *
  * A ring of (slot, meta, payload) with one producer at a time (callers hold the publisher's
@@ -368,22 +389,14 @@ static PyObject *HandOff_drain(HandOff *self, PyObject *args) {
             break;
         /* entries from tail to head are the callers' no more: read without the GIL */
         PyObject **entry = &self->entries[ENTRY_SIZE * (tail & self->mask)];
-        PyObject *topic = entry[3];
-        if (self->send(socket, PyBytes_AS_STRING(topic), (size_t)PyBytes_GET_SIZE(topic),
-                       ZMQ_DONTWAIT | ZMQ_SNDMORE) < 0) {
-            if (errno == EAGAIN)
-                blocked = 1;
-            else
-                failure = errno;
-            break;
-        }
-        if (self->send(socket, PyBytes_AS_STRING(entry[1]), (size_t)PyBytes_GET_SIZE(entry[1]),
-                       ZMQ_DONTWAIT | ZMQ_SNDMORE) < 0 ||
-            self->send(socket, PyBytes_AS_STRING(entry[2]), (size_t)PyBytes_GET_SIZE(entry[2]),
-                       ZMQ_DONTWAIT) < 0) {
-            failure = errno; /* the first frame went into the pipe: not seen in practice */
+        int outcome = send_message(self->send, socket, entry[3], entry[1], entry[2], &failure);
+        if (outcome < 0) { /* part of it went into the pipe: not seen in practice */
             tail++;
             atomic_store_explicit(&self->tail, tail, memory_order_release);
+            break;
+        }
+        if (outcome == 0) {
+            blocked = failure == 0;
             break;
         }
         atomic_fetch_add_explicit(&self->sent, 1, memory_order_release);
@@ -578,19 +591,11 @@ static int send_frames(FastPath *self, PyObject *topic, PyObject *meta, PyObject
     void *socket = socket_handle(self->socket);
     if (socket == NULL)
         return PyErr_Occurred() ? -1 : 0;
-    if (self->send(socket, PyBytes_AS_STRING(topic), (size_t)PyBytes_GET_SIZE(topic),
-                   ZMQ_DONTWAIT | ZMQ_SNDMORE) < 0)
-        return 0;
-    /* libzmq checks a full pipe at a message's first frame only */
-    if (self->send(socket, PyBytes_AS_STRING(meta), (size_t)PyBytes_GET_SIZE(meta),
-                   ZMQ_DONTWAIT | ZMQ_SNDMORE) < 0 ||
-        self->send(socket, PyBytes_AS_STRING(payload), (size_t)PyBytes_GET_SIZE(payload),
-                   ZMQ_DONTWAIT) < 0) {
-        /* the first frame went into the pipe, so the rest fits: not seen in practice */
-        PyErr_Format(PyExc_OSError, "zmq_send failed within a message: errno %d", errno);
-        return -1;
-    }
-    return 1;
+    int error;
+    int outcome = send_message(self->send, socket, topic, meta, payload, &error);
+    if (outcome < 0) /* not seen in practice */
+        PyErr_Format(PyExc_OSError, "zmq_send failed within a message: errno %d", error);
+    return outcome;
 }
 
 /* Under the lock: stamp, build, send or hand over. NULL with an error set, Py_None when done,
@@ -729,30 +734,8 @@ static PyObject *FastPath_publish(FastPath *self, PyObject *const *args, Py_ssiz
                                   PyObject *kwnames) {
     PyObject *type_name, *data, *key = Py_None;
     Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
-    if (nkw != 0 || nargs < 2 || nargs > 3) {
-        /* keywords and wrong arity: Python's own argument handling and message */
-        PyObject *call_args = PyTuple_New(nargs);
-        if (call_args == NULL)
-            return NULL;
-        for (Py_ssize_t i = 0; i < nargs; i++)
-            PyTuple_SET_ITEM(call_args, i, Py_NewRef(args[i]));
-        PyObject *kwargs = NULL;
-        if (nkw != 0) {
-            kwargs = PyDict_New();
-            for (Py_ssize_t i = 0; kwargs != NULL && i < nkw; i++) {
-                if (PyDict_SetItem(kwargs, PyTuple_GET_ITEM(kwnames, i), args[nargs + i]) < 0)
-                    Py_CLEAR(kwargs);
-            }
-            if (kwargs == NULL) {
-                Py_DECREF(call_args);
-                return NULL;
-            }
-        }
-        PyObject *result = PyObject_Call(self->fallback, call_args, kwargs);
-        Py_DECREF(call_args);
-        Py_XDECREF(kwargs);
-        return result;
-    }
+    if (nkw != 0 || nargs < 2 || nargs > 3) /* Python's own argument handling and message */
+        return PyObject_Vectorcall(self->fallback, args, (size_t)nargs, kwnames);
     type_name = args[0];
     data = args[1];
     if (nargs == 3)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -69,12 +70,20 @@ GUIDE_DATA = {
 
 
 @pytest.fixture(params=["c", "python"])
-def publish_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Which publish() the test's publishers use: the C path (bot_client/_publish.c) or the
-    Python one it falls back to (its reference). Tests assert publisher.fast_path."""
+def path_publisher(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, zmq_context: Context
+) -> Callable[..., Publisher]:
+    """Makes publishers (no heartbeat) whose publish() is the C path (bot_client/_publish.c)
+    or the Python one it falls back to (its reference), and checks that it is."""
     if request.param == "python":
         monkeypatch.setenv(ACCELERATOR_OFF_VARIABLE, "1")
-    return str(request.param)
+
+    def make(**settings: Any) -> Publisher:
+        publisher = Publisher(context=zmq_context, heartbeat_interval=0, **settings)
+        assert publisher.fast_path == (request.param == "c")
+        return publisher
+
+    return make
 
 
 @pytest.fixture
@@ -213,19 +222,16 @@ def test_events_held_while_proxy_down_arrive_in_order(tmp_path: Path, zmq_contex
 
 
 def test_overflow_counts_drops_and_keeps_critical(
-    tmp_path: Path, zmq_context: Context, publish_path: str
+    tmp_path: Path, zmq_context: Context, path_publisher: Callable[..., Publisher]
 ) -> None:
     target = tmp_path / "in.sock"
-    publisher = Publisher(
+    publisher = path_publisher(
         url=f"ipc://{target}",
         source_id="overflow",
         publish_interval=0,
         queue_size=20,
         retry_delay=0.02,
-        heartbeat_interval=0,
-        context=zmq_context,
     )
-    assert publisher.fast_path == (publish_path == "c")
     kinds = ["market_data", "ai_decision", "trading_decision", "system_status", "trade_execution"]
     published: dict[str, int] = {}
     for n in range(500):
@@ -315,17 +321,14 @@ def test_significance_filter_skips_small_moves(
 
 
 def test_bot_values_encode_and_invalid_calls_raise(
-    proxy: Proxy, subscriber: BlockingSubscriber, zmq_context: Context, publish_path: str
+    proxy: Proxy, subscriber: BlockingSubscriber, path_publisher: Callable[..., Publisher]
 ) -> None:
     class Order(pydantic.BaseModel):
         price: Decimal
         placed: datetime
 
     placed = datetime(2024, 1, 20, 10, 30, tzinfo=UTC)
-    with Publisher(
-        url=proxy.frontend_endpoint, source_id="values", heartbeat_interval=0, context=zmq_context
-    ) as publisher:
-        assert publisher.fast_path == (publish_path == "c")
+    with path_publisher(url=proxy.frontend_endpoint, source_id="values") as publisher:
         with pytest.raises(InvalidEventError, match="event type 'bad type'"):
             publisher.publish("bad type", {})
         with pytest.raises(InvalidEventError, match="topic key"):
@@ -380,9 +383,8 @@ def test_bot_values_encode_and_invalid_calls_raise(
 def test_payloads_are_byte_for_byte_the_envelope_encoding(
     proxy: Proxy,
     subscriber: BlockingSubscriber,
-    zmq_context: Context,
     caller_sends: bool,
-    publish_path: str,
+    path_publisher: Callable[..., Publisher],
 ) -> None:
     # the publisher assembles payloads from pre-encoded parts; bus.envelope is the reference
     calls: list[tuple[str, dict[str, object], str | None]] = [
@@ -393,15 +395,12 @@ def test_payloads_are_byte_for_byte_the_envelope_encoding(
         ("position_update", {"symbol": "ETH/USD", "pnl": Decimal("-1.50")}, None),
         ("trading_decision", {"at": datetime(2024, 1, 20, tzinfo=UTC)}, None),
     ]
-    with Publisher(
+    with path_publisher(
         url=proxy.frontend_endpoint,
         source_id="bytes-1",
-        heartbeat_interval=0,
         publish_interval=0,
         caller_sends=caller_sends,
-        context=zmq_context,
     ) as publisher:
-        assert publisher.fast_path == (publish_path == "c")
         for type_name, data, key in calls:
             publisher.publish(type_name, data, key)
         events = receive(subscriber, len(calls))
@@ -427,19 +426,15 @@ def test_payloads_are_byte_for_byte_the_envelope_encoding(
 def test_threads_publishing_one_topic_keep_sequence_order(
     proxy: Proxy,
     subscriber: BlockingSubscriber,
-    zmq_context: Context,
     caller_sends: bool,
-    publish_path: str,
+    path_publisher: Callable[..., Publisher],
 ) -> None:
-    with Publisher(
+    with path_publisher(
         url=proxy.frontend_endpoint,
         source_id="threads",
         queue_size=10_000,
-        heartbeat_interval=0,
         caller_sends=caller_sends,
-        context=zmq_context,
     ) as publisher:
-        assert publisher.fast_path == (publish_path == "c")
         wait_for(lambda: publisher.connected)
 
         def work(worker: int) -> None:
