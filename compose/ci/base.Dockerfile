@@ -10,10 +10,13 @@
 ARG ROOTFS
 FROM ${ROOTFS}
 COPY host-ca-bundle.crt /usr/local/share/ca-certificates/host-ca-bundle.crt
-RUN update-ca-certificates >/dev/null \
+# (rehash warns about the multi-certificate bundle file; the bundle itself takes it whole)
+RUN update-ca-certificates >/dev/null 2>&1 \
+    && grep -q "$(sed -n 2p /usr/local/share/ca-certificates/host-ca-bundle.crt)" \
+        /etc/ssl/certs/ca-certificates.crt \
     && rm -f /usr/lib/python3*/EXTERNALLY-MANAGED \
-    && ln -s python3 /usr/bin/python \
-    && ln -s pip3 /usr/bin/pip
+    && ln -sf python3 /usr/bin/python \
+    && ln -sf pip3 /usr/bin/pip
 ENV LANG=C.UTF-8 \
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 CMD ["python3"]

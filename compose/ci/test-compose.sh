@@ -64,6 +64,12 @@ stop_engine() {
 }
 
 stack() { docker compose -p "$project" "${compose_files[@]}" "$@"; }
+# the same, killed after $1 seconds
+stack_within() {
+  local limit="$1"
+  shift
+  timeout "$limit" docker compose -p "$project" "${compose_files[@]}" "$@"
+}
 
 cleanup() {
   local status=$?
@@ -258,11 +264,11 @@ run_stack() {
   for file in "$@"; do compose_files+=(-f "compose/$file"); done
   say "stack $label: $*"
 
-  timeout "$(seconds 1200)" stack build >"$work/build.log" 2>&1 \
+  stack_within "$(seconds 1200)" build >"$work/build.log" 2>&1 \
     || fail "[$label] docker compose build: $(tail -n 15 "$work/build.log")"
   pass "[$label] image built from compose/Dockerfile"
 
-  timeout "$(seconds 300)" stack up -d --wait --wait-timeout "$(seconds 240)" \
+  stack_within "$(seconds 300)" up -d --wait --wait-timeout "$(seconds 240)" \
     >"$work/up.log" 2>&1 || fail "[$label] up --wait: $(tail -n 15 "$work/up.log")"
   pass "[$label] up --wait: $(stack ps --format '{{.Service}} {{.Health}}' | sort | paste -sd, -)"
 
@@ -271,12 +277,12 @@ run_stack() {
   [ "$published" = "127.0.0.1:8000" ] || fail "[$label] dashboard-backend port 8000 published on $published, not the host's loopback"
   pass "[$label] dashboard-backend published on the host's loopback only ($published)"
 
-  timeout "$(seconds 120)" stack exec -T dashboard-backend check_stack.sh \
+  stack_within "$(seconds 120)" exec -T dashboard-backend check_stack.sh \
     --url http://127.0.0.1:8000 --timeout "$(seconds 20)" >"$work/check.log" 2>&1 \
     || fail "[$label] check_stack.sh in dashboard-backend: $(cat "$work/check.log")"
   pass "[$label] check_stack.sh inside dashboard-backend: $(tail -n 1 "$work/check.log")"
 
-  timeout "$(seconds 120)" stack --profile debug run --rm websocket-tester \
+  stack_within "$(seconds 120)" --profile debug run --rm websocket-tester \
     >"$work/tester.log" 2>&1 || fail "[$label] websocket-tester: $(tail -n 15 "$work/tester.log")"
   pass "[$label] websocket-tester profile: $(grep -m1 '^tap summary' "$work/tester.log" || tail -n 1 "$work/tester.log")"
 
@@ -285,7 +291,7 @@ run_stack() {
 
   check_bus_from_host "$label"
 
-  timeout "$(seconds 120)" stack --profile debug down --volumes --remove-orphans --timeout 10 \
+  stack_within "$(seconds 120)" --profile debug down --volumes --remove-orphans --timeout 10 \
     >"$work/down.log" 2>&1 || fail "[$label] down: $(tail -n 5 "$work/down.log")"
   [ -z "$(docker ps -aq --filter "label=com.docker.compose.project=$project")" ] \
     || fail "[$label] containers left after down"
