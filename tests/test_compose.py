@@ -25,8 +25,10 @@ import yaml
 
 from bot_client.settings import SPECS, PublisherSettings
 from bridge.app import create_app
+from bridge.auth import Authenticator
 from bridge.cli import config_from_args
 from bridge.config import ENV_PREFIX, BridgeConfig
+from bridge.errors import AuthError
 from monitoring.logging import LEVEL_VARIABLES
 from monitoring.metrics import MetricsServer
 from tests.conftest import scaled
@@ -37,15 +39,21 @@ BASE = COMPOSE / "docker-compose.yml"
 OVERRIDE = COMPOSE / "docker-compose.websocket.yml"
 ROLES = {"bus-proxy", "dashboard-backend", "ai-trading-bot", "websocket-tester"}
 SETTING_PREFIXES = ("TRADEBUS", "SYSTEM__", "LOG_LEVEL")
+# check_stack.sh runs inside dashboard-backend (`docker compose exec`): the variables it
+# reads may be set there for it
+CHECK_STACK = COMPOSE / "check_stack.sh"
+CHECK_STACK_VARIABLES = set(
+    re.findall(r"\$\{(VIEW_TOKEN|PUBLISH_TOKEN):-", CHECK_STACK.read_text())
+)
 REQUIRED_ARGUMENTS = {"record": ["out.jsonl"], "replay": ["in.jsonl"]}
 
 
 # -- reading compose files the way docker compose does (the parts used here) --------------------
 def interpolate(value: Any) -> Any:
-    """``${VAR:-default}`` -> default, ``${VAR:?message}`` -> a stand-in value."""
+    """``${VAR:-default}`` -> default, ``${VAR:?message}`` -> a stand-in value per VAR."""
     if isinstance(value, str):
         value = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
-        return re.sub(r"\$\{[A-Z_]+:\?[^}]*\}", "stand-in-secret", value)
+        return re.sub(r"\$\{([A-Z_]+):\?[^}]*\}", r"stand-in-\1", value)
     if isinstance(value, list):
         return [interpolate(v) for v in value]
     if isinstance(value, dict):
@@ -199,6 +207,8 @@ def test_every_variable_is_a_setting_the_service_reads_with_a_valid_value(
         command = command_of(service)
         env = environment_of(service)
         known = settings_read_by(command[0], monkeypatch)
+        if name == "dashboard-backend":
+            known |= CHECK_STACK_VARIABLES
         unknown = sorted(set(env) - known)
         assert not unknown, f"{stack}/{name}: `tradebus {command[0]}` reads no {unknown}"
         clean_environment(monkeypatch, env)
@@ -207,7 +217,7 @@ def test_every_variable_is_a_setting_the_service_reads_with_a_valid_value(
         except Exception as error:  # a value the setting refuses
             pytest.fail(f"{stack}/{name}: {error}")
         for variable, value in env.items():
-            if variable in LEVEL_VARIABLES:
+            if variable in LEVEL_VARIABLES or variable in CHECK_STACK_VARIABLES:
                 continue
             clean_environment(monkeypatch, {k: v for k, v in env.items() if k != variable})
             without = effective(command)
@@ -317,19 +327,31 @@ def test_the_override_makes_the_bot_publish_over_websocket_by_container_name() -
     assert settings.enabled
     assert settings.url == "ws://dashboard-backend:8000/ws"
     assert settings.transport == "ws"
-    backend = services("websocket")["dashboard-backend"]
-    with pytest.MonkeyPatch.context() as patch:
-        clean_environment(patch, environment_of(backend))
-        config = config_from_args(parse(command_of(backend)))
-    bot_address = bot["networks"]["trading-network"]["ipv4_address"]
-    assert config.publish_trusted(bot_address), "the bot's address may publish"
-    # browsers on the host arrive from the network's gateway: they must not be trusted
-    assert not config.publish_trusted("172.28.0.1")
-    assert not config.auth_required, "viewers need no token"
     base_bot = services("base")["ai-trading-bot"]
     with pytest.MonkeyPatch.context() as patch:
         clean_environment(patch, environment_of(base_bot))
         assert PublisherSettings.from_env().transport == "zmq"
+
+
+def test_the_override_trusts_the_bot_by_its_token_not_its_address() -> None:
+    stack = services("websocket")
+    with pytest.MonkeyPatch.context() as patch:
+        clean_environment(patch, environment_of(stack["ai-trading-bot"]))
+        bot_token = PublisherSettings.from_env().token
+        clean_environment(patch, environment_of(stack["dashboard-backend"]))
+        config = config_from_args(parse(command_of(stack["dashboard-backend"])))
+    assert not config.publish_networks, "no address may publish without a credential"
+    assert "ipv4_address" not in str(stack["ai-trading-bot"].get("networks"))
+    auth = Authenticator(config.tokens, config.publish_tokens, config.jwt_secret)
+    now = 1_700_000_000.0
+    assert auth.authenticate(bot_token, now).publish, "the bot's token may publish"
+    # the tester and check_stack.sh watch with the viewers' token, which cannot publish
+    tester_token = environment_of(stack["websocket-tester"])["TRADEBUS_TOKEN"]
+    viewer = auth.authenticate(tester_token, now)
+    assert not viewer.publish
+    assert environment_of(stack["dashboard-backend"])["VIEW_TOKEN"] == tester_token
+    with pytest.raises(AuthError):
+        auth.authenticate(None, now)  # a browser without a token may not even watch
 
 
 def test_dockerfile_copies_what_exists_and_runs_tradebus() -> None:
@@ -353,3 +375,57 @@ def test_dockerfile_copies_what_exists_and_runs_tradebus() -> None:
     listed = re.search(r"packages = \[([^\]]*)\]", pyproject)
     assert listed is not None
     assert set(packages) == set(re.findall(r'"(\w+)"', listed.group(1)))
+
+
+@pytest.mark.parametrize("stack", sorted(STACKS))
+def test_ports_are_published_on_the_hosts_loopback_only(stack: str) -> None:
+    published: dict[str, set[int]] = {}
+    for name, service in services(stack).items():
+        for mapping in service.get("ports", []):
+            host, host_port, container_port = str(mapping).split(":")
+            assert host == "127.0.0.1", f"{stack}/{name} publishes {mapping} beyond loopback"
+            assert host_port == container_port, f"{name}: the documented port on the host too"
+            published.setdefault(name, set()).add(int(host_port))
+    # the dashboard, and the bus for bus.Subscriber, tradebus record/replay and host bots
+    assert published == {"dashboard-backend": {8000}, "bus-proxy": {5555, 5556, 5557}}
+
+
+def test_nothing_depends_on_a_fixed_subnet() -> None:
+    for stack in STACKS:
+        network = STACKS[stack]["networks"]["trading-network"]
+        assert network["name"] == "trading-network", "the guide's name"
+        assert "ipam" not in network, "a fixed range can collide with a left-over network"
+        for name, service in services(stack).items():
+            assert "ipv4_address" not in str(service.get("networks")), f"{stack}/{name}"
+
+
+def test_every_service_reads_the_guides_env_file_if_there_is_one() -> None:
+    for name, service in services("base").items():
+        assert service.get("env_file") == [{"path": ".env", "required": False}], name
+    root = COMPOSE.parent
+    assert ".env" in (root / ".gitignore").read_text().split()
+    # never sent to the image build: it holds the operator's secrets
+    assert "**/.env" in (root / ".dockerignore").read_text().split()
+
+
+def test_the_base_image_is_pinned_by_version() -> None:
+    dockerfile = (COMPOSE / "Dockerfile").read_text()
+    base = re.search(r"^FROM (\S+)", dockerfile, re.MULTILINE)
+    assert base is not None
+    assert re.fullmatch(r"python:3\.11\.\d+-slim(-bookworm)?", base.group(1)), base.group(1)
+
+
+def test_ci_runs_the_compose_stack_for_real_after_the_tests() -> None:
+    root = COMPOSE.parent
+    run = (root / ".ci" / "run").read_text()
+    commands = [line.strip() for line in run.splitlines() if line.strip().startswith("make ")]
+    assert commands[-2:] == ["make test", "make test-compose"], commands
+    makefile = (root / "Makefile").read_text()
+    assert re.search(r"^test-compose:.*\n\tbash compose/ci/test-compose.sh$", makefile, re.M)
+    script = COMPOSE / "ci" / "test-compose.sh"
+    syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+    text = script.read_text()
+    # the stack is built from compose/Dockerfile as it is, with the base it names
+    assert "compose/Dockerfile" in text
+    assert "docker-compose.websocket.yml" in text
