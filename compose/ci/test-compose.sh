@@ -289,7 +289,11 @@ run_stack() {
   pass "[$label] dashboard from the host: $(http_check http://127.0.0.1:8000/ '<html')"
   pass "[$label] health from the host: $(http_check http://127.0.0.1:8000/health ok)"
 
+  check_key_mounts "$label"
+  authorize_host_key "$label"
   check_bus_from_host "$label"
+  check_bus_refuses_strangers "$label"
+  if [ "$label" = base ]; then rotate_bot_key "$label"; fi
 
   stack_within "$(seconds 120)" --profile debug down --volumes --remove-orphans --timeout 10 \
     >"$work/down.log" 2>&1 || fail "[$label] down: $(tail -n 5 "$work/down.log")"
@@ -299,19 +303,96 @@ run_stack() {
   compose_files=()
 }
 
+# -- CURVE keys ----------------------------------------------------------------------------------
+# the files a service's key volume holds, as that service sees them
+keys_seen_by() { stack exec -T "$1" sh -c 'cd /keys && ls -A | sort | paste -sd" " -'; }
+
+check_key_mounts() {
+  local label="$1" seen
+  seen="$(keys_seen_by ai-trading-bot)"
+  [ "$seen" = "ai-trading-bot.key ai-trading-bot.key_secret proxy.key" ] \
+    || fail "[$label] ai-trading-bot sees these keys: $seen"
+  pass "[$label] ai-trading-bot sees only its own key pair and proxy.key"
+  seen="$(keys_seen_by dashboard-backend)"
+  [ "$seen" = "bridge.key bridge.key_secret proxy.key" ] \
+    || fail "[$label] dashboard-backend sees these keys: $seen"
+  pass "[$label] dashboard-backend sees only its own key pair and proxy.key"
+  seen="$(keys_seen_by bus-proxy)"
+  case " $seen " in
+    *" proxy.key_secret "*) ;;
+    *) fail "[$label] bus-proxy has no proxy.key_secret: $seen" ;;
+  esac
+  [ "$(echo "$seen" | tr ' ' '\n' | grep -c '_secret$')" = 1 ] \
+    || fail "[$label] bus-proxy sees another service's secret: $seen"
+  pass "[$label] bus-proxy sees its own key pair and the public keys it admits: $seen"
+}
+
+# README's "let an analytics program on another host subscribe", with this host as the other
+host_keys=""
+authorize_host_key() {
+  local label="$1"
+  host_keys="$work/host-keys-$label"
+  "$repo/.venv/bin/tradebus" keys new ci-analytics --dir "$host_keys" >/dev/null
+  stack_within "$(seconds 120)" run --rm \
+    -v "$host_keys/ci-analytics.key:/keys/add/ci-analytics.key:ro" keys >"$work/keys.log" 2>&1 \
+    || fail "[$label] adding the host's public key: $(tail -n 5 "$work/keys.log")"
+  stack_within "$(seconds 120)" restart bus-proxy >"$work/restart.log" 2>&1 \
+    || fail "[$label] restarting bus-proxy: $(tail -n 5 "$work/restart.log")"
+  stack_within "$(seconds 300)" up -d --wait --wait-timeout "$(seconds 240)" >"$work/up.log" 2>&1 \
+    || fail "[$label] up --wait after the proxy restart: $(tail -n 15 "$work/up.log")"
+  stack cp bus-proxy:/keys/proxy.key "$host_keys/proxy.key" >/dev/null 2>&1 \
+    || fail "[$label] copying proxy.key out of bus-proxy"
+  pass "[$label] the host's key ci-analytics admitted by the proxy (after its restart)"
+}
+
 # bus.Subscriber / tradebus record on the host, against the proxy's ports published on
 # the host's loopback, exactly as docs/subscriber.md runs them against `tradebus up`.
 check_bus_from_host() {
   local label="$1"
   local tradebus="$repo/.venv/bin/tradebus"
   [ -x "$tradebus" ] || fail "no $tradebus: run make venv first (make test-compose does)"
-  timeout "$(seconds 60)" "$tradebus" record - --snapshot --count 5 --duration "$(seconds 30)" \
-    >"$work/record.jsonl" 2>"$work/record.err" \
+  TRADEBUS_KEYS="$host_keys" timeout "$(seconds 60)" "$tradebus" record - --snapshot \
+    --count 5 --duration "$(seconds 30)" >"$work/record.jsonl" 2>"$work/record.err" \
     || fail "[$label] tradebus record on the host: $(tail -n 3 "$work/record.err")"
   local events
   events="$(wc -l <"$work/record.jsonl")"
   [ "$events" -ge 5 ] || fail "[$label] tradebus record on the host got $events events, wanted 5: $(tail -n 3 "$work/record.err")"
-  pass "[$label] bus from the host's loopback: tradebus record got $events events"
+  pass "[$label] bus from the host's loopback with the host's key: tradebus record got $events events"
+}
+
+check_bus_refuses_strangers() {
+  local label="$1" stranger="$work/stranger-keys-$label"
+  "$repo/.venv/bin/tradebus" keys new stranger --dir "$stranger" >/dev/null
+  cp "$host_keys/proxy.key" "$stranger/proxy.key"
+  local status=0
+  TRADEBUS_KEYS="$stranger" timeout "$(seconds 60)" "$repo/.venv/bin/tradebus" record - \
+    --snapshot --count 1 --duration "$(seconds 10)" >"$work/stranger.jsonl" 2>"$work/stranger.err" \
+    || status=$?
+  [ ! -s "$work/stranger.jsonl" ] || fail "[$label] a key the proxy never admitted received events"
+  [ "$status" -ne 0 ] || fail "[$label] tradebus record with an unknown key exited 0"
+  local plain=0
+  timeout "$(seconds 60)" "$repo/.venv/bin/tradebus" record - --count 1 \
+    --duration "$(seconds 5)" >"$work/plain.jsonl" 2>"$work/plain.err" || plain=$?
+  [ ! -s "$work/plain.jsonl" ] || fail "[$label] a subscriber without CURVE received events"
+  pass "[$label] the bus refuses an unknown key (exit $status: $(tail -n 1 "$work/stranger.err" | cut -c1-160)) and a client without keys (no event)"
+}
+
+# README's key rotation: retire the bot's key, restart the proxy and the bot, events flow again
+rotate_bot_key() {
+  local label="$1" before after
+  before="$(stack exec -T ai-trading-bot sh -c 'sed -n "/public-key/p" /keys/ai-trading-bot.key')"
+  stack_within "$(seconds 120)" run --rm keys --rotate ai-trading-bot >"$work/keys.log" 2>&1 \
+    || fail "[$label] compose-keys --rotate: $(tail -n 5 "$work/keys.log")"
+  stack_within "$(seconds 120)" restart bus-proxy ai-trading-bot >"$work/restart.log" 2>&1 \
+    || fail "[$label] restart after the rotation: $(tail -n 5 "$work/restart.log")"
+  stack_within "$(seconds 300)" up -d --wait --wait-timeout "$(seconds 240)" >"$work/up.log" 2>&1 \
+    || fail "[$label] up --wait after the rotation: $(tail -n 15 "$work/up.log")"
+  after="$(stack exec -T ai-trading-bot sh -c 'sed -n "/public-key/p" /keys/ai-trading-bot.key')"
+  [ -n "$after" ] && [ "$before" != "$after" ] || fail "[$label] the bot's key did not change"
+  stack_within "$(seconds 120)" exec -T dashboard-backend check_stack.sh \
+    --url http://127.0.0.1:8000 --timeout "$(seconds 20)" >"$work/check.log" 2>&1 \
+    || fail "[$label] check_stack.sh after the rotation: $(cat "$work/check.log")"
+  pass "[$label] ai-trading-bot's key rotated: the bot's events flow again (check_stack.sh)"
 }
 
 install_tools
