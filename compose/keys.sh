@@ -15,10 +15,14 @@
 #   compose-keys --rotate NAME...    retire NAME's key (kept in /keys/store/retired/), make
 #                                    a new one, copy; then restart the proxy and NAME
 #   compose-keys --remove NAME...    retire NAME's key: the proxy no longer admits it
+#
+# Environment (for tests): COMPOSE_KEYS_ROOT instead of /keys; COMPOSE_KEYS_OWNER, the user
+# owning the files (default tradebus, the image's; empty: leave the owner as it is).
 set -eu
 
-store=/keys/store
-owner=tradebus
+root="${COMPOSE_KEYS_ROOT:-/keys}"
+store="$root/store"
+owner="${COMPOSE_KEYS_OWNER-tradebus}"
 
 note() { echo "compose-keys: $*"; }
 
@@ -57,7 +61,7 @@ fill() {
   for file in "$@"; do
     cp "$store/$file" "$dir/$file"
   done
-  chown -R "$owner:$owner" "$dir"
+  if [ -n "$owner" ]; then chown -R "$owner:$owner" "$dir"; fi
   chmod 0700 "$dir"
   find "$dir" -name '*.key_secret' -exec chmod 0600 {} +
   find "$dir" -name '*.key' -exec chmod 0644 {} +
@@ -80,8 +84,8 @@ case "$action" in
 esac
 
 create proxy
-if [ -d /keys/bridge ]; then create bridge; fi
-for dir in /keys/bot/*/; do
+if [ -d "$root/bridge" ]; then create bridge; fi
+for dir in "$root"/bot/*/; do
   [ -d "$dir" ] || continue
   bot="$(basename "$dir")"
   if [ "$action" = --remove ] && [ ! -e "$store/$bot.key_secret" ]; then
@@ -89,11 +93,11 @@ for dir in /keys/bot/*/; do
   fi
   create "$bot" "$bot"
 done
-for added in /keys/add/*.key; do
+for added in "$root"/add/*.key; do
   [ -e "$added" ] || continue
   name="$(basename "$added" .key)"
   if [ "$name" = proxy ] || [ -e "$store/$name.key_secret" ]; then
-    note "refusing /keys/add/$name.key: the store has a key of that name"
+    note "refusing $root/add/$name.key: the store has a key of that name"
     exit 2
   fi
   cp "$added" "$store/$name.key"
@@ -107,9 +111,9 @@ for public in "$store"/*.key; do
   [ "$name" = proxy.key ] || clients="$clients $name"
 done
 # shellcheck disable=SC2086  # the names hold no spaces (tradebus keys allows [A-Za-z0-9_.-])
-fill /keys/proxy proxy.key_secret proxy.key $clients
-if [ -d /keys/bridge ]; then fill /keys/bridge bridge.key_secret bridge.key proxy.key; fi
-for dir in /keys/bot/*/; do
+fill "$root/proxy" proxy.key_secret proxy.key $clients
+if [ -d "$root/bridge" ]; then fill "$root/bridge" bridge.key_secret bridge.key proxy.key; fi
+for dir in "$root"/bot/*/; do
   [ -d "$dir" ] || continue
   bot="$(basename "$dir")"
   if [ -e "$store/$bot.key_secret" ]; then
@@ -118,5 +122,5 @@ for dir in /keys/bot/*/; do
     fill "${dir%/}"
   fi
 done
-chown -R "$owner:$owner" "$store"
+if [ -n "$owner" ]; then chown -R "$owner:$owner" "$store"; fi
 note "keys ready: proxy admits$(echo "$clients" | sed 's/\.key//g')"

@@ -38,6 +38,7 @@ COMPOSE = Path(__file__).resolve().parent.parent / "compose"
 BASE = COMPOSE / "docker-compose.yml"
 OVERRIDE = COMPOSE / "docker-compose.websocket.yml"
 ROLES = {"bus-proxy", "dashboard-backend", "ai-trading-bot", "websocket-tester"}
+KEYS_SERVICE = "keys"  # the one-shot service that makes the CURVE keys (compose/keys.sh)
 SETTING_PREFIXES = ("TRADEBUS", "SYSTEM__", "LOG_LEVEL")
 # check_stack.sh runs inside dashboard-backend (`docker compose exec`): the variables it
 # reads may be set there for it
@@ -100,9 +101,14 @@ def environment_of(service: dict[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in env.items()}
 
 
-def services(stack: str) -> dict[str, dict[str, Any]]:
+def all_services(stack: str) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = STACKS[stack]["services"]
     return found
+
+
+def services(stack: str) -> dict[str, dict[str, Any]]:
+    """The services that run a ``tradebus`` command (all but the one-shot ``keys``)."""
+    return {name: s for name, s in all_services(stack).items() if "entrypoint" not in s}
 
 
 # -- what a command really does with its arguments and environment ------------------------------
@@ -168,7 +174,7 @@ def settings_read_by(command: str, monkeypatch: pytest.MonkeyPatch) -> set[str]:
 # -- the tests -----------------------------------------------------------------------------------
 def test_files_parse_with_the_guides_services_and_network() -> None:
     base = STACKS["base"]
-    assert set(base["services"]) == ROLES
+    assert set(base["services"]) == ROLES | {KEYS_SERVICE}
     assert "trading-network" in base["networks"]
     for name, service in base["services"].items():
         assert service["networks"] == ["trading-network"], name
@@ -176,6 +182,7 @@ def test_files_parse_with_the_guides_services_and_network() -> None:
         assert service["build"]["dockerfile"] == "compose/Dockerfile"
     assert base["services"]["websocket-tester"]["profiles"] == ["debug"]
     assert set(load(OVERRIDE)["services"]) <= ROLES
+    assert set(services("base")) == ROLES, "every other service runs a tradebus command"
 
 
 @pytest.mark.parametrize("stack", sorted(STACKS))
@@ -261,15 +268,15 @@ def urls_in(service: dict[str, Any]) -> Iterator[str]:
 
 @pytest.mark.parametrize("stack", sorted(STACKS))
 def test_ports_agree_across_services(stack: str) -> None:
-    all_services = services(stack)
-    ports = {name: listening_ports(name, s, stack) for name, s in all_services.items()}
+    stack_services = services(stack)
+    ports = {name: listening_ports(name, s, stack) for name, s in stack_services.items()}
     assert ports["bus-proxy"] == {5555, 5556, 5557, 9100}
     assert ports["dashboard-backend"] == {8000}
     checked = 0
-    for name, service in all_services.items():
+    for name, service in stack_services.items():
         for url in urls_in(service):
             parts = urlsplit(url)
-            if parts.hostname in all_services:
+            if parts.hostname in stack_services:
                 assert parts.port in ports[parts.hostname], (
                     f"{stack}/{name}: {url} but {parts.hostname} listens on "
                     f"{sorted(ports[parts.hostname])}"
@@ -282,7 +289,7 @@ def test_ports_agree_across_services(stack: str) -> None:
         for exposed in service.get("expose", []):
             assert int(exposed) in ports[name], f"{name} exposes {exposed} but does not bind it"
         for needed in service.get("depends_on", {}):
-            assert needed in all_services, f"{name} depends on missing {needed}"
+            assert needed in STACKS[stack]["services"], f"{name} depends on missing {needed}"
     assert checked >= 4, "the services must reach each other by container name"
 
 
@@ -298,9 +305,9 @@ def routes_of(command: str) -> set[str]:
 
 @pytest.mark.parametrize("stack", sorted(STACKS))
 def test_health_checks_probe_real_routes_on_real_ports(stack: str) -> None:
-    all_services = services(stack)
+    stack_services = services(stack)
     probed = set()
-    for name, service in all_services.items():
+    for name, service in stack_services.items():
         check = service.get("healthcheck")
         if check is None:
             continue
@@ -315,7 +322,10 @@ def test_health_checks_probe_real_routes_on_real_ports(stack: str) -> None:
         probed.add(name)
         for needed, condition in service.get("depends_on", {}).items():
             if condition.get("condition") == "service_healthy":
-                assert "healthcheck" in all_services[needed], f"{needed} has no health check"
+                assert "healthcheck" in stack_services[needed], f"{needed} has no health check"
+            else:
+                assert needed == KEYS_SERVICE, f"{name} waits for {needed} without a health check"
+                assert condition == {"condition": "service_completed_successfully"}
     assert probed == {"bus-proxy", "dashboard-backend", "ai-trading-bot"}
 
 
@@ -429,3 +439,136 @@ def test_ci_runs_the_compose_stack_for_real_after_the_tests() -> None:
     # the stack is built from compose/Dockerfile as it is, with the base it names
     assert "compose/Dockerfile" in text
     assert "docker-compose.websocket.yml" in text
+
+
+# -- CURVE keys: made once by the one-shot service, each service mounts only its own -----------
+KEYS_SCRIPT = COMPOSE / "keys.sh"
+BOT_SOURCE = "ai-trading-bot"
+EXPECTED_KEY_FILES = {
+    "bus-proxy": {"proxy.key", "proxy.key_secret", "bridge.key", f"{BOT_SOURCE}.key"},
+    "dashboard-backend": {"bridge.key", "bridge.key_secret", "proxy.key"},
+    "ai-trading-bot": {f"{BOT_SOURCE}.key", f"{BOT_SOURCE}.key_secret", "proxy.key"},
+}
+
+
+def volume_mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """Named volume -> (mount point, read-only), from the short ``VOLUME:PATH[:ro]`` form."""
+    mounts = {}
+    for entry in service.get("volumes", []):
+        volume, target, *mode = str(entry).split(":")
+        mounts[volume] = (target, mode == ["ro"])
+    return mounts
+
+
+def run_keys_script(root: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """compose/keys.sh as the keys service runs it, on ``root`` instead of /keys."""
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "COMPOSE_KEYS_ROOT": str(root),
+        "COMPOSE_KEYS_OWNER": "",  # the image's user tradebus does not exist here
+    }
+    return subprocess.run(
+        ["sh", str(KEYS_SCRIPT), *arguments],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=scaled(60),
+    )
+
+
+@pytest.fixture
+def keys_root(tmp_path: Path) -> Path:
+    """The keys service's mounts as directories, filled by one real run of compose/keys.sh."""
+    root = tmp_path / "keys"
+    for target, _ in volume_mounts(all_services("base")[KEYS_SERVICE]).values():
+        (root / Path(target).relative_to("/keys")).mkdir(parents=True)
+    result = run_keys_script(root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root
+
+
+def test_the_keys_service_is_a_one_shot_script_the_image_carries() -> None:
+    keys = all_services("base")[KEYS_SERVICE]
+    assert keys["entrypoint"] == ["compose-keys"]
+    assert "command" not in keys
+    assert keys["restart"] == "no", "it runs once per up, then stays exited"
+    assert keys["user"] == "root", "it writes fresh volumes and hands the files to tradebus"
+    assert (
+        "COPY compose/keys.sh /usr/local/bin/compose-keys" in (COMPOSE / "Dockerfile").read_text()
+    )
+    assert os.access(KEYS_SCRIPT, os.X_OK)
+    syntax = subprocess.run(["sh", "-n", str(KEYS_SCRIPT)], capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+    mounts = volume_mounts(keys)
+    assert mounts["keys-store"] == ("/keys/store", False)
+    assert set(mounts) == set(STACKS["base"]["volumes"]), "it fills every key volume"
+
+
+@pytest.mark.parametrize("stack", sorted(STACKS))
+def test_each_service_mounts_only_its_own_keys(stack: str, keys_root: Path) -> None:
+    made_by = volume_mounts(all_services("base")[KEYS_SERVICE])
+    for name, service in services(stack).items():
+        mounts = volume_mounts(service)
+        if name not in EXPECTED_KEY_FILES:
+            assert not mounts, f"{name} speaks WebSocket: it needs no key"
+            continue
+        assert len(mounts) == 1, f"{name} mounts {sorted(mounts)}"
+        [(volume, (target, read_only))] = mounts.items()
+        assert (target, read_only) == ("/keys", True), f"{name}: {volume} at {target}"
+        assert volume != "keys-store", f"{name} must not see the key store"
+        held = keys_root / Path(made_by[volume][0]).relative_to("/keys")
+        assert {f.name for f in held.iterdir()} == EXPECTED_KEY_FILES[name], name
+        for secret in held.glob("*.key_secret"):
+            assert secret.stat().st_mode & 0o077 == 0, f"{secret.name} is readable by others"
+
+
+def test_each_service_reads_its_keys_from_its_mount(keys_root: Path) -> None:
+    from bus.keys import load_client_keys, load_server_keys
+
+    base = services("base")
+    assert environment_of(base["bus-proxy"])["TRADEBUS__PROXY_KEYS"] == "/keys"
+    assert environment_of(base["dashboard-backend"])["TRADEBUS__BRIDGE_KEYS"] == "/keys"
+    assert "--keys=/keys" in command_of(base["ai-trading-bot"])
+    # the websocket override's bot publishes to the bridge with a token: no keys
+    assert not any("--keys" in part for part in command_of(services("websocket")["ai-trading-bot"]))
+    server = load_server_keys(keys_root / "proxy")
+    admitted = {info.name: info.sources for info in server.authorized.values()}
+    source_id = environment_of(base["ai-trading-bot"])["SYSTEM__TRADEBUS_SOURCE_ID"]
+    assert admitted == {"bridge": frozenset(), BOT_SOURCE: frozenset({source_id})}
+    for client in (keys_root / "bridge", keys_root / "bot" / BOT_SOURCE):
+        assert load_client_keys(client).server_public_key == server.public_key
+
+
+def test_keys_are_made_once_rotated_on_request_and_added_from_elsewhere(keys_root: Path) -> None:
+    bot_dir = keys_root / "bot" / BOT_SOURCE
+    first = (bot_dir / f"{BOT_SOURCE}.key").read_text()
+    proxy_first = (keys_root / "proxy" / "proxy.key").read_text()
+    again = run_keys_script(keys_root)
+    assert again.returncode == 0, again.stderr
+    assert (bot_dir / f"{BOT_SOURCE}.key").read_text() == first, "a second up keeps every key"
+    rotated = run_keys_script(keys_root, "--rotate", BOT_SOURCE)
+    assert rotated.returncode == 0, rotated.stderr
+    new = (bot_dir / f"{BOT_SOURCE}.key").read_text()
+    assert new != first
+    assert (keys_root / "proxy" / f"{BOT_SOURCE}.key").read_text() == new
+    assert (keys_root / "proxy" / "proxy.key").read_text() == proxy_first
+    assert [
+        p.read_text() for p in (keys_root / "store" / "retired").glob(f"*/{BOT_SOURCE}.key")
+    ] == [first]
+    # a program on another host: its public key, mounted under /keys/add, is admitted
+    elsewhere = keys_root.parent / "analytics-host"
+    from bus.keys import create_key
+
+    create_key(elsewhere, "analytics")
+    (keys_root / "add").mkdir()
+    (keys_root / "add" / "analytics.key").write_text((elsewhere / "analytics.key").read_text())
+    added = run_keys_script(keys_root)
+    assert added.returncode == 0, added.stderr
+    assert (keys_root / "proxy" / "analytics.key").exists()
+    assert not (keys_root / "proxy" / "analytics.key_secret").exists()
+    # a key named like one of the stack's would replace it: refused
+    (keys_root / "add" / f"{BOT_SOURCE}.key").write_text(new)
+    clash = run_keys_script(keys_root)
+    assert clash.returncode != 0
+    assert "refusing" in clash.stdout
