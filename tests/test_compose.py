@@ -37,6 +37,7 @@ from tradebus.cli import COMMANDS, build_parser
 COMPOSE = Path(__file__).resolve().parent.parent / "compose"
 BASE = COMPOSE / "docker-compose.yml"
 OVERRIDE = COMPOSE / "docker-compose.websocket.yml"
+SECOND_BOT = COMPOSE / "docker-compose.second-bot.yml"
 ROLES = {"bus-proxy", "dashboard-backend", "ai-trading-bot", "websocket-tester"}
 KEYS_SERVICE = "keys"  # the one-shot service that makes the CURVE keys (compose/keys.sh)
 SETTING_PREFIXES = ("TRADEBUS", "SYSTEM__", "LOG_LEVEL")
@@ -84,6 +85,17 @@ def stacks() -> Iterator[tuple[str, dict[str, Any]]]:
     base = load(BASE)
     yield "base", base
     yield "websocket", merge(base, load(OVERRIDE))
+    yield "second-bot", merge_services(base, load(SECOND_BOT))
+
+
+def merge_services(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``merge``, except that a service's volumes add up (compose merges them by mount point)."""
+    merged = merge(base, override)
+    for name, service in override.get("services", {}).items():
+        if "volumes" in service and name in base["services"]:
+            earlier = base["services"][name].get("volumes", [])
+            merged["services"][name]["volumes"] = [*earlier, *service["volumes"]]
+    return merged
 
 
 STACKS = dict(stacks())
@@ -182,6 +194,7 @@ def test_files_parse_with_the_guides_services_and_network() -> None:
         assert service["build"]["dockerfile"] == "compose/Dockerfile"
     assert base["services"]["websocket-tester"]["profiles"] == ["debug"]
     assert set(load(OVERRIDE)["services"]) <= ROLES
+    assert set(load(SECOND_BOT)["services"]) == {KEYS_SERVICE, "second-bot"}
     assert set(services("base")) == ROLES, "every other service runs a tradebus command"
 
 
@@ -326,7 +339,7 @@ def test_health_checks_probe_real_routes_on_real_ports(stack: str) -> None:
             else:
                 assert needed == KEYS_SERVICE, f"{name} waits for {needed} without a health check"
                 assert condition == {"condition": "service_completed_successfully"}
-    assert probed == {"bus-proxy", "dashboard-backend", "ai-trading-bot"}
+    assert probed == set(stack_services) - {"websocket-tester"}, "every long-running service"
 
 
 def test_the_override_makes_the_bot_publish_over_websocket_by_container_name() -> None:
@@ -439,16 +452,33 @@ def test_ci_runs_the_compose_stack_for_real_after_the_tests() -> None:
     # the stack is built from compose/Dockerfile as it is, with the base it names
     assert "compose/Dockerfile" in text
     assert "docker-compose.websocket.yml" in text
+    assert "docker-compose.second-bot.yml" in text
 
 
 # -- CURVE keys: made once by the one-shot service, each service mounts only its own -----------
 KEYS_SCRIPT = COMPOSE / "keys.sh"
 BOT_SOURCE = "ai-trading-bot"
-EXPECTED_KEY_FILES = {
-    "bus-proxy": {"proxy.key", "proxy.key_secret", "bridge.key", f"{BOT_SOURCE}.key"},
-    "dashboard-backend": {"bridge.key", "bridge.key_secret", "proxy.key"},
-    "ai-trading-bot": {f"{BOT_SOURCE}.key", f"{BOT_SOURCE}.key_secret", "proxy.key"},
-}
+
+
+def bots_of(stack: str) -> dict[str, str]:
+    """Service -> source id, for each service that publishes straight onto the bus."""
+    return {
+        name: environment_of(service)["SYSTEM__TRADEBUS_SOURCE_ID"]
+        for name, service in services(stack).items()
+        if "SYSTEM__TRADEBUS_SOURCE_ID" in environment_of(service)
+    }
+
+
+def expected_key_files(stack: str) -> dict[str, set[str]]:
+    bots = bots_of(stack)
+    expected = {
+        "bus-proxy": {"proxy.key", "proxy.key_secret", "bridge.key"}
+        | {f"{source}.key" for source in bots.values()},
+        "dashboard-backend": {"bridge.key", "bridge.key_secret", "proxy.key"},
+    }
+    for name, source in bots.items():
+        expected[name] = {f"{source}.key", f"{source}.key_secret", "proxy.key"}
+    return expected
 
 
 def volume_mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
@@ -477,15 +507,18 @@ def run_keys_script(root: Path, *arguments: str) -> subprocess.CompletedProcess[
     )
 
 
-@pytest.fixture
-def keys_root(tmp_path: Path) -> Path:
+def fill_keys(stack: str, root: Path) -> Path:
     """The keys service's mounts as directories, filled by one real run of compose/keys.sh."""
-    root = tmp_path / "keys"
-    for target, _ in volume_mounts(all_services("base")[KEYS_SERVICE]).values():
+    for target, _ in volume_mounts(all_services(stack)[KEYS_SERVICE]).values():
         (root / Path(target).relative_to("/keys")).mkdir(parents=True)
     result = run_keys_script(root)
     assert result.returncode == 0, result.stdout + result.stderr
     return root
+
+
+@pytest.fixture
+def keys_root(tmp_path: Path) -> Path:
+    return fill_keys("base", tmp_path / "keys")
 
 
 def test_the_keys_service_is_a_one_shot_script_the_image_carries() -> None:
@@ -506,11 +539,13 @@ def test_the_keys_service_is_a_one_shot_script_the_image_carries() -> None:
 
 
 @pytest.mark.parametrize("stack", sorted(STACKS))
-def test_each_service_mounts_only_its_own_keys(stack: str, keys_root: Path) -> None:
-    made_by = volume_mounts(all_services("base")[KEYS_SERVICE])
+def test_each_service_mounts_only_its_own_keys(stack: str, tmp_path: Path) -> None:
+    keys_root = fill_keys(stack, tmp_path / "keys")
+    made_by = volume_mounts(all_services(stack)[KEYS_SERVICE])
+    expected = expected_key_files(stack)
     for name, service in services(stack).items():
         mounts = volume_mounts(service)
-        if name not in EXPECTED_KEY_FILES:
+        if name not in expected:
             assert not mounts, f"{name} speaks WebSocket: it needs no key"
             continue
         assert len(mounts) == 1, f"{name} mounts {sorted(mounts)}"
@@ -518,9 +553,10 @@ def test_each_service_mounts_only_its_own_keys(stack: str, keys_root: Path) -> N
         assert (target, read_only) == ("/keys", True), f"{name}: {volume} at {target}"
         assert volume != "keys-store", f"{name} must not see the key store"
         held = keys_root / Path(made_by[volume][0]).relative_to("/keys")
-        assert {f.name for f in held.iterdir()} == EXPECTED_KEY_FILES[name], name
+        assert {f.name for f in held.iterdir()} == expected[name], name
         for secret in held.glob("*.key_secret"):
             assert secret.stat().st_mode & 0o077 == 0, f"{secret.name} is readable by others"
+    assert set(volume_mounts(all_services(stack)[KEYS_SERVICE])) == set(STACKS[stack]["volumes"])
 
 
 def test_each_service_reads_its_keys_from_its_mount(keys_root: Path) -> None:

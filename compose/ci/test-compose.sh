@@ -293,7 +293,10 @@ run_stack() {
   authorize_host_key "$label"
   check_bus_from_host "$label"
   check_bus_refuses_strangers "$label"
-  if [ "$label" = base ]; then rotate_bot_key "$label"; fi
+  if [ "$label" = base ]; then
+    rotate_bot_key "$label"
+    add_second_bot "$label"
+  fi
 
   stack_within "$(seconds 120)" --profile debug down --volumes --remove-orphans --timeout 10 \
     >"$work/down.log" 2>&1 || fail "[$label] down: $(tail -n 5 "$work/down.log")"
@@ -398,6 +401,26 @@ rotate_bot_key() {
     --url http://127.0.0.1:8000 --timeout "$(seconds 20)" >"$work/check.log" 2>&1 \
     || fail "[$label] check_stack.sh after the rotation: $(cat "$work/check.log")"
   pass "[$label] ai-trading-bot's key rotated: the bot's events flow again (check_stack.sh)"
+}
+
+# README's "add a second bot": the example file, `up`, restart the proxy, its events arrive
+add_second_bot() {
+  local label="$1"
+  compose_files+=(-f compose/docker-compose.second-bot.yml)
+  stack_within "$(seconds 120)" run --rm keys >"$work/keys.log" 2>&1 \
+    || fail "[$label] keys for the second bot: $(tail -n 5 "$work/keys.log")"
+  stack_within "$(seconds 120)" restart bus-proxy >"$work/restart.log" 2>&1 \
+    || fail "[$label] restarting bus-proxy for the second bot: $(tail -n 5 "$work/restart.log")"
+  stack_within "$(seconds 300)" up -d --wait --wait-timeout "$(seconds 240)" >"$work/up.log" 2>&1 \
+    || fail "[$label] up --wait with the second bot: $(tail -n 15 "$work/up.log")"
+  local seen
+  seen="$(keys_seen_by second-bot)"
+  [ "$seen" = "proxy.key second-bot.key second-bot.key_secret" ] \
+    || fail "[$label] second-bot sees these keys: $seen"
+  stack_within "$(seconds 120)" exec -T dashboard-backend tradebus tap \
+    --url ws://127.0.0.1:8000/ws --from second-bot --expect 3 --duration "$(seconds 30)" --quiet \
+    >"$work/second.log" 2>&1 || fail "[$label] no event of second-bot: $(tail -n 5 "$work/second.log")"
+  pass "[$label] a second bot added with its own key: $(grep -m1 '^tap summary' "$work/second.log" || tail -n 1 "$work/second.log")"
 }
 
 install_tools
