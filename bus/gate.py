@@ -110,6 +110,7 @@ class Gate:
         owner_idle_s: float = DEFAULT_OWNER_IDLE_S,
         epoch_skew_s: float = DEFAULT_EPOCH_SKEW_S,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+        known_names_max: int = KNOWN_NAMES_MAX,
     ) -> None:
         """``sources_for(user_id)``: the sources a key may publish as (keys on); None: the
         first live publisher of a source owns it."""
@@ -117,6 +118,7 @@ class Gate:
         self.owner_idle_s = owner_idle_s
         self.epoch_skew_ns = int(epoch_skew_s * 1e9)
         self.max_payload_bytes = max_payload_bytes
+        self.known_names_max = known_names_max
         self.stats = GateStats()
         # topic bytes -> topic text, for topics already seen valid
         self._topics: dict[bytes, str] = {}
@@ -154,7 +156,7 @@ class Gate:
                 topic = validate_topic(topic_frame.decode())
             except (UnicodeDecodeError, TopicError) as error:
                 return Reason.TOPIC, str(error)[:120]
-            self._remember(self._topics, topic_frame, topic)
+            self._remember(self._topics, topic_frame, topic, self.known_names_max)
         if len(meta) <= META_HEADER_SIZE or meta[0] != WIRE_VERSION:
             return Reason.META, f"{len(meta)} bytes, version {meta[0] if meta else None}"
         source_frame = meta[META_HEADER_SIZE:]
@@ -164,7 +166,7 @@ class Gate:
                 source = validate_source(source_frame.decode())
             except (UnicodeDecodeError, TopicError) as error:
                 return Reason.SOURCE, str(error)[:120]
-            self._remember(self._sources, source_frame, source)
+            self._remember(self._sources, source_frame, source, self.known_names_max)
         if user_id is None:
             return Reason.UNIDENTIFIED, "no User-Id on the message"
         owner_reason = self._check_owner(user_id, source_frame, source, now)
@@ -204,7 +206,7 @@ class Gate:
                 return None
             if source not in self.sources_for(user_id.decode(errors="replace")):
                 return Reason.NOT_OWNER
-            if len(self._allowed) >= KNOWN_NAMES_MAX:
+            if len(self._allowed) >= self.known_names_max:
                 self._allowed.clear()
             self._allowed.add(pair)
             return None
@@ -238,9 +240,14 @@ class Gate:
         self.stats.owned_sources = len(self._owners)
         return bool(idle)
 
+    @property
+    def remembered_names(self) -> int:
+        """Topics and sources held as already validated (bounded by known_names_max each)."""
+        return len(self._topics) + len(self._sources)
+
     @staticmethod
-    def _remember(known: dict[bytes, str], frame: bytes, text: str) -> None:
-        if len(known) >= KNOWN_NAMES_MAX:
+    def _remember(known: dict[bytes, str], frame: bytes, text: str, limit: int) -> None:
+        if len(known) >= limit:
             known.clear()  # forgetting costs one re-validation per name, never a wrong pass
         known[frame] = text
 

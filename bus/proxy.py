@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import os
 import string
 import struct
@@ -312,6 +313,21 @@ class Proxy:
                 self.context.term()
             raise
 
+    def _warn_if_exposed(self) -> None:
+        """One warning when an endpoint other hosts can reach is served without keys."""
+        exposed = [
+            endpoint
+            for endpoint in (self.frontend_endpoint, self.backend_endpoint, self.snapshot_endpoint)
+            if endpoint and not _is_loopback(endpoint)
+        ]
+        if exposed:
+            log.warning(
+                "proxy.unauthenticated_bind",
+                endpoints=exposed,
+                risk="any host that reaches these ports can read every event and publish as"
+                " any source not yet live; run with --keys (README, Security)",
+            )
+
     def _socket(self, kind: int) -> zmq.Socket[bytes]:
         socket: zmq.Socket[bytes] = self.context.socket(kind)
         socket.linger = 0
@@ -384,6 +400,7 @@ class Proxy:
         self._threads.append(forwarder)
         for thread in self._threads:
             thread.start()
+        self._warn_if_exposed()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop both threads and close every socket. Safe to call more than once."""
@@ -662,6 +679,19 @@ class Proxy:
                 del seen_syncs[nonce]
             while len(seen_syncs) > 1000:
                 del seen_syncs[next(iter(seen_syncs))]
+
+
+def _is_loopback(endpoint: str) -> bool:
+    """Whether only this host can reach ``endpoint`` (ipc://, inproc:// or a loopback tcp://)."""
+    if not endpoint.startswith("tcp://"):
+        return True
+    host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name or an interface: assume reachable
 
 
 def _answer_zap(zap: zmq.Socket[bytes], connections: int) -> int:
