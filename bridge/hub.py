@@ -389,10 +389,12 @@ class Hub:
         self.clients.add(client)
         if not client.publisher:
             client.implicit = True
-            for pattern in client.grant.topics or (EVERYTHING,):
+            # a grant of no topics ("topics": []) gets nothing, not everything
+            granted = client.grant.topics
+            for pattern in (EVERYTHING,) if granted is None else granted:
                 self._add_pattern(client, pattern)
         self.mark(client)
-        if not client.publisher:
+        if not client.publisher and client.grant.allows_topic(SOURCE_STATUS_TYPE):
             for source, state in self.sources.items():
                 client.push(self._source_status_frame(source, state))
 
@@ -716,8 +718,12 @@ class Hub:
         self._broadcast(self._source_status_frame(source, state))
 
     def _broadcast(self, frame: bytes) -> None:
+        """A source's status, to the clients whose grant covers the status topic (source
+        names are data too: a token limited to market data does not learn them)."""
         for client in self.clients:
-            if not client.publisher or self.index.patterns_of(client):
+            if (
+                not client.publisher or self.index.patterns_of(client)
+            ) and client.grant.allows_topic(SOURCE_STATUS_TYPE):
                 client.push(frame)
                 self.dirty.add(client)
 
