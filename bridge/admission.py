@@ -163,21 +163,19 @@ class SourceRefused(Exception):  # noqa: N818 - a verdict, caught at once by the
 
 @dataclass(frozen=True, slots=True)
 class PublishRights:
-    """Whether a connection may publish, and under which sources (None: any)."""
+    """Whether a connection may publish, and the sources it may claim (None: any)."""
 
     may_publish: bool
     sources: tuple[str, ...] | None
 
     def source_for(self, requested: str) -> str:
-        """The source the connection publishes as; raises SourceRefused when not its own.
+        """``requested``, when this connection may publish as it; raises SourceRefused.
 
-        Without a requested source a credential that names sources publishes as its first
-        one; a trusted network's connection gets a ``ws-<n>`` name later (empty here).
+        Without a requested source the hub names it at its first event (the credential's
+        first source, else ``ws-<n>``): a connection that only reads never holds a name.
         """
-        if not self.may_publish or self.sources is None:
+        if not requested or self.sources is None:
             return requested
-        if not requested:
-            return self.sources[0]
         if requested not in self.sources:
             raise SourceRefused(requested)
         return requested
@@ -194,13 +192,17 @@ def publish_rights(
 
     A trusted network publishes any source without a token, but only for connections that
     send no Origin: a browser on a trusted machine may be running any site's script.
-    Credentials publish only the sources they name.
+    Credentials publish only the sources they name; a publish credential naming none
+    publishes nothing, and claiming a source with it is refused like any other claim.
+    Other connections may name a source, and have each event refused.
     """
     if network_trusted and not browser:
         return PublishRights(True, None)
-    if grant_publish and (grant_sources is None or grant_sources):
-        return PublishRights(True, grant_sources)
-    return PublishRights(False, ())
+    if grant_publish:
+        if grant_sources is None or grant_sources:
+            return PublishRights(True, grant_sources)
+        return PublishRights(False, ())
+    return PublishRights(False, None)
 
 
 def exposure_warning(bind_host: str, auth_required: bool) -> str | None:

@@ -558,7 +558,9 @@ class Hub:
                 request.request_id,
             )
         if not client.source:
-            client.source = f"ws-{next(self._ws_publishers)}"
+            # a credential publishes as the first source it names (it may name no other)
+            named = client.grant.sources
+            client.source = named[0] if named else f"ws-{next(self._ws_publishers)}"
         if not client.epoch:
             client.epoch = now_ns
         key = (client.source, client.epoch, topic)
