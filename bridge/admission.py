@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 # names that always mean this machine (RFC 6761 6.3: localhost never resolves elsewhere)
 LOOPBACK_NAMES: Final = frozenset({"localhost", "127.0.0.1", "::1"})
-WILDCARD_BINDS: Final = frozenset({"", "0.0.0.0", "::"})  # noqa: S104 - names, not a bind
+WILDCARD_BINDS: Final = frozenset({"", "0.0.0.0", "::"})
 DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 Origin = tuple[str, str, int]  # (scheme, host, port), lower case, default port filled in

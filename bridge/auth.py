@@ -90,9 +90,7 @@ class Authenticator:
         raw = token.encode()
         # compare against every static token so timing does not reveal which one matched
         static = any([hmac.compare_digest(raw, t) for t in self._tokens])
-        publisher = [
-            sources for t, sources in self._publish_tokens if hmac.compare_digest(raw, t)
-        ]
+        publisher = [sources for t, sources in self._publish_tokens if hmac.compare_digest(raw, t)]
         if publisher:
             return Grant(publish=True, sources=publisher[0])
         if static:
@@ -140,9 +138,7 @@ def grant_from_claims(
         raise AuthError("token_expired", "the token has expired")
     if expires - now > max_lifetime:
         # a leaked token is good until it expires: the bridge bounds how long that can be
-        raise AuthError(
-            "token_invalid", f"the token expires more than {max_lifetime:g} s from now"
-        )
+        raise AuthError("token_invalid", f"the token expires more than {max_lifetime:g} s from now")
     not_before = claims.get("nbf")
     if isinstance(not_before, int | float) and not_before > now:
         raise AuthError("token_invalid", "the token is not valid yet (nbf)")
@@ -164,7 +160,9 @@ def grant_from_claims(
     try:
         sources = tuple(validate_source(s) for s in sources_claim)
     except (TopicError, TypeError):
-        raise AuthError("token_invalid", "the token's sources claim holds a bad source id") from None
+        raise AuthError(
+            "token_invalid", "the token's sources claim holds a bad source id"
+        ) from None
     subject = claims.get("sub")
     return Grant(
         topics=topics,

@@ -30,7 +30,7 @@ _HELP_TEXT = {
     "server_names": "Host names served besides the bind address (name or name:port), "
     "comma-separated; other Hosts get 421",
     "tokens": "static tokens that may subscribe, comma-separated (enables auth)",
-    "publish_tokens": "SOURCE=TOKEN pairs: TOKEN may subscribe and publish as SOURCE (enables auth)",
+    "publish_tokens": "SOURCE=TOKEN pairs: TOKEN subscribes and publishes as SOURCE (enables auth)",
     "jwt_secret": "HS256 secret for JWTs with exp, topics, publish, sources claims (enables auth)",
     "jwt_audience": "when set, a JWT's aud claim must name it",
     "jwt_issuer": "when set, a JWT's iss claim must be it",

@@ -622,9 +622,7 @@ async def test_reconnect_backs_off_with_jitter_until_the_bridge_appears(
         late = Bridge(bridge_config.replace(origins=(bridge.url,)))
         late.port = port
         await late.start()
-        await page.wait_for_function(
-            "window.tradebus.state === 'open'", timeout=scaled(6) * 1000
-        )
+        await page.wait_for_function("window.tradebus.state === 'open'", timeout=scaled(6) * 1000)
     finally:
         if late is not None:
             await late.stop()

@@ -146,7 +146,7 @@ async def test_server_names_are_served_on_any_port_or_the_one_given(
 def test_a_wildcard_bind_serves_ip_literals_and_loopback_names_only() -> None:
     from bridge.admission import HostPolicy
 
-    policy = HostPolicy.from_settings("0.0.0.0", ())  # noqa: S104
+    policy = HostPolicy.from_settings("0.0.0.0", ())
     assert policy.allows("172.18.0.3:8000", 8000)
     assert policy.allows("[::1]:8000", 8000)
     assert policy.allows("localhost:8000", 8000)  # a container's port mapped to the host
@@ -208,7 +208,10 @@ async def test_a_publish_token_publishes_only_its_source(
         )
         assert status == 403
         assert server.bridge.rejected["source_forbidden"] == 1
-        for query, source in (("role=publisher&source=bot-2", "bot-2"), ("role=publisher", "bot-1")):
+        for query, source in (
+            ("role=publisher&source=bot-2", "bot-2"),
+            ("role=publisher", "bot-1"),
+        ):
             writer = await connect(server, query, additional_headers=bearer)
             assert (await publish(writer, 7))["type"] == "ack"
             (event,) = await collect_events(reader, 1)
@@ -332,7 +335,7 @@ async def test_source_names_reach_only_grants_covering_the_status_topic(
 # -- start-up warning -------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("host", "tokens", "warned"),
-    [("0.0.0.0", (), True), ("0.0.0.0", ("t",), False), ("127.0.0.1", (), False)],  # noqa: S104
+    [("0.0.0.0", (), True), ("0.0.0.0", ("t",), False), ("127.0.0.1", (), False)],
 )
 async def test_an_open_bridge_on_a_public_address_warns_at_start(
     proxy: Proxy, host: str, tokens: tuple[str, ...], warned: bool
