@@ -458,3 +458,23 @@ async def test_a_bot_with_a_publish_token_reaches_subscribers(
         finally:
             await asyncio.to_thread(bot.close, 2.0)
         await reader.close()
+
+
+async def test_tap_sends_as_its_publish_tokens_source(
+    proxy: Proxy, publisher: BusPublisher
+) -> None:
+    await publisher.connected()
+    config = bridge_config(proxy, publish_tokens=(f"checker={TOKEN}",))
+    async with running_bridge(config) as server:
+        reader = await connect(server, additional_headers={"Authorization": f"Bearer {TOKEN}"})
+        await subscribe(reader, ["ai_decision"])
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tradebus", "tap", "--url", ws_url(server),
+            "--send", "ai_decision", "--token", TOKEN,
+            stdout=PIPE, stderr=PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(child.communicate(), scaled(30))
+        assert child.returncode == 0, (out + err).decode()[-2000:]
+        (event,) = await collect_events(reader, 1)
+        assert event["source"] == "checker"
+        await reader.close()
