@@ -478,3 +478,23 @@ async def test_tap_sends_as_its_publish_tokens_source(
         (event,) = await collect_events(reader, 1)
         assert event["source"] == "checker"
         await reader.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="compose/ belongs to the compose engineer: dashboard-backend needs "
+    "TRADEBUS__BRIDGE_SERVER_NAMES: dashboard-backend (remove this mark when it has it)",
+)
+@pytest.mark.parametrize("stack", ["base", "websocket"])
+def test_compose_clients_reach_the_bridge_by_its_service_name(stack: str) -> None:
+    # the bot of the WebSocket override and `tap --docker-url` use ws://dashboard-backend:8000
+    from bridge.admission import HostPolicy
+    from bridge.cli import config_from_args
+    from tests.test_compose import clean_environment, command_of, environment_of, parse, services
+
+    backend = services(stack)["dashboard-backend"]
+    with pytest.MonkeyPatch.context() as patch:
+        clean_environment(patch, environment_of(backend))
+        config = config_from_args(parse(command_of(backend)))
+    policy = HostPolicy.from_settings(config.host, config.server_names)
+    assert policy.allows("dashboard-backend:8000", 8000)
