@@ -546,8 +546,8 @@ class Hub:
             )
             raise RequestError(
                 "publish_forbidden",
-                "this connection may not publish (needs a publisher token, or --allow-publish "
-                "and a loopback connection)",
+                "this connection may not publish (needs a publish token naming a source, or "
+                "--allow-publish and a loopback connection without an Origin header)",
                 request.request_id,
             )
         topic = request.topic or self._derive_topic(request.type, request.data)
