@@ -55,6 +55,11 @@ def test_well_formed_events_pass_and_are_counted() -> None:
         (with_payload(event(), event()[2] + b"{}"), Reason.PAYLOAD),
         (with_payload(event(), b"[1, 2]"), Reason.NOT_OBJECT),
         (with_payload(event(), b'"text"'), Reason.NOT_OBJECT),
+        (with_payload(event(), b' \n [{"topic": 1}]'), Reason.NOT_OBJECT),
+        (with_payload(event(), b'{"type":"market_data","data":{}}'), Reason.MISMATCH),
+        (with_payload(event(), event()[2].replace(b'"seq":1', b'"seq":"1"')), Reason.MISMATCH),
+        (with_payload(event(), event()[2][:-1] + b',"x":[1,]}'), Reason.PAYLOAD),
+        (with_payload(event(), event()[2][:-1] + b',"x":"\\q"}'), Reason.PAYLOAD),
         (with_payload(event(), event(seq=2)[2]), Reason.MISMATCH),
         (with_payload(event(), event(topic="market_data.ETH-USD")[2]), Reason.MISMATCH),
         (with_payload(event(), event(source="bot-2")[2]), Reason.MISMATCH),
@@ -70,6 +75,13 @@ def test_malformed_messages_are_refused_by_reason(
     assert check(gate, frames) == reason
     assert gate.stats.rejected == {reason: 1}
     assert gate.stats.passed == 0
+
+
+def test_json_whitespace_and_field_order_do_not_matter() -> None:
+    frames = event()
+    body = orjson.loads(frames[2])
+    reordered = b" \n" + orjson.dumps(dict(reversed(body.items())), option=orjson.OPT_INDENT_2)
+    assert check(Gate(), with_payload(frames, reordered)) is None
 
 
 def test_payload_over_the_limit_is_refused_at_one_byte_over() -> None:
