@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bus.envelope import MAX_PAYLOAD_BYTES, encode_event, encode_meta
 from bus.gate import KNOWN_NAMES_MAX, Gate, Reason, RefusalLog
@@ -173,3 +175,22 @@ def test_payload_mismatch_detail_never_quotes_the_payload() -> None:
     refusal = gate.check(with_payload(event(), secret), BOT, 0.0, NOW_NS)
     assert refusal is not None
     assert "s3cr3t" not in refusal.detail
+
+
+frame_strategy = st.one_of(
+    st.binary(max_size=64),
+    st.sampled_from([event()[0], event()[1], event()[2], b"{}", b"[]", b"\xff", b""]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    frames=st.lists(frame_strategy, min_size=0, max_size=5).map(tuple),
+    user=st.one_of(st.none(), st.binary(max_size=16)),
+)
+def test_the_gate_never_raises_whatever_it_is_given(
+    frames: tuple[bytes, ...], user: bytes | None
+) -> None:
+    for gate in (Gate(), Gate(lambda _user: frozenset({"bot-1"}))):
+        refusal = gate.check(frames, user, 0.0, NOW_NS)
+        assert refusal is None or isinstance(refusal.reason, Reason)
