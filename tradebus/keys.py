@@ -59,8 +59,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     new.add_argument(
         "--sources",
         default="",
-        help="comma-separated source ids this key may publish as "
-        "(none: it may only subscribe)",
+        help="comma-separated source ids this key may publish as (none: it may only subscribe)",
     )
     _add_dir(new)
     shown = actions.add_parser("list", help=LIST_HELP, description=LIST_HELP)
