@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import Final
 
-from bus.keys import DEFAULT_KEYS_DIR, PROXY_KEY_NAME, create_key, list_keys
+from bus.keys import (
+    DEFAULT_KEYS_DIR,
+    PROXY_KEY_NAME,
+    ClientKeys,
+    create_key,
+    list_keys,
+    load_client_keys,
+)
 
 HELP = "create and list the CURVE keys that decide who may connect to the bus"
 
@@ -41,6 +50,10 @@ Rotate a key: keys are never overwritten; create NAME-2, authorize it, switch th
 to it (--key-name or its directory), restart the proxy without the old NAME.key, then
 delete the old files.
 """
+
+# the key directory and key name of `tradebus record` and `tradebus replay`
+KEYS_VARIABLE: Final = "TRADEBUS_KEYS"
+KEY_NAME_VARIABLE: Final = "TRADEBUS_KEY_NAME"
 
 NEW_HELP = "create a key pair NAME.key + NAME.key_secret (never overwrites)"
 LIST_HELP = "show every key in the directory: name, role, sources, fingerprint"
@@ -98,3 +111,27 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print("tradebus keys: say what to do: new or list (see tradebus keys --help)", file=sys.stderr)
     return 2
+
+
+def add_client_key_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--keys DIR`` and ``--key-name NAME`` for a tool that connects to the bus."""
+    parser.add_argument(
+        "--keys",
+        metavar="DIR",
+        default=os.environ.get(KEYS_VARIABLE) or None,
+        help="CURVE key directory for a proxy started with --keys: this client's "
+        f"NAME.key_secret and the proxy's proxy.key (default ${KEYS_VARIABLE}; "
+        "see `tradebus keys --help`)",
+    )
+    parser.add_argument(
+        "--key-name",
+        default=os.environ.get(KEY_NAME_VARIABLE) or None,
+        help=f"which key pair in --keys (default ${KEY_NAME_VARIABLE}, or the only one)",
+    )
+
+
+def client_keys(args: argparse.Namespace) -> ClientKeys | None:
+    """The keys ``--keys``/``--key-name`` name, or None; KeyFileError names file and why."""
+    if not args.keys:
+        return None
+    return load_client_keys(args.keys, args.key_name)
