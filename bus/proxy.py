@@ -32,6 +32,7 @@ import zmq
 
 from bus.envelope import META_HEADER_SIZE, WIRE_VERSION
 from bus.errors import EndpointError, TopicError
+from bus.keys import ServerKeys
 from bus.topics import Pattern
 from bus.transport import Receiver, cache_drainer, receiver
 
@@ -80,6 +81,7 @@ class ProxyConfig:
     cache_max_topics: int = 100_000
     sync_timeout: float = 2.0
     heartbeat_ms: int = 2_000
+    keys: ServerKeys | None = None  # CURVE: the proxy's pair and the keys it admits
 
 
 @dataclass
