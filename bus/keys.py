@@ -499,9 +499,9 @@ def judge_handshake(event: int, value: int, keys: ClientKeys, endpoint: str) -> 
         raise AuthError(f"the CURVE handshake with {endpoint} failed (protocol error {value:#x})")
     if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
         raise AuthError(
-            f"the CURVE handshake with {endpoint} failed for key {keys.name}: the proxy.key "
-            f"in this client's key directory (fingerprint {fingerprint(keys.server_public_key)})"
-            " is not that proxy's key, or the proxy cannot check keys"
+            f"the CURVE handshake with {endpoint} failed for key {keys.name}: that proxy runs "
+            "without --keys, or its key is not the proxy.key in this client's key directory "
+            f"(fingerprint {fingerprint(keys.server_public_key)}), or it cannot check keys"
         )
     return None
 

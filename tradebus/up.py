@@ -155,8 +155,9 @@ async def serve(args: argparse.Namespace) -> int:
             snapshot=proxy.snapshot_endpoint,
             publish_to=proxy.frontend_endpoint,
             allow_publish=True,
-            keys=args.keys,
-            key_name=BRIDGE_KEY_NAME if args.keys else None,
+            # the stack's keys, or none: never a TRADEBUS__BRIDGE_KEYS meant for another bus
+            keys=args.keys or "",
+            key_name=BRIDGE_KEY_NAME,
         )
         server = await start_bridge(config)
         cleanups.append(server.close)
@@ -206,6 +207,8 @@ async def serve(args: argparse.Namespace) -> int:
         )
         if metrics is not None:
             print(f"  metrics     {metrics.url}  (bridge: {dashboard}metrics)")
+        if args.keys:
+            print(f"  keys        {args.keys} (CURVE: only its keys may use the bus)")
         print("Ctrl-C stops everything.", flush=True)
         waiter = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait(
