@@ -345,7 +345,7 @@ def test_a_wrong_proxy_key_or_a_bus_without_keys_stops_the_client_with_one_line(
     plain_endpoint = f"tcp://127.0.0.1:{plain.bind_to_random_port('tcp://127.0.0.1')}"
     other = client_socket(zmq_context, zmq.SUB, keys)
     try:
-        with pytest.raises(AuthError, match=r"its key is not the proxy\.key in this client's key directory"):
+        with pytest.raises(AuthError, match=r"its key is not the proxy\.key in this client's"):
             connect_checked(sub, curve_server.pub_endpoint, impostor, scaled(5))
         with pytest.raises(AuthError, match=r"does not use CURVE keys"):
             connect_checked(other, plain_endpoint, keys, scaled(5))
