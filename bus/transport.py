@@ -118,6 +118,21 @@ def _python_send3(socket: AnySocket, topic: bytes, meta: bytes, payload: bytes) 
     return True
 
 
+def _python_recv_identified(socket: zmq.Socket[bytes]) -> tuple[bytes | None, tuple[bytes, ...]]:
+    first = socket.recv(NOBLOCK, copy=False)
+    try:
+        value = first.get("User-Id")
+    except zmq.ZMQError:
+        value = None  # the peer was admitted without ZAP
+    user_id = value.encode() if isinstance(value, str) else None
+    frames = [first.bytes]
+    while _get(socket, RCVMORE):
+        frame = _recv(socket, NOBLOCK)
+        if len(frames) < MAX_FRAMES:
+            frames.append(frame)
+    return user_id, tuple(frames)
+
+
 def _python_recv_message(socket: AnySocket) -> tuple[bytes, ...]:
     frames = [_recv(socket, NOBLOCK)]
     while _get(socket, RCVMORE):
@@ -157,6 +172,15 @@ def receiver(socket: AnySocket) -> Receiver:
     if _recv_message is not None:
         return functools.partial(_recv_message, socket)
     return functools.partial(_python_recv_message, socket)
+
+
+IdentifiedReceiver = Callable[[], tuple[bytes | None, tuple[bytes, ...]]]
+
+
+def identified_receiver(socket: zmq.Socket[bytes]) -> IdentifiedReceiver:
+    """``receive() -> (user_id, frames)`` for ``socket``: like ``receiver``, with the ZAP
+    User-Id libzmq attached to the message (None when the peer was admitted without ZAP)."""
+    return functools.partial(_python_recv_identified, socket)
 
 
 def cache_drainer(socket: AnySocket) -> Callable[[Any, int], tuple[int, bytes | None]] | None:
