@@ -8,15 +8,16 @@ A message passes when:
 * the topic follows the topic grammar and the meta frame is wire version 1 with a valid
   source id;
 * its publisher may publish as that source: with keys, the source is one its key names;
-  without keys, the first live publisher of a source owns it until it has been silent for
-  ``owner_idle_s`` seconds;
+  without keys, the first live publisher (connection) of a source owns it until it has been
+  silent for ``owner_idle_s`` seconds, or until a connection from the same host address
+  sends the source with a newer epoch (the bot restarted: its epoch is its start time);
 * its epoch is not further in the future than ``epoch_skew_ns``;
 * the payload is at most MAX_PAYLOAD_BYTES of valid UTF-8 holding one JSON object whose
   ``topic``, ``source``, ``epoch`` and ``seq`` equal the frames'.
 
 The caller passes the clock (``now`` monotonic seconds for ownership, ``wall_ns`` for the
 epoch check) and the publisher's identity: the ZAP User-Id libzmq attaches to each message
-(a key's name with CURVE, a connection's number without). Topics and sources already seen
+(a key's name with CURVE, ``connection-N@ADDRESS`` without). Topics and sources already seen
 valid are remembered (bounded), so a known topic costs one dict look-up.
 """
 
@@ -91,13 +92,20 @@ def _text(frame: bytes, limit: int = 80) -> str:
 
 
 class _Owner:
-    """The publisher (ZAP User-Id) that owns a source without keys, and when it last sent."""
+    """The publisher (ZAP User-Id) that owns a source without keys, when it last sent, and
+    the newest epoch it sent."""
 
-    __slots__ = ("last_seen", "user_id")
+    __slots__ = ("epoch", "last_seen", "user_id")
 
-    def __init__(self, user_id: bytes, last_seen: float) -> None:
+    def __init__(self, user_id: bytes, last_seen: float, epoch: int) -> None:
         self.user_id = user_id
         self.last_seen = last_seen
+        self.epoch = epoch
+
+
+def _host(user_id: bytes) -> bytes:
+    """The peer address in a connection's User-Id (``connection-N@ADDRESS``)."""
+    return user_id.rpartition(b"@")[2]
 
 
 class Gate:
@@ -169,12 +177,12 @@ class Gate:
             self._remember(self._sources, source_frame, source, self.known_names_max)
         if user_id is None:
             return Reason.UNIDENTIFIED, "no User-Id on the message"
-        owner_reason = self._check_owner(user_id, source_frame, source, now)
-        if owner_reason is not None:
-            return owner_reason, ""
         epoch, seq = _unpack_position(meta, _POSITION_OFFSET)
         if epoch > wall_ns + self.epoch_skew_ns:
             return Reason.FUTURE_EPOCH, f"epoch {epoch} is {(epoch - wall_ns) / 1e9:.0f} s ahead"
+        owner_reason = self._check_owner(user_id, source_frame, source, epoch, now)
+        if owner_reason is not None:
+            return owner_reason, ""
         if len(payload) > self.max_payload_bytes:
             return Reason.TOO_LARGE, f"{len(payload)} bytes"
         try:
@@ -198,7 +206,7 @@ class Gate:
         return None, ""
 
     def _check_owner(
-        self, user_id: bytes, source_frame: bytes, source: str, now: float
+        self, user_id: bytes, source_frame: bytes, source: str, epoch: int, now: float
     ) -> Reason | None:
         if self.sources_for is not None:
             pair = (user_id, source_frame)
@@ -215,16 +223,20 @@ class Gate:
         if owner is not None:
             if owner.user_id == user_id:
                 owner.last_seen = now
+                if epoch > owner.epoch:
+                    owner.epoch = epoch
                 return None
-            if now - owner.last_seen < self.owner_idle_s:
+            restarted = epoch > owner.epoch and _host(user_id) == _host(owner.user_id)
+            if not restarted and now - owner.last_seen < self.owner_idle_s:
                 return Reason.NOT_OWNER
             self.stats.ownership_changes += 1
             owner.user_id = user_id
             owner.last_seen = now
+            owner.epoch = epoch
             return None
         if len(owners) >= OWNED_SOURCES_MAX and not self._forget_idle_owners(now):
             return Reason.TOO_MANY_SOURCES
-        owners[source_frame] = _Owner(user_id, now)
+        owners[source_frame] = _Owner(user_id, now, epoch)
         self.stats.owned_sources = len(owners)
         return None
 

@@ -700,7 +700,8 @@ def _answer_zap(zap: zmq.Socket[bytes], connections: int) -> int:
     """Admit one NULL-mechanism connection with its own User-Id; the new connection count.
 
     Without keys this is how the gate tells publishers apart: each connection gets the
-    next number, so a second connection claiming a live source is another publisher.
+    next number and its peer address, so a second connection claiming a live source is
+    another publisher (or, from the same address with a newer epoch, its restart).
     """
     request = zap.recv_multipart()
     if len(request) < 6 or request[0] != b"1.0":
@@ -709,7 +710,8 @@ def _answer_zap(zap: zmq.Socket[bytes], connections: int) -> int:
         )
         return connections
     connections += 1
-    zap.send_multipart([b"1.0", request[1], b"200", b"OK", b"connection-%d" % connections, b""])
+    user_id = b"connection-%d@%s" % (connections, request[3])
+    zap.send_multipart([b"1.0", request[1], b"200", b"OK", user_id, b""])
     return connections
 
 

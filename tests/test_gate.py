@@ -10,8 +10,9 @@ from bus.gate import KNOWN_NAMES_MAX, Gate, Reason, RefusalLog
 
 EPOCH = 1_700_000_000_000_000_000
 NOW_NS = EPOCH + 3_600 * 10**9
-BOT = b"connection-1"
-OTHER = b"connection-2"
+BOT = b"connection-1@10.0.0.1"
+OTHER = b"connection-2@10.0.0.2"
+BOT_AGAIN = b"connection-3@10.0.0.1"
 
 
 def event(
@@ -105,6 +106,20 @@ def test_without_keys_the_first_live_publisher_owns_a_source() -> None:
     assert check(gate, event(seq=3), BOT, now=60.0) == Reason.NOT_OWNER
     # other sources are not affected
     assert check(gate, event(source="bot-2"), BOT, now=60.0) is None
+
+
+def test_a_restarted_bot_takes_its_source_over_at_once() -> None:
+    gate = Gate(owner_idle_s=30)
+    assert check(gate, event(seq=7), BOT, now=0.0) is None
+    # same host, same run: a forgery (or a second copy), refused
+    assert check(gate, event(seq=2**64 - 1), BOT_AGAIN, now=1.0) == Reason.NOT_OWNER
+    # another host with a newer epoch: refused while the owner is live
+    assert check(gate, event(epoch=EPOCH + 5), OTHER, now=1.0) == Reason.NOT_OWNER
+    # same host, newer epoch: the bot restarted
+    assert check(gate, event(epoch=EPOCH + 10), BOT_AGAIN, now=2.0) is None
+    assert gate.stats.ownership_changes == 1
+    # the old run is now the stranger
+    assert check(gate, event(seq=8), BOT, now=3.0) == Reason.NOT_OWNER
 
 
 def test_messages_without_an_identity_are_refused() -> None:
