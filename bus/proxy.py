@@ -47,6 +47,7 @@ from bus.gate import (
     Refusal,
     RefusalLog,
 )
+from bus.keys import ServerKeys
 from bus.topics import Pattern
 from bus.transport import (
     IdentifiedReceiver,
@@ -114,6 +115,7 @@ class ProxyConfig:
     cache_max_topics: int = 100_000
     sync_timeout: float = 2.0
     heartbeat_ms: int = 2_000
+    keys: ServerKeys | None = None  # CURVE: the proxy's pair and the keys it admits
     # The gate (bus/gate.py). Off only in benchmarks, to measure what it costs: without it
     # forwarding is libzmq's proxy loop and anything a publisher sends reaches everyone.
     gate: bool = True
