@@ -1,7 +1,7 @@
 """CURVE keys end to end through the real proxy (``ProxyConfig(keys=...)``) and ``tradebus up``.
 
-The proxy's use of ``config.keys`` (configure_server on its three sockets, BusAuthenticator)
-lands with the gate (issue 11); until then these tests are expected to fail.
+The proxy's three sockets are CURVE servers (configure_server) admitting the authorized
+keys (BusAuthenticator); its gate lets a key publish only the sources its certificate names.
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from tests.test_bus_keys import make_keys
 from tests.test_up import start_up
 
 Context = zmq.Context[zmq.Socket[bytes]]
-
-pytestmark = pytest.mark.xfail(reason="proxy CURVE wiring lands with the gate", strict=False)
 
 
 @pytest.fixture
