@@ -24,7 +24,11 @@ from aiohttp import WSCloseCode
 from zmq.utils.monitor import recv_monitor_message
 
 from bot_client.core import Entry, backoff_delay
+from bot_client.errors import SettingsError
+from bus.errors import AuthError, KeyFileError
+from bus.keys import ClientKeys, configure_client, judge_handshake, load_client_keys
 from bus.transport import sender
+from monitoring.logging import redact
 
 if TYPE_CHECKING:
     from bot_client.publisher import Publisher
@@ -115,6 +119,16 @@ class ZmqLink:
         self, publisher: Publisher, context: zmq.Context[zmq.Socket[bytes]] | None
     ) -> None:
         settings = publisher.settings
+        self.keys: ClientKeys | None = None
+        if settings.keys:
+            try:
+                self.keys = load_client_keys(settings.keys, settings.key_name)
+            except KeyFileError as error:
+                raise SettingsError(f"SYSTEM__TRADEBUS_KEYS: {error}") from None
+        # set once the bus has judged the key (admitted, refused) or cannot be reached
+        self.judged = threading.Event()
+        self.admitted = False
+        self.refusal: str | None = None
         self.publisher = publisher
         self.connected = False
         self._link_up = False
@@ -140,9 +154,15 @@ class ZmqLink:
         xpub.setsockopt(zmq.CONNECT_TIMEOUT, timeout_ms)
         xpub.setsockopt(zmq.HEARTBEAT_IVL, max(100, timeout_ms // 3))
         xpub.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout_ms)
-        self._monitor = xpub.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
-        )
+        events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+        if self.keys is not None:
+            configure_client(xpub, self.keys)
+            events |= (
+                zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            )
+        self._monitor = xpub.get_monitor_socket(events)
         self._xpub = xpub
         # one call per three-frame message (bus.transport); False when the pipe is full
         self._send = sender(xpub)
@@ -224,7 +244,7 @@ class ZmqLink:
             publisher._log.error(
                 "websocket.publisher_thread_failed",
                 message="WebSocket publisher I/O thread failed",
-                error=repr(error),
+                error=redact(repr(error)),
             )
             raise
         finally:
@@ -256,6 +276,8 @@ class ZmqLink:
             except zmq.Again:
                 return
             kind = event["event"]
+            if self.keys is not None:
+                self._judge(kind, event["value"], self.keys)
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._link_up = True
                 if self._ever_up:
@@ -271,11 +293,36 @@ class ZmqLink:
                     log.warning(
                         "websocket.publisher_connect_retry",
                         message="WebSocket publisher cannot reach the bus; retrying",
-                        url=publisher.settings.url,
+                        url=publisher.settings.loggable_url,
                         attempts=attempts,
                         queued=publisher.queued(),
                     )
             self._update_state()
+
+    def _judge(self, kind: int, value: int, keys: ClientKeys) -> None:
+        publisher = self.publisher
+        try:
+            verdict = judge_handshake(kind, value, keys, publisher.settings.url)
+        except AuthError as error:
+            publisher.counters.auth_refusals += 1
+            if self.refusal != str(error):
+                self.refusal = str(error)
+                publisher._log.error(
+                    "websocket.publisher_refused",
+                    message="the bus refused the publisher's CURVE key; events are held, "
+                    "then dropped (counted), until the key is authorized and the bot restarted",
+                    url=publisher.settings.url,
+                    key=keys.name,
+                    fingerprint=keys.fingerprint,
+                    reason=str(error),
+                )
+            self.judged.set()
+            return
+        if verdict == "admitted":
+            self.admitted = True
+            self.refusal = None
+        if verdict is not None:
+            self.judged.set()
 
     def _read_subscriptions(self) -> None:
         while True:
@@ -301,7 +348,7 @@ class ZmqLink:
             publisher._log.info(
                 "websocket.publisher_connected",
                 message="WebSocket publisher connected to the bus",
-                url=publisher.settings.url,
+                url=publisher.settings.loggable_url,
                 reconnects=publisher.counters.reconnects,
                 queued=publisher.queued(),
             )
@@ -312,7 +359,7 @@ class ZmqLink:
             publisher._log.warning(
                 "websocket.publisher_disconnected",
                 message="WebSocket publisher lost the bus; holding events",
-                url=publisher.settings.url,
+                url=publisher.settings.loggable_url,
             )
 
     def _drain(self) -> tuple[int, bool]:
@@ -396,6 +443,14 @@ class ZmqLink:
         self._wake_w.close()
 
 
+def _error_fields(error: BaseException) -> dict[str, Any]:
+    """Log fields of a connection error: an HTTP refusal by its status, never its text,
+    which quotes the request URL; other errors' text with anything token-like removed."""
+    if isinstance(error, aiohttp.ClientResponseError):
+        return {"status": error.status, "error": type(error).__name__}
+    return {"error": redact(str(error) or type(error).__name__)}
+
+
 class WebSocketLink:
     """A WebSocket client of the bridge's publish ingest (docs/publisher.md).
 
@@ -410,10 +465,10 @@ class WebSocketLink:
         settings = publisher.settings
         parts = urlsplit(settings.url)
         query = {"role": "publisher", "source": publisher.source, "epoch": str(publisher.epoch)}
-        if settings.token:
-            query["token"] = settings.token
         extra = parts.query + "&" if parts.query else ""
         self._url = urlunsplit(parts._replace(query=extra + urlencode(query)))
+        # in a header, not the URL: URLs end up in error texts, proxies' logs, histories
+        self._headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
         self._in_flight: deque[tuple[int, Entry]] = deque()
         self._next_id = 1
         self._thread: threading.Thread | None = None
@@ -485,7 +540,7 @@ class WebSocketLink:
             publisher._log.error(
                 "websocket.publisher_thread_failed",
                 message="WebSocket publisher I/O thread failed",
-                error=repr(error),
+                error=redact(repr(error)),
             )
             raise
         finally:
@@ -513,7 +568,9 @@ class WebSocketLink:
         while not self._finished():
             try:
                 async with asyncio.timeout(settings.timeout):
-                    ws = await session.ws_connect(self._url, heartbeat=settings.timeout / 2)
+                    ws = await session.ws_connect(
+                        self._url, heartbeat=settings.timeout / 2, headers=self._headers
+                    )
             except (aiohttp.ClientError, OSError, TimeoutError) as error:
                 failures += 1
                 publisher.counters.connect_attempts += 1
@@ -521,8 +578,8 @@ class WebSocketLink:
                 log.warning(
                     "websocket.publisher_connect_failed",
                     message="WebSocket publisher cannot reach the bridge; retrying",
-                    url=settings.url,
-                    error=str(error) or type(error).__name__,
+                    url=settings.loggable_url,
+                    **_error_fields(error),
                     attempt=failures,
                     retry_in=delay,
                     queued=publisher.queued(),
@@ -541,7 +598,7 @@ class WebSocketLink:
             log.info(
                 "websocket.publisher_connected",
                 message="WebSocket publisher connected to the bridge",
-                url=settings.url,
+                url=settings.loggable_url,
                 resending=len(self._in_flight),
                 queued=len(publisher._outbox),
             )
@@ -554,7 +611,7 @@ class WebSocketLink:
                 log.info(
                     "websocket.publisher_send_failed",
                     message="WebSocket publish failed on a broken connection; will resend",
-                    error=str(error) or type(error).__name__,
+                    **_error_fields(error),
                 )
             finally:
                 self.connected = False
@@ -573,7 +630,7 @@ class WebSocketLink:
                 log.warning(
                     "websocket.publisher_disconnected",
                     message="WebSocket publisher lost the bridge; holding events",
-                    url=settings.url,
+                    url=settings.loggable_url,
                     close_code=ws.close_code,
                     in_flight=len(self._in_flight),
                 )

@@ -26,10 +26,15 @@ _HELP_TEXT = {
     "publish_to": "the proxy's XSUB endpoint WebSocket publishers' events go to",
     "allow_publish": "let loopback connections publish without a token",
     "publish_networks": "trusted networks (CIDR, comma-separated) that may publish without a token",
-    "origins": "extra allowed Origin values, comma-separated ('*' allows any)",
+    "origins": "extra allowed Origin values (scheme://host[:port]), comma-separated ('*': any)",
+    "server_names": "Host names served besides the bind address (name or name:port), "
+    "comma-separated; other Hosts get 421",
     "tokens": "static tokens that may subscribe, comma-separated (enables auth)",
-    "publish_tokens": "static tokens that may subscribe and publish (enables auth)",
-    "jwt_secret": "HS256 secret for JWT tokens with exp, topics, publish claims (enables auth)",
+    "publish_tokens": "SOURCE=TOKEN pairs: TOKEN subscribes and publishes as SOURCE (enables auth)",
+    "jwt_secret": "HS256 secret for JWTs with exp, topics, publish, sources claims (enables auth)",
+    "jwt_audience": "when set, a JWT's aud claim must name it",
+    "jwt_issuer": "when set, a JWT's iss claim must be it",
+    "jwt_max_lifetime": "seconds: a JWT whose exp is further ahead is refused",
     "cert": "TLS certificate (PEM) to serve wss://",
     "key": "TLS private key (PEM) for --cert",
     "max_queue_bytes": "bytes queued per client before it is closed as a slow consumer",
@@ -53,6 +58,9 @@ _HELP_TEXT = {
     "close_timeout": "seconds to wait for a client's close reply",
     "track_sources": "subscribe to system_status to report source liveness",
     "static_dir": "directory served at / and /static/",
+    "keys": "CURVE key directory for a proxy started with --keys: the bridge's "
+    "NAME.key_secret and the proxy's proxy.key (see `tradebus keys --help`)",
+    "key_name": "which key pair in --keys the bridge uses",
 }
 
 

@@ -8,9 +8,10 @@ import signal
 import threading
 from types import FrameType
 
+from bus.keys import load_server_keys
 from bus.proxy import DEFAULT_BACKEND, DEFAULT_FRONTEND, DEFAULT_SNAPSHOT, Proxy, ProxyConfig
 from monitoring.logging import configure_logging, get_logger
-from tradebus.arguments import positive_int, whole_number
+from tradebus.arguments import positive_int, positive_number, whole_number
 
 HELP = "run the bus proxy: publishers -> XSUB, XPUB -> subscribers, snapshots"
 
@@ -71,6 +72,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--no-cache", action="store_true", help="no last-value cache and no snapshot service"
     )
     parser.add_argument(
+        "--owner-idle",
+        type=positive_number("seconds"),
+        default=_setting("OWNER_IDLE", defaults.owner_idle_s),
+        help="without keys: seconds a source's publisher may be silent before another"
+        " connection may publish as that source (default %(default)s)",
+    )
+    parser.add_argument(
+        "--epoch-skew",
+        type=positive_number("seconds"),
+        default=_setting("EPOCH_SKEW", defaults.epoch_skew_s),
+        help="events whose epoch (publisher start time) is further in the future than this"
+        " are refused (default %(default)s)",
+    )
+    parser.add_argument(
+        "--snapshot-max-bytes",
+        type=positive_int,
+        default=_setting("SNAPSHOT_MAX_BYTES", defaults.snapshot_max_bytes),
+        help="largest snapshot reply; a bigger one is refused with an error (default %(default)s)",
+    )
+    parser.add_argument(
         "--metrics-port",
         type=positive_int,
         default=os.environ.get("TRADEBUS__PROXY_METRICS_PORT"),
@@ -81,11 +102,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=_setting("METRICS_HOST", "127.0.0.1"),
         help="address of the metrics port (default %(default)s)",
     )
+    parser.add_argument(
+        "--keys",
+        metavar="DIR",
+        default=os.environ.get("TRADEBUS__PROXY_KEYS") or None,
+        help="CURVE: encrypt every connection with the proxy's key DIR/proxy.key_secret and "
+        "admit only the clients whose NAME.key is in DIR (see `tradebus keys --help`; "
+        "default: no keys, anyone who reaches the ports is admitted)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     configure_logging()
     log = get_logger("proxy")
+    keys = load_server_keys(args.keys) if args.keys else None
     config = ProxyConfig(
         frontend=args.frontend,
         backend=args.backend,
@@ -96,6 +126,10 @@ def run(args: argparse.Namespace) -> int:
         cache_max_topics=args.cache_max_topics,
         cache_nice=args.cache_nice,
         cache=not args.no_cache,
+        keys=keys,
+        owner_idle_s=args.owner_idle,
+        epoch_skew_s=args.epoch_skew,
+        snapshot_max_bytes=args.snapshot_max_bytes,
     )
     stop = threading.Event()
     received: list[str] = []
@@ -117,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         from monitoring.metrics import MetricsServer, ProxyCollector
 
         registry = CollectorRegistry()
-        registry.register(ProxyCollector(lambda: proxy.cache.stats))
+        registry.register(ProxyCollector(lambda: proxy.cache.stats, lambda: proxy.gate.stats))
         try:
             metrics = MetricsServer(registry, host=args.metrics_host, port=args.metrics_port)
         except BaseException:
