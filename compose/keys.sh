@@ -4,7 +4,9 @@
 # Every key is created once, into the key store (/keys/store, the volume `keys-store`), and
 # never overwritten. Then each service's own volume gets exactly the files it needs:
 #   /keys/proxy       proxy.key_secret + proxy.key, and NAME.key of every client it admits
-#   /keys/bridge      bridge.key_secret + bridge.key + proxy.key
+#   /keys/bridge      bridge.key_secret + bridge.key + proxy.key; the bridge may publish as
+#                     the sources in $BRIDGE_SOURCES (comma-separated), for its WebSocket
+#                     publishers
 #   /keys/bot/NAME    (one volume per bot) NAME.key_secret + NAME.key + proxy.key; NAME may
 #                     publish as source NAME only
 # so no service sees another's secret. A bot's key is created for every directory mounted
@@ -84,7 +86,7 @@ case "$action" in
 esac
 
 create proxy
-if [ -d "$root/bridge" ]; then create bridge; fi
+if [ -d "$root/bridge" ]; then create bridge "${BRIDGE_SOURCES:-}"; fi
 for dir in "$root"/bot/*/; do
   [ -d "$dir" ] || continue
   bot="$(basename "$dir")"
