@@ -34,7 +34,7 @@ compose_files=()
 started_at=$(date +%s)
 
 say() { echo "[test-compose +$(($(date +%s) - started_at))s] $*"; }
-pass() { echo "PASS $*"; }
+pass() { echo "PASS [+$(($(date +%s) - started_at))s] $*"; }
 fail() {
   echo "FAIL $*" >&2
   exit 1
@@ -99,9 +99,10 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 apt_install() {
-  apt-get -o DPkg::Lock::Timeout=600 update -q >"$work/apt.log" 2>&1 \
+  apt-get -o DPkg::Lock::Timeout=600 -o Acquire::Retries=3 update -q >"$work/apt.log" 2>&1 \
     || fail "apt-get update: $(tail -n 3 "$work/apt.log")"
-  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q \
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -o Acquire::Retries=3 \
+    install -y -q \
     --no-install-recommends "$@" >>"$work/apt.log" 2>&1 \
     || fail "apt-get install $*: $(tail -n 3 "$work/apt.log")"
 }
@@ -133,6 +134,7 @@ install_compose_plugin() {
   local options=(
     -o Dir::Etc::SourceList="$apt/sources.list" -o Dir::Etc::SourceParts=/nonexistent
     -o Dir::State::Lists="$apt/lists" -o Dir::Cache="$apt/cache" -o APT::Sandbox::User=root
+    -o Acquire::Retries=3
   )
   apt-get "${options[@]}" update -q >"$work/apt-trixie.log" 2>&1 \
     || fail "reading Debian 13's package list: $(tail -n 3 "$work/apt-trixie.log")"
@@ -192,10 +194,17 @@ ensure_base_image() {
   if ! docker image inspect "$rootfs_image" >/dev/null 2>&1; then
     say "building $rootfs_image with debootstrap (Debian bookworm, minbase, Python 3)"
     local rootfs="$work/rootfs"
-    timeout "$(seconds 1200)" debootstrap --variant=minbase \
-      --include=python3,python3-venv,python3-pip,python3-dev,ca-certificates \
-      bookworm "$rootfs" http://deb.debian.org/debian >"$work/debootstrap.log" 2>&1 \
-      || fail "debootstrap: $(tail -n 5 "$work/debootstrap.log")"
+    local attempt
+    for attempt in 1 2; do
+      rm -rf "$rootfs"
+      if timeout "$(seconds 1200)" debootstrap --variant=minbase \
+        --include=python3,python3-venv,python3-pip,python3-dev,ca-certificates \
+        bookworm "$rootfs" http://deb.debian.org/debian >"$work/debootstrap.log" 2>&1; then
+        break
+      fi
+      [ "$attempt" = 1 ] || fail "debootstrap: $(tail -n 5 "$work/debootstrap.log")"
+      say "debootstrap failed ($(tail -n 1 "$work/debootstrap.log")): retrying once"
+    done
     cat >"$rootfs/etc/apt/sources.list" <<'EOF'
 deb http://deb.debian.org/debian bookworm main
 deb http://deb.debian.org/debian bookworm-updates main
@@ -264,8 +273,12 @@ run_stack() {
   for file in "$@"; do compose_files+=(-f "compose/$file"); done
   say "stack $label: $*"
 
-  stack_within "$(seconds 1200)" build >"$work/build.log" 2>&1 \
-    || fail "[$label] docker compose build: $(tail -n 15 "$work/build.log")"
+  # pip and apt in the build reach the package registries: one retry for a network hiccup
+  if ! stack_within "$(seconds 1200)" build >"$work/build.log" 2>&1; then
+    say "[$label] docker compose build failed ($(tail -n 1 "$work/build.log")): retrying once"
+    stack_within "$(seconds 1200)" build >"$work/build.log" 2>&1 \
+      || fail "[$label] docker compose build: $(tail -n 15 "$work/build.log")"
+  fi
   pass "[$label] image built from compose/Dockerfile"
 
   stack_within "$(seconds 300)" up -d --wait --wait-timeout "$(seconds 240)" \
