@@ -356,6 +356,7 @@ class Proxy:
             try:
                 self.authenticator.start()
             except zmq.ZMQError as error:
+                self.authenticator.stop()
                 self.authenticator = None
                 raise EndpointError(
                     f"cannot start the ZAP authenticator: {zmq.strerror(error.errno or 0)}"
