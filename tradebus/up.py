@@ -36,7 +36,9 @@ BRIDGE_KEY_NAME = "bridge"
 DEMO_KEY_NAME = "demo-bot"
 STACK_KEYS: dict[str, tuple[str, ...]] = {
     PROXY_KEY_NAME: (),
-    BRIDGE_KEY_NAME: (),
+    # the bridge puts its WebSocket publishers' events on the bus under its own key, so its
+    # certificate names their sources (--demo-via-websocket: the demo bot's)
+    BRIDGE_KEY_NAME: (DEMO_KEY_NAME,),
     DEMO_KEY_NAME: (DEMO_KEY_NAME,),
 }
 
