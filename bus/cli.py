@@ -151,7 +151,11 @@ def run(args: argparse.Namespace) -> int:
         from monitoring.metrics import MetricsServer, ProxyCollector
 
         registry = CollectorRegistry()
-        registry.register(ProxyCollector(lambda: proxy.cache.stats, lambda: proxy.gate.stats))
+        registry.register(
+            ProxyCollector(
+                lambda: proxy.cache.stats, lambda: proxy.gate.stats, lambda: proxy.auth_refused
+            )
+        )
         try:
             metrics = MetricsServer(registry, host=args.metrics_host, port=args.metrics_port)
         except BaseException:

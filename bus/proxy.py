@@ -307,6 +307,12 @@ class Proxy:
         self._started = False
         self._tag = f"{id(self):x}"
 
+    @property
+    def auth_refused(self) -> int:
+        """Connections refused because their key is not authorized (keys on; else 0)."""
+        authenticator = self.authenticator
+        return authenticator.refused if authenticator is not None else 0
+
     # -- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
         """Bind every socket (raising EndpointError) and start forwarding."""
