@@ -45,6 +45,11 @@ class BridgeConfig:
     max_subscriptions: int = 100  # patterns per connection
     max_connections: int = 10000
     max_connections_per_ip: int = 1000
+    # sockets that are not (yet) WebSockets: plain HTTP and handshakes in progress
+    max_handshakes_per_ip: int = 128
+    max_handshakes: int = 1024
+    handshake_timeout: float = 5.0  # request line and headers of a new socket
+    keepalive_timeout: float = 15.0  # an idle plain-HTTP keep-alive socket is closed
     max_errors: int = 20  # invalid requests tolerated per connection before close 1008
     ping_interval: float = 20.0  # server pings; a silent peer is closed within 2 intervals
     stale_after: float = 15.0  # a source with no event for this long is reported stale
@@ -63,6 +68,8 @@ class BridgeConfig:
             "max_subscriptions",
             "max_connections",
             "max_connections_per_ip",
+            "max_handshakes_per_ip",
+            "max_handshakes",
             "max_errors",
             "write_buffer_high",
         ):
@@ -78,6 +85,8 @@ class BridgeConfig:
             "stale_after",
             "snapshot_timeout",
             "close_timeout",
+            "handshake_timeout",
+            "keepalive_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"bridge setting {name} must be above 0")
