@@ -78,6 +78,16 @@ class BridgeCollector(Collector):
         for reason, count in sorted(bridge.rejected.items()):
             refused.add_metric([reason], count)
         yield refused
+        yield GaugeMetricFamily(
+            PREFIX + "handshakes_open",
+            "Open sockets that are not WebSockets: plain HTTP and handshakes in progress",
+            value=bridge.edge.handshakes_total,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "protocol_errors",
+            "WebSocket connections failed by the edge with 1002 (unmasked client frames)",
+            value=bridge.edge.protocol_errors,
+        )
         yield CounterMetricFamily(
             PREFIX + "snapshots", "Snapshots served to clients", value=stats.snapshots
         )
