@@ -54,6 +54,9 @@ BACKLOG_RETRY: Final = 0.005
 HOUSEKEEPING_INTERVAL: Final = 0.5
 # how often a closing connection's unsent bytes are checked before it is aborted
 ABORT_POLL: Final = 0.1
+# units of request work (a pattern, a position, a topic looked at, a frame queued) that
+# cost as much of a connection's rate limit as one message
+WORK_PER_TOKEN: Final = 20.0
 LISTEN_BACKLOG: Final = 128  # as aiohttp's TCPSite
 PROBE_PATTERN: Final = "tradebus_probe"
 PROBE_TIMEOUT: Final = 2.0
@@ -124,6 +127,7 @@ class Bridge:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing_tasks: set[asyncio.Task[bool]] = set()
         self._markers: dict[int, bytes] = {}
+        self._job_waiters: dict[Client, asyncio.Future[None]] = {}
         self._backlog: set[Client] = set()
         self._backlog_timer: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
@@ -285,6 +289,7 @@ class Bridge:
                 self.hub.sync_failed(sync_id)
             self._apply_upstream()
             self.flush()
+            self._wake_job_waiters()
 
     def _bus_seen(self, now: float) -> None:
         self._probe_answered = now
@@ -318,6 +323,7 @@ class Bridge:
             self._probe(now)
             self._apply_upstream()
             self.flush()
+            self._wake_job_waiters()
 
     def _probe(self, now: float) -> None:
         if self._dealer is None:
@@ -603,6 +609,17 @@ class Bridge:
                                 break
                         self._apply_upstream()
                         self.schedule_flush()
+                        if client.jobs:
+                            # one snapshot or resume in flight per connection: the next
+                            # message is read once this one is served
+                            await self._jobs_served(client)
+                        if client.work:
+                            # requests cost in proportion to their work (patterns,
+                            # positions, topics, frames), paid by not reading for a while
+                            pause = bucket.charge(time.monotonic(), client.work / WORK_PER_TOKEN)
+                            client.work = 0
+                            if pause > 0:
+                                await asyncio.sleep(pause)
                         continue
                     if message.type is WSMsgType.BINARY:
                         # every message of the protocol is JSON text (docs/websocket-protocol.md)
@@ -656,6 +673,24 @@ class Bridge:
             else:
                 self.connections.pop(client.ip, None)
 
+    async def _jobs_served(self, client: Client) -> None:
+        assert self._loop is not None
+        waiter = self._loop.create_future()
+        self._job_waiters[client] = waiter
+        try:
+            # upstream syncs time out after snapshot_timeout (housekeeping), which serves
+            # the job from what the bridge holds: this bound is only a safety net
+            await asyncio.wait_for(waiter, self.config.snapshot_timeout + 2 * HOUSEKEEPING_INTERVAL)
+        except TimeoutError:
+            pass
+        finally:
+            self._job_waiters.pop(client, None)
+
+    def _wake_job_waiters(self) -> None:
+        for client, waiter in list(self._job_waiters.items()):
+            if not waiter.done() and (not client.jobs or client not in self.hub.clients):
+                waiter.set_result(None)
+
     def _expire(self, client: Client) -> None:
         if client in self.hub.clients:
             self.log.info("websocket.token_expired", client=client.id, ip=client.ip)
@@ -672,7 +707,11 @@ class Bridge:
         """Handle one client message; the error code when it was refused (and told)."""
         hub = self.hub
         try:
-            request = parse_request(data)
+            request = parse_request(
+                data,
+                max_patterns=self.config.max_subscriptions,
+                max_positions=self.config.max_resume_positions,
+            )
             if isinstance(request, Subscribe | Unsubscribe):
                 self._request(client, request)
             elif isinstance(request, Ping):

@@ -42,6 +42,7 @@ _HELP_TEXT = {
     "publish_rate_limit": "messages per second for connections allowed to publish",
     "publish_rate_burst": "burst for connections allowed to publish",
     "max_subscriptions": "patterns per connection",
+    "max_resume_positions": "positions ('since' entries) per resume request",
     "max_connections": "open connections in total",
     "max_connections_per_ip": "open connections per client address",
     "max_handshakes_per_ip": "open sockets per address that are not WebSockets (above: 429)",

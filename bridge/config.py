@@ -43,6 +43,7 @@ class BridgeConfig:
     publish_rate_limit: float = 5000.0  # for connections allowed to publish
     publish_rate_burst: float = 10000.0
     max_subscriptions: int = 100  # patterns per connection
+    max_resume_positions: int = 1000  # `since` entries per subscribe request
     max_connections: int = 10000
     max_connections_per_ip: int = 1000
     # sockets that are not (yet) WebSockets: plain HTTP and handshakes in progress
@@ -66,6 +67,7 @@ class BridgeConfig:
             "history_events",
             "max_message_bytes",
             "max_subscriptions",
+            "max_resume_positions",
             "max_connections",
             "max_connections_per_ip",
             "max_handshakes_per_ip",

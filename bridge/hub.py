@@ -125,6 +125,7 @@ class Client:
         "source",
         "special",
         "transport",
+        "work",
     )
 
     def __init__(
@@ -156,6 +157,9 @@ class Client:
         self.conflated = 0
         self.implicit = False
         self.jobs: list[SnapshotJob] = []
+        # units of request work (patterns, positions, topics, frames) not yet charged to
+        # the connection's rate limit: the adapter charges and resets it
+        self.work = 0
 
         self.transport: Any = None  # set by the adapter: where frames are written
         self.conn: Any = None  # set by the adapter: its connection object
@@ -249,6 +253,7 @@ class TopicState:
     """What the hub knows of one topic: matching clients (cached), history, latest event."""
 
     __slots__ = (
+        "by_source",
         "conflate",
         "count",
         "generation",
@@ -266,10 +271,42 @@ class TopicState:
         self.conflate = conflate
         self.subs: frozenset[Client] = frozenset()
         self.generation = -1
+        # every entry in arrival order, and the same entries per source: a resume finds
+        # a source's events after a position from the end, in O(missed events)
         self.history: deque[Entry] = deque(maxlen=history_events)
+        self.by_source: dict[bytes, deque[Entry]] = {}
         self.latest: Entry | None = None
         self.sources: set[bytes] = set()
         self.count = 0
+
+
+def _append_history(state: TopicState, entry: Entry, oldest: float) -> None:
+    """Add ``entry`` to both views of the topic's history; drop what fell out of it."""
+    history = state.history
+    if len(history) == history.maxlen:
+        _drop_oldest(state, history[0])
+    history.append(entry)
+    per_source = state.by_source.get(entry[1])
+    if per_source is None:
+        per_source = state.by_source[entry[1]] = deque()
+    per_source.append(entry)
+    while len(history) > 1 and history[0][5] < oldest:
+        _drop_oldest(state, history.popleft())
+
+
+def _drop_oldest(state: TopicState, entry: Entry) -> None:
+    per_source = state.by_source[entry[1]]
+    per_source.popleft()
+    if not per_source:
+        del state.by_source[entry[1]]
+
+
+def _candidate_patterns(topic: str) -> tuple[str, ...]:
+    """Every pattern text that matches ``topic`` (the grammar allows six at most)."""
+    kind, dot, key = topic.partition(".")
+    if not dot:
+        return ("*", kind)
+    return ("*", kind, topic, f"*.{key}", f"{kind}.*", "*.*")
 
 
 @dataclass
@@ -359,6 +396,9 @@ class Hub:
         self.generation = 0
         self.clients: set[Client] = set()
         self.topics: dict[bytes, TopicState | None] = {}
+        # the same topics by type and by key: a snapshot finds its topics without a scan
+        self.topics_by_type: dict[str, dict[bytes, TopicState]] = {}
+        self.topics_by_key: dict[str, dict[bytes, TopicState]] = {}
         self.tracker = SequenceTracker()
         self.dirty: set[Client] = set()
         self.stats = HubStats()
@@ -458,6 +498,7 @@ class Hub:
     def subscribe(self, client: Client, request: Subscribe, now: float) -> None:
         """Apply a subscribe; the reply (and a snapshot, maybe later) goes to the queue."""
         request_id = request.request_id
+        client.work += len(request.patterns) + len(request.since or ())
         for pattern in request.patterns:
             if not client.grant.allows_pattern(pattern):
                 raise RequestError(
@@ -604,7 +645,24 @@ class Hub:
             state = TopicState(name, conflate, self.history_events)
         if len(self.topics) < 1_000_000:
             self.topics[topic] = state
+            if state is not None:
+                kind, _dot, key = state.name.partition(".")
+                self.topics_by_type.setdefault(kind, {})[topic] = state
+                if key:
+                    self.topics_by_key.setdefault(key, {})[topic] = state
         return state
+
+    def _forget_topic(self, topic: bytes) -> None:
+        state = self.topics.pop(topic, None)
+        if state is None:
+            return
+        kind, _dot, key = state.name.partition(".")
+        for index, name in ((self.topics_by_type, kind), (self.topics_by_key, key)):
+            known = index.get(name)
+            if known is not None:
+                known.pop(topic, None)
+                if not known:
+                    del index[name]
 
     def dispatch(self, batch: Sequence[Sequence[bytes]], now: float, now_ns: int) -> None:
         """Route a batch of bus messages [topic, meta, payload] to the clients' queues."""
@@ -649,9 +707,15 @@ class Hub:
             frame = text_frame(payload)
             entry = (next(arrival), source, epoch, seq, frame, now, topic)
             history = state.history
+            if len(history) == history.maxlen:
+                _drop_oldest(state, history[0])
             history.append(entry)
+            per_source = state.by_source.get(source)
+            if per_source is None:
+                per_source = state.by_source[source] = deque()
+            per_source.append(entry)
             while len(history) > 1 and history[0][5] < oldest:
-                history.popleft()
+                _drop_oldest(state, history.popleft())
             state.latest = entry
             state.sources.add(source)
             state.count += 1
@@ -761,7 +825,7 @@ class Hub:
                 continue
             for source in state.sources:
                 self.tracker.forget(source, topic)
-            del self.topics[topic]
+            self._forget_topic(topic)
 
     def _is_held(self, prefix: bytes) -> bool:
         return any(prefix.startswith(held) for held in self.held_prefixes)
@@ -818,7 +882,7 @@ class Hub:
                 continue  # the live stream already brought this or a newer event
             self.tracker.set_position(source, topic, epoch, seq)
             entry = (next(self._arrival), source, epoch, seq, text_frame(payload), now, topic)
-            state.history.append(entry)
+            _append_history(state, entry, now - self.history_seconds)
             state.latest = entry
             state.sources.add(source)
         for prefix in sync.prefixes:
@@ -857,15 +921,27 @@ class Hub:
         self.mark(client)
 
     def _matching_states(self, patterns: Sequence[Pattern]) -> list[tuple[bytes, TopicState]]:
-        found = [
-            (topic, state)
-            for topic, state in self.topics.items()
-            if state is not None
-            and state.latest is not None
-            and any(p.matches(state.name) for p in patterns)
-        ]
-        found.sort(key=lambda item: item[1].name)
-        return found
+        """Topics with an event matching any of ``patterns``, by name: the cost is the
+        topics each pattern can match (by type, by key, or one topic), not all topics."""
+        found: dict[bytes, TopicState] = {}
+        for pattern in patterns:
+            kind = pattern.tokens[0]
+            key = pattern.tokens[1] if len(pattern.tokens) > 1 else "*"
+            candidates: Iterable[tuple[bytes, TopicState | None]]
+            if kind != "*" and key != "*":
+                topic = pattern.text.encode()
+                candidates = ((topic, self.topics.get(topic)),)
+            elif kind != "*":
+                candidates = self.topics_by_type.get(kind, {}).items()
+            elif key != "*":
+                candidates = self.topics_by_key.get(key, {}).items()
+            else:
+                candidates = self.topics.items()
+            for topic, state in candidates:
+                if state is not None and state.latest is not None and pattern.matches(state.name):
+                    found[topic] = state
+        result = sorted(found.items(), key=lambda item: item[1].name)
+        return result
 
     def _serve(
         self, client: Client, job: SnapshotJob
@@ -906,6 +982,7 @@ class Hub:
                 if latest is not None:
                     frames.append(latest[4])
                     sent[(latest[1], topic)] = (latest[2], latest[3])
+        client.work += len(job.since or ()) + len(states) + len(frames)
         client.push(message_frame({"type": "snapshot_begin", "mode": mode, "recovered": recovered}))
         for frame in frames:
             client.push(frame)
@@ -930,31 +1007,43 @@ class Hub:
         history still holds the next one). Matching topics it did not name: their latest.
         """
         assert job.since is not None
-        entries: list[Entry] = []
-        recovered = True
-        named: set[str] = set()
+        allowed = {pattern.text for pattern in job.patterns}
+        # one position per (topic, source): the earliest, should a client repeat one
+        wanted: dict[tuple[bytes, bytes], tuple[int, int]] = {}
         for position in job.since:
-            if not any(p.matches(position.topic) for p in job.patterns):
+            if allowed.isdisjoint(_candidate_patterns(position.topic)):
                 continue
-            named.add(position.topic)
-            topic = position.topic.encode()
-            source = position.source.encode()
+            key = (position.topic.encode(), position.source.encode())
+            mark = (position.epoch, position.seq)
+            if mark < wanted.get(key, (1 << 64, 0)):
+                wanted[key] = mark
+        entries: list[Entry] = []
+        named: set[bytes] = set()
+        tracker_position = self.tracker.position
+        for (topic, source), (epoch, seq) in wanted.items():
+            named.add(topic)
             state = self.topics.get(topic)
             if state is None:
-                recovered = False
-                continue
-            if self.tracker.position(source, topic) == (position.epoch, position.seq):
+                return [], False
+            if tracker_position(source, topic) == (epoch, seq):
                 continue  # nothing new since
-            newer = [
-                e
-                for e in state.history
-                if e[1] == source and (e[2], e[3]) > (position.epoch, position.seq)
-            ]
-            if not newer or (newer[0][2], newer[0][3]) != (position.epoch, position.seq + 1):
-                recovered = False
+            per_source = state.by_source.get(source)
+            if not per_source:
+                return [], False
+            first = per_source[0]
+            if (first[2], first[3]) > (epoch, seq) and (first[2], first[3]) != (epoch, seq + 1):
+                return [], False  # the next event already left the history
+            newer: list[Entry] = []
+            for entry in reversed(per_source):
+                if (entry[2], entry[3]) <= (epoch, seq):
+                    break
+                newer.append(entry)
+            if not newer or (newer[-1][2], newer[-1][3]) != (epoch, seq + 1):
+                return [], False
+            newer.reverse()
             entries.extend(newer)
-        for _topic, state in states:
-            if state.name not in named and state.latest is not None:
+        for topic, state in states:
+            if topic not in named and state.latest is not None:
                 entries.append(state.latest)
         entries.sort()
-        return entries, recovered
+        return entries, True
