@@ -98,6 +98,10 @@ class Bridge:
             stale_after=config.stale_after,
             track_sources=config.track_sources,
             snapshots_available=bool(config.snapshot),
+            max_lingering=config.max_lingering,
+            max_topics=config.max_topics,
+            max_sources=config.max_sources,
+            forget_sources_after=config.forget_sources_after,
         )
         self.auth = Authenticator(config.tokens, config.publish_tokens, config.jwt_secret)
         self.registry = CollectorRegistry()

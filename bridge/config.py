@@ -55,6 +55,10 @@ class BridgeConfig:
     ping_interval: float = 20.0  # server pings; a silent peer is closed within 2 intervals
     stale_after: float = 15.0  # a source with no event for this long is reported stale
     upstream_linger: float = 300.0  # keep an unneeded bus subscription (resume history)
+    max_lingering: int = 1000  # lingering bus subscriptions in all (per client: max_subscriptions)
+    max_topics: int = 100_000  # topics whose history and latest event are kept
+    max_sources: int = 10_000  # sources known at once (events of more are dropped, counted)
+    forget_sources_after: float = 3600.0  # a source stale this long is forgotten
     snapshot_timeout: float = 3.0  # waiting for the proxy's snapshot service
     write_buffer_high: int = 256 * 1024  # transport bytes above which a client is behind
     close_timeout: float = 2.0  # wait for the client's close reply, then drop it
@@ -68,6 +72,9 @@ class BridgeConfig:
             "max_message_bytes",
             "max_subscriptions",
             "max_resume_positions",
+            "max_lingering",
+            "max_topics",
+            "max_sources",
             "max_connections",
             "max_connections_per_ip",
             "max_handshakes_per_ip",
@@ -89,6 +96,7 @@ class BridgeConfig:
             "close_timeout",
             "handshake_timeout",
             "keepalive_timeout",
+            "forget_sources_after",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"bridge setting {name} must be above 0")

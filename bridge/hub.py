@@ -70,6 +70,10 @@ Entry = tuple[int, bytes, int, int, bytes, float, bytes]
 Held = tuple[bytes, bytes | None, bytes | None, int, int]
 
 
+# bounded work per housekeeping call (every HOUSEKEEPING_INTERVAL in the adapter)
+EXPIRIES_PER_CALL: Final = 64
+FORGET_TOPICS_PER_CALL: Final = 100
+
 # shared by every client that is not behind: slots are only written while behind
 _NO_SLOTS: Final[dict[bytes, int]] = {}
 
@@ -301,6 +305,12 @@ def _drop_oldest(state: TopicState, entry: Entry) -> None:
         del state.by_source[entry[1]]
 
 
+def _follows(entry: Entry, later: tuple[int, int]) -> bool:
+    """Whether position ``later`` comes right after ``entry``'s in its (source, topic)."""
+    epoch, seq = entry[2], entry[3]
+    return later == (epoch, seq + 1) or (later[0] > epoch and later[1] == 1)
+
+
 def _candidate_patterns(topic: str) -> tuple[str, ...]:
     """Every pattern text that matches ``topic`` (the grammar allows six at most)."""
     kind, dot, key = topic.partition(".")
@@ -314,6 +324,7 @@ class SourceState:
     last_seen: float  # monotonic
     last_seen_ns: int  # wall clock, for the client message
     live: bool = True
+    topics: set[bytes] = field(default_factory=set)  # where it has a sequence position
 
 
 @dataclass
@@ -358,6 +369,9 @@ class HubStats:
     resumes_unrecovered: int = 0
     syncs: int = 0
     sync_timeouts: int = 0
+    linger_evicted: int = 0  # lingering prefixes dropped early by the caps
+    sources_forgotten: int = 0
+    topics_untracked: int = 0  # events of topics beyond max_topics (served, not kept)
 
     def drop(self, reason: str, count: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + count
@@ -383,8 +397,16 @@ class Hub:
         stale_after: float = 15.0,
         track_sources: bool = True,
         snapshots_available: bool = True,
+        max_lingering: int = 1000,
+        max_topics: int = 100_000,
+        max_sources: int = 10_000,
+        forget_sources_after: float = 3600.0,
     ) -> None:
         self.conflate_types = frozenset(conflate_types)
+        self.max_lingering = max_lingering
+        self.max_topics = max_topics
+        self.max_sources = max_sources
+        self.forget_sources_after = forget_sources_after
         self.history_events = history_events
         self.history_seconds = history_seconds
         self.max_subscriptions = max_subscriptions
@@ -410,7 +432,18 @@ class Hub:
         self.prefix_refs: dict[bytes, int] = {}
         self.subscribed: set[bytes] = set()
         self.held_prefixes: set[bytes] = set()
+        # prefix -> when it expires; insertion order is expiry order (one linger time)
         self.linger_until: dict[bytes, float] = {}
+        # who let each prefix linger, and each client's lingering prefixes in order
+        self.linger_owner: dict[bytes, int] = {}
+        self.lingering_of: dict[int, dict[bytes, None]] = {}
+        # arrival number at which each subscribed prefix was (re)subscribed: a topic's
+        # history is complete only after the start of its coverage
+        self.covered_since: dict[bytes, int] = {}
+        # every stored topic, sorted: the topics under a prefix are one slice of it
+        self.topic_names: list[bytes] = []
+        # prefixes dropped upstream whose topics are still to be forgotten: (prefix, from)
+        self.forgetting: deque[tuple[bytes, bytes]] = deque()
         self.syncs: dict[int, Sync] = {}
         self.syncing: dict[bytes, int] = {}
         self._sync_ids = itertools.count(1)
@@ -487,9 +520,7 @@ class Hub:
             self.prefix_refs.pop(prefix, None)
             if prefix not in self.permanent:
                 if linger or prefix in self.linger_until:
-                    self.linger_until[prefix] = max(
-                        self.linger_until.get(prefix, 0.0), now + self.upstream_linger
-                    )
+                    self._linger(prefix, client.id, now + self.upstream_linger)
                 if not linger or self.upstream_linger == 0:
                     self._drop_prefix(prefix)
         return True
@@ -643,19 +674,20 @@ class Hub:
         else:
             conflate = name.partition(".")[0] in self.conflate_types
             state = TopicState(name, conflate, self.history_events)
-        if len(self.topics) < 1_000_000:
-            self.topics[topic] = state
-            if state is not None:
-                kind, _dot, key = state.name.partition(".")
-                self.topics_by_type.setdefault(kind, {})[topic] = state
-                if key:
-                    self.topics_by_key.setdefault(key, {})[topic] = state
+        if len(self.topics) >= self.max_topics:
+            # served, but not remembered: no history, no snapshot, counted
+            self.stats.topics_untracked += 1
+            return state
+        self.topics[topic] = state
+        bisect.insort(self.topic_names, topic)
+        if state is not None:
+            kind, _dot, key = state.name.partition(".")
+            self.topics_by_type.setdefault(kind, {})[topic] = state
+            if key:
+                self.topics_by_key.setdefault(key, {})[topic] = state
         return state
 
-    def _forget_topic(self, topic: bytes) -> None:
-        state = self.topics.pop(topic, None)
-        if state is None:
-            return
+    def _unindex_topic(self, topic: bytes, state: TopicState) -> None:
         kind, _dot, key = state.name.partition(".")
         for index, name in ((self.topics_by_type, kind), (self.topics_by_key, key)):
             known = index.get(name)
@@ -676,6 +708,7 @@ class Hub:
         latency = self.pending_latency
         oldest = now - self.history_seconds
         arrival = self._arrival
+        max_sources = self.max_sources
         deliveries = 0
         for message in batch:
             if len(message) != 3:
@@ -693,14 +726,17 @@ class Hub:
                 continue
             _version, _flags, epoch, seq, publish_ns = _unpack_meta(meta)
             source = meta[META_HEADER_SIZE:]
+            source_state = sources.get(source)
+            if source_state is None and len(sources) >= max_sources:
+                self.stats.drop("too_many_sources")
+                continue
             result = observe(source, topic, epoch, seq)
             status = result.status
             if status is SeqStatus.DUPLICATE or status is SeqStatus.STALE_EPOCH:
                 self.stats.drop(_DELIVER_DROPS[status])
                 continue
-            source_state = sources.get(source)
             if source_state is None or not source_state.live:
-                self._source_live(source, now, now_ns)
+                source_state = self._source_live(source, now, now_ns)
             else:
                 source_state.last_seen = now
                 source_state.last_seen_ns = now_ns
@@ -717,7 +753,9 @@ class Hub:
             while len(history) > 1 and history[0][5] < oldest:
                 _drop_oldest(state, history.popleft())
             state.latest = entry
-            state.sources.add(source)
+            if source not in state.sources:
+                state.sources.add(source)
+                source_state.topics.add(topic)
             state.count += 1
             by_type[state.type] = by_type.get(state.type, 0) + 1
             if state.generation != generation:
@@ -772,12 +810,13 @@ class Hub:
             }
         )
 
-    def _source_live(self, source: bytes, now: float, now_ns: int) -> None:
+    def _source_live(self, source: bytes, now: float, now_ns: int) -> SourceState:
         state = self.sources.get(source)
         if state is None:
             state = self.sources[source] = SourceState(now, now_ns)
         state.last_seen, state.last_seen_ns, state.live = now, now_ns, True
         self._broadcast(self._source_status_frame(source, state))
+        return state
 
     def _broadcast(self, frame: bytes) -> None:
         for client in self.clients:
@@ -787,13 +826,23 @@ class Hub:
 
     def housekeeping(self, now: float) -> None:
         """Periodic work: stale sources, expired lingering subscriptions, sync timeouts."""
+        forgotten: list[bytes] = []
         for source, state in self.sources.items():
             if state.live and now - state.last_seen > self.stale_after:
                 state.live = False
                 self._broadcast(self._source_status_frame(source, state))
-        for prefix, until in list(self.linger_until.items()):
-            if until <= now:
-                self._drop_prefix(prefix)
+            elif not state.live and now - state.last_seen > self.forget_sources_after:
+                forgotten.append(source)
+        for source in forgotten:
+            self._forget_source(source)
+        # a bounded amount of work per call, so that no call holds the loop for long:
+        # the rest waits for the next call
+        for _ in range(EXPIRIES_PER_CALL):
+            first = next(iter(self.linger_until.items()), None)
+            if first is None or first[1] > now:
+                break
+            self._drop_prefix(first[0])
+        self._forget_topics(FORGET_TOPICS_PER_CALL)
         for sync in [s for s in self.syncs.values() if s.deadline <= now]:
             self.stats.sync_timeouts += 1
             self.sync_failed(sync.sync_id)
@@ -804,28 +853,99 @@ class Hub:
     # -- upstream subscriptions and snapshot syncs --------------------------------------
     def _need_prefix(self, prefix: bytes) -> None:
         self.prefix_refs[prefix] = self.prefix_refs.get(prefix, 0) + 1
-        self.linger_until.pop(prefix, None)
+        self._unlinger(prefix)
         if prefix not in self.subscribed:
             self.subscribed.add(prefix)
+            self.covered_since[prefix] = next(self._arrival)
             self.upstream_ops.append(("subscribe", prefix))
 
+    def _linger(self, prefix: bytes, owner: int, until: float) -> None:
+        """Keep ``prefix`` subscribed until ``until``; at most max_subscriptions lingering
+        prefixes per client and max_lingering in all (the oldest go first, counted)."""
+        if prefix in self.linger_until:
+            # re-inserted, so that the order of the dict stays the order of expiry
+            until = max(until, self.linger_until.pop(prefix))
+            self.linger_until[prefix] = until
+            return
+        mine = self.lingering_of.setdefault(owner, {})
+        if len(mine) >= self.max_subscriptions:
+            self.stats.linger_evicted += 1
+            self._drop_prefix(next(iter(mine)))
+        if len(self.linger_until) >= self.max_lingering:
+            self.stats.linger_evicted += 1
+            self._drop_prefix(next(iter(self.linger_until)))
+        self.linger_until[prefix] = until
+        self.linger_owner[prefix] = owner
+        self.lingering_of.setdefault(owner, {})[prefix] = None
+
+    def _unlinger(self, prefix: bytes) -> None:
+        if self.linger_until.pop(prefix, None) is None:
+            return
+        owner = self.linger_owner.pop(prefix)
+        mine = self.lingering_of[owner]
+        del mine[prefix]
+        if not mine:
+            del self.lingering_of[owner]
+
     def _drop_prefix(self, prefix: bytes) -> None:
-        self.linger_until.pop(prefix, None)
+        self._unlinger(prefix)
         if prefix in self.prefix_refs or prefix not in self.subscribed:
             return
         self.subscribed.discard(prefix)
+        self.covered_since.pop(prefix, None)
         self.held_prefixes.discard(prefix)
         self.upstream_ops.append(("unsubscribe", prefix))
-        # history of topics no other subscription covers stops being complete: forget it,
-        # so a resume there says recovered:false instead of missing events silently
-        for topic, state in list(self.topics.items()):
-            if state is None or not topic.startswith(prefix):
-                continue
-            if any(topic.startswith(other) for other in self.subscribed):
-                continue
-            for source in state.sources:
-                self.tracker.forget(source, topic)
-            self._forget_topic(topic)
+        # The history of topics no other subscription covers stops being complete. A
+        # resume checks coverage itself (_coverage_start), so forgetting them only frees
+        # memory, and is done a bounded number of topics per housekeeping call.
+        self.forgetting.append((prefix, prefix))
+
+    def _coverage_start(self, topic: bytes) -> int | None:
+        """The arrival number since which ``topic`` has been subscribed without a break
+        (None: it is not subscribed now). A prefix still subscribed has been since its
+        covered_since, so the earliest of the topic's covering prefixes is the answer."""
+        covered = self.covered_since
+        if len(covered) <= len(topic):
+            starts = [start for prefix, start in covered.items() if topic.startswith(prefix)]
+        else:
+            starts = [covered[topic[:i]] for i in range(len(topic) + 1) if topic[:i] in covered]
+        return min(starts) if starts else None
+
+    def _forget_topics(self, budget: int) -> None:
+        """Forget up to ``budget`` topics under dropped prefixes that nothing covers now."""
+        names = self.topic_names
+        while self.forgetting and budget > 0:
+            prefix, start = self.forgetting[0]
+            low = index = bisect.bisect_left(names, start)
+            kept: list[bytes] = []
+            while budget > 0 and index < len(names) and names[index].startswith(prefix):
+                budget -= 1
+                topic = names[index]
+                index += 1
+                if self._coverage_start(topic) is not None:
+                    kept.append(topic)
+                    continue
+                state = self.topics.pop(topic)
+                if state is not None:
+                    for source in state.sources:
+                        self.tracker.forget(source, topic)
+                    self._unindex_topic(topic, state)
+            names[low:index] = kept  # one move of the list for the whole run
+            index = low + len(kept)
+            if index < len(names) and names[index].startswith(prefix):
+                self.forgetting[0] = (prefix, names[index])
+                return
+            self.forgetting.popleft()
+
+    def _forget_source(self, source: bytes) -> None:
+        """A source stale for forget_sources_after: its status and positions go."""
+        state = self.sources.pop(source)
+        for topic in state.topics:
+            self.tracker.forget(source, topic)
+            topic_state = self.topics.get(topic)
+            if topic_state is not None:
+                topic_state.sources.discard(source)
+        self.stats.sources_forgotten += 1
 
     def _is_held(self, prefix: bytes) -> bool:
         return any(prefix.startswith(held) for held in self.held_prefixes)
@@ -877,6 +997,10 @@ class Hub:
                     continue
             _version, _flags, epoch, seq, _publish_ns = _unpack_meta(meta)
             source = meta[META_HEADER_SIZE:]
+            source_state = self.sources.get(source)
+            if source_state is None and len(self.sources) >= self.max_sources:
+                self.stats.drop("too_many_sources")
+                continue
             known = self.tracker.position(source, topic)
             if known is not None and (epoch, seq) <= known:
                 continue  # the live stream already brought this or a newer event
@@ -885,6 +1009,8 @@ class Hub:
             _append_history(state, entry, now - self.history_seconds)
             state.latest = entry
             state.sources.add(source)
+            if source_state is not None:
+                source_state.topics.add(topic)
         for prefix in sync.prefixes:
             self.syncing.pop(prefix, None)
             if prefix in self.subscribed:
@@ -1026,19 +1152,35 @@ class Hub:
             if state is None:
                 return [], False
             if tracker_position(source, topic) == (epoch, seq):
-                continue  # nothing new since
+                # nothing new since, if the topic was followed since that event (when
+                # it aged out of the history, since the topic's latest event)
+                coverage = self._coverage_start(topic)
+                per_source = state.by_source.get(source)
+                seen = per_source[-1] if per_source else state.latest
+                if coverage is None or seen is None or seen[0] < coverage:
+                    return [], False
+                continue
             per_source = state.by_source.get(source)
-            if not per_source:
+            coverage = self._coverage_start(topic)
+            if not per_source or coverage is None:
                 return [], False
             first = per_source[0]
             if (first[2], first[3]) > (epoch, seq) and (first[2], first[3]) != (epoch, seq + 1):
                 return [], False  # the next event already left the history
             newer: list[Entry] = []
+            previous = (-1, -1)
             for entry in reversed(per_source):
                 if (entry[2], entry[3]) <= (epoch, seq):
                     break
+                if previous != (-1, -1) and not _follows(entry, previous):
+                    return [], False  # a hole: events the bridge never received
+                previous = (entry[2], entry[3])
                 newer.append(entry)
             if not newer or (newer[-1][2], newer[-1][3]) != (epoch, seq + 1):
+                return [], False
+            if newer[-1][0] < coverage:
+                # received before the topic's current subscription began: what came
+                # between the two subscriptions is unknown
                 return [], False
             newer.reverse()
             entries.extend(newer)

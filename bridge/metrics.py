@@ -119,6 +119,30 @@ class BridgeCollector(Collector):
             "Topic prefixes subscribed on the bus",
             value=len(hub.subscribed),
         )
+        yield GaugeMetricFamily(
+            PREFIX + "lingering_subscriptions",
+            "Bus subscriptions no client needs, kept for resumes (--upstream-linger)",
+            value=len(hub.linger_until),
+        )
+        yield CounterMetricFamily(
+            PREFIX + "linger_evicted",
+            "Lingering bus subscriptions dropped early by --max-lingering or per client",
+            value=stats.linger_evicted,
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "topics", "Topics whose history the bridge keeps", value=len(hub.topics)
+        )
+        yield CounterMetricFamily(
+            PREFIX + "topics_untracked",
+            "Events of topics beyond --max-topics (delivered, not kept for snapshots)",
+            value=stats.topics_untracked,
+        )
+        yield GaugeMetricFamily(PREFIX + "sources", "Sources known", value=len(hub.sources))
+        yield CounterMetricFamily(
+            PREFIX + "sources_forgotten",
+            "Sources forgotten after --forget-sources-after seconds stale",
+            value=stats.sources_forgotten,
+        )
         yield GaugeMetricFamily(PREFIX + "ready", "1 when connected to the bus", value=bridge.ready)
         live = GaugeMetricFamily(
             PREFIX + "source_live", "1 when the source sent an event recently", labels=["source"]

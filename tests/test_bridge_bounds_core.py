@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import time
+from collections import deque
+
 import pytest
 
-from bridge.hub import Client, Hub
+from bridge.hub import FORGET_TOPICS_PER_CALL, Client, Hub
 from bridge.limits import TokenBucket
-from bridge.protocol import Position, RequestError, Subscribe, parse_request
+from bridge.protocol import Position, RequestError, Subscribe, Unsubscribe, parse_request
 from bridge.rfc6455 import MaskScanner, close_code_allowed
 from bus.topics import Pattern
+from tests.conftest import scaled
 from tests.test_bridge_core import hub_with_clients, message, resumed
 
 
@@ -132,3 +136,123 @@ def test_mask_scanner_follows_headers_across_reads_byte_by_byte() -> None:
     whole = MaskScanner()
     assert whole.feed(stream) == bad_at
     assert whole.feed(b"more") == 0  # stays failed
+
+
+# -- lingering subscriptions, sources, topics --------------------------------------------
+def subscribe_to(hub: Hub, client: Client, *patterns: str, now: float = 0.0) -> None:
+    hub.subscribe(client, Subscribe(tuple(Pattern(p) for p in patterns), False, None, None), now)
+
+
+def unsubscribe_from(hub: Hub, client: Client, *patterns: str, now: float = 0.0) -> None:
+    hub.unsubscribe(client, Unsubscribe(tuple(Pattern(p) for p in patterns), None), now)
+
+
+def test_lingering_subscriptions_are_capped_per_client_and_in_total() -> None:
+    hub = Hub(track_sources=False, max_subscriptions=3, max_lingering=4, upstream_linger=300.0)
+    first, second = Client(1), Client(2)
+    for client in (first, second):
+        hub.add_client(client, 0)
+    subscribe_to(hub, first, "a", "b", "c")
+    unsubscribe_from(hub, first, "a", "b", "c", now=1.0)
+    assert list(hub.linger_until) == [b"a", b"b", b"c"]
+    hub.upstream_ops.clear()
+    # the same client lets three more linger: its own oldest go first
+    subscribe_to(hub, first, "d", "e")
+    unsubscribe_from(hub, first, "d", "e", now=2.0)
+    assert list(hub.linger_until) == [b"c", b"d", b"e"]
+    assert [op for op in hub.upstream_ops if op[0] == "unsubscribe"] == [
+        ("unsubscribe", b"a"),
+        ("unsubscribe", b"b"),
+    ]
+    # another client's: the total cap (4) drops the oldest of anyone's
+    subscribe_to(hub, second, "x", "y")
+    unsubscribe_from(hub, second, "x", "y", now=3.0)
+    assert list(hub.linger_until) == [b"d", b"e", b"x", b"y"]
+    assert hub.stats.linger_evicted == 3  # a, b (per client), c (in total)
+    assert hub.lingering_of == {1: {b"d": None, b"e": None}, 2: {b"x": None, b"y": None}}
+    # a prefix needed again stops lingering, and no longer counts for its old owner
+    subscribe_to(hub, second, "d")
+    assert list(hub.linger_until) == [b"e", b"x", b"y"]
+    assert hub.lingering_of[1] == {b"e": None}
+
+
+def test_expiry_and_forgetting_do_a_bounded_amount_of_work_per_call() -> None:
+    hub = Hub(track_sources=False, max_subscriptions=200, upstream_linger=10.0)
+    client = Client(1)
+    hub.add_client(client, 0)
+    patterns = [f"k{n}" for n in range(150)]
+    subscribe_to(hub, client, *patterns, "big")
+    hub.dispatch([message(f"big.t{n}", 1) for n in range(2500)], 0.5, 1)
+    unsubscribe_from(hub, client, *patterns, "big", now=1.0)
+    hub.upstream_ops.clear()
+    hub.housekeeping(20.0)
+    assert len(hub.upstream_ops) == 64
+    calls = 1
+    durations: list[float] = []
+    while hub.linger_until or hub.forgetting:
+        kept = len(hub.topics)
+        started = time.perf_counter()
+        hub.housekeeping(20.0)
+        durations.append(time.perf_counter() - started)
+        calls += 1
+        assert kept - len(hub.topics) <= FORGET_TOPICS_PER_CALL
+        assert calls < 5 + 2500 // FORGET_TOPICS_PER_CALL
+    # each call holds the loop a millisecond or so; the median is robust to a busy machine
+    durations.sort()
+    assert durations[len(durations) // 2] < scaled(0.005), durations
+    assert len(hub.upstream_ops) == 151
+    assert hub.topics == {}
+    assert hub.topic_names == []
+    assert hub.topics_by_type == {}
+    assert hub.topics_by_key == {}
+
+
+def test_a_resume_is_not_recovered_across_a_break_in_the_subscription() -> None:
+    hub = Hub(track_sources=False, upstream_linger=10.0, snapshots_available=False)
+    client = Client(1)
+    hub.add_client(client, 0)
+    subscribe_to(hub, client, "t")
+    hub.held_prefixes.add(b"t")
+    hub.dispatch([message("t", 1), message("t", 2)], 1.0, 1)
+    unsubscribe_from(hub, client, "t", now=2.0)
+    hub.housekeeping(20.0)  # unsubscribed upstream; the topic is forgotten later
+    assert hub.upstream_ops[-1] == ("unsubscribe", b"t")
+    assert b"t" in hub.topics or hub.forgetting == deque()
+    hub.forgetting.clear()  # as if forgetting had not reached it yet
+    subscribe_to(hub, client, "t", now=21.0)
+    hub.held_prefixes.add(b"t")
+    hub.dispatch([message("t", 5)], 22.0, 1)
+    assert resumed(hub, (Position("t", "bot", 1, 1),))[0]["recovered"] is False  # hole 3-4
+    assert resumed(hub, (Position("t", "bot", 1, 5),))[0]["recovered"] is True
+    assert resumed(hub, (Position("t", "bot", 1, 4),))[0]["recovered"] is True
+
+
+def test_stale_sources_are_forgotten_and_their_number_is_capped() -> None:
+    hub, _clients = hub_with_clients(("*",), max_sources=2, forget_sources_after=100.0)
+    hub.dispatch([message("t", 1, source="a"), message("t", 1, source="b")], 1.0, 1)
+    hub.dispatch([message("t", 1, source="c")], 1.0, 1)
+    assert set(hub.sources) == {b"a", b"b"}
+    assert hub.stats.dropped == {"too_many_sources": 1}
+    assert hub.tracker.position(b"c", b"t") is None
+    hub.housekeeping(50.0)  # stale after 15 s
+    assert not hub.sources[b"a"].live
+    hub.housekeeping(200.0)  # forgotten after 100 s stale
+    assert hub.sources == {}
+    assert hub.stats.sources_forgotten == 2
+    assert hub.tracker.position(b"a", b"t") is None
+    state = hub.topics[b"t"]
+    assert state is not None
+    assert state.sources == set()
+    late = Client(9)
+    hub.add_client(late, 0)
+    assert [f for f in late.frames if b"source_status" in f] == []
+    hub.dispatch([message("t", 2, source="c")], 201.0, 1)
+    assert set(hub.sources) == {b"c"}
+
+
+def test_topics_beyond_the_cap_are_delivered_but_not_kept() -> None:
+    hub, (client,) = hub_with_clients(("*",), max_topics=3)
+    hub.dispatch([message(f"t.k{n}", 1) for n in range(5)], 1.0, 1)
+    assert len(hub.topics) == 3
+    assert hub.stats.topics_untracked == 2
+    assert len([f for f in client.frames if b'"seq"' in f]) == 5
