@@ -10,7 +10,7 @@ from types import FrameType
 
 from bus.proxy import DEFAULT_BACKEND, DEFAULT_FRONTEND, DEFAULT_SNAPSHOT, Proxy, ProxyConfig
 from monitoring.logging import configure_logging, get_logger
-from tradebus.arguments import positive_int, whole_number
+from tradebus.arguments import positive_int, positive_number, whole_number
 
 HELP = "run the bus proxy: publishers -> XSUB, XPUB -> subscribers, snapshots"
 
@@ -71,6 +71,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--no-cache", action="store_true", help="no last-value cache and no snapshot service"
     )
     parser.add_argument(
+        "--owner-idle",
+        type=positive_number("seconds"),
+        default=_setting("OWNER_IDLE", defaults.owner_idle_s),
+        help="without keys: seconds a source's publisher may be silent before another"
+        " connection may publish as that source (default %(default)s)",
+    )
+    parser.add_argument(
+        "--epoch-skew",
+        type=positive_number("seconds"),
+        default=_setting("EPOCH_SKEW", defaults.epoch_skew_s),
+        help="events whose epoch (publisher start time) is further in the future than this"
+        " are refused (default %(default)s)",
+    )
+    parser.add_argument(
+        "--snapshot-max-bytes",
+        type=positive_int,
+        default=_setting("SNAPSHOT_MAX_BYTES", defaults.snapshot_max_bytes),
+        help="largest snapshot reply; a bigger one is refused with an error (default %(default)s)",
+    )
+    parser.add_argument(
         "--metrics-port",
         type=positive_int,
         default=os.environ.get("TRADEBUS__PROXY_METRICS_PORT"),
@@ -96,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
         cache_max_topics=args.cache_max_topics,
         cache_nice=args.cache_nice,
         cache=not args.no_cache,
+        owner_idle_s=args.owner_idle,
+        epoch_skew_s=args.epoch_skew,
+        snapshot_max_bytes=args.snapshot_max_bytes,
     )
     stop = threading.Event()
     received: list[str] = []
@@ -117,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         from monitoring.metrics import MetricsServer, ProxyCollector
 
         registry = CollectorRegistry()
-        registry.register(ProxyCollector(lambda: proxy.cache.stats))
+        registry.register(ProxyCollector(lambda: proxy.cache.stats, lambda: proxy.gate.stats))
         try:
             metrics = MetricsServer(registry, host=args.metrics_host, port=args.metrics_port)
         except BaseException:

@@ -197,9 +197,10 @@ def test_expiry_and_forgetting_do_a_bounded_amount_of_work_per_call() -> None:
         calls += 1
         assert kept - len(hub.topics) <= FORGET_TOPICS_PER_CALL
         assert calls < 5 + 2500 // FORGET_TOPICS_PER_CALL
-    # each call holds the loop a millisecond or so; the median is robust to a busy machine
+    # each call holds the loop about a millisecond on an idle machine (the work bound
+    # above is the guarantee); the median, with room for a loaded 2-core machine
     durations.sort()
-    assert durations[len(durations) // 2] < scaled(0.005), durations
+    assert durations[len(durations) // 2] < scaled(0.02), durations
     assert len(hub.upstream_ops) == 151
     assert hub.topics == {}
     assert hub.topic_names == []

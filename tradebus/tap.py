@@ -401,7 +401,11 @@ async def send(
     """Publish the guide's events through the bridge; return (acked, errors)."""
     log = get_logger("tap")
     epoch = time.time_ns()
-    target = with_query(url, {"role": "publisher", "source": source, "epoch": str(epoch)})
+    query = {"role": "publisher", "epoch": str(epoch)}
+    if source:
+        # without one the bridge names the source: the publish token's own
+        query["source"] = source
+    target = with_query(url, query)
     acked = 0
     errors: list[str] = []
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=ack_timeout)
@@ -513,8 +517,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--source",
-        default=f"tap-{os.getpid()}",
-        help="with --send, the source id to publish as (default tap-<pid>)",
+        help="with --send, the source id to publish as (default: the token's source, "
+        "or tap-<pid> without a token)",
     )
     parser.add_argument("--json", action="store_true", help="print messages as JSON lines")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
@@ -535,7 +539,14 @@ def run(args: argparse.Namespace) -> int:
     configure_logging()
     if args.send:
         acked, errors = asyncio.run(
-            send(args.url, args.send, args.repeat, args.source, sys.stdout, args.token)
+            send(
+                args.url,
+                args.send,
+                args.repeat,
+                args.source or ("" if args.token else f"tap-{os.getpid()}"),
+                sys.stdout,
+                args.token,
+            )
         )
         print(f"tap: {acked} acknowledged, {len(errors)} refused")
         return 0 if not errors else 1
