@@ -555,7 +555,10 @@ class Bridge:
         assert self._loop is not None
         edge = edge_of(request.transport)
         if edge is not None:
-            edge.websocket_started()
+            early = edge.websocket_started()
+            if early is not None:
+                self._reject("early_data", ip=request.remote or "")
+                raise web.HTTPBadRequest(text=early + "\n")
         client, initial = self._admit(request)
         grant = client.grant
         ws = web.WebSocketResponse(
@@ -835,9 +838,13 @@ async def _request_started(
 ) -> web.StreamResponse:
     """A whole request line and headers arrived: the socket's handshake deadline is met."""
     edge = edge_of(request.transport)
-    if edge is not None:
-        edge.request_started()
-    return await handler(request)
+    if edge is None:
+        return await handler(request)
+    edge.request_started()
+    try:
+        return await handler(request)
+    finally:
+        edge.request_done()
 
 
 @web.middleware

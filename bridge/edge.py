@@ -12,9 +12,11 @@ only documented asyncio and aiohttp interfaces are used. Per socket it:
 * closes a socket whose first request line and headers have not arrived within
   ``handshake_timeout`` (408); idle keep-alive sockets are aiohttp's ``keepalive_timeout``;
 * after the upgrade, follows the client's frame headers (bridge/rfc6455.py) and fails the
-  connection with 1002 on an unmasked frame. Frames a client sent before the server's 101
-  response (forbidden by RFC 6455 4.1) that arrived in the same read as the request are
-  parsed by aiohttp unchecked: the scanner starts when the handler does.
+  connection with 1002 on an unmasked frame. The scanner starts when the handler does;
+  bytes that came before (a client must wait for the 101, RFC 6455 4.1) refuse the
+  upgrade with 400 when it is the socket's first request, as browsers and client
+  libraries send it. Only an upgrade after earlier requests on the same socket can have
+  such bytes reach aiohttp's reader unchecked.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ from typing import Any, Final, cast
 
 from bridge.frames import close_frame
 from bridge.rfc6455 import CLOSE_PROTOCOL_ERROR, MaskScanner
+
+# bytes of a first request's header block followed (aiohttp's own limits refuse bigger
+# ones), and of what follows it before the upgrade (any of it refuses the upgrade)
+HEAD_LIMIT: Final = 64 * 1024
+EARLY_LIMIT: Final = 16
 
 _REFUSALS: Final = {
     "handshakes_per_ip": b"429 Too Many Requests",
@@ -95,6 +102,12 @@ class EdgeProtocol(asyncio.Protocol):
         self._forwarding = False
         self._deadline: asyncio.TimerHandle | None = None
         self._scanner: MaskScanner | None = None
+        # The first request's bytes until its header block ends, then what follows it:
+        # a WebSocket client must wait for the 101 before sending frames (RFC 6455 4.1),
+        # and frames sent with the request would reach aiohttp's parser unchecked.
+        self._following = True
+        self._head: bytearray | None = bytearray()
+        self._early = bytearray()
 
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -120,7 +133,10 @@ class EdgeProtocol(asyncio.Protocol):
         if not self._forwarding:
             return
         scanner = self._scanner
-        if scanner is not None:
+        if scanner is None:
+            if self._following:
+                self._follow_first_request(data)
+        else:
             bad = scanner.feed(data)
             if bad is not None:
                 if bad:
@@ -158,12 +174,43 @@ class EdgeProtocol(asyncio.Protocol):
             self._deadline.cancel()
             self._deadline = None
 
-    def websocket_started(self) -> None:
+    def websocket_started(self) -> str | None:
         """The request is a WebSocket upgrade: from here on its frames are checked, and
-        the socket is counted as a connection by the bridge instead of as a handshake."""
+        the socket is counted as a connection by the bridge instead of as a handshake.
+
+        Returns why the upgrade must be refused: bytes sent after the first request
+        before the handshake's answer (checked for the first request of a socket, which
+        is how browsers and client libraries open WebSockets).
+        """
         self._stop_counting()
         if self._scanner is None:
             self._scanner = MaskScanner()
+        if self._following and self._early:
+            return "data was sent before the handshake response (RFC 6455 4.1)"
+        self._stop_following()
+        return None
+
+    def request_done(self) -> None:
+        """A request was answered: a later upgrade on this socket is not its first."""
+        self._stop_following()
+
+    def _stop_following(self) -> None:
+        self._following = False
+        self._head, self._early = None, bytearray()
+
+    def _follow_first_request(self, data: bytes) -> None:
+        head = self._head
+        if head is None:
+            if len(self._early) < EARLY_LIMIT:
+                self._early += data[: EARLY_LIMIT - len(self._early)]
+            return
+        head += data
+        end = head.find(b"\r\n\r\n")
+        if end >= 0:
+            self._early += head[end + 4 : end + 4 + EARLY_LIMIT]
+            self._head = None
+        elif len(head) > HEAD_LIMIT:
+            self._stop_following()  # aiohttp refuses such headers
 
     # -- internals ----------------------------------------------------------------------
     def _stop_counting(self) -> None:

@@ -42,24 +42,23 @@ class RawClient:
 
     @classmethod
     async def connect(cls, port: int, *, receive_buffer: int | None = None) -> RawClient:
+        """Connect and upgrade (the greeting is read)."""
+        client = await cls.open(port, receive_buffer=receive_buffer)
+        await client.send_raw(upgrade_request(port))
+        head = await client.read_until(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        greeting = await client.next_message()
+        assert greeting["type"] == "connection_established"
+        return client
+
+    @classmethod
+    async def open(cls, port: int, *, receive_buffer: int | None = None) -> RawClient:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if receive_buffer is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         sock.setblocking(False)
         client = cls(sock)
         await asyncio.wait_for(client.loop.sock_connect(sock, ("127.0.0.1", port)), scaled(5))
-        key = base64.b64encode(os.urandom(16)).decode()
-        await client.send_raw(
-            (
-                f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
-        head = await client.read_until(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
-        greeting = await client.next_message()
-        assert greeting["type"] == "connection_established"
         return client
 
     async def send_raw(self, data: bytes) -> None:
@@ -137,6 +136,15 @@ class RawClient:
         self.sock.close()
 
 
+def upgrade_request(port: int) -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
 def frame(
     opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True, rsv: int = 0
 ) -> bytes:
@@ -207,6 +215,39 @@ async def test_unmasked_client_frame_fails_with_1002(client: RawClient) -> None:
     await client.send_frame(OP_TEXT, b'{"op":"ping","id":1}', mask=False)
     code, _reason = await client.closed_with()
     assert code == 1002
+
+
+@pytest.mark.parametrize("mask", [True, False])
+async def test_frames_sent_with_the_upgrade_request_are_refused(
+    server: BridgeServer, mask: bool
+) -> None:
+    # RFC 6455 4.1: the client waits for the 101; frames sent before it would reach
+    # aiohttp's reader without the edge's mask check
+    client = await RawClient.open(server.port)
+    try:
+        await client.send_raw(upgrade_request(server.port) + frame(OP_TEXT, b"{}", mask=mask))
+        head = await client.read_until(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), head
+        assert server.bridge.rejected.get("early_data") == 1
+    finally:
+        client.close()
+
+
+async def test_an_upgrade_after_a_plain_request_on_the_same_socket_works(
+    server: BridgeServer,
+) -> None:
+    client = await RawClient.open(server.port)
+    try:
+        await client.send_raw(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert (await client.read_until(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+        await client.read_until(b"}")
+        await client.send_raw(upgrade_request(server.port))
+        assert (await client.read_until(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+        assert (await client.next_message())["type"] == "connection_established"
+        await client.send_frame(OP_TEXT, b'{"op":"ping","id":1}', mask=False)
+        assert (await client.closed_with())[0] == 1002
+    finally:
+        client.close()
 
 
 @pytest.mark.parametrize("code", [999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535])
