@@ -275,34 +275,70 @@ class TopicState:
         self.conflate = conflate
         self.subs: frozenset[Client] = frozenset()
         self.generation = -1
-        # every entry in arrival order, and the same entries per source: a resume finds
-        # a source's events after a position from the end, in O(missed events)
+        # every entry in arrival order, and once a second source appears the same entries
+        # per source: a resume finds a source's events after a position from the end, in
+        # O(missed events). None while every entry is of the one source in ``sources``
+        # (the common case, which costs the hot path nothing).
         self.history: deque[Entry] = deque(maxlen=history_events)
-        self.by_source: dict[bytes, deque[Entry]] = {}
+        self.by_source: dict[bytes, deque[Entry]] | None = None
         self.latest: Entry | None = None
         self.sources: set[bytes] = set()
         self.count = 0
 
 
+def _split_by_source(state: TopicState) -> dict[bytes, deque[Entry]]:
+    """Start the per-source view of a topic's history (a second source appeared)."""
+    if state.by_source is None:
+        by_source: dict[bytes, deque[Entry]] = {}
+        for entry in state.history:
+            per_source = by_source.get(entry[1])
+            if per_source is None:
+                per_source = by_source[entry[1]] = deque()
+            per_source.append(entry)
+        state.by_source = by_source
+    return state.by_source
+
+
 def _append_history(state: TopicState, entry: Entry, oldest: float) -> None:
-    """Add ``entry`` to both views of the topic's history; drop what fell out of it."""
+    """Add ``entry`` to the topic's history (both views); drop what fell out of it.
+    A new source of the topic must be in ``state.sources`` already (see _new_source)."""
     history = state.history
+    by_source = state.by_source
+    if by_source is None:
+        history.append(entry)
+        while len(history) > 1 and history[0][5] < oldest:
+            history.popleft()
+        return
     if len(history) == history.maxlen:
-        _drop_oldest(state, history[0])
+        _drop_oldest(by_source, history[0])
     history.append(entry)
-    per_source = state.by_source.get(entry[1])
+    per_source = by_source.get(entry[1])
     if per_source is None:
-        per_source = state.by_source[entry[1]] = deque()
+        per_source = by_source[entry[1]] = deque()
     per_source.append(entry)
     while len(history) > 1 and history[0][5] < oldest:
-        _drop_oldest(state, history.popleft())
+        _drop_oldest(by_source, history.popleft())
 
 
-def _drop_oldest(state: TopicState, entry: Entry) -> None:
-    per_source = state.by_source[entry[1]]
+def _drop_oldest(by_source: dict[bytes, deque[Entry]], entry: Entry) -> None:
+    per_source = by_source[entry[1]]
     per_source.popleft()
     if not per_source:
-        del state.by_source[entry[1]]
+        del by_source[entry[1]]
+
+
+def _new_source(state: TopicState, source: bytes) -> None:
+    """Record a source new to the topic; the history's single-source form ends."""
+    if state.history:
+        _split_by_source(state)
+    state.sources.add(source)
+
+
+def _entries_of(state: TopicState, source: bytes) -> deque[Entry] | None:
+    """The topic's history entries of ``source``, oldest first."""
+    if state.by_source is None:
+        return state.history if source in state.sources else None
+    return state.by_source.get(source)
 
 
 def _follows(entry: Entry, later: tuple[int, int]) -> bool:
@@ -746,20 +782,17 @@ class Hub:
                 source_state.last_seen_ns = now_ns
             frame = text_frame(payload)
             entry = (next(arrival), source, epoch, seq, frame, now, topic)
-            history = state.history
-            if len(history) == history.maxlen:
-                _drop_oldest(state, history[0])
-            history.append(entry)
-            per_source = state.by_source.get(source)
-            if per_source is None:
-                per_source = state.by_source[source] = deque()
-            per_source.append(entry)
-            while len(history) > 1 and history[0][5] < oldest:
-                _drop_oldest(state, history.popleft())
-            state.latest = entry
             if source not in state.sources:
-                state.sources.add(source)
+                _new_source(state, source)
                 source_state.topics.add(topic)
+            history = state.history
+            if state.by_source is None:
+                history.append(entry)
+                while len(history) > 1 and history[0][5] < oldest:
+                    history.popleft()
+            else:
+                _append_history(state, entry, oldest)
+            state.latest = entry
             state.count += 1
             by_type[state.type] = by_type.get(state.type, 0) + 1
             if state.generation != generation:
@@ -951,7 +984,9 @@ class Hub:
         for topic in state.topics:
             self.tracker.forget(source, topic)
             topic_state = self.topics.get(topic)
-            if topic_state is not None:
+            if topic_state is not None and source in topic_state.sources:
+                if topic_state.history:
+                    _split_by_source(topic_state)  # its entries stay, its name goes
                 topic_state.sources.discard(source)
         self.stats.sources_forgotten += 1
 
@@ -1014,11 +1049,12 @@ class Hub:
                 continue  # the live stream already brought this or a newer event
             self.tracker.set_position(source, topic, epoch, seq)
             entry = (next(self._arrival), source, epoch, seq, text_frame(payload), now, topic)
+            if source not in state.sources:
+                _new_source(state, source)
+                if source_state is not None:
+                    source_state.topics.add(topic)
             _append_history(state, entry, now - self.history_seconds)
             state.latest = entry
-            state.sources.add(source)
-            if source_state is not None:
-                source_state.topics.add(topic)
         for prefix in sync.prefixes:
             self.syncing.pop(prefix, None)
             if prefix in self.subscribed:
@@ -1163,12 +1199,12 @@ class Hub:
                 # nothing new since, if the topic was followed since that event (when
                 # it aged out of the history, since the topic's latest event)
                 coverage = self._coverage_start(topic)
-                per_source = state.by_source.get(source)
+                per_source = _entries_of(state, source)
                 seen = per_source[-1] if per_source else state.latest
                 if coverage is None or seen is None or seen[0] < coverage:
                     return [], False
                 continue
-            per_source = state.by_source.get(source)
+            per_source = _entries_of(state, source)
             coverage = self._coverage_start(topic)
             if not per_source or coverage is None:
                 return [], False

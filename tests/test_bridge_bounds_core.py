@@ -17,9 +17,14 @@ from tests.test_bridge_core import hub_with_clients, message, resumed
 
 
 def consistent(hub: Hub) -> None:
-    """Each topic's per-source history holds exactly its arrival-order history."""
+    """Each topic's per-source history holds exactly its arrival-order history (or, while
+    it has none, every entry is of the topic's one source)."""
     for state in hub.topics.values():
         if state is None:
+            continue
+        if state.by_source is None:
+            assert {entry[1] for entry in state.history} <= state.sources
+            assert len(state.sources) <= 1
             continue
         per_source = sorted(entry for entries in state.by_source.values() for entry in entries)
         assert per_source == list(state.history)
@@ -33,6 +38,7 @@ def test_resume_per_source_from_an_interleaved_history() -> None:
     consistent(hub)  # a1 and b1 left the history (4 kept): a2 b2 a3 b3
     state = hub.topics[b"t"]
     assert state is not None
+    assert state.by_source is not None
     assert {s: [e[3] for e in q] for s, q in state.by_source.items()} == {
         b"a": [2, 3],
         b"b": [2, 3],
@@ -50,6 +56,26 @@ def test_resume_per_source_from_an_interleaved_history() -> None:
     assert [(m["source"], m["seq"]) for m in twice[1:-1]] == [("a", 3)]
 
 
+def test_a_single_source_topic_keeps_one_view_until_a_second_source_appears() -> None:
+    hub, _clients = hub_with_clients(("t",), history_events=3)
+    hub.held_prefixes.add(b"t")
+    hub.dispatch([message("t", n, source="a") for n in range(1, 6)], 1.0, 1)
+    state = hub.topics[b"t"]
+    assert state is not None
+    assert state.by_source is None
+    assert [(m["source"], m["seq"]) for m in resumed(hub, (Position("t", "a", 1, 3),))[1:-1]] == [
+        ("a", 4),
+        ("a", 5),
+    ]
+    assert resumed(hub, (Position("t", "b", 1, 3),))[0]["recovered"] is False
+    hub.dispatch([message("t", 1, source="b")], 2.0, 1)
+    assert state.by_source is not None
+    consistent(hub)
+    assert [(m["source"], m["seq"]) for m in resumed(hub, (Position("t", "a", 1, 4),))[1:-1]] == [
+        ("a", 5)
+    ]
+
+
 def test_history_views_agree_after_time_trimming_and_snapshot_replies() -> None:
     hub, _clients = hub_with_clients(("t",), history_events=5, history_seconds=10.0)
     hub.dispatch([message("t", 1, source="a"), message("t", 1, source="b")], 1.0, 1)
@@ -57,6 +83,7 @@ def test_history_views_agree_after_time_trimming_and_snapshot_replies() -> None:
     consistent(hub)
     state = hub.topics[b"t"]
     assert state is not None
+    assert state.by_source is not None
     assert list(state.by_source) == [b"a"]
     client = Client(50)
     hub.add_client(client, 0)
