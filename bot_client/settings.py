@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from bot_client.errors import SettingsError
 from bus.errors import TopicError
+from bus.settings import bad_value
 from bus.topics import SOURCE_MAX_LEN, validate_source
 
 BUS_SCHEMES: Final = ("tcp", "ipc")
@@ -150,9 +151,10 @@ class _Spec:
         if not ok:
             raise self.error(value if raw is None else raw)
 
-    def error(self, value: object) -> SettingsError:
-        shown = "<hidden>" if self.field == "token" else repr(value)
-        return SettingsError(f"{self.variable}={shown}: expected {self.expected}")
+    def error(self, value: object, name: str | None = None) -> SettingsError:
+        return SettingsError(
+            bad_value(name or self.variable, value, self.expected, secret=self.field == "token")
+        )
 
 
 def _bool(text: str) -> bool:
@@ -204,6 +206,14 @@ def _source_ok(value: Any) -> bool:
     except TopicError:
         return False
     return True
+
+
+def check_url(name: str, url: str) -> str:
+    """``url`` if a publisher can send there, else SettingsError naming ``name`` (a flag)."""
+    spec = SPEC_BY_FIELD["dashboard_url"]
+    if not _url_ok(url, WS_SCHEMES + BUS_SCHEMES):
+        raise spec.error(url, name)
+    return url
 
 
 SPECS: Final = (
@@ -294,3 +304,4 @@ SPECS: Final = (
         optional=True,
     ),
 )
+SPEC_BY_FIELD: Final = {spec.field: spec for spec in SPECS}

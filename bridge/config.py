@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from bridge.errors import ConfigError
+from bus import settings
 from bus.errors import TopicError
 from bus.topics import validate_type
 
@@ -56,29 +57,7 @@ class BridgeConfig:
     static_dir: str = str(STATIC_DIR)
 
     def __post_init__(self) -> None:
-        for name in (
-            "max_queue_bytes",
-            "history_events",
-            "max_message_bytes",
-            "max_subscriptions",
-            "max_connections",
-            "max_connections_per_ip",
-            "max_errors",
-            "write_buffer_high",
-        ):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"bridge setting {name} must be above 0")
-        for name in (
-            "history_seconds",
-            "rate_limit",
-            "rate_burst",
-            "publish_rate_limit",
-            "publish_rate_burst",
-            "ping_interval",
-            "stale_after",
-            "snapshot_timeout",
-            "close_timeout",
-        ):
+        for name in ABOVE_ZERO:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"bridge setting {name} must be above 0")
         if self.upstream_linger < 0:
@@ -124,37 +103,121 @@ class BridgeConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> BridgeConfig:
-        """Defaults, then ``TRADEBUS__BRIDGE_<FIELD>`` variables, then ``overrides``."""
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        flags: Mapping[str, str | None] | None = None,
+        **overrides: Any,
+    ) -> BridgeConfig:
+        """Defaults, then ``TRADEBUS__BRIDGE_<FIELD>`` variables, then ``flags`` (command-line
+        text, parsed here), then ``overrides`` (values); a bad value names the one given."""
         env = os.environ if environ is None else environ
+        typed = flags or {}
         values: dict[str, Any] = {}
         for field in fields(cls):
-            raw = env.get(ENV_PREFIX + field.name.upper())
-            if raw is not None:
-                values[field.name] = _parse(field.name, str(field.type), raw)
+            name = field.name
+            if overrides.get(name) is not None:
+                continue  # a value the caller decided: its variable is not read at all
+            given = settings.pick(
+                flag_name(name),
+                typed.get(name),
+                ENV_PREFIX + name.upper(),
+                env,
+                secret=name in SECRET_FIELDS,
+            )
+            if given is not None:
+                values[name] = field_form(name, str(field.type)).parse(given, ConfigError)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
 
-def _parse(name: str, annotation: str, raw: str) -> Any:
-    variable = ENV_PREFIX + name.upper()
-    text = raw.strip()
-    try:
-        if annotation == "bool":
-            lowered = text.lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError(f"expected true or false, got {raw!r}")
-        if annotation == "int":
-            return int(text)
-        if annotation == "float":
-            return float(text)
-        if annotation.startswith("tuple"):
-            return tuple(part.strip() for part in text.split(",") if part.strip())
-        if annotation == "str | None":
-            return text or None
-        return text
-    except ValueError as error:
-        raise ConfigError(f"{variable}: {error}") from None
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+SECRET_FIELDS: Final = frozenset({"tokens", "publish_tokens", "jwt_secret"})
+ABOVE_ZERO: Final = (
+    "max_queue_bytes",
+    "history_events",
+    "max_message_bytes",
+    "max_subscriptions",
+    "max_connections",
+    "max_connections_per_ip",
+    "max_errors",
+    "write_buffer_high",
+    "history_seconds",
+    "rate_limit",
+    "rate_burst",
+    "publish_rate_limit",
+    "publish_rate_burst",
+    "ping_interval",
+    "stale_after",
+    "snapshot_timeout",
+    "close_timeout",
+)
+
+
+def _items(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _networks(text: str) -> tuple[str, ...]:
+    networks = _items(text)
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise settings.HintError(f"{network!r} is not a network") from None
+    return networks
+
+
+def _types(text: str) -> tuple[str, ...]:
+    names = _items(text)
+    for name in names:
+        try:
+            validate_type(name)
+        except TopicError as error:
+            raise settings.HintError(str(error)) from None
+    return names
+
+
+def _jwt_secret(text: str) -> str | None:
+    if text and len(text.encode()) < 32:
+        raise ValueError("too short")
+    return text or None
+
+
+_FORMS: Final[dict[str, settings.Form[Any]]] = {
+    "port": settings.whole_number(0, 65535, "a port number"),
+    "bus": settings.endpoint(),
+    "snapshot": settings.endpoint(optional=True),
+    "publish_to": settings.endpoint(),
+    "publish_networks": settings.Form(
+        "networks (CIDR), comma-separated, such as 172.16.0.0/12,10.0.0.5/32", _networks
+    ),
+    "conflate_types": settings.Form(
+        "event types, comma-separated, such as market_data,position_update", _types
+    ),
+    "jwt_secret": settings.Form("a secret of at least 32 bytes (RFC 7518)", _jwt_secret),
+    "upstream_linger": settings.number(0, above=False, what="seconds"),
+}
+
+
+def field_form(name: str, annotation: str) -> settings.Form[Any]:
+    """How the text of setting ``name`` becomes its value (or the one-line error)."""
+    if name in _FORMS:
+        return _FORMS[name]
+    if annotation == "bool":
+        return settings.boolean()
+    if annotation == "int":
+        return settings.whole_number(1 if name in ABOVE_ZERO else 0)
+    if annotation == "float":
+        if name in ABOVE_ZERO:
+            return settings.number(0)
+        return settings.number(0, above=False)
+    if annotation.startswith("tuple"):
+        return settings.Form("values, comma-separated", _items)
+    if annotation == "str | None":
+        return settings.Form("a value", lambda text: text or None)
+    return settings.Form("a value", str)

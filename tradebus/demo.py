@@ -560,6 +560,10 @@ def run(args: argparse.Namespace) -> int:
     configure_logging()
     log = get_logger("demo")
     settings = demo_settings(args.symbols)
+    if args.url is not None:
+        from bot_client.settings import check_url
+
+        check_url("--url", args.url)
     publisher = make_publisher(args.url, args.source)
     metrics = None
     if args.metrics_port is not None:

@@ -413,6 +413,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     configure_logging()
     patterns = [p.strip() for p in args.topics.split(",") if p.strip()] or ["*"]
+    endpoint = resolve_backend(args.backend, "--backend")
+    snapshot_endpoint = resolve_snapshot(args.snapshot_endpoint, "--snapshot-endpoint")
     stop = stop_on_signals()
     to_stdout = str(args.file) == "-"
     try:
@@ -426,8 +428,8 @@ def run(args: argparse.Namespace) -> int:
             out,
             patterns,
             stop,
-            endpoint=resolve_backend(args.backend),
-            snapshot_endpoint=resolve_snapshot(args.snapshot_endpoint),
+            endpoint=endpoint,
+            snapshot_endpoint=snapshot_endpoint,
             with_snapshot=args.snapshot,
             duration=args.duration,
             count=args.count,

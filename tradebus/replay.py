@@ -11,6 +11,7 @@ from pathlib import Path
 import zmq
 
 from bus.proxy import DEFAULT_FRONTEND
+from bus.subscriber import resolve_endpoint
 from monitoring.logging import configure_logging, get_logger
 from tradebus.arguments import positive_number
 from tradebus.record import (
@@ -61,7 +62,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     configure_logging()
     log = get_logger("replay")
-    frontend = args.frontend or os.environ.get(FRONTEND_VARIABLE) or DEFAULT_FRONTEND
+    frontend = resolve_endpoint("--frontend", args.frontend, FRONTEND_VARIABLE, DEFAULT_FRONTEND)
     transform = Restamper(args.source, time.time_ns()) if args.source else None
     try:
         lines = open(args.file, "rb")  # noqa: SIM115
