@@ -30,6 +30,22 @@ _FALSE: Final = frozenset({"0", "false", "no", "off", ""})
 MAX_BACKOFF_SECONDS: Final = 300.0
 
 
+DOTENV_FILE: Final = ".env"
+
+
+def environment() -> Mapping[str, str]:
+    """The process environment over the working directory's ``.env``, as the guide's bots
+    read their settings: a variable really set wins over the file. os.environ is left as
+    it is (a library does not change its host's environment)."""
+    path = os.path.join(os.getcwd(), DOTENV_FILE)
+    if not os.path.isfile(path):
+        return os.environ
+    from dotenv import dotenv_values
+
+    from_file = {k: v for k, v in dotenv_values(path).items() if v is not None}
+    return {**from_file, **os.environ}
+
+
 def default_source_id() -> str:
     """``bot-<hostname>``, reduced to the source grammar; stable across restarts of a bot."""
     host = re.sub(r"[^A-Za-z0-9_.:\-]", "-", socket.gethostname()) or "host"
@@ -83,8 +99,9 @@ class PublisherSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> PublisherSettings:
-        """Read every ``SYSTEM__*`` variable of ``env`` (default os.environ); kwargs win."""
-        source = os.environ if env is None else env
+        """Read every ``SYSTEM__*`` variable of ``env`` (default: the environment over the
+        working directory's ``.env``); kwargs win."""
+        source = environment() if env is None else env
         values: dict[str, Any] = {"enabled": False}
         for spec in SPECS:
             raw = source.get(spec.variable)
@@ -100,11 +117,12 @@ class PublisherSettings:
         that are missing fall back to the environment, then to the defaults.
         """
         holder = getattr(settings, "system", settings)
+        env = environment()
         values: dict[str, Any] = {"enabled": False}
         for spec in SPECS:
             raw = getattr(holder, spec.variable.removeprefix("SYSTEM__").lower(), None)
             if raw is None:
-                raw = os.environ.get(spec.variable)
+                raw = env.get(spec.variable)
             if raw is not None:
                 values[spec.field] = spec.parse(str(raw))
         return cls.with_overrides(values, overrides)

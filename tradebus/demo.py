@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import itertools
 import math
-import os
 import random
 import signal
 import time
@@ -493,12 +492,13 @@ def make_publisher(url: str | None, source: str | None, context: Any = None) -> 
     """
     from bot_client.errors import PublisherError
     from bot_client.publisher import Publisher
-    from bot_client.settings import BUS_SCHEMES, PublisherSettings
+    from bot_client.settings import BUS_SCHEMES, PublisherSettings, environment
 
+    env = environment()
     overrides: dict[str, Any] = {"enabled": True}
-    if "SYSTEM__WEBSOCKET_PUBLISH_INTERVAL" not in os.environ:
+    if "SYSTEM__WEBSOCKET_PUBLISH_INTERVAL" not in env:
         overrides["publish_interval"] = 0.0
-    if "SYSTEM__TRADEBUS_SOURCE_ID" not in os.environ or source:
+    if "SYSTEM__TRADEBUS_SOURCE_ID" not in env or source:
         overrides["source_id"] = source or "demo-bot"
     if url:
         scheme = url.split("://", 1)[0]
@@ -508,7 +508,7 @@ def make_publisher(url: str | None, source: str | None, context: Any = None) -> 
             overrides["bus_url"] = None
             overrides["dashboard_url"] = url
     try:
-        settings = PublisherSettings.from_env(**overrides)
+        settings = PublisherSettings.from_env(env, **overrides)
     except PublisherError as error:
         raise ToolError(str(error)) from None
     return Publisher(settings, context=context)
