@@ -23,7 +23,7 @@ from tradebus.record import (
     stop_on_signals,
 )
 
-HELP = "publish a recording back onto the bus at its pace, scaled, or as fast as possible"
+HELP = "publish a recording back onto the bus (as a new run of its sources) at its pace"
 FRONTEND_VARIABLE = "TRADEBUS__PROXY_FRONTEND"
 
 
@@ -46,10 +46,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no pauses between events (nothing is dropped: sending waits for the bus)",
     )
-    parser.add_argument(
+    identity = parser.add_mutually_exclusive_group()
+    identity.add_argument(
         "--source",
-        help="republish under this source id with a new epoch and fresh sequence numbers "
-        "(default: the recorded source, epoch and seq, unchanged)",
+        help="republish under this source id (default: each event's recorded source), "
+        "as always with a new epoch and fresh sequence numbers",
+    )
+    identity.add_argument(
+        "--exact",
+        action="store_true",
+        help="republish source, epoch, seq and payload bytes unchanged: only for a bus that "
+        "has not seen them (its subscribers would drop them as duplicates or report gaps)",
     )
     parser.add_argument(
         "--connect-timeout",
@@ -63,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
     configure_logging()
     log = get_logger("replay")
     frontend = resolve_endpoint("--frontend", args.frontend, FRONTEND_VARIABLE, DEFAULT_FRONTEND)
-    transform = Restamper(args.source, time.time_ns()) if args.source else None
+    # by default a new run of the recorded sources: a bus that saw the recording already
+    # would otherwise drop its events as duplicates or report them as gaps
+    transform = None if args.exact else Restamper(args.source, time.time_ns())
     try:
         lines = open(args.file, "rb")  # noqa: SIM115
     except OSError as error:
