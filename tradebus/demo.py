@@ -98,6 +98,11 @@ def _round_price(price: float) -> float:
     return round(price, 2 if price >= 1 else 6)
 
 
+def rsi_zone(value: float) -> str:
+    """How the demo reads an RSI value: below 35 oversold, above 65 overbought."""
+    return "oversold" if value < 35 else "overbought" if value > 65 else "neutral"
+
+
 def rsi(prices: Sequence[float], period: int = 14) -> float:
     """Wilder's relative strength index of the last ``period`` changes (50 when flat/short)."""
     if len(prices) < 2:
@@ -227,9 +232,15 @@ class DemoSession:
         score += 0.2 if indicators["wavetrend"] == "bullish" else -0.2
         score += rng.gauss(0.0, 0.25)
         position = self.positions.get(symbol)
-        if score > 0.3:
+        zone = rsi_zone(indicators["rsi"])
+        trend_up = indicators["ema_trend"] == "up"
+        bullish = indicators["wavetrend"] == "bullish"
+        # The decision must agree with the indicators it prints: no buying into an
+        # overbought market or selling into an oversold one, and a trade needs at least
+        # one trend signal on its side.
+        if score > 0.3 and zone != "overbought" and (trend_up or bullish):
             action = "BUY"
-        elif score < -0.3:
+        elif score < -0.3 and zone != "oversold" and not (trend_up and bullish):
             action = "SELL"
         else:
             action = "HOLD"
@@ -302,18 +313,21 @@ class DemoSession:
     @staticmethod
     def _reasoning(action: str, indicators: dict[str, Any], position: _Position | None) -> str:
         value = indicators["rsi"]
-        zone = "oversold" if value < 35 else "overbought" if value > 65 else "neutral"
         facts = (
-            f"RSI {value:.1f} ({zone}), EMA trend {indicators['ema_trend']}, "
+            f"RSI {value:.1f} ({rsi_zone(value)}), EMA trend {indicators['ema_trend']}, "
             f"wavetrend {indicators['wavetrend']}"
         )
+        trend_up = indicators["ema_trend"] == "up"
+        bullish = indicators["wavetrend"] == "bullish"
         if action == "HOLD":
             return f"{facts}: signals mixed, waiting for confirmation"
         if position is not None:
             return f"{facts}: momentum turned against the {position.side} position, closing it"
         if action == "BUY":
-            return f"{facts}: bullish convergence, entering long"
-        return f"{facts}: bearish convergence, entering short"
+            agreement = "bullish convergence" if trend_up and bullish else "leaning bullish"
+            return f"{facts}: {agreement}, entering long"
+        agreement = "bearish convergence" if not trend_up and not bullish else "leaning bearish"
+        return f"{facts}: {agreement}, entering short"
 
     def _check_exits(self, at: float) -> Iterator[DemoEvent]:
         for symbol, position in list(self.positions.items()):
