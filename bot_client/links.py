@@ -25,6 +25,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from bot_client.core import Entry, backoff_delay
 from bus.transport import sender
+from monitoring.logging import redact
 
 if TYPE_CHECKING:
     from bot_client.publisher import Publisher
@@ -224,7 +225,7 @@ class ZmqLink:
             publisher._log.error(
                 "websocket.publisher_thread_failed",
                 message="WebSocket publisher I/O thread failed",
-                error=repr(error),
+                error=redact(repr(error)),
             )
             raise
         finally:
@@ -271,7 +272,7 @@ class ZmqLink:
                     log.warning(
                         "websocket.publisher_connect_retry",
                         message="WebSocket publisher cannot reach the bus; retrying",
-                        url=publisher.settings.url,
+                        url=publisher.settings.loggable_url,
                         attempts=attempts,
                         queued=publisher.queued(),
                     )
@@ -301,7 +302,7 @@ class ZmqLink:
             publisher._log.info(
                 "websocket.publisher_connected",
                 message="WebSocket publisher connected to the bus",
-                url=publisher.settings.url,
+                url=publisher.settings.loggable_url,
                 reconnects=publisher.counters.reconnects,
                 queued=publisher.queued(),
             )
@@ -312,7 +313,7 @@ class ZmqLink:
             publisher._log.warning(
                 "websocket.publisher_disconnected",
                 message="WebSocket publisher lost the bus; holding events",
-                url=publisher.settings.url,
+                url=publisher.settings.loggable_url,
             )
 
     def _drain(self) -> tuple[int, bool]:
@@ -396,6 +397,14 @@ class ZmqLink:
         self._wake_w.close()
 
 
+def _error_fields(error: BaseException) -> dict[str, Any]:
+    """Log fields of a connection error: an HTTP refusal by its status, never its text,
+    which quotes the request URL; other errors' text with anything token-like removed."""
+    if isinstance(error, aiohttp.ClientResponseError):
+        return {"status": error.status, "error": type(error).__name__}
+    return {"error": redact(str(error) or type(error).__name__)}
+
+
 class WebSocketLink:
     """A WebSocket client of the bridge's publish ingest (docs/publisher.md).
 
@@ -410,10 +419,10 @@ class WebSocketLink:
         settings = publisher.settings
         parts = urlsplit(settings.url)
         query = {"role": "publisher", "source": publisher.source, "epoch": str(publisher.epoch)}
-        if settings.token:
-            query["token"] = settings.token
         extra = parts.query + "&" if parts.query else ""
         self._url = urlunsplit(parts._replace(query=extra + urlencode(query)))
+        # in a header, not the URL: URLs end up in error texts, proxies' logs, histories
+        self._headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
         self._in_flight: deque[tuple[int, Entry]] = deque()
         self._next_id = 1
         self._thread: threading.Thread | None = None
@@ -485,7 +494,7 @@ class WebSocketLink:
             publisher._log.error(
                 "websocket.publisher_thread_failed",
                 message="WebSocket publisher I/O thread failed",
-                error=repr(error),
+                error=redact(repr(error)),
             )
             raise
         finally:
@@ -513,7 +522,9 @@ class WebSocketLink:
         while not self._finished():
             try:
                 async with asyncio.timeout(settings.timeout):
-                    ws = await session.ws_connect(self._url, heartbeat=settings.timeout / 2)
+                    ws = await session.ws_connect(
+                        self._url, heartbeat=settings.timeout / 2, headers=self._headers
+                    )
             except (aiohttp.ClientError, OSError, TimeoutError) as error:
                 failures += 1
                 publisher.counters.connect_attempts += 1
@@ -521,8 +532,8 @@ class WebSocketLink:
                 log.warning(
                     "websocket.publisher_connect_failed",
                     message="WebSocket publisher cannot reach the bridge; retrying",
-                    url=settings.url,
-                    error=str(error) or type(error).__name__,
+                    url=settings.loggable_url,
+                    **_error_fields(error),
                     attempt=failures,
                     retry_in=delay,
                     queued=publisher.queued(),
@@ -541,7 +552,7 @@ class WebSocketLink:
             log.info(
                 "websocket.publisher_connected",
                 message="WebSocket publisher connected to the bridge",
-                url=settings.url,
+                url=settings.loggable_url,
                 resending=len(self._in_flight),
                 queued=len(publisher._outbox),
             )
@@ -554,7 +565,7 @@ class WebSocketLink:
                 log.info(
                     "websocket.publisher_send_failed",
                     message="WebSocket publish failed on a broken connection; will resend",
-                    error=str(error) or type(error).__name__,
+                    **_error_fields(error),
                 )
             finally:
                 self.connected = False
@@ -573,7 +584,7 @@ class WebSocketLink:
                 log.warning(
                     "websocket.publisher_disconnected",
                     message="WebSocket publisher lost the bridge; holding events",
-                    url=settings.url,
+                    url=settings.loggable_url,
                     close_code=ws.close_code,
                     in_flight=len(self._in_flight),
                 )

@@ -430,7 +430,7 @@ class Publisher(EventHelpers):
         self._log.info(
             "websocket.publisher_started",
             message="WebSocket publisher started",
-            url=self.settings.url,
+            url=self.settings.loggable_url,
             transport=self.settings.transport,
             epoch=self.epoch,
             queue_size=self.settings.queue_size,

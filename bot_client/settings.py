@@ -21,6 +21,7 @@ from bot_client.errors import SettingsError
 from bus.errors import TopicError
 from bus.settings import bad_value
 from bus.topics import SOURCE_MAX_LEN, validate_source
+from monitoring.logging import redact
 
 BUS_SCHEMES: Final = ("tcp", "ipc")
 WS_SCHEMES: Final = ("ws", "wss")
@@ -84,6 +85,12 @@ class PublisherSettings:
     def url(self) -> str:
         """Where events go: the bus URL when set, else the dashboard URL."""
         return self.bus_url or self.dashboard_url
+
+    @property
+    def loggable_url(self) -> str:
+        """``url`` for log lines: a token someone put into it is replaced (the bot's own
+        logging may not be tradebus's, which redacts on the way out)."""
+        return redact(self.url)
 
     @property
     def transport(self) -> str:

@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -24,7 +24,14 @@ import zmq.asyncio
 from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from bridge.auth import Authenticator, origin_allowed, token_from_request
+from bridge.admission import (
+    HostPolicy,
+    SourceRefused,
+    exposure_warning,
+    origin_allowed,
+    publish_rights,
+)
+from bridge.auth import Authenticator, token_from_request
 from bridge.config import BridgeConfig
 from bridge.errors import AuthError, ConfigError
 from bridge.hub import Client, Hub, SlowConsumerError
@@ -90,7 +97,15 @@ class Bridge:
             track_sources=config.track_sources,
             snapshots_available=bool(config.snapshot),
         )
-        self.auth = Authenticator(config.tokens, config.publish_tokens, config.jwt_secret)
+        self.auth = Authenticator(
+            config.tokens,
+            config.publish_token_sources(),
+            config.jwt_secret,
+            jwt_audience=config.jwt_audience,
+            jwt_issuer=config.jwt_issuer,
+            jwt_max_lifetime=config.jwt_max_lifetime,
+        )
+        self.hosts = HostPolicy.from_settings(config.host, config.server_names)
         self.registry = CollectorRegistry()
         self.registry.register(BridgeCollector(self))
         self.ready = not config.snapshot
@@ -163,6 +178,9 @@ class Bridge:
             allow_publish=config.allow_publish,
             auth=self.auth.required,
         )
+        risk = exposure_warning(config.host, self.auth.required)
+        if risk is not None:
+            self.log.warning("bridge.unauthenticated_exposure", host=config.host, risk=risk)
 
     async def stop(self) -> None:
         if self._loop is not None and self._sub_raw is not None:
@@ -420,8 +438,8 @@ class Bridge:
         config = self.config
         ip = request.remote or ""
         origin = request.headers.get("Origin")
-        if not origin_allowed(origin, request.host, config.origins):
-            self._reject("origin", ip=ip, origin=origin)
+        if not origin_allowed(origin, request.headers.get("Host"), request.secure, config.origins):
+            self._reject("origin", ip=ip, origin=origin[:200] if origin else None)
             raise web.HTTPForbidden(text="origin not allowed\n")
         if sum(self.connections.values()) >= config.max_connections:
             self._reject("max_connections", ip=ip)
@@ -458,6 +476,21 @@ class Bridge:
         except (TopicError, ValueError) as error:
             self._reject("bad_query", ip=ip)
             raise web.HTTPBadRequest(text=f"{error}\n") from None
+        rights = publish_rights(
+            # a browser always sends Origin; its page may be any site's, so a trusted
+            # network's token-less publishing is not for it
+            browser=origin is not None,
+            network_trusted=config.publish_trusted(ip),
+            grant_publish=grant.publish,
+            grant_sources=grant.sources,
+        )
+        try:
+            source = rights.source_for(source)
+        except SourceRefused:
+            self._reject("source_forbidden", ip=ip, source=source, subject=grant.subject)
+            raise web.HTTPForbidden(
+                text=f"source_forbidden: your credentials may not publish as {source!r}\n"
+            ) from None
         if source and source in self._publishing_sources:
             self._reject("source_in_use", ip=ip)
             raise web.HTTPConflict(
@@ -467,7 +500,7 @@ class Bridge:
             next(self._client_ids),
             grant=grant,
             publisher=query.get("role") == "publisher",
-            may_publish=grant.publish or config.publish_trusted(ip),
+            may_publish=rights.may_publish,
             ip=ip,
             source=source,
             epoch=epoch,
@@ -700,10 +733,33 @@ async def _static(request: web.Request) -> web.StreamResponse:
 BRIDGE_KEY: Final = web.AppKey("bridge", Bridge)
 
 
+@web.middleware
+async def _host_allowlist(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every route answers only requests addressed to a Host this bridge serves (DNS
+    rebinding: bridge/admission.py), before any upgrade or page."""
+    bridge = request.app[BRIDGE_KEY]
+    host = request.headers.get("Host")
+    local_port: int | None = None
+    if request.transport is not None:
+        sockname = request.transport.get_extra_info("sockname")
+        if isinstance(sockname, tuple) and len(sockname) >= 2:
+            local_port = int(sockname[1])
+    if not bridge.hosts.allows(host, local_port):
+        bridge._reject(
+            "host", ip=request.remote or "", host=host[:200] if host else None, path=request.path
+        )
+        raise web.HTTPMisdirectedRequest(
+            text="this bridge does not serve that Host name (see --server-names)\n"
+        )
+    return await handler(request)
+
+
 def create_app(config: BridgeConfig | None = None) -> web.Application:
     """The bridge as an aiohttp application; the bus connection starts with the app."""
     bridge = Bridge(config or BridgeConfig.from_env())
-    app = web.Application()
+    app = web.Application(middlewares=[_host_allowlist])
     app[BRIDGE_KEY] = bridge
     app.router.add_get("/ws", bridge.handle_ws)
     app.router.add_get("/health", _health)

@@ -10,10 +10,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final
 
+from bridge.admission import ServerName, parse_origin
 from bridge.errors import ConfigError
 from bus import settings
 from bus.errors import TopicError
-from bus.topics import validate_type
+from bus.topics import validate_source, validate_type
 
 ENV_PREFIX: Final = "TRADEBUS__BRIDGE_"
 STATIC_DIR: Final = Path(__file__).resolve().parent / "static"
@@ -29,9 +30,13 @@ class BridgeConfig:
     allow_publish: bool = False  # loopback connections may publish without a token
     publish_networks: tuple[str, ...] = ()  # trusted networks (CIDR) that may publish too
     origins: tuple[str, ...] = ()  # extra allowed Origin values; "*" allows any
+    server_names: tuple[str, ...] = ()  # Host names served besides the bind address
     tokens: tuple[str, ...] = ()  # static tokens: subscribe to everything
-    publish_tokens: tuple[str, ...] = ()  # static tokens: subscribe and publish
-    jwt_secret: str | None = None  # HS256 secret; claims exp, topics, publish
+    publish_tokens: tuple[str, ...] = ()  # SOURCE=TOKEN: subscribe, and publish as SOURCE
+    jwt_secret: str | None = None  # HS256 secret; claims exp, topics, publish, sources
+    jwt_audience: str | None = None  # when set, a JWT's aud must name it
+    jwt_issuer: str | None = None  # when set, a JWT's iss must be it
+    jwt_max_lifetime: float = 86400.0  # a JWT's exp may be at most this far ahead
     cert: str | None = None  # TLS certificate (PEM) for wss://
     key: str | None = None  # TLS private key (PEM)
     max_queue_bytes: int = 1024 * 1024  # per client: bytes waiting to be sent
@@ -75,6 +80,19 @@ class BridgeConfig:
                     f"bridge setting publish_networks: {network!r} is not a network "
                     "such as 172.16.0.0/12 or 10.0.0.5/32"
                 ) from None
+        self.publish_token_sources()  # SOURCE=TOKEN entries, checked at start-up
+        for origin in self.origins:
+            if origin != "*" and parse_origin(origin) is None:
+                raise ConfigError(
+                    f"bridge setting origins: {origin!r} is not an origin such as "
+                    "https://dash.example.com or http://localhost:5173 (or *)"
+                )
+        for name in self.server_names:
+            if ServerName.parse(name) is None:
+                raise ConfigError(
+                    f"bridge setting server_names: {name!r} is not a host name such as "
+                    "dash.example.com or dash.example.com:8443"
+                )
         if bool(self.cert) != bool(self.key):
             raise ConfigError("bridge settings cert and key must be given together")
         for type_name in self.conflate_types:
@@ -94,6 +112,30 @@ class BridgeConfig:
         if self.allow_publish and ip.is_loopback:
             return True
         return any(ip in ipaddress.ip_network(n, strict=False) for n in self.publish_networks)
+
+    def publish_token_sources(self) -> dict[str, tuple[str, ...]]:
+        """Each publish token with the sources it may publish as (from SOURCE=TOKEN).
+
+        A bare TOKEN is refused: a publish credential that names no source could publish
+        as any bot. Error messages never quote an entry, which holds a secret.
+        """
+        sources: dict[str, tuple[str, ...]] = {}
+        for number, entry in enumerate(self.publish_tokens, 1):
+            source, equals, token = entry.partition("=")
+            if not equals or not token or token.startswith("="):
+                raise ConfigError(
+                    f"bridge setting publish_tokens: entry {number} is not SOURCE=TOKEN "
+                    "(a publish token names the source it may publish as, e.g. bot-1=TOKEN)"
+                )
+            try:
+                validate_source(source.strip())
+            except TopicError:
+                raise ConfigError(
+                    f"bridge setting publish_tokens: entry {number}: the part before '=' "
+                    "is not a source id (letters, digits and _ . : -)"
+                ) from None
+            sources[token] = (*sources.get(token, ()), source.strip())
+        return sources
 
     @property
     def auth_required(self) -> bool:
@@ -155,6 +197,7 @@ ABOVE_ZERO: Final = (
     "stale_after",
     "snapshot_timeout",
     "close_timeout",
+    "jwt_max_lifetime",
 )
 
 
@@ -182,6 +225,22 @@ def _types(text: str) -> tuple[str, ...]:
     return names
 
 
+def _origins(text: str) -> tuple[str, ...]:
+    origins = _items(text)
+    for origin in origins:
+        if origin != "*" and parse_origin(origin) is None:
+            raise settings.HintError(f"{origin!r} is not an origin")
+    return origins
+
+
+def _server_names(text: str) -> tuple[str, ...]:
+    names = _items(text)
+    for name in names:
+        if ServerName.parse(name) is None:
+            raise settings.HintError(f"{name!r} is not a host name")
+    return names
+
+
 def _jwt_secret(text: str) -> str | None:
     if text and len(text.encode()) < 32:
         raise ValueError("too short")
@@ -200,6 +259,14 @@ _FORMS: Final[dict[str, settings.Form[Any]]] = {
         "event types, comma-separated, such as market_data,position_update", _types
     ),
     "jwt_secret": settings.Form("a secret of at least 32 bytes (RFC 7518)", _jwt_secret),
+    "origins": settings.Form(
+        "origins, comma-separated, such as https://dash.example.com,http://localhost:5173 (or *)",
+        _origins,
+    ),
+    "server_names": settings.Form(
+        "host names, comma-separated, such as dash.example.com,dash.example.com:8443",
+        _server_names,
+    ),
     "upstream_linger": settings.number(0, above=False, what="seconds"),
 }
 

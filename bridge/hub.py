@@ -389,10 +389,12 @@ class Hub:
         self.clients.add(client)
         if not client.publisher:
             client.implicit = True
-            for pattern in client.grant.topics or (EVERYTHING,):
+            # a grant of no topics ("topics": []) gets nothing, not everything
+            granted = client.grant.topics
+            for pattern in (EVERYTHING,) if granted is None else granted:
                 self._add_pattern(client, pattern)
         self.mark(client)
-        if not client.publisher:
+        if not client.publisher and client.grant.allows_topic(SOURCE_STATUS_TYPE):
             for source, state in self.sources.items():
                 client.push(self._source_status_frame(source, state))
 
@@ -544,8 +546,8 @@ class Hub:
             )
             raise RequestError(
                 "publish_forbidden",
-                "this connection may not publish (needs a publisher token, or --allow-publish "
-                "and a loopback connection)",
+                "this connection may not publish (needs a publish token naming a source, or "
+                "--allow-publish and a loopback connection without an Origin header)",
                 request.request_id,
             )
         topic = request.topic or self._derive_topic(request.type, request.data)
@@ -556,7 +558,9 @@ class Hub:
                 request.request_id,
             )
         if not client.source:
-            client.source = f"ws-{next(self._ws_publishers)}"
+            # a credential publishes as the first source it names (it may name no other)
+            named = client.grant.sources
+            client.source = named[0] if named else f"ws-{next(self._ws_publishers)}"
         if not client.epoch:
             client.epoch = now_ns
         key = (client.source, client.epoch, topic)
@@ -716,8 +720,12 @@ class Hub:
         self._broadcast(self._source_status_frame(source, state))
 
     def _broadcast(self, frame: bytes) -> None:
+        """A source's status, to the clients whose grant covers the status topic (source
+        names are data too: a token limited to market data does not learn them)."""
         for client in self.clients:
-            if not client.publisher or self.index.patterns_of(client):
+            if (
+                not client.publisher or self.index.patterns_of(client)
+            ) and client.grant.allows_topic(SOURCE_STATUS_TYPE):
                 client.push(frame)
                 self.dirty.add(client)
 

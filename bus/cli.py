@@ -67,6 +67,25 @@ OPTIONS: dict[str, settings.Option] = {
         _DEFAULTS.cache_nice,
         "CPU niceness of the cache thread, 0..19: forwarding goes first",
     ),
+    "--owner-idle": settings.Option(
+        "TRADEBUS__PROXY_OWNER_IDLE",
+        settings.number(0, what="seconds"),
+        _DEFAULTS.owner_idle_s,
+        "without keys: seconds a source's publisher may be silent before another"
+        " connection may publish as that source",
+    ),
+    "--epoch-skew": settings.Option(
+        "TRADEBUS__PROXY_EPOCH_SKEW",
+        settings.number(0, what="seconds"),
+        _DEFAULTS.epoch_skew_s,
+        "events whose epoch (publisher start time) is further in the future than this are refused",
+    ),
+    "--snapshot-max-bytes": settings.Option(
+        "TRADEBUS__PROXY_SNAPSHOT_MAX_BYTES",
+        _COUNT,
+        _DEFAULTS.snapshot_max_bytes,
+        "largest snapshot reply; a bigger one is refused with an error",
+    ),
     "--metrics-port": settings.Option(
         "TRADEBUS__PROXY_METRICS_PORT",
         settings.whole_number(1, 65535, "a port number"),
@@ -103,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
         cache_max_topics=args.cache_max_topics,
         cache_nice=args.cache_nice,
         cache=not args.no_cache,
+        owner_idle_s=args.owner_idle,
+        epoch_skew_s=args.epoch_skew,
+        snapshot_max_bytes=args.snapshot_max_bytes,
     )
     stop = threading.Event()
     received: list[str] = []
@@ -124,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         from monitoring.metrics import MetricsServer, ProxyCollector
 
         registry = CollectorRegistry()
-        registry.register(ProxyCollector(lambda: proxy.cache.stats))
+        registry.register(ProxyCollector(lambda: proxy.cache.stats, lambda: proxy.gate.stats))
         try:
             metrics = MetricsServer(registry, host=args.metrics_host, port=args.metrics_port)
         except BaseException:

@@ -1,9 +1,16 @@
-"""The XSUB/XPUB proxy with a last-value cache and a snapshot service.
+"""The XSUB/XPUB proxy with a gate, a last-value cache and a snapshot service.
 
-Forwarding is libzmq's own ``zmq_proxy_steerable`` loop in a thread that holds no GIL, so
-no Python code runs per forwarded message. The proxy's capture socket copies every
-forwarded message, in forwarding order and subscription messages included, to the cache
-thread, which keeps the latest event of every topic and answers snapshot requests.
+The forwarding thread receives every publisher message, lets it pass only if the gate
+(bus/gate.py) accepts it, and sends it on to the subscribers and to the capture socket;
+refused messages are counted by reason and logged at a bounded rate. Subscriptions flow
+the other way untouched. The capture socket copies every forwarded message, in forwarding
+order and subscription messages included, to the cache thread, which keeps the latest
+event of every topic and answers snapshot requests. So nothing the gate refuses reaches a
+subscriber, the cache or a snapshot.
+
+Publishers are identified per message by the ZAP User-Id libzmq attaches: with keys
+(CURVE) the name of the publisher's key, without keys a number the proxy gives each
+connection when it is made (the proxy answers ZAP requests for the NULL mechanism itself).
 
 Consistent snapshots (no gap, no unmarked duplicate between snapshot and live stream):
 a subscriber first subscribes to its patterns and to the marker ``\\x00sync.<nonce>``, then
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import os
 import string
 import struct
@@ -30,10 +38,27 @@ from typing import Final
 
 import zmq
 
-from bus.envelope import META_HEADER_SIZE, WIRE_VERSION
+from bus.envelope import MAX_PAYLOAD_BYTES, META_HEADER_SIZE, WIRE_VERSION
 from bus.errors import EndpointError, TopicError
+from bus.gate import (
+    DEFAULT_EPOCH_SKEW_S,
+    DEFAULT_OWNER_IDLE_S,
+    Gate,
+    Refusal,
+    RefusalLog,
+)
 from bus.topics import Pattern
-from bus.transport import Receiver, cache_drainer, receiver
+from bus.transport import (
+    IdentifiedReceiver,
+    Receiver,
+    cache_drainer,
+    identified_receiver,
+    receiver,
+    sender,
+)
+from monitoring.logging import get_logger
+
+log = get_logger("bus.proxy")
 
 DEFAULT_FRONTEND: Final = "tcp://127.0.0.1:5555"
 DEFAULT_BACKEND: Final = "tcp://127.0.0.1:5556"
@@ -46,6 +71,15 @@ STATUS_UNSYNCED: Final = b"unsynced"
 STATUS_ERROR: Final = b"error"
 
 _SUBSCRIBE: Final = 1
+# libzmq drops the connection of a publisher sending a frame larger than this, before
+# reading it; smaller frames over MAX_PAYLOAD_BYTES reach the gate and are counted there.
+FRONTEND_MAX_FRAME_BYTES: Final = 4 * MAX_PAYLOAD_BYTES
+# messages the forwarder takes from the publishers between two looks at its other sockets
+GATE_BATCH: Final = 1_000
+ZAP_ENDPOINT: Final = "inproc://zeromq.zap.01"
+ZAP_DOMAIN: Final = b"tradebus"
+# snapshot requests waiting for their sync marker, in all
+MAX_PARKED_REQUESTS: Final = 10_000
 # The cache drains its capture queue every CACHE_DRAIN_BUSY_MS while events flow, backing
 # off to CACHE_DRAIN_IDLE_MS when idle; a snapshot request always drains first.
 CACHE_DRAIN_BUSY_MS: Final = 2
@@ -80,6 +114,16 @@ class ProxyConfig:
     cache_max_topics: int = 100_000
     sync_timeout: float = 2.0
     heartbeat_ms: int = 2_000
+    # The gate (bus/gate.py). Off only in benchmarks, to measure what it costs: without it
+    # forwarding is libzmq's proxy loop and anything a publisher sends reaches everyone.
+    gate: bool = True
+    owner_idle_s: float = DEFAULT_OWNER_IDLE_S
+    epoch_skew_s: float = DEFAULT_EPOCH_SKEW_S
+    # Snapshot service bounds: patterns per request, bytes per reply, and replies queued
+    # per requester before further replies to it are dropped (counted).
+    snapshot_max_patterns: int = 100
+    snapshot_max_bytes: int = 64 * 1024 * 1024
+    snapshot_hwm: int = 16
 
 
 @dataclass
@@ -92,6 +136,8 @@ class CacheStats:
     snapshots: int = 0
     unsynced_snapshots: int = 0
     bad_requests: int = 0
+    # snapshot replies refused: too many patterns, too large, requester not reading
+    refused_snapshots: dict[str, int] = field(default_factory=dict)
     topics: int = 0
     by_type: dict[str, int] = field(default_factory=dict)
 
@@ -239,6 +285,9 @@ class Proxy:
         self._own_context = context is None
         self.context: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context()
         self.cache = LastValueCache(self.config.cache_max_topics)
+        self.gate = Gate(
+            owner_idle_s=self.config.owner_idle_s, epoch_skew_s=self.config.epoch_skew_s
+        )
         self.frontend_endpoint = ""
         self.backend_endpoint = ""
         self.snapshot_endpoint = ""
@@ -264,6 +313,21 @@ class Proxy:
                 self.context.term()
             raise
 
+    def _warn_if_exposed(self) -> None:
+        """One warning when an endpoint other hosts can reach is served without keys."""
+        exposed = [
+            endpoint
+            for endpoint in (self.frontend_endpoint, self.backend_endpoint, self.snapshot_endpoint)
+            if endpoint and not _is_loopback(endpoint)
+        ]
+        if exposed:
+            log.warning(
+                "proxy.unauthenticated_bind",
+                endpoints=exposed,
+                risk="any host that reaches these ports can read every event and publish as"
+                " any source not yet live; run with --keys (README, Security)",
+            )
+
     def _socket(self, kind: int) -> zmq.Socket[bytes]:
         socket: zmq.Socket[bytes] = self.context.socket(kind)
         socket.linger = 0
@@ -274,6 +338,14 @@ class Proxy:
         config = self.config
         frontend = self._socket(zmq.XSUB)
         frontend.rcvhwm = config.frontend_hwm
+        frontend.setsockopt(zmq.MAXMSGSIZE, FRONTEND_MAX_FRAME_BYTES)
+        zap: zmq.Socket[bytes] | None = None
+        if config.gate:
+            # Every connection is handed to the ZAP handler, which gives it its identity;
+            # with ZAP_ENFORCE_DOMAIN a connection made while there is none fails its
+            # handshake (the publisher retries) instead of passing unidentified.
+            frontend.zap_domain = ZAP_DOMAIN
+            frontend.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         backend = self._socket(zmq.XPUB)
         backend.sndhwm = config.backend_hwm
         for socket in (frontend, backend):
@@ -288,7 +360,10 @@ class Proxy:
         capture: zmq.Socket[bytes] | None = None
         if config.cache:
             snapshot = self._socket(zmq.ROUTER)
-            snapshot.setsockopt(zmq.ROUTER_MANDATORY, 0)
+            # with ROUTER_MANDATORY a reply to a requester whose queue is full raises EAGAIN
+            # (counted) instead of vanishing, and unread replies stay bounded
+            snapshot.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            snapshot.sndhwm = config.snapshot_hwm
             self.snapshot_endpoint = _bind(snapshot, config.snapshot, "snapshot (ROUTER)")
             capture = self._socket(zmq.PUB)
             capture.sndhwm = config.capture_hwm
@@ -309,19 +384,23 @@ class Proxy:
             )
             self._threads.append(cache_thread)
 
+        if config.gate:
+            zap = self._socket(zmq.REP)
+            _bind(zap, ZAP_ENDPOINT, "ZAP handler (one proxy per ZeroMQ context)")
         control_in = self._socket(zmq.PAIR)
         control_in.bind(f"inproc://tradebus-proxy-control-{self._tag}")
         self._forwarder_control = self._socket(zmq.PAIR)
         self._forwarder_control.connect(f"inproc://tradebus-proxy-control-{self._tag}")
         forwarder = threading.Thread(
-            target=self._run_forwarder,
-            args=(frontend, backend, capture, control_in),
+            target=self._run_gate if config.gate else self._run_forwarder,
+            args=(frontend, backend, capture, control_in, zap),
             name="tradebus-forwarder",
             daemon=True,
         )
         self._threads.append(forwarder)
         for thread in self._threads:
             thread.start()
+        self._warn_if_exposed()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop both threads and close every socket. Safe to call more than once."""
@@ -357,9 +436,66 @@ class Proxy:
         backend: zmq.Socket[bytes],
         capture: zmq.Socket[bytes] | None,
         control: zmq.Socket[bytes],
+        _zap: zmq.Socket[bytes] | None,
     ) -> None:
+        """Forwarding without the gate (benchmarks only): libzmq's loop, no Python per message."""
         with contextlib.suppress(zmq.ContextTerminated):
             zmq.proxy_steerable(frontend, backend, capture, control)
+
+    def _run_gate(
+        self,
+        frontend: zmq.Socket[bytes],
+        backend: zmq.Socket[bytes],
+        capture: zmq.Socket[bytes] | None,
+        control: zmq.Socket[bytes],
+        zap: zmq.Socket[bytes] | None,
+    ) -> None:
+        receive = identified_receiver(frontend)
+        send_out = sender(backend)
+        send_capture = sender(capture) if capture is not None else None
+        refusals = RefusalLog()
+        poller = zmq.Poller()
+        for socket in (frontend, backend, control):
+            poller.register(socket, zmq.POLLIN)
+        if zap is not None:
+            poller.register(zap, zmq.POLLIN)
+        connections = 0
+        with contextlib.suppress(zmq.ContextTerminated):
+            while True:
+                ready = dict(poller.poll())
+                if control in ready:
+                    return
+                if zap is not None and zap in ready:
+                    connections = _answer_zap(zap, connections)
+                if backend in ready:
+                    _forward_subscriptions(backend, frontend, capture)
+                if frontend in ready:
+                    self._forward_events(receive, send_out, send_capture, refusals)
+
+    def _forward_events(
+        self,
+        receive: IdentifiedReceiver,
+        send_out: Callable[[bytes, bytes, bytes], bool],
+        send_capture: Callable[[bytes, bytes, bytes], bool] | None,
+        refusals: RefusalLog,
+    ) -> None:
+        """Up to GATE_BATCH queued publisher messages through the gate."""
+        check = self.gate.check
+        now = time.monotonic()
+        wall_ns = time.time_ns()
+        for _ in range(GATE_BATCH):
+            try:
+                user_id, frames = receive()
+            except zmq.Again:
+                return
+            refusal = check(frames, user_id, now, wall_ns)
+            if refusal is None:
+                topic, meta, payload = frames
+                send_out(topic, meta, payload)
+                if send_capture is not None:
+                    send_capture(topic, meta, payload)
+            else:
+                _log_refusal(refusal, refusals, now)
 
     def _run_cache(
         self,
@@ -461,28 +597,49 @@ class Proxy:
         envelope, body = request[: delimiter + 1], request[delimiter + 1 :]
         if len(body) < 2 or body[0] != SNAPSHOT_COMMAND:
             self.cache.stats.bad_requests += 1
-            snapshot.send_multipart(
-                [
-                    *envelope,
-                    SNAPSHOT_COMMAND,
-                    STATUS_ERROR,
-                    b"expected SNAPSHOT, nonce, patterns...",
-                ]
+            self._error(snapshot, envelope, b"expected SNAPSHOT, nonce, patterns...")
+            return
+        if len(body) - 2 > self.config.snapshot_max_patterns:
+            self._refuse(
+                snapshot,
+                envelope,
+                "patterns",
+                b"more than %d patterns in one request" % self.config.snapshot_max_patterns,
             )
             return
         try:
             patterns = [Pattern(p.decode()) for p in body[2:]]
         except (TopicError, UnicodeDecodeError) as error:
             self.cache.stats.bad_requests += 1
-            snapshot.send_multipart(
-                [*envelope, SNAPSHOT_COMMAND, STATUS_ERROR, str(error).encode()]
-            )
+            self._error(snapshot, envelope, str(error).encode())
             return
         nonce = body[1]
         if not nonce or seen_syncs.pop(nonce, None) is not None:
             self._answer(snapshot, envelope, patterns, STATUS_OK)
             return
+        if sum(len(waiting) for waiting in parked.values()) >= MAX_PARKED_REQUESTS:
+            self._refuse(snapshot, envelope, "busy", b"too many snapshot requests waiting")
+            return
         parked.setdefault(nonce, []).append((envelope, patterns, now + self.config.sync_timeout))
+
+    def _error(self, snapshot: zmq.Socket[bytes], envelope: list[bytes], text: bytes) -> None:
+        self._send_reply(snapshot, [*envelope, SNAPSHOT_COMMAND, STATUS_ERROR, text])
+
+    def _refuse(
+        self, snapshot: zmq.Socket[bytes], envelope: list[bytes], reason: str, text: bytes
+    ) -> None:
+        refused = self.cache.stats.refused_snapshots
+        refused[reason] = refused.get(reason, 0) + 1
+        self._error(snapshot, envelope, text)
+
+    def _send_reply(self, snapshot: zmq.Socket[bytes], frames: list[bytes]) -> None:
+        """Send a reply unless its requester is gone or not reading (counted, never waited for)."""
+        try:
+            snapshot.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError as error:
+            reason = "unread" if error.errno == zmq.EAGAIN else "gone"
+            refused = self.cache.stats.refused_snapshots
+            refused[reason] = refused.get(reason, 0) + 1
 
     def _answer(
         self,
@@ -491,12 +648,21 @@ class Proxy:
         patterns: list[Pattern],
         status: bytes,
     ) -> None:
+        entries = self.cache.matching(patterns)
+        size = sum(len(frame) for frame in entries)
+        if size > self.config.snapshot_max_bytes:
+            self._refuse(
+                snapshot,
+                envelope,
+                "too_large",
+                b"snapshot of %d bytes is over the limit of %d: subscribe to fewer topics"
+                % (size, self.config.snapshot_max_bytes),
+            )
+            return
         self.cache.stats.snapshots += 1
         if status == STATUS_UNSYNCED:
             self.cache.stats.unsynced_snapshots += 1
-        snapshot.send_multipart(
-            [*envelope, SNAPSHOT_COMMAND, status, *self.cache.matching(patterns)]
-        )
+        self._send_reply(snapshot, [*envelope, SNAPSHOT_COMMAND, status, *entries])
 
     def _expire(
         self,
@@ -513,6 +679,66 @@ class Proxy:
                 del seen_syncs[nonce]
             while len(seen_syncs) > 1000:
                 del seen_syncs[next(iter(seen_syncs))]
+
+
+def _is_loopback(endpoint: str) -> bool:
+    """Whether only this host can reach ``endpoint`` (ipc://, inproc:// or a loopback tcp://)."""
+    if not endpoint.startswith("tcp://"):
+        return True
+    host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name or an interface: assume reachable
+
+
+def _answer_zap(zap: zmq.Socket[bytes], connections: int) -> int:
+    """Admit one NULL-mechanism connection with its own User-Id; the new connection count.
+
+    Without keys this is how the gate tells publishers apart: each connection gets the
+    next number and its peer address, so a second connection claiming a live source is
+    another publisher (or, from the same address with a newer epoch, its restart).
+    """
+    request = zap.recv_multipart()
+    if len(request) < 6 or request[0] != b"1.0":
+        zap.send_multipart(
+            [b"1.0", request[1] if len(request) > 1 else b"", b"400", b"bad", b"", b""]
+        )
+        return connections
+    connections += 1
+    user_id = b"connection-%d@%s" % (connections, request[3])
+    zap.send_multipart([b"1.0", request[1], b"200", b"OK", user_id, b""])
+    return connections
+
+
+def _forward_subscriptions(
+    backend: zmq.Socket[bytes], frontend: zmq.Socket[bytes], capture: zmq.Socket[bytes] | None
+) -> None:
+    """Every queued (un)subscription from the subscribers on to the publishers and the cache."""
+    while True:
+        try:
+            message = backend.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        frontend.send_multipart(message)
+        if capture is not None:
+            capture.send_multipart(message)
+
+
+def _log_refusal(refusal: Refusal, refusals: RefusalLog, now: float) -> None:
+    logged, suppressed = refusals.admit(now)
+    if logged:
+        log.warning(
+            "bus.event_rejected",
+            reason=str(refusal.reason),
+            topic=refusal.topic,
+            source=refusal.source,
+            publisher=refusal.publisher,
+            detail=refusal.detail,
+            suppressed=suppressed,
+        )
 
 
 def snapshot_request(nonce: bytes, patterns: Iterable[str]) -> list[bytes]:

@@ -99,11 +99,16 @@ def _bind_accelerator() -> bool:
     _wire.bind(
         send, msg_init, msg_recv, msg_data, msg_size, msg_more, msg_close, zmq.ZMQError, zmq.Again
     )
-    global _send3, _recv_message, _cache_drain, _send_address
+    global _send3, _recv_message, _recv_identified, _cache_drain, _send_address
     _send_address = send
     _send3 = _wire.send3
     _recv_message = _wire.recv_message
     _cache_drain = _wire.cache_drain
+    gets = getattr(library, "zmq_msg_gets", None)
+    msg_gets = ctypes.cast(gets, ctypes.c_void_p).value if gets is not None else None
+    if msg_gets:
+        _wire.bind_metadata(msg_gets)
+        _recv_identified = _wire.recv_identified
     return True
 
 
@@ -118,6 +123,21 @@ def _python_send3(socket: AnySocket, topic: bytes, meta: bytes, payload: bytes) 
     return True
 
 
+def _python_recv_identified(socket: zmq.Socket[bytes]) -> tuple[bytes | None, tuple[bytes, ...]]:
+    first = socket.recv(NOBLOCK, copy=False)
+    try:
+        value = first.get("User-Id")
+    except zmq.ZMQError:
+        value = None  # the peer was admitted without ZAP
+    user_id = value.encode() if isinstance(value, str) else None
+    frames = [first.bytes]
+    while _get(socket, RCVMORE):
+        frame = _recv(socket, NOBLOCK)
+        if len(frames) < MAX_FRAMES:
+            frames.append(frame)
+    return user_id, tuple(frames)
+
+
 def _python_recv_message(socket: AnySocket) -> tuple[bytes, ...]:
     frames = [_recv(socket, NOBLOCK)]
     while _get(socket, RCVMORE):
@@ -130,6 +150,7 @@ def _python_recv_message(socket: AnySocket) -> tuple[bytes, ...]:
 # the C functions once bound (their first argument is the pyzmq socket)
 _send3: Callable[[AnySocket, bytes, bytes, bytes], bool] | None = None
 _recv_message: Callable[[AnySocket], tuple[bytes, ...]] | None = None
+_recv_identified: Callable[[AnySocket], tuple[bytes | None, tuple[bytes, ...]]] | None = None
 _cache_drain: Callable[[AnySocket, Any, int], tuple[int, bytes | None]] | None = None
 _send_address: int | None = None
 ACCELERATED: Final = _bind_accelerator()
@@ -157,6 +178,17 @@ def receiver(socket: AnySocket) -> Receiver:
     if _recv_message is not None:
         return functools.partial(_recv_message, socket)
     return functools.partial(_python_recv_message, socket)
+
+
+IdentifiedReceiver = Callable[[], tuple[bytes | None, tuple[bytes, ...]]]
+
+
+def identified_receiver(socket: zmq.Socket[bytes]) -> IdentifiedReceiver:
+    """``receive() -> (user_id, frames)`` for ``socket``: like ``receiver``, with the ZAP
+    User-Id libzmq attached to the message (None when the peer was admitted without ZAP)."""
+    if _recv_identified is not None:
+        return functools.partial(_recv_identified, socket)
+    return functools.partial(_python_recv_identified, socket)
 
 
 def cache_drainer(socket: AnySocket) -> Callable[[Any, int], tuple[int, bytes | None]] | None:

@@ -35,8 +35,16 @@ class _CacheStats(Protocol):
     snapshots: int
     unsynced_snapshots: int
     bad_requests: int
+    refused_snapshots: dict[str, int]
     topics: int
     by_type: dict[str, int]
+
+
+class _GateStats(Protocol):
+    passed: int
+    rejected: dict[str, int]
+    ownership_changes: int
+    owned_sources: int
 
 
 def _copy_counts(counts: Mapping[str, int]) -> dict[str, int]:
@@ -56,10 +64,15 @@ class ProxyCollector(Collector):
     are the proxy's "events in": by type, gaps seen per (source, topic), topics held.
     """
 
-    def __init__(self, stats: Callable[[], _CacheStats]) -> None:
+    def __init__(
+        self, stats: Callable[[], _CacheStats], gate: Callable[[], _GateStats] | None = None
+    ) -> None:
         self._stats = stats
+        self._gate = gate
 
     def collect(self) -> Iterable[Metric]:
+        if self._gate is not None:
+            yield from self._collect_gate(self._gate())
         stats = self._stats()
         by_type = CounterMetricFamily(
             "tradebus_proxy_events",
@@ -104,6 +117,43 @@ class ProxyCollector(Collector):
         snapshots.add_metric(["unsynced"], stats.unsynced_snapshots)
         snapshots.add_metric(["error"], stats.bad_requests)
         yield snapshots
+        refused = CounterMetricFamily(
+            "tradebus_proxy_snapshots_refused",
+            "Snapshot requests refused by the service's bounds, by reason (patterns: too many;"
+            " too_large: reply over the size limit; busy: too many waiting; unread: the"
+            " requester's queue is full; gone: the requester disconnected)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(_copy_counts(stats.refused_snapshots).items()):
+            refused.add_metric([reason], count)
+        yield refused
+
+    @staticmethod
+    def _collect_gate(gate: _GateStats) -> Iterable[Metric]:
+        yield CounterMetricFamily(
+            "tradebus_proxy_accepted",
+            "Publisher messages the proxy's gate let through",
+            value=gate.passed,
+        )
+        rejected = CounterMetricFamily(
+            "tradebus_proxy_rejected",
+            "Publisher messages the proxy's gate refused (never forwarded, cached or served),"
+            " by reason (docs/protocol.md)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(_copy_counts(gate.rejected).items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+        yield GaugeMetricFamily(
+            "tradebus_proxy_owned_sources",
+            "Sources with a live owning publisher (without keys)",
+            value=gate.owned_sources,
+        )
+        yield CounterMetricFamily(
+            "tradebus_proxy_source_owner_changes",
+            "Sources claimed by another publisher after their owner went silent",
+            value=gate.ownership_changes,
+        )
 
 
 def _number(value: Any) -> float:

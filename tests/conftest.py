@@ -87,14 +87,16 @@ def synced_subscriber(
     )
 
 
-def staging_proxy(tmp_path: Path, context: zmq.Context[zmq.Socket[bytes]]) -> Proxy:
+def staging_proxy(tmp_path: Path) -> Proxy:
     """A proxy (not started) whose publisher socket is ``tmp_path/staging.sock``: renaming
-    that file into a publisher's ipc path makes the bus appear for it at a chosen moment."""
+    that file into a publisher's ipc path makes the bus appear for it at a chosen moment.
+
+    It has a ZeroMQ context of its own (closed when it stops): a proxy answers its
+    context's ZAP requests, so two proxies never share one."""
     return Proxy(
         ProxyConfig(
             frontend=f"ipc://{tmp_path}/staging.sock",
             backend="tcp://127.0.0.1:*",
             snapshot="tcp://127.0.0.1:*",
-        ),
-        context=context,
+        )
     )

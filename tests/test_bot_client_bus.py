@@ -205,7 +205,7 @@ def test_events_held_while_proxy_down_arrive_in_order(tmp_path: Path, zmq_contex
     assert status["connected"] is False
     assert status["queued"] == 300
     assert status["sent"] == 0
-    proxy = staging_proxy(tmp_path, zmq_context)
+    proxy = staging_proxy(tmp_path)
     proxy.start()
     try:
         with synced_subscriber(proxy, zmq_context) as sub:
@@ -241,7 +241,7 @@ def test_overflow_counts_drops_and_keeps_critical(
     status = publisher.status()
     assert status["queued"] == 20
     assert status["dropped_total"] == 480
-    proxy = staging_proxy(tmp_path, zmq_context)
+    proxy = staging_proxy(tmp_path)
     proxy.start()
     try:
         with synced_subscriber(proxy, zmq_context) as sub:

@@ -19,7 +19,7 @@ from bot_client import AsyncPublisher
 from bridge.app import BridgeServer, start_bridge
 from bridge.config import BridgeConfig
 from bus.envelope import Event
-from bus.proxy import Proxy
+from bus.proxy import Proxy, ProxyConfig
 from bus.subscriber import BlockingSubscriber, Gap
 from tests.conftest import scaled, staging_proxy, synced_subscriber
 
@@ -154,8 +154,21 @@ async def test_ws_bridge_down_at_start_then_up_delivers_in_order(
 
 
 async def test_ws_events_in_flight_at_a_disconnect_are_resent_once(
-    proxy: Proxy, subscriber: BlockingSubscriber
+    zmq_context: Context,
 ) -> None:
+    # Without keys the proxy lets a second connection (the new bridge) publish a source only
+    # once the first one has been silent for owner_idle_s: keep that short here.
+    config = ProxyConfig(
+        frontend="tcp://127.0.0.1:*",
+        backend="tcp://127.0.0.1:*",
+        snapshot="tcp://127.0.0.1:*",
+        owner_idle_s=0.2,
+    )
+    with Proxy(config, context=zmq_context) as proxy, synced_subscriber(proxy, zmq_context) as sub:
+        await _resend_across_a_bridge_restart(proxy, sub)
+
+
+async def _resend_across_a_bridge_restart(proxy: Proxy, subscriber: BlockingSubscriber) -> None:
     port = free_port()
     server = await started_bridge(bridge_config(proxy, port))
     publisher = ws_publisher(port, "resend", retry_delay=0.05, queue_size=5000)
@@ -168,8 +181,11 @@ async def test_ws_events_in_flight_at_a_disconnect_are_resent_once(
         await wait_for(lambda: publisher.status()["sent"] > 0, within=10)
         await server.close()
         await wait_for(lambda: not publisher.connected)
+        closed = time.monotonic()
         for n in range(1000, 1100):
             publisher.publish("custom_event", {"n": n})
+        # the rule is about time: the old bridge's connection must have been silent that long
+        await asyncio.sleep(max(0.0, closed + proxy.config.owner_idle_s - time.monotonic()))
         server = await started_bridge(bridge_config(proxy, port))
         await wait_for(lambda: publisher.status()["sent"] == 1100, within=15)
         # the subscriber's sequence tracker skips what the second bridge republished: every
@@ -238,7 +254,7 @@ async def test_ws_events_refused_for_now_are_kept_and_delivered_later(
     await wait_for(lambda: server.bridge.ready)
     publisher = ws_publisher(server.port, "deferred", retry_delay=0.05, max_retries=2)
     await publisher.start()
-    later = staging_proxy(tmp_path, zmq_context)
+    later = staging_proxy(tmp_path)
     try:
         for n in range(10):
             publisher.publish("custom_event", {"n": n})

@@ -9,7 +9,8 @@ import jwt
 import orjson
 import pytest
 
-from bridge.auth import Authenticator, Grant, covers, origin_allowed, token_from_request
+from bridge.admission import origin_allowed
+from bridge.auth import Authenticator, Grant, covers, token_from_request
 from bridge.config import BridgeConfig
 from bridge.errors import AuthError, ConfigError
 from bridge.frames import close_frame, text_frame
@@ -70,9 +71,9 @@ def test_token_bucket_with_injected_clock() -> None:
 # -- auth -------------------------------------------------------------------------------
 def test_static_tokens_and_open_mode() -> None:
     assert Authenticator().authenticate(None, 0) == Grant()
-    auth = Authenticator(tokens=["read"], publish_tokens=["write"])
-    assert auth.authenticate("read", 0) == Grant(publish=False)
-    assert auth.authenticate("write", 0).publish is True
+    auth = Authenticator(tokens=["read"], publish_tokens={"write": ("bot-1",)})
+    assert auth.authenticate("read", 0) == Grant(publish=False, sources=())
+    assert auth.authenticate("write", 0) == Grant(publish=True, sources=("bot-1",))
     for bad in (None, "", "nope"):
         with pytest.raises(AuthError):
             auth.authenticate(bad, 0)
@@ -96,7 +97,13 @@ def test_jwt_claims_checked_against_the_injected_clock() -> None:
     with pytest.raises(AuthError) as expired:
         auth.authenticate(token, now=1000.0)
     assert expired.value.code == "token_expired"
-    for claims in ({"topics": "market_data"}, {"topics": ["bad topic"]}, {"publish": "yes"}):
+    for claims in (
+        {"exp": 1000, "topics": "market_data"},
+        {"exp": 1000, "topics": ["bad topic"]},
+        {"exp": 1000, "publish": "yes"},
+        {"exp": 1000, "sources": "bot-1"},
+        {"exp": 1000, "sources": ["bad source!"]},
+    ):
         with pytest.raises(AuthError):
             auth.authenticate(jwt.encode(claims, SECRET, algorithm="HS256"), 0)
     with pytest.raises(AuthError):
@@ -119,13 +126,19 @@ def test_token_sources() -> None:
 
 def test_origin_rules() -> None:
     host = "trading.example.com:8000"
-    assert origin_allowed(None, host, ())
-    assert origin_allowed("https://trading.example.com", host, ())
-    assert origin_allowed("http://localhost:5173", host, ())
-    assert not origin_allowed("https://evil.example", host, ())
-    assert not origin_allowed("null", host, ())
-    assert origin_allowed("https://evil.example", host, ("https://evil.example",))
-    assert origin_allowed("https://any.example", host, ("*",))
+    assert origin_allowed(None, host, False, ())
+    assert origin_allowed("http://trading.example.com:8000", host, False, ())
+    assert origin_allowed("HTTP://Trading.Example.com:8000", host, False, ())
+    assert origin_allowed("https://trading.example.com:8000", host, True, ())
+    # the full origin is compared: another scheme or port of the same host is another site
+    assert not origin_allowed("https://trading.example.com", host, False, ())
+    assert not origin_allowed("http://trading.example.com:8001", host, False, ())
+    assert not origin_allowed("http://localhost:5173", host, False, ())
+    assert not origin_allowed("https://evil.example", host, False, ())
+    assert not origin_allowed("null", host, False, ())
+    assert origin_allowed("https://evil.example", host, False, ("https://evil.example",))
+    assert origin_allowed("https://evil.example", host, False, ("https://evil.example:443",))
+    assert origin_allowed("https://any.example", host, False, ("*",))
 
 
 def test_config_validation_and_environment() -> None:

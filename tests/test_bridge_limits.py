@@ -83,12 +83,16 @@ async def test_foreign_origin_is_refused_with_403(proxy: Proxy, publisher: BusPu
     async with running_bridge(config) as server:
         await expect_refused(server, 403, origin="https://evil.example")
         await expect_refused(server, 403, origin="null")
-        for allowed in ("https://dash.example.com", "http://localhost:5173", "http://127.0.0.1"):
+        # a loopback bridge trusts its own origin, not every page served from this machine
+        await expect_refused(server, 403, origin="http://localhost:5173")
+        await expect_refused(server, 403, origin="http://127.0.0.1")
+        own = f"http://127.0.0.1:{server.port}"
+        for allowed in ("https://dash.example.com", own):
             client = await connect(server, origin=allowed)
             await client.close()
         client = await connect(server)  # no Origin: not a browser
         await client.close()
-        assert server.bridge.rejected["origin"] == 2
+        assert server.bridge.rejected["origin"] == 4
 
 
 # -- authentication ---------------------------------------------------------------------
@@ -126,7 +130,9 @@ async def test_jwt_expiry_patterns_and_publish_flag(proxy: Proxy, publisher: Bus
         assert (error["code"], error["id"]) == ("publish_forbidden", 3)
 
         writer = await connect(
-            server, "role=publisher&source=jwt-bot&token=" + make_jwt(publish=True)
+            server,
+            "role=publisher&source=jwt-bot&token="
+            + make_jwt(exp=now + 60, publish=True, sources=["jwt-bot"]),
         )
         await writer.send('{"type": "market_data", "data": {"symbol": "BTC-USD"}, "id": 4}')
         assert await recv(writer) == {"type": "ack", "id": 4}
@@ -148,7 +154,7 @@ async def test_token_expiring_mid_connection_closes_with_4001(
 
 async def test_tokens_never_reach_the_logs(proxy: Proxy, publisher: BusPublisher) -> None:
     await publisher.connected()
-    token = make_jwt(exp=time.time() + 60, publish=True)
+    token = make_jwt(exp=time.time() + 60, publish=True, sources=["jwt-bot"])
     with capture_logs() as logs:
         config = bridge_config(proxy, jwt_secret=SECRET, tokens=("static-sekrit",))
         async with running_bridge(config) as server:

@@ -680,9 +680,10 @@ async def test_page_keeps_up_with_1000_events_per_second(
 
 
 async def test_reconnect_backs_off_with_jitter_until_the_bridge_appears(
-    bridge: Bridge, bridge_config: BridgeConfig, browser: BrowserContext
+    bridge_config: BridgeConfig, browser: BrowserContext
 ) -> None:
-    # A port with nothing listening yet; a second bridge starts on it later.
+    # A port with nothing listening yet; a second bridge starts on it later. The page is
+    # served by the first (the dashboard itself connects only to its own origin).
     probe = web.AppRunner(web.Application())
     await probe.setup()
     site = web.TCPSite(probe, "127.0.0.1", 0)
@@ -690,26 +691,36 @@ async def test_reconnect_backs_off_with_jitter_until_the_bridge_appears(
     port = probe.addresses[0][1]
     await probe.cleanup()
 
-    page = await browser.new_page()
-    await page.add_init_script(
-        "window.addEventListener('DOMContentLoaded', () => { window.delays = [];"
-        " window.tradebus.onState(s => s.delayMs === undefined || window.delays.push(s.delayMs));"
-        " })"
-    )
-    await page.goto(f"{bridge.url}/?ws=ws://127.0.0.1:{port}/ws")
-    await page.wait_for_function("window.delays && window.delays.length >= 2", timeout=10_000)
-    first, second = await page.evaluate("window.delays.slice(0, 2)")
-    assert 1000 <= first <= 2000  # 1 s plus 0-1 s jitter
-    assert 2000 <= second <= 3000  # doubled
-    late = Bridge(bridge_config.replace(origins=(bridge.url,)))
-    late.port = port
-    await late.start()
-    try:
-        await page.wait_for_selector(
-            '[data-testid="connection-state"][data-state="open"]', timeout=scaled(6) * 1000
+    async def client_page(_request: web.Request) -> web.Response:
+        return web.Response(
+            content_type="text/html",
+            text=f"""<!doctype html><link rel="icon" href="data:,"><script type="module">
+                import {{ connect }} from "/static/tradebus.js";
+                window.delays = [];
+                window.tradebus = connect("ws://127.0.0.1:{port}/ws");
+                window.tradebus.onState(
+                    (s) => s.delayMs === undefined || window.delays.push(s.delayMs));
+            </script>""",
         )
+
+    bridge = Bridge(bridge_config, [web.get("/client.html", client_page)])
+    await bridge.start()
+    page = await browser.new_page()
+    await page.goto(f"{bridge.url}/client.html")
+    late: Bridge | None = None
+    try:
+        await page.wait_for_function("window.delays && window.delays.length >= 2", timeout=10_000)
+        first, second = await page.evaluate("window.delays.slice(0, 2)")
+        assert 1000 <= first <= 2000  # 1 s plus 0-1 s jitter
+        assert 2000 <= second <= 3000  # doubled
+        late = Bridge(bridge_config.replace(origins=(bridge.url,)))
+        late.port = port
+        await late.start()
+        await page.wait_for_function("window.tradebus.state === 'open'", timeout=scaled(6) * 1000)
     finally:
-        await late.stop()
+        if late is not None:
+            await late.stop()
+        await bridge.stop()
 
 
 class Relay:
@@ -775,7 +786,11 @@ async def test_a_silently_dead_link_is_detected_by_pings_and_replaced(
             </script>""",
         )
 
-    running = Bridge(bridge_config.replace(origins=("*",)), [web.get("/client.html", client_page)])
+    # the relay's port is in the page's Host: a name:port the bridge is told it serves
+    running = Bridge(
+        bridge_config.replace(origins=("*",), server_names=("127.0.0.1",)),
+        [web.get("/client.html", client_page)],
+    )
     await running.start()
     relay = Relay(running.port)
     await relay.start()
@@ -897,3 +912,47 @@ async def test_a_token_reaches_the_bridge_without_staying_in_urls(
         for context in contexts:
             await context.close()
         await running.stop()
+
+
+async def test_the_dashboard_connects_only_to_its_own_bridge(
+    bridge: Bridge, browser: BrowserContext
+) -> None:
+    # another WebSocket server on loopback, standing in for a bridge elsewhere
+    handshakes: list[str] = []
+
+    async def elsewhere(request: web.Request) -> web.StreamResponse:
+        handshakes.append(request.path_qs)
+        ws = web.WebSocketResponse(protocols=("tradebus",))
+        await ws.prepare(request)
+        await ws.send_str('{"type":"connection_established","server":"tradebus","session":"x"}')
+        await ws.receive()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", elsewhere)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    other = runner.addresses[0][1]
+    try:
+        page = await browser.new_page()
+        wire = Wire(page)
+        await page.goto(f"{bridge.url}/?ws=ws://127.0.0.1:{other}/ws&token=s3cret")
+        badge = '[data-testid="connection-state"][data-state="refused"]'
+        await page.wait_for_selector(badge, timeout=scaled(5) * 1000)
+        text = await page.text_content(badge)
+        assert text is not None
+        assert f"ws://127.0.0.1:{other}/ws" in text
+        assert "not this page's bridge" in text
+        assert await page.is_visible(badge)
+        assert wire.urls == []
+        assert handshakes == []
+        assert await page.evaluate("window.tradebus.stats.received") == 0
+
+        # its own /ws, named explicitly, is still fine
+        page, wire, console = await open_dashboard(browser, f"{bridge.url}/?ws=/ws")
+        assert wire.urls[0].startswith(f"ws://127.0.0.1:{bridge.port}/ws")
+        assert console.errors == []
+    finally:
+        await runner.cleanup()

@@ -50,7 +50,7 @@ def _closed_port() -> int:
 
 async def test_a_publisher_refused_by_the_bridge_does_not_log_its_token(proxy: Proxy) -> None:
     # a real bridge refuses the handshake (wrong token); aiohttp's error quotes the URL
-    config = bridge_config(proxy, publish_tokens=("the-right-token",))
+    config = bridge_config(proxy, publish_tokens=("leak-check=the-right-token",))
     async with running_bridge(config) as server:
         script = textwrap.dedent(
             f"""

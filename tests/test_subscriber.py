@@ -293,7 +293,7 @@ def test_subscriber_needs_valid_patterns() -> None:
 # -- malformed messages, transports, the blocking variant ----------------------------------
 
 
-async def test_malformed_messages_are_counted_and_never_corrupt_later_ones(
+async def test_malformed_messages_are_refused_by_the_proxy_and_never_corrupt_later_ones(
     zmq_context: Context, proxy: Proxy, publishers: list[Publisher]
 ) -> None:
     publisher = publishers[0]
@@ -307,10 +307,11 @@ async def test_malformed_messages_are_counted_and_never_corrupt_later_ones(
         publisher.publish("market_data.X", n=4)
         items = await collect(sub, 4)
         assert [getattr(i, "seq", None) for i in items] == [1, 2, 3, 4]
-        assert sub.stats.invalid == 3
-        # the cache checks frame shapes but does not parse payloads: the bad JSON counts
-        wait_until(lambda: proxy.cache.stats.events == 5, "the cache to see 5 events")
-        assert proxy.cache.stats.invalid == 2
+        # the proxy's gate refuses them: they reach neither subscribers nor the cache
+        assert sub.stats.invalid == 0
+        wait_until(lambda: proxy.cache.stats.events == 4, "the cache to see 4 events")
+        assert proxy.gate.stats.rejected == {"frames": 2, "source": 1}
+        assert proxy.cache.stats.invalid == 0
         assert b'"seq":4}' in proxy.cache.entries[b"market_data.X"][1]
 
 

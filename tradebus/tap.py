@@ -418,7 +418,11 @@ async def send(
     Each answer is a line on ``out``; ``quiet`` leaves out the acknowledged ones."""
     log = get_logger("tap")
     epoch = time.time_ns()
-    target = with_query(url, {"role": "publisher", "source": source, "epoch": str(epoch)})
+    query = {"role": "publisher", "epoch": str(epoch)}
+    if source:
+        # without one the bridge names the source: the publish token's own
+        query["source"] = source
+    target = with_query(url, query)
     acked = 0
     errors: list[str] = []
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=ack_timeout)
@@ -531,8 +535,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--source",
-        default=f"tap-{os.getpid()}",
-        help="with --send, the source id to publish as (default tap-<pid>)",
+        help="with --send, the source id to publish as (default: the token's source, "
+        "or tap-<pid> without a token)",
     )
     parser.add_argument("--json", action="store_true", help="print messages as JSON lines")
     parser.add_argument(
@@ -561,7 +565,7 @@ def run(args: argparse.Namespace) -> int:
                 args.url,
                 args.send,
                 args.repeat,
-                args.source,
+                args.source or ("" if args.token else f"tap-{os.getpid()}"),
                 sys.stdout,
                 args.token,
                 quiet=args.quiet,

@@ -135,7 +135,7 @@ async def serve(args: argparse.Namespace) -> int:
         server = await start_bridge(config)
         cleanups.append(server.close)
         registry = CollectorRegistry()
-        registry.register(ProxyCollector(lambda: proxy.cache.stats))
+        registry.register(ProxyCollector(lambda: proxy.cache.stats, lambda: proxy.gate.stats))
         registry.register(RegistryCollector(server.bridge.registry))
         dashboard = _dashboard_url(args.host, server.port)
         publisher = None

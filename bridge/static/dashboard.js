@@ -2,10 +2,10 @@
 // one requestAnimationFrame pass per frame writes the DOM and draws the charts, so the page
 // keeps up with 1,000 events/s.
 //
-// Query parameters: ws=<url> (bridge endpoint), stale=<seconds> (no event from a source for
-// this long shows it stale, with its price cards and decisions; default 15),
-// forget=<seconds> (a source not seen for this long leaves the System panel; default 300),
-// window=<seconds> (chart span; default 300),
+// Query parameters: ws=<url> (only this page's own /ws is accepted), stale=<seconds> (no
+// event from a source for this long shows it stale, with its price cards and decisions;
+// default 15), forget=<seconds> (a source not seen for this long leaves the System panel;
+// default 300), window=<seconds> (chart span; default 300),
 // types=a,b and symbols=X,Y (initial topic selection; default everything), token=<bearer
 // token> when the bridge requires one.
 
@@ -32,11 +32,32 @@ function positiveNumber(text, fallback) {
   return text !== null && Number.isFinite(value) && value > 0 ? value : fallback;
 }
 
-function wsUrl() {
-  if (params.get("ws")) return params.get("ws");
+function ownWsUrl() {
   const url = new URL("ws", location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  url.search = "";
+  url.hash = "";
   return url.href;
+}
+
+// A link such as /?ws=wss://elsewhere/ws would send this tab's token, and show that
+// bridge's events as this one's: the page talks to its own bridge only.
+function foreignWsParameter() {
+  const given = params.get("ws");
+  if (!given) return null;
+  let url;
+  try {
+    url = new URL(given, location.href);
+  } catch {
+    return given;
+  }
+  // a relative ?ws=/ws resolves against the page's http(s) address
+  if (url.protocol === "http:" || url.protocol === "https:") {
+    url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  }
+  url.search = "";
+  url.hash = "";
+  return url.href === ownWsUrl() ? null : given;
 }
 
 const $ = (id) => document.getElementById(id);
@@ -167,7 +188,8 @@ function takeToken() {
   return sessionStorage.getItem("tradebus.token") ?? undefined;
 }
 
-const client = new TradebusClient({ url: wsUrl(), token: takeToken() });
+const refusedWs = foreignWsParameter();
+const client = new TradebusClient({ url: ownWsUrl(), token: takeToken() });
 window.tradebus = client; // for the console and for tests
 
 // The selector changes what the bridge sends (subscribe/unsubscribe on the wire); the page
@@ -763,5 +785,13 @@ function frame() {
 // rAF stops in background tabs; the footer keeps counting so the rate is honest on return.
 setInterval(renderFooter, 1000);
 applySelection();
-client.connect();
+if (refusedWs === null) {
+  client.connect();
+} else {
+  model.connection = {
+    state: "refused",
+    detail: `not connecting: ?ws=${refusedWs} is not this page's bridge (${ownWsUrl()})`,
+  };
+  model.dirty.connection = true;
+}
 requestAnimationFrame(frame);
