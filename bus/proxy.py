@@ -488,7 +488,16 @@ class Proxy:
                 user_id, frames = receive()
             except zmq.Again:
                 return
-            refusal = check(frames, user_id, now, wall_ns)
+            try:
+                refusal = check(frames, user_id, now, wall_ns)
+            except Exception:
+                # the gate must refuse, never stop forwarding: a bug here is logged, the
+                # message counted as refused, and the stream goes on
+                log.exception("bus.gate_failed", frames=len(frames))
+                self.gate.stats.rejected["internal"] = (
+                    self.gate.stats.rejected.get("internal", 0) + 1
+                )
+                continue
             if refusal is None:
                 topic, meta, payload = frames
                 send_out(topic, meta, payload)
