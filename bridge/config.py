@@ -241,6 +241,17 @@ def _server_names(text: str) -> tuple[str, ...]:
     return names
 
 
+def _publish_tokens(text: str) -> tuple[str, ...]:
+    entries = _items(text)
+    try:
+        BridgeConfig(publish_tokens=entries)  # its check words the rule; it never quotes a secret
+    except ConfigError as error:
+        # the expected form states the rule already: keep only which entry broke it
+        rule = str(error).removeprefix("bridge setting publish_tokens: ").split(" (")[0]
+        raise settings.HintError(rule) from None
+    return entries
+
+
 def _jwt_secret(text: str) -> str | None:
     if text and len(text.encode()) < 32:
         raise ValueError("too short")
@@ -259,6 +270,9 @@ _FORMS: Final[dict[str, settings.Form[Any]]] = {
         "event types, comma-separated, such as market_data,position_update", _types
     ),
     "jwt_secret": settings.Form("a secret of at least 32 bytes (RFC 7518)", _jwt_secret),
+    "publish_tokens": settings.Form(
+        "SOURCE=TOKEN entries, comma-separated, such as bot-1=TOKEN", _publish_tokens
+    ),
     "origins": settings.Form(
         "origins, comma-separated, such as https://dash.example.com,http://localhost:5173 (or *)",
         _origins,

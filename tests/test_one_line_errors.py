@@ -95,6 +95,20 @@ CASES = [
         id="a secret is named, never shown",
     ),
     pytest.param(
+        ["bridge", "--port", "0"],
+        {"TRADEBUS__BRIDGE_PUBLISH_TOKENS": "only-a-secret"},
+        "tradebus bridge: error: TRADEBUS__BRIDGE_PUBLISH_TOKENS=<hidden>: expected SOURCE=TOKEN "
+        "entries, comma-separated, such as bot-1=TOKEN (entry 1 is not SOURCE=TOKEN)",
+        id="a bad publish token is named, never shown",
+    ),
+    pytest.param(
+        ["tap", "--url", "localhost:8000", "--duration", "1"],
+        {},
+        "tradebus tap: error: --url='localhost:8000': "
+        "expected a ws:// or wss:// URL such as ws://localhost:8000/ws",
+        id="tap --url without ws://",
+    ),
+    pytest.param(
         ["up", "--no-demo", "--no-metrics", "--port", "x"],
         {"TRADEBUS__BRIDGE_PORT": "8000"},
         "tradebus up: error: --port='x': expected a port number 0..65535",

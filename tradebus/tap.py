@@ -36,6 +36,7 @@ import orjson
 
 from bus.envelope import format_timestamp
 from bus.sequence import SeqStatus, SequenceTracker
+from bus.settings import bad_value
 from monitoring.errors import ToolError
 from monitoring.logging import configure_logging, get_logger, redact
 from tradebus.arguments import positive_number, whole_number
@@ -557,8 +558,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_url(url: str) -> str:
+    """``url`` if it is a bridge's WebSocket URL, else ToolError naming --url."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        expected = "a ws:// or wss:// URL such as ws://localhost:8000/ws"
+        raise ToolError(bad_value("--url", redact(url), expected))
+    return url
+
+
 def run(args: argparse.Namespace) -> int:
     configure_logging(logging.WARNING if args.quiet else None)
+    check_url(args.url)
     if args.send:
         acked, errors = asyncio.run(
             send(
