@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from bus.envelope import Event, Meta, decode_event, encode_event
-from bus.errors import BusError, EndpointError, EnvelopeError, SnapshotError, TopicError
+from bus.errors import (
+    BusError,
+    EndpointError,
+    EnvelopeError,
+    SettingError,
+    SnapshotError,
+    TopicError,
+)
 from bus.sequence import SeqStatus, SequenceTracker
 from bus.subscriber import BlockingSubscriber, Gap, Subscriber, SubscriberStats
 from bus.topics import Pattern, PatternIndex, validate_topic
@@ -20,6 +27,7 @@ __all__ = [
     "PatternIndex",
     "SeqStatus",
     "SequenceTracker",
+    "SettingError",
     "SnapshotError",
     "Subscriber",
     "SubscriberStats",
