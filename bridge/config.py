@@ -13,7 +13,8 @@ from typing import Any, Final
 from bridge.admission import ServerName, parse_origin
 from bridge.errors import ConfigError
 from bus import settings
-from bus.errors import TopicError
+from bus.errors import KeyFileError, TopicError
+from bus.keys import validate_key_name
 from bus.topics import validate_source, validate_type
 
 ENV_PREFIX: Final = "TRADEBUS__BRIDGE_"
@@ -60,6 +61,8 @@ class BridgeConfig:
     close_timeout: float = 2.0  # wait for the client's close reply, then drop it
     track_sources: bool = True  # subscribe to system_status for source liveness
     static_dir: str = str(STATIC_DIR)
+    keys: str | None = None  # CURVE key directory for a proxy with --keys (bus.keys)
+    key_name: str = "bridge"  # the bridge's pair in it: NAME.key_secret
 
     def __post_init__(self) -> None:
         for name in ABOVE_ZERO:
@@ -95,6 +98,10 @@ class BridgeConfig:
                 )
         if bool(self.cert) != bool(self.key):
             raise ConfigError("bridge settings cert and key must be given together")
+        try:
+            validate_key_name(self.key_name)
+        except KeyFileError as error:
+            raise ConfigError(f"bridge setting key_name: {error}") from None
         for type_name in self.conflate_types:
             try:
                 validate_type(type_name)
@@ -252,6 +259,13 @@ def _publish_tokens(text: str) -> tuple[str, ...]:
     return entries
 
 
+def _key_name(text: str) -> str:
+    try:
+        return validate_key_name(text)
+    except KeyFileError:
+        raise ValueError(text) from None
+
+
 def _jwt_secret(text: str) -> str | None:
     if text and len(text.encode()) < 32:
         raise ValueError("too short")
@@ -270,6 +284,10 @@ _FORMS: Final[dict[str, settings.Form[Any]]] = {
         "event types, comma-separated, such as market_data,position_update", _types
     ),
     "jwt_secret": settings.Form("a secret of at least 32 bytes (RFC 7518)", _jwt_secret),
+    "key_name": settings.Form(
+        "a key name: a letter or digit, then letters, digits, _ . - (NAME of NAME.key_secret)",
+        _key_name,
+    ),
     "publish_tokens": settings.Form(
         "SOURCE=TOKEN entries, comma-separated, such as bot-1=TOKEN", _publish_tokens
     ),

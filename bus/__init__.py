@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from bus.envelope import Event, Meta, decode_event, encode_event
 from bus.errors import (
+    AuthError,
     BusError,
     EndpointError,
     EnvelopeError,
+    KeyFileError,
     SettingError,
     SnapshotError,
     TopicError,
@@ -16,12 +18,14 @@ from bus.subscriber import BlockingSubscriber, Gap, Subscriber, SubscriberStats
 from bus.topics import Pattern, PatternIndex, validate_topic
 
 __all__ = [
+    "AuthError",
     "BlockingSubscriber",
     "BusError",
     "EndpointError",
     "EnvelopeError",
     "Event",
     "Gap",
+    "KeyFileError",
     "Meta",
     "Pattern",
     "PatternIndex",

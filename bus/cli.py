@@ -10,6 +10,7 @@ from types import FrameType
 
 from bus import settings
 from bus.errors import SettingError
+from bus.keys import load_server_keys
 from bus.proxy import DEFAULT_BACKEND, DEFAULT_FRONTEND, DEFAULT_SNAPSHOT, Proxy, ProxyConfig
 from monitoring.logging import configure_logging, get_logger
 
@@ -86,6 +87,14 @@ OPTIONS: dict[str, settings.Option] = {
         _DEFAULTS.snapshot_max_bytes,
         "largest snapshot reply; a bigger one is refused with an error",
     ),
+    "--keys": settings.Option(
+        "TRADEBUS__PROXY_KEYS",
+        settings.Form("a directory", str),
+        None,
+        "CURVE: encrypt every connection with the proxy's key DIR/proxy.key_secret and "
+        "admit only the clients whose NAME.key is in DIR (see `tradebus keys --help`; "
+        "default: no keys, anyone who reaches the ports is admitted)",
+    ),
     "--metrics-port": settings.Option(
         "TRADEBUS__PROXY_METRICS_PORT",
         settings.whole_number(1, 65535, "a port number"),
@@ -112,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging()
     log = get_logger("proxy")
     settings.resolve_options(args, OPTIONS, os.environ, SettingError)
+    keys = load_server_keys(args.keys) if args.keys else None
     config = ProxyConfig(
         frontend=args.frontend,
         backend=args.backend,
@@ -122,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         cache_max_topics=args.cache_max_topics,
         cache_nice=args.cache_nice,
         cache=not args.no_cache,
+        keys=keys,
         owner_idle_s=args.owner_idle,
         epoch_skew_s=args.epoch_skew,
         snapshot_max_bytes=args.snapshot_max_bytes,
@@ -146,7 +157,11 @@ def run(args: argparse.Namespace) -> int:
         from monitoring.metrics import MetricsServer, ProxyCollector
 
         registry = CollectorRegistry()
-        registry.register(ProxyCollector(lambda: proxy.cache.stats, lambda: proxy.gate.stats))
+        registry.register(
+            ProxyCollector(
+                lambda: proxy.cache.stats, lambda: proxy.gate.stats, lambda: proxy.auth_refused
+            )
+        )
         try:
             metrics = MetricsServer(registry, host=args.metrics_host, port=args.metrics_port)
         except BaseException:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from bus.envelope import MAX_PAYLOAD_BYTES, META_HEADER_SIZE, WIRE_VERSION
 from bus.errors import EndpointError, TopicError
@@ -47,6 +48,8 @@ from bus.gate import (
     Refusal,
     RefusalLog,
 )
+from bus.keys import ZAP_DOMAIN as KEYS_ZAP_DOMAIN
+from bus.keys import BusAuthenticator, ServerKeys, configure_server
 from bus.topics import Pattern
 from bus.transport import (
     IdentifiedReceiver,
@@ -77,7 +80,10 @@ FRONTEND_MAX_FRAME_BYTES: Final = 4 * MAX_PAYLOAD_BYTES
 # messages the forwarder takes from the publishers between two looks at its other sockets
 GATE_BATCH: Final = 1_000
 ZAP_ENDPOINT: Final = "inproc://zeromq.zap.01"
-ZAP_DOMAIN: Final = b"tradebus"
+_HANDSHAKE_FAILURES: Final = (
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+ZAP_DOMAIN: Final = KEYS_ZAP_DOMAIN.encode()
 # snapshot requests waiting for their sync marker, in all
 MAX_PARKED_REQUESTS: Final = 10_000
 # The cache drains its capture queue every CACHE_DRAIN_BUSY_MS while events flow, backing
@@ -114,6 +120,7 @@ class ProxyConfig:
     cache_max_topics: int = 100_000
     sync_timeout: float = 2.0
     heartbeat_ms: int = 2_000
+    keys: ServerKeys | None = None  # CURVE: the proxy's pair and the keys it admits
     # The gate (bus/gate.py). Off only in benchmarks, to measure what it costs: without it
     # forwarding is libzmq's proxy loop and anything a publisher sends reaches everyone.
     gate: bool = True
@@ -285,9 +292,16 @@ class Proxy:
         self._own_context = context is None
         self.context: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context()
         self.cache = LastValueCache(self.config.cache_max_topics)
+        keys = self.config.keys
         self.gate = Gate(
-            owner_idle_s=self.config.owner_idle_s, epoch_skew_s=self.config.epoch_skew_s
+            keys.sources_for if keys is not None else None,
+            owner_idle_s=self.config.owner_idle_s,
+            epoch_skew_s=self.config.epoch_skew_s,
         )
+        # with keys: pyzmq's authenticator admits the authorized keys (bus/keys.py)
+        self.authenticator: BusAuthenticator | None = None
+        # with keys: handshakes that failed before reaching the authenticator (no CURVE)
+        self.handshake_failures = 0
         self.frontend_endpoint = ""
         self.backend_endpoint = ""
         self.snapshot_endpoint = ""
@@ -298,6 +312,13 @@ class Proxy:
         self._stopped = threading.Event()
         self._started = False
         self._tag = f"{id(self):x}"
+
+    @property
+    def auth_refused(self) -> int:
+        """Connections refused with keys on: keys not authorized, and peers without CURVE."""
+        authenticator = self.authenticator
+        refused = authenticator.refused if authenticator is not None else 0
+        return refused + self.handshake_failures
 
     # -- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -315,6 +336,8 @@ class Proxy:
 
     def _warn_if_exposed(self) -> None:
         """One warning when an endpoint other hosts can reach is served without keys."""
+        if self.config.keys is not None:
+            return
         exposed = [
             endpoint
             for endpoint in (self.frontend_endpoint, self.backend_endpoint, self.snapshot_endpoint)
@@ -336,18 +359,39 @@ class Proxy:
 
     def _start(self) -> None:
         config = self.config
+        keys = config.keys
+        # The ZAP handler comes first, so that no connection ever finds none: with keys
+        # pyzmq's authenticator, without keys (and with the gate) the forwarder's own
+        # handler that numbers connections. Either binds this context's ZAP endpoint.
+        zap: zmq.Socket[bytes] | None = None
+        if keys is not None:
+            self.authenticator = BusAuthenticator(self.context, keys)
+            try:
+                self.authenticator.start()
+            except zmq.ZMQError as error:
+                self.authenticator.stop()
+                self.authenticator = None
+                raise EndpointError(
+                    f"cannot start the ZAP authenticator: {zmq.strerror(error.errno or 0)}"
+                    " (one proxy per ZeroMQ context)"
+                ) from None
+        elif config.gate:
+            zap = self._socket(zmq.REP)
+            _bind(zap, ZAP_ENDPOINT, "ZAP handler (one proxy per ZeroMQ context)")
         frontend = self._socket(zmq.XSUB)
         frontend.rcvhwm = config.frontend_hwm
         frontend.setsockopt(zmq.MAXMSGSIZE, FRONTEND_MAX_FRAME_BYTES)
-        zap: zmq.Socket[bytes] | None = None
-        if config.gate:
+        if keys is not None:
+            configure_server(frontend, keys)
+        elif config.gate:
             # Every connection is handed to the ZAP handler, which gives it its identity;
-            # with ZAP_ENFORCE_DOMAIN a connection made while there is none fails its
-            # handshake (the publisher retries) instead of passing unidentified.
+            # ZAP_ENFORCE_DOMAIN: never a connection without one.
             frontend.zap_domain = ZAP_DOMAIN
             frontend.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         backend = self._socket(zmq.XPUB)
         backend.sndhwm = config.backend_hwm
+        if keys is not None:
+            configure_server(backend, keys)
         for socket in (frontend, backend):
             socket.setsockopt(zmq.HEARTBEAT_IVL, config.heartbeat_ms)
             socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, config.heartbeat_ms * 3)
@@ -364,6 +408,8 @@ class Proxy:
             # (counted) instead of vanishing, and unread replies stay bounded
             snapshot.setsockopt(zmq.ROUTER_MANDATORY, 1)
             snapshot.sndhwm = config.snapshot_hwm
+            if keys is not None:
+                configure_server(snapshot, keys)
             self.snapshot_endpoint = _bind(snapshot, config.snapshot, "snapshot (ROUTER)")
             capture = self._socket(zmq.PUB)
             capture.sndhwm = config.capture_hwm
@@ -384,16 +430,22 @@ class Proxy:
             )
             self._threads.append(cache_thread)
 
-        if config.gate:
-            zap = self._socket(zmq.REP)
-            _bind(zap, ZAP_ENDPOINT, "ZAP handler (one proxy per ZeroMQ context)")
         control_in = self._socket(zmq.PAIR)
         control_in.bind(f"inproc://tradebus-proxy-control-{self._tag}")
         self._forwarder_control = self._socket(zmq.PAIR)
         self._forwarder_control.connect(f"inproc://tradebus-proxy-control-{self._tag}")
+        monitors: list[zmq.Socket[bytes]] = []
+        if keys is not None and config.gate:
+            # Peers without a key (or with CURVE off) never reach the authenticator: their
+            # failed handshakes are counted from the sockets' monitors instead.
+            for socket in (frontend, backend, *([snapshot] if config.cache else [])):
+                monitor: zmq.Socket[bytes] = socket.get_monitor_socket(_HANDSHAKE_FAILURES)
+                monitor.linger = 0
+                self._sockets.append(monitor)
+                monitors.append(monitor)
         forwarder = threading.Thread(
             target=self._run_gate if config.gate else self._run_forwarder,
-            args=(frontend, backend, capture, control_in, zap),
+            args=(frontend, backend, capture, control_in, zap, monitors),
             name="tradebus-forwarder",
             daemon=True,
         )
@@ -418,6 +470,9 @@ class Proxy:
             self.context.term()
 
     def _close_sockets(self) -> None:
+        if self.authenticator is not None:
+            self.authenticator.stop()
+            self.authenticator = None
         for socket in self._sockets:
             socket.close(linger=0)
         self._sockets.clear()
@@ -437,6 +492,7 @@ class Proxy:
         capture: zmq.Socket[bytes] | None,
         control: zmq.Socket[bytes],
         _zap: zmq.Socket[bytes] | None,
+        _monitors: list[zmq.Socket[bytes]],
     ) -> None:
         """Forwarding without the gate (benchmarks only): libzmq's loop, no Python per message."""
         with contextlib.suppress(zmq.ContextTerminated):
@@ -449,13 +505,15 @@ class Proxy:
         capture: zmq.Socket[bytes] | None,
         control: zmq.Socket[bytes],
         zap: zmq.Socket[bytes] | None,
+        monitors: list[zmq.Socket[bytes]],
     ) -> None:
         receive = identified_receiver(frontend)
         send_out = sender(backend)
         send_capture = sender(capture) if capture is not None else None
         refusals = RefusalLog()
+        handshake_log = RefusalLog(per_second=1.0)
         poller = zmq.Poller()
-        for socket in (frontend, backend, control):
+        for socket in (frontend, backend, control, *monitors):
             poller.register(socket, zmq.POLLIN)
         if zap is not None:
             poller.register(zap, zmq.POLLIN)
@@ -467,10 +525,26 @@ class Proxy:
                     return
                 if zap is not None and zap in ready:
                     connections = _answer_zap(zap, connections)
+                for monitor in monitors:
+                    if monitor in ready:
+                        self._count_handshake_failure(monitor, handshake_log)
                 if backend in ready:
                     _forward_subscriptions(backend, frontend, capture)
                 if frontend in ready:
                     self._forward_events(receive, send_out, send_capture, refusals)
+
+    def _count_handshake_failure(self, monitor: zmq.Socket[bytes], limiter: RefusalLog) -> None:
+        event = recv_monitor_message(monitor, zmq.NOBLOCK)
+        self.handshake_failures += 1
+        logged, suppressed = limiter.admit(time.monotonic())
+        if logged:
+            log.warning(
+                "bus.handshake_refused",
+                endpoint=event["endpoint"].decode(errors="replace"),
+                reason="a peer without an authorized CURVE key (or without CURVE) was refused",
+                code=event["value"],
+                suppressed=suppressed,
+            )
 
     def _forward_events(
         self,

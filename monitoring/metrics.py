@@ -65,14 +65,24 @@ class ProxyCollector(Collector):
     """
 
     def __init__(
-        self, stats: Callable[[], _CacheStats], gate: Callable[[], _GateStats] | None = None
+        self,
+        stats: Callable[[], _CacheStats],
+        gate: Callable[[], _GateStats] | None = None,
+        auth_refused: Callable[[], int] | None = None,
     ) -> None:
         self._stats = stats
         self._gate = gate
+        self._auth_refused = auth_refused
 
     def collect(self) -> Iterable[Metric]:
         if self._gate is not None:
             yield from self._collect_gate(self._gate())
+        if self._auth_refused is not None:
+            yield CounterMetricFamily(
+                "tradebus_proxy_auth_refused",
+                "Connections refused by the proxy's CURVE authenticator (key not authorized)",
+                value=self._auth_refused(),
+            )
         stats = self._stats()
         by_type = CounterMetricFamily(
             "tradebus_proxy_events",

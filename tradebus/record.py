@@ -40,12 +40,14 @@ from zmq.utils.monitor import recv_monitor_message
 
 from bus.envelope import encode_meta, encode_payload, format_timestamp
 from bus.errors import BusError, EnvelopeError, SnapshotError
+from bus.keys import ClientKeys, configure_client, connect_checked, judge_handshake
 from bus.proxy import DEFAULT_BACKEND, DEFAULT_SNAPSHOT
 from bus.subscriber import BlockingSubscriber, Gap, resolve_backend, resolve_snapshot
 from bus.topics import validate_source, validate_topic
 from monitoring.errors import ToolError
 from monitoring.logging import configure_logging, get_logger
 from tradebus.arguments import positive_int, positive_number
+from tradebus.keys import add_client_key_arguments, client_keys
 
 HELP = "record bus topics to a JSON-lines file (see `tradebus replay`)"
 FORMAT_VERSION: Final = 1
@@ -237,18 +239,29 @@ class RecordStats:
     by_topic: dict[str, int] = field(default_factory=dict)
 
 
-def wait_for_proxy(context: zmq.Context[zmq.Socket[bytes]], endpoint: str, timeout: float) -> None:
+def wait_for_proxy(
+    context: zmq.Context[zmq.Socket[bytes]],
+    endpoint: str,
+    timeout: float,
+    keys: ClientKeys | None = None,
+) -> None:
     """Return once a ZeroMQ peer completed a handshake at ``endpoint``; ToolError at once
-    when nothing listens there, or after ``timeout`` seconds without an answer."""
+    when nothing listens there, or after ``timeout`` seconds without an answer (with
+    ``keys``, AuthError when the proxy refuses them)."""
     probe: zmq.Socket[bytes] = context.socket(zmq.SUB)
     probe.linger = 0
+    if keys is not None:
+        configure_client(probe, keys)
     monitor = probe.get_monitor_socket()
     hint = "(is `tradebus proxy` or `tradebus up` running?)"
     try:
         probe.connect(endpoint)
         deadline = time.monotonic() + timeout
         while monitor.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-            event = recv_monitor_message(monitor)["event"]
+            message = recv_monitor_message(monitor)
+            event = message["event"]
+            if keys is not None:
+                judge_handshake(event, message["value"], keys, endpoint)  # refused: AuthError
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 return
             if event == zmq.EVENT_CONNECT_RETRIED:
@@ -284,6 +297,7 @@ def record(
     ready: threading.Event | None = None,
     context: zmq.Context[zmq.Socket[bytes]] | None = None,
     clock_ns: Callable[[], int] = time.time_ns,
+    keys: ClientKeys | None = None,
 ) -> RecordStats:
     """Write matching bus events to ``out`` until ``stop``, ``duration`` or ``count``.
 
@@ -298,6 +312,7 @@ def record(
         snapshot=True,
         snapshot_endpoint=snapshot_endpoint,
         context=context,
+        keys=keys,
     )
     try:
         subscriber.start()
@@ -307,7 +322,7 @@ def record(
         # A proxy without a cache cannot sync: record anyway, from whenever the
         # subscription takes effect.
         log.warning("record.unsynced", reason=str(error))
-        subscriber = BlockingSubscriber(patterns, endpoint=endpoint, context=context)
+        subscriber = BlockingSubscriber(patterns, endpoint=endpoint, context=context, keys=keys)
         subscriber.start()
     out.write(header_line(patterns, endpoint, clock_ns()))
     skip_snapshot = 0 if with_snapshot else subscriber.stats.snapshot_events
@@ -363,7 +378,10 @@ def record(
 
 
 def connect_publisher(
-    context: zmq.Context[zmq.Socket[bytes]], endpoint: str, timeout: float
+    context: zmq.Context[zmq.Socket[bytes]],
+    endpoint: str,
+    timeout: float,
+    keys: ClientKeys | None = None,
 ) -> zmq.Socket[bytes]:
     """An XPUB socket connected to the proxy, returned once the proxy is known to listen.
 
@@ -375,10 +393,17 @@ def connect_publisher(
     socket.sndhwm = 100_000
     socket.linger = int(timeout * 1000)
     try:
-        socket.connect(endpoint)
+        if keys is None:
+            socket.connect(endpoint)
+        else:
+            configure_client(socket, keys)
+            connect_checked(socket, endpoint, keys, timeout)
     except zmq.ZMQError as error:
         socket.close(linger=0)
         raise ToolError(f"cannot connect to {endpoint}: {error.strerror}") from None
+    except BusError:
+        socket.close(linger=0)
+        raise
     # the proxy subscribes every publisher to everything on connection
     if not socket.poll(int(timeout * 1000)):
         socket.close(linger=0)
@@ -462,6 +487,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_CONNECT_TIMEOUT,
         help="seconds to wait for the proxy (default %(default)s; nothing listening fails at once)",
     )
+    add_client_key_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -469,8 +495,9 @@ def run(args: argparse.Namespace) -> int:
     patterns = [p.strip() for p in args.topics.split(",") if p.strip()] or ["*"]
     endpoint = resolve_backend(args.backend, "--backend")
     snapshot_endpoint = resolve_snapshot(args.snapshot_endpoint, "--snapshot-endpoint")
+    keys = client_keys(args)  # before the file is created: a bad key changes nothing
     # before the file is opened: no proxy must not leave an empty (or truncated) recording
-    wait_for_proxy(zmq.Context.instance(), endpoint, args.connect_timeout)
+    wait_for_proxy(zmq.Context.instance(), endpoint, args.connect_timeout, keys)
     stop = stop_on_signals()
     to_stdout = str(args.file) == "-"
     try:
@@ -489,6 +516,7 @@ def run(args: argparse.Namespace) -> int:
             with_snapshot=args.snapshot,
             duration=args.duration,
             count=args.count,
+            keys=keys,
         )
     finally:
         if not to_stdout:

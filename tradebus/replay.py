@@ -14,6 +14,7 @@ from bus.proxy import DEFAULT_FRONTEND
 from bus.subscriber import resolve_endpoint
 from monitoring.logging import configure_logging, get_logger
 from tradebus.arguments import positive_number
+from tradebus.keys import add_client_key_arguments, client_keys
 from tradebus.record import (
     RecordingError,
     Restamper,
@@ -64,6 +65,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=5.0,
         help="seconds to wait for the proxy (default %(default)s)",
     )
+    add_client_key_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     # by default a new run of the recorded sources: a bus that saw the recording already
     # would otherwise drop its events as duplicates or report them as gaps
     transform = None if args.exact else Restamper(args.source, time.time_ns())
+    keys = client_keys(args)
     try:
         lines = open(args.file, "rb")  # noqa: SIM115
     except OSError as error:
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     stop = stop_on_signals()
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
-        socket = connect_publisher(context, frontend, args.connect_timeout)
+        socket = connect_publisher(context, frontend, args.connect_timeout, keys)
         try:
             log.info("replay.started", file=os.fspath(args.file), frontend=frontend)
             started = time.monotonic()

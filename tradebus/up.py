@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from bridge import config as bridge_config
 from bus import settings
 from bus.errors import SettingError
+from bus.keys import PROXY_KEY_NAME, SECRET_SUFFIX, create_key, load_server_keys
 from bus.proxy import DEFAULT_BACKEND, DEFAULT_FRONTEND, DEFAULT_SNAPSHOT, Proxy, ProxyConfig
 from monitoring.logging import configure_logging, get_logger
 from monitoring.metrics import MetricsServer, ProxyCollector, PublisherCollector
@@ -32,6 +33,16 @@ from tradebus.demo import add_demo_arguments, demo_settings, make_publisher, run
 HELP = "run proxy + bridge + demo bot in one process and print the dashboard URL"
 
 DEFAULT_METRICS_PORT = 9100
+# the keys `tradebus up --keys DIR` creates when absent: name -> sources
+BRIDGE_KEY_NAME = "bridge"
+DEMO_KEY_NAME = "demo-bot"
+STACK_KEYS: dict[str, tuple[str, ...]] = {
+    PROXY_KEY_NAME: (),
+    # the bridge puts its WebSocket publishers' events on the bus under its own key, so its
+    # certificate names their sources (--demo-via-websocket: the demo bot's)
+    BRIDGE_KEY_NAME: (DEMO_KEY_NAME,),
+    DEMO_KEY_NAME: (DEMO_KEY_NAME,),
+}
 
 
 class RegistryCollector(Collector):
@@ -89,6 +100,12 @@ OPTIONS: dict[str, settings.Option] = {
 def configure(parser: argparse.ArgumentParser) -> None:
     settings.add_options(parser, OPTIONS)
     parser.add_argument("--no-metrics", action="store_true", help="serve no metrics port")
+    parser.add_argument(
+        "--keys",
+        metavar="DIR",
+        help="run the bus with CURVE keys from DIR, creating the proxy's, the bridge's and "
+        "the demo bot's (source demo-bot) when absent (see `tradebus keys --help`)",
+    )
     parser.add_argument("--no-demo", action="store_true", help="start no demo bot")
     parser.add_argument(
         "--demo-via-websocket",
@@ -96,6 +113,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="the demo bot publishes through the bridge's /ws like a guide bot, not on the bus",
     )
     add_demo_arguments(parser, prefix="demo-")
+
+
+def ensure_stack_keys(directory: str) -> list[str]:
+    """Create the stack's keys that ``directory`` lacks; the names of those created."""
+    created = []
+    for name, sources in STACK_KEYS.items():
+        if not os.path.lexists(os.path.join(directory, name + SECRET_SUFFIX)):
+            create_key(directory, name, sources)
+            created.append(name)
+    return created
 
 
 def _dashboard_url(host: str, port: int) -> str:
@@ -119,8 +146,16 @@ async def serve(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     settings = None if args.no_demo else demo_settings(args.demo_symbols)
+    keys = None
+    if args.keys:
+        created = ensure_stack_keys(args.keys)
+        if created:
+            log.info("up.keys_created", directory=args.keys, keys=created)
+        keys = load_server_keys(args.keys)
 
-    proxy = Proxy(ProxyConfig(frontend=args.frontend, backend=args.backend, snapshot=args.snapshot))
+    proxy = Proxy(
+        ProxyConfig(frontend=args.frontend, backend=args.backend, snapshot=args.snapshot, keys=keys)
+    )
     proxy.start()
     cleanups: list[Any] = [proxy.stop]
     try:
@@ -131,11 +166,18 @@ async def serve(args: argparse.Namespace) -> int:
             snapshot=proxy.snapshot_endpoint,
             publish_to=proxy.frontend_endpoint,
             allow_publish=True,
+            # the stack's keys, or none: never a TRADEBUS__BRIDGE_KEYS meant for another bus
+            keys=args.keys or "",
+            key_name=BRIDGE_KEY_NAME,
         )
         server = await start_bridge(config)
         cleanups.append(server.close)
         registry = CollectorRegistry()
-        registry.register(ProxyCollector(lambda: proxy.cache.stats, lambda: proxy.gate.stats))
+        registry.register(
+            ProxyCollector(
+                lambda: proxy.cache.stats, lambda: proxy.gate.stats, lambda: proxy.auth_refused
+            )
+        )
         registry.register(RegistryCollector(server.bridge.registry))
         dashboard = _dashboard_url(args.host, server.port)
         publisher = None
@@ -145,7 +187,13 @@ async def serve(args: argparse.Namespace) -> int:
                 if args.demo_via_websocket
                 else proxy.frontend_endpoint
             )
-            publisher = make_publisher(url, None)
+            on_bus = args.keys and not args.demo_via_websocket
+            publisher = make_publisher(
+                url,
+                None,
+                keys=args.keys if on_bus else None,
+                key_name=DEMO_KEY_NAME if on_bus else None,
+            )
             cleanups.append(publisher.close)
             registry.register(PublisherCollector(publisher.status, publisher.source))
         metrics = None
@@ -174,6 +222,8 @@ async def serve(args: argparse.Namespace) -> int:
         )
         if metrics is not None:
             print(f"  metrics     {metrics.url}  (bridge: {dashboard}metrics)")
+        if args.keys:
+            print(f"  keys        {args.keys} (CURVE: only its keys may use the bus)")
         print("Ctrl-C stops everything.", flush=True)
         waiter = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait(
