@@ -32,6 +32,7 @@ from bridge.protocol import (
     Subscribe,
     Unsubscribe,
 )
+from bridge.resume import contiguous_from
 from bus.envelope import META_HEADER, META_HEADER_SIZE, encode_event
 from bus.errors import TopicError
 from bus.sequence import SeqStatus, SequenceTracker
@@ -958,7 +959,10 @@ class Hub:
                 for e in state.history
                 if e[1] == source and (e[2], e[3]) > (position.epoch, position.seq)
             ]
-            if not newer or (newer[0][2], newer[0][3]) != (position.epoch, position.seq + 1):
+            # every later event must be held without a hole: a gap the bus showed is
+            # part of the history, and a resume across it is not a recovery
+            start = (position.epoch, position.seq)
+            if not newer or not contiguous_from(start, ((e[2], e[3]) for e in newer)):
                 recovered = False
             entries.extend(newer)
         for _topic, state in states:

@@ -1,0 +1,80 @@
+"""Resume never claims what it did not deliver (issue 13): real proxy, real bridge, clients
+from the `websockets` library."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import zmq
+
+from bridge.app import BridgeServer
+from bridge.resume import contiguous_from, follows
+from bus.proxy import Proxy
+from tests.test_bridge_support import (
+    BusPublisher,
+    bridge_config,
+    collect_events,
+    connect,
+    running_bridge,
+    subscribe,
+    wait_for,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def publisher(zmq_context: zmq.Context[zmq.Socket[bytes]], proxy: Proxy) -> Iterator[BusPublisher]:
+    bus = BusPublisher(zmq_context, proxy.frontend_endpoint, "bot-1")
+    yield bus
+    bus.close()
+
+
+@pytest.fixture
+async def server(proxy: Proxy, publisher: BusPublisher) -> AsyncIterator[BridgeServer]:
+    await publisher.connected()
+    async with running_bridge(bridge_config(proxy)) as running:
+        yield running
+
+
+def test_contiguity_rule() -> None:
+    assert follows((5, 3), 5, 4)
+    assert not follows((5, 3), 5, 5)
+    assert follows((5, 3), 6, 1)  # a restarted publisher's first event
+    assert not follows((5, 3), 6, 2)
+    assert not follows((5, 3), 4, 1)  # an older run is never "next"
+    assert contiguous_from((1, 1), [(1, 2), (1, 3)])
+    assert contiguous_from((1, 1), [])
+    assert not contiguous_from((1, 1), [(1, 2), (1, 3), (1, 10), (1, 11)])
+
+
+async def test_resume_across_a_hole_on_the_bus_is_not_a_recovery(
+    server: BridgeServer, publisher: BusPublisher
+) -> None:
+    """The bus carried seq 1, 2, 3, 10, 11: a client that saw 1 cannot get 4..9 back."""
+    client = await connect(server)
+    await subscribe(client, ["ai_decision"])
+    await publisher.publish("ai_decision", {"n": 1}, seq=1)
+    (seen,) = await collect_events(client, 1)
+    await client.close()
+    for seq in (2, 3, 10, 11):
+        await publisher.publish("ai_decision", {"n": seq}, seq=seq)
+    hub = server.bridge.hub
+    await wait_for(lambda: hub.stats.events_by_type.get("ai_decision") == 5, "events at the bridge")
+    assert hub.stats.missed == 6  # the bridge counted the hole
+
+    position = {k: seen[k] for k in ("topic", "source", "epoch", "seq")}
+    for seq_seen, recovered, replayed in (
+        (1, False, [11]),  # across the hole: a fresh snapshot, said so
+        (3, False, [11]),  # right before the hole
+        (10, True, [11]),  # after it: complete
+    ):
+        again = await connect(server)
+        begin, replay = await subscribe(
+            again, ["ai_decision"], since=[position | {"seq": seq_seen}]
+        )
+        assert (begin["recovered"], begin["end"]["recovered"]) == (recovered, recovered), seq_seen
+        assert [m["seq"] for m in replay] == replayed, seq_seen
+        await again.close()
+    assert hub.stats.resumes_unrecovered == 2
