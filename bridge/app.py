@@ -433,7 +433,7 @@ class Bridge:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         self.log.warning("websocket.connection_rejected", reason=reason, **fields)
 
-    def _admit(self, request: web.Request) -> tuple[Client, list[Pattern]]:
+    def _admit(self, request: web.Request) -> tuple[Client, list[Pattern] | None]:
         """Handshake checks (raising the HTTP refusal) and the new client, not yet counted."""
         config = self.config
         ip = request.remote or ""
@@ -472,7 +472,14 @@ class Bridge:
                 # an epoch is its run's start time: one in the future would make every
                 # receiver drop the real source's later runs as stale
                 raise ValueError("epoch is in the future (it is the publisher's start time in ns)")
-            initial = [Pattern(t) for t in query.get("topics", "").split(",") if t.strip()]
+            # "?topics=" with no pattern: no event until the client subscribes (a resume
+            # must be in force before the first event, or the client's positions move past
+            # what the resume would replay); no "topics" at all: everything
+            initial = (
+                [Pattern(t) for t in query["topics"].split(",") if t.strip()]
+                if "topics" in query
+                else None
+            )
         except (TopicError, ValueError) as error:
             self._reject("bad_query", ip=ip)
             raise web.HTTPBadRequest(text=f"{error}\n") from None
@@ -531,7 +538,7 @@ class Bridge:
             client.transport = request.transport
             client.conn = ws
             client.push(hub.greeting(client, config.ping_interval, config.max_message_bytes))
-            hub.add_client(client, time.time_ns())
+            hub.add_client(client, time.time_ns(), receive_all=initial is None)
             self.log.info(
                 "websocket.client_connected",
                 client=client.id,

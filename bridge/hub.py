@@ -384,11 +384,12 @@ class Hub:
             self._need_prefix(SOURCE_STATUS_TYPE.encode())
 
     # -- clients ------------------------------------------------------------------------
-    def add_client(self, client: Client, now_ns: int) -> None:
+    def add_client(self, client: Client, now_ns: int, *, receive_all: bool = True) -> None:
         """Register ``client`` and queue its greeting; a subscriber gets everything until it
-        subscribes (within its grant's patterns)."""
+        subscribes (within its grant's patterns), unless ``receive_all`` is false: a
+        reconnecting client must see no event before its resume is in force."""
         self.clients.add(client)
-        if not client.publisher:
+        if not client.publisher and receive_all:
             client.implicit = True
             # a grant of no topics ("topics": []) gets nothing, not everything
             granted = client.grant.topics

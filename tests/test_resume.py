@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 
+import orjson
 import pytest
 import zmq
 
@@ -16,6 +17,8 @@ from tests.test_bridge_support import (
     bridge_config,
     collect_events,
     connect,
+    events_only,
+    recv_until,
     running_bridge,
     subscribe,
     wait_for,
@@ -78,3 +81,26 @@ async def test_resume_across_a_hole_on_the_bus_is_not_a_recovery(
         assert [m["seq"] for m in replay] == replayed, seq_seen
         await again.close()
     assert hub.stats.resumes_unrecovered == 2
+
+
+async def test_empty_topics_in_the_handshake_means_no_event_before_the_subscribe(
+    server: BridgeServer, publisher: BusPublisher
+) -> None:
+    """What a reconnecting client needs: its resume is in force before any event arrives."""
+    watcher = await connect(server)
+    await subscribe(watcher, ["ai_decision"])  # proves each event passed the bridge
+    quiet = await connect(server, "topics=")
+    await publisher.publish("ai_decision", {"n": 1})
+    await collect_events(watcher, 1)
+    await quiet.send(orjson.dumps({"op": "subscribe", "topics": ["ai_decision"]}).decode())
+    reply, before = await recv_until(quiet, lambda m: m["type"] == "subscribed")
+    assert events_only(before) == []  # the implicit "everything" would have sent n=1
+    assert reply["topics"] == ["ai_decision"]
+    await publisher.publish("ai_decision", {"n": 2})
+    await collect_events(watcher, 1)
+    _end, snapshot = await recv_until(quiet, lambda m: m["type"] == "snapshot_end")
+    (live,) = await collect_events(quiet, 1)
+    assert [m["data"] for m in events_only(snapshot)] == [{"n": 1}]
+    assert live["data"] == {"n": 2}
+    await watcher.close()
+    await quiet.close()
