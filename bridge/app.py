@@ -23,6 +23,7 @@ import zmq
 import zmq.asyncio
 from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from zmq.utils.monitor import parse_monitor_message
 
 from bridge.admission import (
     HostPolicy,
@@ -132,6 +133,10 @@ class Bridge:
         self._flush_scheduled = False
         self._probe_sent = 0.0
         self._probe_answered = 0.0
+        # the SUB socket's link to the proxy, from its monitor: a lost link makes the bridge
+        # unready at once, however short the outage (the probes alone see one within 2-7 s)
+        self._sub_up = False
+        self._sub_monitor: zmq.asyncio.Socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- life cycle ---------------------------------------------------------------------
@@ -145,6 +150,9 @@ class Bridge:
         sub.rcvhwm = 1_000_000
         sub.setsockopt(zmq.HEARTBEAT_IVL, 2000)
         sub.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+        self._sub_monitor = sub.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        )
         sub.connect(config.bus)
         self._sub = sub
         self._sub_raw = zmq.Socket.shadow(sub.underlying)
@@ -163,7 +171,7 @@ class Bridge:
         self._apply_upstream()
         self._loop.add_reader(int(self._sub_raw.getsockopt(zmq.FD)), self._on_upstream)
         self._loop.call_soon(self._on_upstream)
-        self._tasks = []
+        self._tasks = [asyncio.create_task(self._watch_sub(), name="bridge-sub-monitor")]
         if self._dealer is not None:
             self._tasks.append(asyncio.create_task(self._read_snapshots(), name="bridge-snap"))
         if self._pub is not None:
@@ -195,7 +203,10 @@ class Bridge:
             self._backlog_timer.cancel()
         # a reader call already scheduled must find no socket, not a closed one's handle
         self._sub_raw = None
-        for socket in (self._sub, self._dealer, self._pub):
+        if self._sub is not None and self._sub_monitor is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sub.disable_monitor()
+        for socket in (self._sub_monitor, self._sub, self._dealer, self._pub):
             if socket is not None:
                 socket.close(linger=0)
         if self._context is not None:
@@ -292,9 +303,25 @@ class Bridge:
             self._apply_upstream()
             self.flush()
 
+    async def _watch_sub(self) -> None:
+        assert self._sub_monitor is not None
+        while True:
+            event = parse_monitor_message(await self._sub_monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._sub_up = True
+                # ready again once the snapshot service answers too: ask now, not in 5 s
+                self._probe_sent = 0.0
+                self._probe(time.monotonic())
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self._sub_up = False
+                if self.ready and self._dealer is not None:
+                    self.ready = False
+                    self._update_bus_usable()
+                    self.log.warning("bridge.bus_unavailable", bus=self.config.bus)
+
     def _bus_seen(self, now: float) -> None:
         self._probe_answered = now
-        if not self.ready:
+        if not self.ready and self._sub_up:
             self.ready = True
             self._update_bus_usable()
             self.log.info("bridge.bus_connected", bus=self.config.bus)
