@@ -32,7 +32,7 @@ from bridge.protocol import (
     Subscribe,
     Unsubscribe,
 )
-from bridge.resume import contiguous_from
+from bus.resume import contiguous_from
 from bus.envelope import META_HEADER, META_HEADER_SIZE, encode_event
 from bus.errors import TopicError
 from bus.sequence import SeqStatus, SequenceTracker

@@ -10,7 +10,7 @@ import pytest
 import zmq
 
 from bridge.app import BridgeServer
-from bridge.resume import contiguous_from, follows
+from bus.resume import contiguous_from, follows
 from bus.proxy import Proxy
 from tests.test_bridge_support import (
     BusPublisher,
