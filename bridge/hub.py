@@ -32,9 +32,9 @@ from bridge.protocol import (
     Subscribe,
     Unsubscribe,
 )
-from bus.resume import contiguous_from
 from bus.envelope import META_HEADER, META_HEADER_SIZE, encode_event
 from bus.errors import TopicError
+from bus.resume import contiguous_from
 from bus.sequence import SeqStatus, SequenceTracker
 from bus.topics import Pattern, PatternIndex, make_topic, validate_topic
 

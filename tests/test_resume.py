@@ -10,8 +10,8 @@ import pytest
 import zmq
 
 from bridge.app import BridgeServer
-from bus.resume import contiguous_from, follows
 from bus.proxy import Proxy
+from bus.resume import contiguous_from, follows
 from tests.test_bridge_support import (
     BusPublisher,
     bridge_config,
