@@ -48,7 +48,15 @@ from bridge.protocol import (
     parse_request,
 )
 from bus.errors import TopicError
-from bus.proxy import SNAPSHOT_COMMAND, STATUS_OK, SYNC_PREFIX, snapshot_request
+from bus.history import HistoryPosition
+from bus.proxy import (
+    HISTORY_COMMAND,
+    SNAPSHOT_COMMAND,
+    STATUS_OK,
+    SYNC_PREFIX,
+    history_request,
+    snapshot_request,
+)
 from bus.topics import Pattern, validate_source
 from bus.transport import receiver
 from monitoring.logging import get_logger
@@ -97,6 +105,7 @@ class Bridge:
             stale_after=config.stale_after,
             track_sources=config.track_sources,
             snapshots_available=bool(config.snapshot),
+            bus_history=bool(config.snapshot),
         )
         self.auth = Authenticator(
             config.tokens,
@@ -230,6 +239,16 @@ class Bridge:
                 self._markers[sync_id] = nonce
                 request = snapshot_request(nonce, patterns)
                 self._dealer.send_multipart([b"s%d" % sync_id, b"", *request])
+            elif op[0] == "history" and self._dealer is not None:
+                _kind, sync_id, nonce, positions, patterns = op
+                sub.subscribe(SYNC_PREFIX + nonce)
+                self._markers[sync_id] = nonce
+                wanted = [
+                    HistoryPosition(p.topic.encode(), p.source.encode(), p.epoch, p.seq)
+                    for p in positions
+                ]
+                request = history_request(nonce, wanted, patterns)
+                self._dealer.send_multipart([b"h%d" % sync_id, b"", *request])
         ops.clear()
         if self._loop is not None:
             # a subscription is a send on the SUB socket, after which its edge-triggered
@@ -277,7 +296,11 @@ class Bridge:
         assert self._dealer is not None
         while True:
             frames = await self._dealer.recv_multipart()
-            if len(frames) < 4 or frames[1] != b"" or frames[2] != SNAPSHOT_COMMAND:
+            if (
+                len(frames) < 4
+                or frames[1] != b""
+                or frames[2] not in (SNAPSHOT_COMMAND, HISTORY_COMMAND)
+            ):
                 self.log.warning("bridge.snapshot_malformed", frames=len(frames))
                 continue
             tag, status, body = frames[0], frames[3], frames[4:]
@@ -290,7 +313,13 @@ class Bridge:
             except ValueError:
                 continue
             self._end_marker(sync_id)
-            if status in (STATUS_OK, b"unsynced") and len(body) % 3 == 0:
+            if tag.startswith(b"h"):
+                # an old proxy (error: expected SNAPSHOT) or history off: served as before
+                complete = frames[2] == HISTORY_COMMAND and status == STATUS_OK
+                complete = complete and len(body) % 3 == 0
+                messages = [body[i : i + 3] for i in range(0, len(body), 3)] if complete else []
+                self.hub.history_reply(sync_id, complete, messages, now)
+            elif status in (STATUS_OK, b"unsynced") and len(body) % 3 == 0:
                 messages = [body[i : i + 3] for i in range(0, len(body), 3)]
                 self.hub.snapshot_reply(sync_id, status == STATUS_OK, messages, now)
             else:

@@ -10,7 +10,7 @@ import pytest
 import zmq
 
 from bridge.app import BridgeServer
-from bus.proxy import Proxy
+from bus.proxy import Proxy, ProxyConfig
 from bus.resume import contiguous_from, follows
 from tests.test_bridge_support import (
     BusPublisher,
@@ -104,3 +104,113 @@ async def test_empty_topics_in_the_handshake_means_no_event_before_the_subscribe
     assert live["data"] == {"n": 2}
     await watcher.close()
     await quiet.close()
+
+
+def _position(event: dict[str, object], seq: int | None = None) -> dict[str, object]:
+    position = {k: event[k] for k in ("topic", "source", "epoch", "seq")}
+    return position if seq is None else position | {"seq": seq}
+
+
+async def test_a_restarted_bridge_resumes_from_the_bus_history(
+    proxy: Proxy, publisher: BusPublisher
+) -> None:
+    """Positions from a bridge that is gone, events published while no bridge ran."""
+    await publisher.connected()
+    async with running_bridge(bridge_config(proxy)) as first:
+        client = await connect(first)
+        await subscribe(client, ["ai_decision"])
+        await publisher.publish("ai_decision", {"n": 1})
+        (seen,) = await collect_events(client, 1)
+        await client.close()
+    for n in range(2, 6):
+        await publisher.publish("ai_decision", {"n": n})
+    assert proxy.history is not None
+    await wait_for(lambda: proxy.cache.stats.events >= 5, "the proxy's history")
+    async with running_bridge(bridge_config(proxy)) as second:
+        again = await connect(second, "topics=")
+        begin, replay = await subscribe(again, ["ai_decision"], since=[_position(seen)])
+        assert (begin["recovered"], begin["end"]["recovered"]) == (True, True)
+        assert [m["data"]["n"] for m in replay] == [2, 3, 4, 5]
+        await publisher.publish("ai_decision", {"n": 6})
+        (live,) = await collect_events(again, 1)
+        assert live["data"] == {"n": 6}  # no gap and no duplicate at the seam
+        assert second.bridge.hub.stats.resumes_from_bus == 1
+        await again.close()
+
+
+async def test_positions_from_another_bridge_resume_on_this_one(
+    proxy: Proxy, publisher: BusPublisher
+) -> None:
+    await publisher.connected()
+    async with (
+        running_bridge(bridge_config(proxy)) as first,
+        running_bridge(bridge_config(proxy)) as second,
+    ):
+        client = await connect(first)
+        await subscribe(client, ["ai_decision", "trading_decision"])
+        for n in range(1, 4):
+            await publisher.publish("ai_decision", {"n": n})
+        await publisher.publish("trading_decision", {"n": 1})
+        seen = await collect_events(client, 4)
+        await client.close()
+        for n in range(4, 6):
+            await publisher.publish("ai_decision", {"n": n})
+        await wait_for(lambda: proxy.cache.stats.events >= 6, "the proxy's history")
+        # the second bridge never had these topics: only the bus's history can answer
+        since = [_position(seen[2]), _position(seen[3])]
+        again = await connect(second, "topics=")
+        begin, replay = await subscribe(again, ["ai_decision", "trading_decision"], since=since)
+        assert begin["recovered"] is True
+        assert [(m["topic"], m["data"]["n"]) for m in replay] == [
+            ("ai_decision", 4),
+            ("ai_decision", 5),
+        ]
+        await again.close()
+
+
+async def test_a_hole_is_not_recovered_from_the_bus_history_either(
+    proxy: Proxy, publisher: BusPublisher
+) -> None:
+    await publisher.connected()
+    for seq in (1, 2, 3, 10, 11):
+        await publisher.publish("ai_decision", {"n": seq}, seq=seq)
+    await wait_for(lambda: proxy.cache.stats.events >= 5, "the proxy's history")
+    async with running_bridge(bridge_config(proxy)) as server:
+        client = await connect(server, "topics=")
+        position = {"topic": "ai_decision", "source": "bot-1", "epoch": publisher.epoch}
+        begin, replay = await subscribe(client, ["ai_decision"], since=[position | {"seq": 1}])
+        assert begin["recovered"] is False
+        assert [m["seq"] for m in replay] == [11]  # a fresh snapshot instead
+        await client.close()
+
+
+async def test_without_the_proxys_history_a_restarted_bridge_says_not_recovered(
+    publisher: BusPublisher,
+) -> None:
+    """An old proxy, or history off: as before."""
+    publisher.close()
+    off = Proxy(
+        ProxyConfig(
+            frontend="tcp://127.0.0.1:*",
+            backend="tcp://127.0.0.1:*",
+            snapshot="tcp://127.0.0.1:*",
+            history_events=0,
+        )
+    )
+    off.start()
+    bus = BusPublisher(zmq.Context.instance(), off.frontend_endpoint, "bot-1")
+    try:
+        await bus.connected()
+        for n in range(1, 4):
+            await bus.publish("ai_decision", {"n": n})
+        await wait_for(lambda: off.cache.stats.events >= 3, "the proxy's cache")
+        async with running_bridge(bridge_config(off)) as server:
+            client = await connect(server, "topics=")
+            position = {"topic": "ai_decision", "source": "bot-1", "epoch": bus.epoch, "seq": 1}
+            begin, replay = await subscribe(client, ["ai_decision"], since=[position])
+            assert begin["recovered"] is False
+            assert [m["data"]["n"] for m in replay] == [3]
+            await client.close()
+    finally:
+        bus.close()
+        off.stop()
