@@ -4,11 +4,13 @@ from the `websockets` library."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import orjson
 import pytest
 import zmq
 
+from bot_client import Publisher
 from bridge.app import BridgeServer
 from bus.proxy import Proxy, ProxyConfig
 from bus.resume import contiguous_from, follows
@@ -23,6 +25,7 @@ from tests.test_bridge_support import (
     subscribe,
     wait_for,
 )
+from tests.test_bus_outage import proxy_at
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -214,3 +217,42 @@ async def test_without_the_proxys_history_a_restarted_bridge_says_not_recovered(
     finally:
         bus.close()
         off.stop()
+
+
+async def test_whole_stack_restart_with_the_bot_holding_its_events(tmp_path: Path) -> None:
+    """Proxy and bridge both restart; the bot held what it published meanwhile and delivers
+    it once the new proxy is up: the client resumes with every event, recovered:true."""
+    proxy = proxy_at(tmp_path)
+    bot = Publisher(
+        url=f"ipc://{tmp_path}/in.sock",
+        source_id="bot-1",
+        publish_interval=0,
+        retry_delay=0.05,
+        heartbeat_interval=0,
+    )
+    try:
+        await wait_for(lambda: bot.connected, "the bot on the bus")
+        async with running_bridge(bridge_config(proxy)) as bridge:
+            client = await connect(bridge)
+            await subscribe(client, ["trading_decision"])
+            for n in range(1, 4):
+                bot.publish("trading_decision", {"n": n})
+            seen = await collect_events(client, 3)
+            await client.close()
+        proxy.stop()
+        await wait_for(lambda: not bot.connected, "the bot to see the outage")
+        for n in range(4, 9):
+            bot.publish("trading_decision", {"n": n})  # held by the bot
+        proxy = proxy_at(tmp_path)
+        await wait_for(lambda: proxy.cache.stats.events >= 5, "the bot's held events")
+        async with running_bridge(bridge_config(proxy)) as bridge:
+            again = await connect(bridge, "topics=")
+            begin, replay = await subscribe(
+                again, ["trading_decision"], since=[_position(seen[-1])]
+            )
+            assert begin["recovered"] is True
+            assert [m["data"]["n"] for m in replay] == [4, 5, 6, 7, 8]
+            await again.close()
+    finally:
+        bot.close(timeout=1)
+        proxy.stop()
