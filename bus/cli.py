@@ -71,6 +71,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--no-cache", action="store_true", help="no last-value cache and no snapshot service"
     )
     parser.add_argument(
+        "--history-events",
+        type=whole_number(0),
+        default=_setting("HISTORY_EVENTS", defaults.history_events),
+        help="events kept per topic for resumes, 0 = no history (default %(default)s)",
+    )
+    parser.add_argument(
+        "--history-seconds",
+        type=positive_number("seconds"),
+        default=_setting("HISTORY_SECONDS", defaults.history_seconds),
+        help="age past which history events are dropped (default %(default)s)",
+    )
+    parser.add_argument(
+        "--history-max-bytes",
+        type=positive_int,
+        default=_setting("HISTORY_MAX_BYTES", defaults.history_max_bytes),
+        help="memory of the whole history; oldest events go first (default %(default)s)",
+    )
+    parser.add_argument(
         "--owner-idle",
         type=positive_number("seconds"),
         default=_setting("OWNER_IDLE", defaults.owner_idle_s),
@@ -119,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
         owner_idle_s=args.owner_idle,
         epoch_skew_s=args.epoch_skew,
         snapshot_max_bytes=args.snapshot_max_bytes,
+        history_events=args.history_events,
+        history_seconds=args.history_seconds,
+        history_max_bytes=args.history_max_bytes,
     )
     stop = threading.Event()
     received: list[str] = []
@@ -140,7 +161,13 @@ def run(args: argparse.Namespace) -> int:
         from monitoring.metrics import MetricsServer, ProxyCollector
 
         registry = CollectorRegistry()
-        registry.register(ProxyCollector(lambda: proxy.cache.stats, lambda: proxy.gate.stats))
+        registry.register(
+            ProxyCollector(
+                lambda: proxy.cache.stats,
+                lambda: proxy.gate.stats,
+                lambda: proxy.history.stats if proxy.history is not None else None,
+            )
+        )
         try:
             metrics = MetricsServer(registry, host=args.metrics_host, port=args.metrics_port)
         except BaseException:

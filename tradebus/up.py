@@ -126,7 +126,13 @@ async def serve(args: argparse.Namespace) -> int:
         server = await start_bridge(config)
         cleanups.append(server.close)
         registry = CollectorRegistry()
-        registry.register(ProxyCollector(lambda: proxy.cache.stats, lambda: proxy.gate.stats))
+        registry.register(
+            ProxyCollector(
+                lambda: proxy.cache.stats,
+                lambda: proxy.gate.stats,
+                lambda: proxy.history.stats if proxy.history is not None else None,
+            )
+        )
         registry.register(RegistryCollector(server.bridge.registry))
         dashboard = _dashboard_url(args.host, server.port)
         publisher = None
