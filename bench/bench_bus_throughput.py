@@ -79,9 +79,18 @@ def _warm_publisher(
         socket.connect(endpoint)
     # Until the subscriber says it receives, send warm-up messages: proves the whole path
     # (subscriptions included) is connected before the measured stream starts.
+    warmups = 0
     while not go.wait(0.01):
-        socket.send_multipart([WARMUP_TOPIC, b"", b""] if envelope else [WARMUP_TOPIC])
+        warmups += 1
+        socket.send_multipart(_warmup_event(warmups) if envelope else [WARMUP_TOPIC])
     return socket
+
+
+def _warmup_event(seq: int) -> list[bytes]:
+    """A well-formed event (the proxy's gate refuses anything else) on the warm-up topic."""
+    from bus.envelope import encode_event
+
+    return encode_event(WARMUP_TOPIC.decode(), "warmup", {}, "bench-warmup", 1, seq)
 
 
 def _warm_subscriber(
@@ -154,6 +163,8 @@ def _paced_publisher(endpoint: str, rate: int, count: int, go: MpEvent, report: 
     """
     (topic, meta, payload), *_ = _encoded_events(1, True)
     source = meta[META_HEADER_SIZE:]
+    # the payload repeats the meta frame's seq (the proxy's gate checks that they agree)
+    payload_head = payload[: payload.rindex(b'"seq":') + len(b'"seq":')]
     context = zmq.Context()
     socket = _warm_publisher(context, endpoint, False, True, go)
     send = sender(socket)
@@ -165,7 +176,7 @@ def _paced_publisher(endpoint: str, rate: int, count: int, go: MpEvent, report: 
         if delay > 0:
             time.sleep(delay)
         for seq in range(first + 1, min(first + burst, count) + 1):
-            send(topic, encode_meta(source, 1, seq, time.time_ns()), payload)
+            send(topic, encode_meta(source, 1, seq, time.time_ns()), b"%s%d}" % (payload_head, seq))
     report.send(started)
     socket.close()
     context.term()
@@ -214,9 +225,8 @@ def _proxy(
     frontend: str,
     backend: str,
     snapshot: str,
-    cache: bool,
+    options: dict[str, Any],
     count: int,
-    cache_options: dict[str, int],
     stop: MpEvent,
     report: Connection,
 ) -> None:
@@ -228,9 +238,9 @@ def _proxy(
         snapshot=snapshot,
         frontend_hwm=HWM,
         backend_hwm=HWM,
-        cache=cache,
-        **cache_options,  # type: ignore[arg-type]
+        **options,
     )
+    cache = config.cache
     with Proxy(config) as proxy:
         forwarder, *cache_thread = [t.native_id for t in reversed(proxy._threads)]
         stop.wait()
@@ -285,10 +295,9 @@ def _running(processes: Sequence[BaseProcess], stop: MpEvent) -> Iterator[None]:
                 process.kill()
 
 
-def _measure(
-    count: int, envelope: bool, proxy_cache: bool | None, cache_options: dict[str, int]
-) -> Run:
-    """One run; ``proxy_cache`` None means no proxy (publisher binds, subscriber connects)."""
+def _measure(count: int, envelope: bool, proxy_options: dict[str, Any] | None) -> Run:
+    """One run; ``proxy_options`` (ProxyConfig fields) None means no proxy (publisher binds,
+    subscriber connects)."""
     spawn = mp.get_context("spawn")
     go = spawn.Event()
     stop = spawn.Event()
@@ -296,22 +305,13 @@ def _measure(
     sub_report, sub_end = spawn.Pipe(duplex=False)
     proxy_report, proxy_end = spawn.Pipe(duplex=False)
     processes = []
-    if proxy_cache is None:
+    if proxy_options is None:
         endpoint = _free_endpoint()
         pub_args = (endpoint, True, count, envelope, go, pub_end)
         sub_args = (endpoint, False, count, envelope, go, sub_end)
     else:
         frontend, backend, snapshot = (_free_endpoint() for _ in range(3))
-        proxy_args = (
-            frontend,
-            backend,
-            snapshot,
-            proxy_cache,
-            count,
-            cache_options,
-            stop,
-            proxy_end,
-        )
+        proxy_args = (frontend, backend, snapshot, proxy_options, count, stop, proxy_end)
         processes.append(spawn.Process(target=_proxy, args=proxy_args))
         pub_args = (frontend, False, count, envelope, go, pub_end)
         sub_args = (backend, False, count, envelope, go, sub_end)
@@ -322,7 +322,7 @@ def _measure(
         finished, received, subscriber_cpu = sub_report.recv()
         run = Run(received / (finished - started), received, pub_report.recv(), subscriber_cpu)
         stop.set()
-        if proxy_cache is not None:
+        if proxy_options is not None:
             run.proxy_cpu, run.cache_backlog, run.cached, run.cache_gaps = proxy_report.recv()
     return run
 
@@ -340,7 +340,7 @@ def _measure_latency(rate: int, seconds: float, proxy_cache: bool) -> tuple[int,
     processes = [
         spawn.Process(
             target=_proxy,
-            args=(frontend, backend, snapshot, proxy_cache, count, {}, stop, proxy_end),
+            args=(frontend, backend, snapshot, {"cache": proxy_cache}, count, stop, proxy_end),
         ),
         spawn.Process(target=_latency_subscriber, args=(backend, count, go, sub_end)),
         spawn.Process(target=_paced_publisher, args=(frontend, rate, count, go, pub_end)),
@@ -356,7 +356,10 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200_000, help="events per run")
     parser.add_argument("--rounds", type=int, default=5, help="runs per configuration")
     parser.add_argument(
-        "--only", choices=["baseline", "cache", "nocache"], action="append", help="run only these"
+        "--only",
+        choices=["baseline", "cache", "nogate", "nocache"],
+        action="append",
+        help="run only these",
     )
     parser.add_argument(
         "--capture-hwm", type=int, help="the proxy's capture HWM (default: its own)"
@@ -372,17 +375,18 @@ def main() -> None:
         "--latency-seconds", type=float, default=2.0, help="seconds per latency run"
     )
     args = parser.parse_args()
-    configurations = {
-        "raw PUB -> SUB (baseline)": (False, None),
-        "proxy, cache on": (True, True),
-        "proxy, cache off": (True, False),
-    }
-    keys = dict(zip(configurations, ["baseline", "cache", "nocache"], strict=True))
-    cache_options = {}
+    cache_options: dict[str, Any] = {}
     if args.capture_hwm is not None:
         cache_options["capture_hwm"] = args.capture_hwm
     if args.cache_nice is not None:
         cache_options["cache_nice"] = args.cache_nice
+    # (envelope, proxy options or None for no proxy, --only key)
+    configurations: dict[str, tuple[bool, dict[str, Any] | None, str]] = {
+        "raw PUB -> SUB (baseline)": (False, None, "baseline"),
+        "proxy, cache on": (True, cache_options, "cache"),
+        "proxy, no gate, cache on": (True, {**cache_options, "gate": False}, "nogate"),
+        "proxy, cache off": (True, {"cache": False}, "nocache"),
+    }
     results: dict[str, list[Run]] = {name: [] for name in configurations}
     print(
         f"{args.events} events of {EVENT_BYTES} bytes per run, {args.rounds} rounds, "
@@ -392,10 +396,10 @@ def main() -> None:
     )
     # interleave configurations so a busy spell on the machine hits them alike
     for _round in range(args.rounds):
-        for name, (envelope, cache) in configurations.items():
-            if args.only and keys[name] not in args.only:
+        for name, (envelope, options, key) in configurations.items():
+            if args.only and key not in args.only:
                 continue
-            results[name].append(_measure(args.events, envelope, cache, cache_options))
+            results[name].append(_measure(args.events, envelope, options))
     medians = {}
     for name, runs in results.items():
         if not runs:
@@ -454,6 +458,9 @@ def main() -> None:
         print(f"ratio proxy (cache off) / raw baseline: {without_cache / baseline:.2f}")
     if with_cache and without_cache:
         print(f"ratio proxy cache on / cache off:      {with_cache / without_cache:.2f}")
+    without_gate = medians.get("proxy, no gate, cache on")
+    if with_cache and without_gate:
+        print(f"ratio proxy gate on / gate off:        {with_cache / without_gate:.2f}")
     paced_rates = [int(text) for text in args.latency_rates.split(",") if text]
     for paced in paced_rates:
         # below saturation: does the cache slow forwarding? (publish -> receive, same host)

@@ -258,6 +258,8 @@ class Counters:
     rejected: int = 0
     resent: int = 0
     heartbeats: int = 0
+    # CURVE handshakes the bus refused (SYSTEM__TRADEBUS_KEYS not authorized there)
+    auth_refusals: int = 0
 
     def count_drops(self, entries: Iterable[Entry]) -> dict[str, int]:
         counted: dict[str, int] = {}

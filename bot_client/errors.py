@@ -2,7 +2,8 @@
 
 PublisherError
 ├── SettingsError        a setting (environment variable or keyword) has a bad value
-└── InvalidEventError    a publish call got a bad type name, key or data (also a ValueError)
+├── InvalidEventError    a publish call got a bad type name, key or data (also a ValueError)
+└── AuthRefusedError     the bus refused this publisher's CURVE key (only from wait_admitted)
 
 Nothing here is raised because the bus or the bridge is down: delivery problems are
 counted and reported through ``status()`` and the log, never raised into the trading loop.
@@ -21,3 +22,7 @@ class SettingsError(PublisherError, ValueError):
 
 class InvalidEventError(PublisherError, ValueError):
     """An event cannot be published as given (bad type name or key, data not a JSON object)."""
+
+
+class AuthRefusedError(PublisherError):
+    """The bus refused the publisher's CURVE key; raised only by ``wait_admitted()``."""

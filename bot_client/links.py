@@ -24,6 +24,9 @@ from aiohttp import WSCloseCode
 from zmq.utils.monitor import recv_monitor_message
 
 from bot_client.core import Entry, backoff_delay
+from bot_client.errors import SettingsError
+from bus.errors import AuthError, KeyFileError
+from bus.keys import ClientKeys, configure_client, judge_handshake, load_client_keys
 from bus.transport import sender
 from monitoring.logging import redact
 
@@ -125,6 +128,16 @@ class ZmqLink:
         self, publisher: Publisher, context: zmq.Context[zmq.Socket[bytes]] | None
     ) -> None:
         settings = publisher.settings
+        self.keys: ClientKeys | None = None
+        if settings.keys:
+            try:
+                self.keys = load_client_keys(settings.keys, settings.key_name)
+            except KeyFileError as error:
+                raise SettingsError(f"SYSTEM__TRADEBUS_KEYS: {error}") from None
+        # set once the bus has judged the key (admitted, refused) or cannot be reached
+        self.judged = threading.Event()
+        self.admitted = False
+        self.refusal: str | None = None
         self.publisher = publisher
         self.connected = False
         self._link_up = False
@@ -152,9 +165,15 @@ class ZmqLink:
         xpub.setsockopt(zmq.CONNECT_TIMEOUT, min(timeout_ms, BUS_CONNECT_TIMEOUT_MS))
         xpub.setsockopt(zmq.HEARTBEAT_IVL, max(100, timeout_ms // 3))
         xpub.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout_ms)
-        self._monitor = xpub.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
-        )
+        events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+        if self.keys is not None:
+            configure_client(xpub, self.keys)
+            events |= (
+                zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            )
+        self._monitor = xpub.get_monitor_socket(events)
         self._xpub = xpub
         # one call per three-frame message (bus.transport); False when the pipe is full
         self._send = sender(xpub)
@@ -268,6 +287,8 @@ class ZmqLink:
             except zmq.Again:
                 return
             kind = event["event"]
+            if self.keys is not None:
+                self._judge(kind, event["value"], self.keys)
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._link_up = True
                 if self._ever_up:
@@ -288,6 +309,31 @@ class ZmqLink:
                         queued=publisher.queued(),
                     )
             self._update_state()
+
+    def _judge(self, kind: int, value: int, keys: ClientKeys) -> None:
+        publisher = self.publisher
+        try:
+            verdict = judge_handshake(kind, value, keys, publisher.settings.url)
+        except AuthError as error:
+            publisher.counters.auth_refusals += 1
+            if self.refusal != str(error):
+                self.refusal = str(error)
+                publisher._log.error(
+                    "websocket.publisher_refused",
+                    message="the bus refused the publisher's CURVE key; events are held, "
+                    "then dropped (counted), until the key is authorized and the bot restarted",
+                    url=publisher.settings.url,
+                    key=keys.name,
+                    fingerprint=keys.fingerprint,
+                    reason=str(error),
+                )
+            self.judged.set()
+            return
+        if verdict == "admitted":
+            self.admitted = True
+            self.refusal = None
+        if verdict is not None:
+            self.judged.set()
 
     def _read_subscriptions(self) -> None:
         while True:

@@ -37,7 +37,7 @@ from bot_client.core import (
     SignificanceFilter,
 )
 from bot_client.encoding import DUMPS_OPTIONS, dumps_data, event_data, to_json_value, unencodable
-from bot_client.errors import InvalidEventError
+from bot_client.errors import AuthRefusedError, InvalidEventError
 from bot_client.links import Link, ZmqLink, make_link
 from bot_client.settings import PublisherSettings
 from bus.envelope import (
@@ -465,6 +465,23 @@ class Publisher(EventHelpers):
             "websocket.publisher_closed", message="WebSocket publisher closed", **self._figures()
         )
 
+    def wait_admitted(self, timeout: float = 5.0) -> bool:
+        """With SYSTEM__TRADEBUS_KEYS: wait up to ``timeout`` s for the bus's verdict on the key.
+
+        True: admitted (or no keys: nothing to refuse). False: no verdict yet, the bus is not
+        reachable; the publisher keeps trying as always. AuthRefusedError (one line naming
+        the key): refused, so a program can stop at start-up instead of publishing nowhere.
+        """
+        link = self._link
+        if not isinstance(link, ZmqLink) or link.keys is None:
+            return True
+        self.start()
+        if not link.judged.wait(timeout):
+            return False
+        if link.refusal is not None:
+            raise AuthRefusedError(link.refusal)
+        return link.admitted
+
     def _close_at_exit(self) -> None:
         self.close(min(self.settings.timeout, AT_EXIT_SECONDS))
 
@@ -537,6 +554,7 @@ class Publisher(EventHelpers):
             "reconnects": counters.reconnects,
             "connect_attempts": counters.connect_attempts,
             "heartbeats": counters.heartbeats,
+            "auth_refusals": counters.auth_refusals,
         }
 
     # -- the call path --------------------------------------------------------------------

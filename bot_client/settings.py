@@ -18,7 +18,8 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from bot_client.errors import SettingsError
-from bus.errors import TopicError
+from bus.errors import KeyFileError, TopicError
+from bus.keys import validate_key_name
 from bus.topics import SOURCE_MAX_LEN, validate_source
 from monitoring.logging import redact
 
@@ -56,6 +57,8 @@ class PublisherSettings:
     significance_filter: float = 0.0
     heartbeat_interval: float = 10.0
     token: str | None = field(default=None, repr=False)
+    keys: str | None = None  # CURVE key directory for the bus (see bus.keys)
+    key_name: str | None = None  # which pair in it; None: the only one
 
     def __post_init__(self) -> None:
         for spec in SPECS:
@@ -63,6 +66,11 @@ class PublisherSettings:
             if value is None and spec.optional:
                 continue
             spec.check(value)
+        if self.keys and self.transport == "ws":
+            raise SettingsError(
+                f"SYSTEM__TRADEBUS_KEYS is set but events go to {self.url}: CURVE keys are for "
+                "the bus (tcp://, ipc://); a bridge takes SYSTEM__TRADEBUS_TOKEN"
+            )
 
     @property
     def url(self) -> str:
@@ -205,6 +213,14 @@ def _url_ok(value: Any, schemes: tuple[str, ...]) -> bool:
     return bool(parts.hostname)
 
 
+def _key_name_ok(value: Any) -> bool:
+    try:
+        validate_key_name(value)
+    except (KeyFileError, TypeError):
+        return False
+    return True
+
+
 def _source_ok(value: Any) -> bool:
     try:
         validate_source(value)
@@ -298,6 +314,22 @@ SPECS: Final = (
         "a non-empty bridge token",
         str,
         lambda v: isinstance(v, str) and bool(v),
+        optional=True,
+    ),
+    _Spec(
+        "keys",
+        "SYSTEM__TRADEBUS_KEYS",
+        "a directory holding this bot's key pair and the proxy's proxy.key",
+        str,
+        lambda v: isinstance(v, str) and bool(v),
+        optional=True,
+    ),
+    _Spec(
+        "key_name",
+        "SYSTEM__TRADEBUS_KEY_NAME",
+        "a key name: letters, digits, _ . - (the NAME of NAME.key_secret)",
+        str,
+        _key_name_ok,
         optional=True,
     ),
 )

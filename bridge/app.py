@@ -47,8 +47,10 @@ from bridge.protocol import (
     Unsubscribe,
     parse_request,
 )
-from bus.errors import TopicError
+from bus.errors import AuthError as BusAuthError
+from bus.errors import KeyFileError, TopicError
 from bus.history import HistoryPosition
+from bus.keys import ClientKeys, configure_client, connect_checked_async, load_client_keys
 from bus.proxy import (
     HISTORY_COMMAND,
     SNAPSHOT_COMMAND,
@@ -116,6 +118,12 @@ class Bridge:
             jwt_max_lifetime=config.jwt_max_lifetime,
         )
         self.hosts = HostPolicy.from_settings(config.host, config.server_names)
+        self.keys: ClientKeys | None = None
+        if config.keys:
+            try:
+                self.keys = load_client_keys(config.keys, config.key_name)
+            except KeyFileError as error:
+                raise ConfigError(f"bridge setting keys: {error}") from None
         self.registry = CollectorRegistry()
         self.registry.register(BridgeCollector(self))
         self.ready = not config.snapshot
@@ -143,8 +151,9 @@ class Bridge:
         self._probe_sent = 0.0
         self._probe_answered = 0.0
         # the SUB socket's link to the proxy, from its monitor: a lost link makes the bridge
-        # unready at once, however short the outage (the probes alone see one within 2-7 s)
-        self._sub_up = False
+        # unready at once, however short the outage (the probes alone see one within 2-7 s);
+        # until it says otherwise the probes alone decide, as before it existed
+        self._sub_up = True
         self._sub_monitor: zmq.asyncio.Socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -159,15 +168,30 @@ class Bridge:
         sub.rcvhwm = 1_000_000
         sub.setsockopt(zmq.HEARTBEAT_IVL, 2000)
         sub.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+        self._sub = sub
+        if self.keys is None:
+            sub.connect(config.bus)
+        else:
+            configure_client(sub, self.keys)
+            try:
+                # a refused key stops start-up, not a bridge that stays silently empty
+                await connect_checked_async(sub, config.bus, self.keys)
+            except BusAuthError as error:
+                sub.close(linger=0)
+                self._sub = None
+                self._context.term()
+                self._context = None
+                raise ConfigError(str(error)) from None
+        # after connecting: a key check (connect_checked_async) uses a monitor of its own
         self._sub_monitor = sub.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
         )
-        sub.connect(config.bus)
-        self._sub = sub
         self._sub_raw = zmq.Socket.shadow(sub.underlying)
         if config.snapshot:
             dealer = self._context.socket(zmq.DEALER)
             dealer.linger = 0
+            if self.keys is not None:
+                configure_client(dealer, self.keys)
             dealer.connect(config.snapshot)
             self._dealer = dealer
         if config.publish_to:
@@ -175,6 +199,8 @@ class Bridge:
             pub.linger = 1000
             pub.sndhwm = 100_000
             pub.setsockopt(zmq.XPUB_NODROP, 1)
+            if self.keys is not None:
+                configure_client(pub, self.keys)
             pub.connect(config.publish_to)
             self._pub = pub
         self._apply_upstream()

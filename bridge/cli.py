@@ -58,6 +58,9 @@ _HELP_TEXT = {
     "close_timeout": "seconds to wait for a client's close reply",
     "track_sources": "subscribe to system_status to report source liveness",
     "static_dir": "directory served at / and /static/",
+    "keys": "CURVE key directory for a proxy started with --keys: the bridge's "
+    "NAME.key_secret and the proxy's proxy.key (see `tradebus keys --help`)",
+    "key_name": "which key pair in --keys the bridge uses",
 }
 
 

@@ -12,7 +12,8 @@ from typing import Any, Final
 
 from bridge.admission import ServerName, parse_origin
 from bridge.errors import ConfigError
-from bus.errors import TopicError
+from bus.errors import KeyFileError, TopicError
+from bus.keys import validate_key_name
 from bus.topics import validate_source, validate_type
 
 ENV_PREFIX: Final = "TRADEBUS__BRIDGE_"
@@ -59,6 +60,8 @@ class BridgeConfig:
     close_timeout: float = 2.0  # wait for the client's close reply, then drop it
     track_sources: bool = True  # subscribe to system_status for source liveness
     static_dir: str = str(STATIC_DIR)
+    keys: str | None = None  # CURVE key directory for a proxy with --keys (bus.keys)
+    key_name: str = "bridge"  # the bridge's pair in it: NAME.key_secret
 
     def __post_init__(self) -> None:
         for name in (
@@ -117,6 +120,10 @@ class BridgeConfig:
                 )
         if bool(self.cert) != bool(self.key):
             raise ConfigError("bridge settings cert and key must be given together")
+        try:
+            validate_key_name(self.key_name)
+        except KeyFileError as error:
+            raise ConfigError(f"bridge setting key_name: {error}") from None
         for type_name in self.conflate_types:
             try:
                 validate_type(type_name)

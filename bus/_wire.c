@@ -33,6 +33,7 @@ typedef void *(*msg_data_fn)(zmq_msg *msg);
 typedef size_t (*msg_size_fn)(const zmq_msg *msg);
 typedef int (*msg_more_fn)(const zmq_msg *msg);
 typedef int (*msg_close_fn)(zmq_msg *msg);
+typedef const char *(*msg_gets_fn)(const zmq_msg *msg, const char *property);
 
 #define ZMQ_DONTWAIT 1
 #define ZMQ_SNDMORE 2
@@ -45,6 +46,9 @@ static msg_data_fn zmq_msg_data_;
 static msg_size_fn zmq_msg_size_;
 static msg_more_fn zmq_msg_more_;
 static msg_close_fn zmq_msg_close_;
+static msg_gets_fn zmq_msg_gets_; /* optional: bind_metadata() */
+/* the last User-Id seen, reused while consecutive messages carry the same one */
+static PyObject *last_user_id;
 /* zmq.ZMQError and zmq.Again, raised with errno like pyzmq raises them */
 static PyObject *zmq_error;
 static PyObject *zmq_again;
@@ -160,8 +164,26 @@ PyDoc_STRVAR(recv_message_doc,
 /* Receive one whole message, keeping at most MAX_FRAMES frames as new references in
  * frames[0..*kept). Returns 0, a zmq errno (no Python error set, nothing kept), or -1 with
  * a Python error set (out of memory; the message is consumed, nothing kept). */
-static int receive_frames(void *socket, PyObject **frames, Py_ssize_t *kept) {
+/* The User-Id property of a received message as bytes (a new reference), Py_None when the
+ * message has none, or NULL with a Python error set. */
+static PyObject *user_id_of(const zmq_msg *message) {
+    const char *value = zmq_msg_gets_(message, "User-Id");
+    if (value == NULL)
+        Py_RETURN_NONE;
+    size_t length = strlen(value);
+    if (last_user_id != NULL && (size_t)PyBytes_GET_SIZE(last_user_id) == length &&
+        memcmp(PyBytes_AS_STRING(last_user_id), value, length) == 0)
+        return Py_NewRef(last_user_id);
+    PyObject *fresh = PyBytes_FromStringAndSize(value, (Py_ssize_t)length);
+    if (fresh != NULL)
+        Py_XSETREF(last_user_id, Py_NewRef(fresh));
+    return fresh;
+}
+
+static int receive_frames_identified(void *socket, PyObject **frames, Py_ssize_t *kept,
+                                     PyObject **user_id) {
     int more = 1;
+    int first = 1;
     int failed = 0;
     zmq_msg message;
     *kept = 0;
@@ -176,6 +198,13 @@ static int receive_frames(void *socket, PyObject **frames, Py_ssize_t *kept) {
             /* only possible at a first frame: libzmq queues whole messages */
             return error;
         }
+        if (user_id != NULL && first) {
+            /* metadata is the message's: read it from the first frame */
+            *user_id = user_id_of(&message);
+            if (*user_id == NULL)
+                failed = 1;
+        }
+        first = 0;
         more = zmq_msg_more_(&message);
         if (*kept < MAX_FRAMES && !failed) {
             frames[*kept] = PyBytes_FromStringAndSize((const char *)zmq_msg_data_(&message),
@@ -191,9 +220,15 @@ static int receive_frames(void *socket, PyObject **frames, Py_ssize_t *kept) {
         for (Py_ssize_t i = 0; i < *kept; i++)
             Py_DECREF(frames[i]);
         *kept = 0;
+        if (user_id != NULL)
+            Py_CLEAR(*user_id);
         return -1;
     }
     return 0;
+}
+
+static int receive_frames(void *socket, PyObject **frames, Py_ssize_t *kept) {
+    return receive_frames_identified(socket, frames, kept, NULL);
 }
 
 static void release_frames(PyObject **frames, Py_ssize_t kept) {
@@ -219,6 +254,62 @@ static PyObject *recv_message(PyObject *module, PyObject *handle) {
     }
     for (Py_ssize_t i = 0; i < kept; i++)
         PyTuple_SET_ITEM(result, i, frames[i]);
+    return result;
+}
+
+PyDoc_STRVAR(bind_metadata_doc,
+    "bind_metadata(msg_gets)\n"
+    "The address of libzmq's zmq_msg_gets, for recv_identified.");
+
+static PyObject *bind_metadata(PyObject *module, PyObject *address_object) {
+    unsigned long long address = PyLong_AsUnsignedLongLong(address_object);
+    if (address == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (address == 0) {
+        PyErr_SetString(PyExc_ValueError, "the zmq_msg_gets address is 0");
+        return NULL;
+    }
+    zmq_msg_gets_ = (msg_gets_fn)(uintptr_t)address;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(recv_identified_doc,
+    "recv_identified(socket) -> (user_id, frames)\n"
+    "recv_message, with the ZAP User-Id libzmq attached to the message as bytes (None when\n"
+    "the peer was admitted without ZAP). Raises zmq.Again when nothing is queued.");
+
+static PyObject *recv_identified(PyObject *module, PyObject *handle) {
+    if (!bound())
+        return NULL;
+    if (zmq_msg_gets_ == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "bus._wire.bind_metadata() was not called");
+        return NULL;
+    }
+    void *socket = socket_handle(handle);
+    if (socket == NULL)
+        return NULL;
+    PyObject *frames[MAX_FRAMES];
+    Py_ssize_t kept;
+    PyObject *user_id = NULL;
+    int status = receive_frames_identified(socket, frames, &kept, &user_id);
+    if (status != 0)
+        return status > 0 ? raise_errno(status) : NULL;
+    PyObject *tuple = PyTuple_New(kept);
+    if (tuple == NULL) {
+        release_frames(frames, kept);
+        Py_DECREF(user_id);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < kept; i++)
+        PyTuple_SET_ITEM(tuple, i, frames[i]);
+    PyObject *result = PyTuple_New(2);
+    if (result == NULL) {
+        Py_DECREF(tuple);
+        Py_DECREF(user_id);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(result, 0, user_id);
+    PyTuple_SET_ITEM(result, 1, tuple);
     return result;
 }
 
@@ -519,6 +610,8 @@ static PyMethodDef wire_methods[] = {
     {"bind", bind, METH_VARARGS, bind_doc},
     {"send3", (PyCFunction)(void (*)(void))send3, METH_FASTCALL, send3_doc},
     {"recv_message", recv_message, METH_O, recv_message_doc},
+    {"bind_metadata", bind_metadata, METH_O, bind_metadata_doc},
+    {"recv_identified", recv_identified, METH_O, recv_identified_doc},
     {"cache_drain", cache_drain, METH_VARARGS, cache_drain_doc},
     {NULL, NULL, 0, NULL},
 };

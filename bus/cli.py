@@ -8,6 +8,7 @@ import signal
 import threading
 from types import FrameType
 
+from bus.keys import load_server_keys
 from bus.proxy import DEFAULT_BACKEND, DEFAULT_FRONTEND, DEFAULT_SNAPSHOT, Proxy, ProxyConfig
 from monitoring.logging import configure_logging, get_logger
 from tradebus.arguments import positive_int, positive_number, whole_number
@@ -119,11 +120,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=_setting("METRICS_HOST", "127.0.0.1"),
         help="address of the metrics port (default %(default)s)",
     )
+    parser.add_argument(
+        "--keys",
+        metavar="DIR",
+        default=os.environ.get("TRADEBUS__PROXY_KEYS") or None,
+        help="CURVE: encrypt every connection with the proxy's key DIR/proxy.key_secret and "
+        "admit only the clients whose NAME.key is in DIR (see `tradebus keys --help`; "
+        "default: no keys, anyone who reaches the ports is admitted)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     configure_logging()
     log = get_logger("proxy")
+    keys = load_server_keys(args.keys) if args.keys else None
     config = ProxyConfig(
         frontend=args.frontend,
         backend=args.backend,
@@ -134,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         cache_max_topics=args.cache_max_topics,
         cache_nice=args.cache_nice,
         cache=not args.no_cache,
+        keys=keys,
         owner_idle_s=args.owner_idle,
         epoch_skew_s=args.epoch_skew,
         snapshot_max_bytes=args.snapshot_max_bytes,

@@ -4,7 +4,9 @@ BusError
 ├── TopicError        a topic or pattern breaks the grammar (also a ValueError)
 ├── EnvelopeError     a multipart message is not a valid bus envelope
 ├── EndpointError     an endpoint cannot be bound or connected
-└── SnapshotError     the snapshot service did not answer usefully
+├── SnapshotError     the snapshot service did not answer usefully
+├── KeyFileError      a CURVE key file is missing, unreadable, malformed or too open
+└── AuthError         the proxy refused this client's CURVE key at the handshake
 """
 
 from __future__ import annotations
@@ -28,3 +30,11 @@ class EndpointError(BusError):
 
 class SnapshotError(BusError):
     """The proxy's snapshot service refused a request or did not answer in time."""
+
+
+class KeyFileError(BusError):
+    """A CURVE key file or directory cannot be used; the message names the file and why."""
+
+
+class AuthError(BusError):
+    """The proxy refused the client's key, or the client holds the wrong proxy key."""

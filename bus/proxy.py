@@ -48,6 +48,8 @@ from bus.gate import (
     RefusalLog,
 )
 from bus.history import BusHistory, HistoryPosition
+from bus.keys import ZAP_DOMAIN as KEYS_ZAP_DOMAIN
+from bus.keys import BusAuthenticator, ServerKeys, configure_server
 from bus.topics import Pattern
 from bus.transport import (
     IdentifiedReceiver,
@@ -82,7 +84,7 @@ FRONTEND_MAX_FRAME_BYTES: Final = 4 * MAX_PAYLOAD_BYTES
 # messages the forwarder takes from the publishers between two looks at its other sockets
 GATE_BATCH: Final = 1_000
 ZAP_ENDPOINT: Final = "inproc://zeromq.zap.01"
-ZAP_DOMAIN: Final = b"tradebus"
+ZAP_DOMAIN: Final = KEYS_ZAP_DOMAIN.encode()
 # snapshot requests waiting for their sync marker, in all
 MAX_PARKED_REQUESTS: Final = 10_000
 # The cache drains its capture queue every CACHE_DRAIN_BUSY_MS while events flow, backing
@@ -119,6 +121,7 @@ class ProxyConfig:
     cache_max_topics: int = 100_000
     sync_timeout: float = 2.0
     heartbeat_ms: int = 2_000
+    keys: ServerKeys | None = None  # CURVE: the proxy's pair and the keys it admits
     # The gate (bus/gate.py). Off only in benchmarks, to measure what it costs: without it
     # forwarding is libzmq's proxy loop and anything a publisher sends reaches everyone.
     gate: bool = True
@@ -378,9 +381,14 @@ class Proxy:
                 self.config.history_seconds,
                 self.config.history_max_bytes,
             )
+        keys = self.config.keys
         self.gate = Gate(
-            owner_idle_s=self.config.owner_idle_s, epoch_skew_s=self.config.epoch_skew_s
+            keys.sources_for if keys is not None else None,
+            owner_idle_s=self.config.owner_idle_s,
+            epoch_skew_s=self.config.epoch_skew_s,
         )
+        # with keys: pyzmq's authenticator admits the authorized keys (bus/keys.py)
+        self.authenticator: BusAuthenticator | None = None
         self.frontend_endpoint = ""
         self.backend_endpoint = ""
         self.snapshot_endpoint = ""
@@ -408,6 +416,8 @@ class Proxy:
 
     def _warn_if_exposed(self) -> None:
         """One warning when an endpoint other hosts can reach is served without keys."""
+        if self.config.keys is not None:
+            return
         exposed = [
             endpoint
             for endpoint in (self.frontend_endpoint, self.backend_endpoint, self.snapshot_endpoint)
@@ -429,18 +439,38 @@ class Proxy:
 
     def _start(self) -> None:
         config = self.config
+        keys = config.keys
+        # The ZAP handler comes first, so that no connection ever finds none: with keys
+        # pyzmq's authenticator, without keys (and with the gate) the forwarder's own
+        # handler that numbers connections. Either binds this context's ZAP endpoint.
+        zap: zmq.Socket[bytes] | None = None
+        if keys is not None:
+            self.authenticator = BusAuthenticator(self.context, keys)
+            try:
+                self.authenticator.start()
+            except zmq.ZMQError as error:
+                self.authenticator = None
+                raise EndpointError(
+                    f"cannot start the ZAP authenticator: {zmq.strerror(error.errno or 0)}"
+                    " (one proxy per ZeroMQ context)"
+                ) from None
+        elif config.gate:
+            zap = self._socket(zmq.REP)
+            _bind(zap, ZAP_ENDPOINT, "ZAP handler (one proxy per ZeroMQ context)")
         frontend = self._socket(zmq.XSUB)
         frontend.rcvhwm = config.frontend_hwm
         frontend.setsockopt(zmq.MAXMSGSIZE, FRONTEND_MAX_FRAME_BYTES)
-        zap: zmq.Socket[bytes] | None = None
-        if config.gate:
+        if keys is not None:
+            configure_server(frontend, keys)
+        elif config.gate:
             # Every connection is handed to the ZAP handler, which gives it its identity;
-            # with ZAP_ENFORCE_DOMAIN a connection made while there is none fails its
-            # handshake (the publisher retries) instead of passing unidentified.
+            # ZAP_ENFORCE_DOMAIN: never a connection without one.
             frontend.zap_domain = ZAP_DOMAIN
             frontend.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         backend = self._socket(zmq.XPUB)
         backend.sndhwm = config.backend_hwm
+        if keys is not None:
+            configure_server(backend, keys)
         for socket in (frontend, backend):
             socket.setsockopt(zmq.HEARTBEAT_IVL, config.heartbeat_ms)
             socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, config.heartbeat_ms * 3)
@@ -457,6 +487,8 @@ class Proxy:
             # (counted) instead of vanishing, and unread replies stay bounded
             snapshot.setsockopt(zmq.ROUTER_MANDATORY, 1)
             snapshot.sndhwm = config.snapshot_hwm
+            if keys is not None:
+                configure_server(snapshot, keys)
             self.snapshot_endpoint = _bind(snapshot, config.snapshot, "snapshot (ROUTER)")
             capture = self._socket(zmq.PUB)
             capture.sndhwm = config.capture_hwm
@@ -477,9 +509,6 @@ class Proxy:
             )
             self._threads.append(cache_thread)
 
-        if config.gate:
-            zap = self._socket(zmq.REP)
-            _bind(zap, ZAP_ENDPOINT, "ZAP handler (one proxy per ZeroMQ context)")
         control_in = self._socket(zmq.PAIR)
         control_in.bind(f"inproc://tradebus-proxy-control-{self._tag}")
         self._forwarder_control = self._socket(zmq.PAIR)
@@ -511,6 +540,9 @@ class Proxy:
             self.context.term()
 
     def _close_sockets(self) -> None:
+        if self.authenticator is not None:
+            self.authenticator.stop()
+            self.authenticator = None
         for socket in self._sockets:
             socket.close(linger=0)
         self._sockets.clear()
@@ -581,7 +613,16 @@ class Proxy:
                 user_id, frames = receive()
             except zmq.Again:
                 return
-            refusal = check(frames, user_id, now, wall_ns)
+            try:
+                refusal = check(frames, user_id, now, wall_ns)
+            except Exception:
+                # the gate must refuse, never stop forwarding: a bug here is logged, the
+                # message counted as refused, and the stream goes on
+                log.exception("bus.gate_failed", frames=len(frames))
+                self.gate.stats.rejected["internal"] = (
+                    self.gate.stats.rejected.get("internal", 0) + 1
+                )
+                continue
             if refusal is None:
                 topic, meta, payload = frames
                 send_out(topic, meta, payload)
@@ -864,7 +905,8 @@ def _answer_zap(zap: zmq.Socket[bytes], connections: int) -> int:
     """Admit one NULL-mechanism connection with its own User-Id; the new connection count.
 
     Without keys this is how the gate tells publishers apart: each connection gets the
-    next number, so a second connection claiming a live source is another publisher.
+    next number and its peer address, so a second connection claiming a live source is
+    another publisher (or, from the same address with a newer epoch, its restart).
     """
     request = zap.recv_multipart()
     if len(request) < 6 or request[0] != b"1.0":
@@ -873,7 +915,8 @@ def _answer_zap(zap: zmq.Socket[bytes], connections: int) -> int:
         )
         return connections
     connections += 1
-    zap.send_multipart([b"1.0", request[1], b"200", b"OK", b"connection-%d" % connections, b""])
+    user_id = b"connection-%d@%s" % (connections, request[3])
+    zap.send_multipart([b"1.0", request[1], b"200", b"OK", user_id, b""])
     return connections
 
 

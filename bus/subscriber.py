@@ -25,6 +25,7 @@ import zmq.asyncio
 
 from bus.envelope import Event, decode_event
 from bus.errors import EnvelopeError, SnapshotError
+from bus.keys import ClientKeys, configure_client, connect_checked, connect_checked_async
 from bus.proxy import (
     DEFAULT_BACKEND,
     DEFAULT_SNAPSHOT,
@@ -226,6 +227,7 @@ class _SubscriberBase(Generic[SocketT]):
         snapshot_timeout: float = DEFAULT_SNAPSHOT_TIMEOUT,
         rcvhwm: int = DEFAULT_RCVHWM,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        keys: ClientKeys | None = None,
     ) -> None:
         self.state = SubscriptionState(patterns)
         self.endpoint = resolve_backend(endpoint)
@@ -233,6 +235,8 @@ class _SubscriberBase(Generic[SocketT]):
         self.snapshot_endpoint = resolve_snapshot(snapshot_endpoint)
         self.snapshot_timeout = snapshot_timeout
         self.rcvhwm = rcvhwm
+        # CURVE keys for every socket this subscriber opens (see bus.keys)
+        self.keys = keys
         self._context = self._use_context(context)
         self._socket: SocketT | None = None
         self._pending: deque[Item] = deque()
@@ -247,14 +251,18 @@ class _SubscriberBase(Generic[SocketT]):
         return self.state.stats
 
     def _open(self, socket: SocketT) -> bytes:
-        """Subscribe (and to the sync marker when a snapshot follows), then connect."""
+        """Subscribe (and to the sync marker when a snapshot follows); connecting is next."""
         self._socket = socket
         _configure_sub(socket, self.rcvhwm, self.state)
+        self._use_keys(socket)
         nonce = secrets.token_hex(8).encode()
         if self.snapshot:
             socket.subscribe(SYNC_PREFIX + nonce)
-        socket.connect(self.endpoint)
         return nonce
+
+    def _use_keys(self, socket: zmq.Socket[Any]) -> None:
+        if self.keys is not None:
+            configure_client(socket, self.keys)
 
     def _snapshot_request(self, nonce: bytes) -> list[bytes]:
         """A DEALER's request: the empty delimiter a REQ would add, then the body."""
@@ -280,7 +288,9 @@ class Subscriber(_SubscriberBase[zmq.asyncio.Socket]):
     ``endpoint`` defaults to $TRADEBUS__PROXY_BACKEND or tcp://127.0.0.1:5556 and
     ``snapshot_endpoint`` to $TRADEBUS__PROXY_SNAPSHOT or tcp://127.0.0.1:5557. With
     ``snapshot=True`` the latest event of every matching topic comes first; a snapshot that
-    does not arrive within ``snapshot_timeout`` seconds raises SnapshotError.
+    does not arrive within ``snapshot_timeout`` seconds raises SnapshotError. With
+    ``keys=bus.keys.load_client_keys(DIR)`` every socket is a CURVE client and a key the
+    proxy refuses raises AuthError from ``start()``.
     """
 
     # reads since the last yield to the event loop (see recv)
@@ -297,7 +307,13 @@ class Subscriber(_SubscriberBase[zmq.asyncio.Socket]):
         if self._socket is not None:
             raise RuntimeError("subscriber already started")
         try:
-            nonce = self._open(self._context.socket(zmq.SUB))
+            socket = self._context.socket(zmq.SUB)
+            nonce = self._open(socket)
+            if self.keys is None:
+                socket.connect(self.endpoint)
+            else:
+                # a refused key stops start-up here, not as a silent stream later
+                await connect_checked_async(socket, self.endpoint, self.keys)
             if self.snapshot:
                 self._apply_reply(nonce, await self._fetch_snapshot(nonce))
         except BaseException:
@@ -307,6 +323,7 @@ class Subscriber(_SubscriberBase[zmq.asyncio.Socket]):
     async def _fetch_snapshot(self, nonce: bytes) -> list[bytes]:
         dealer = self._context.socket(zmq.DEALER)
         dealer.linger = 0
+        self._use_keys(dealer)
         try:
             dealer.connect(self.snapshot_endpoint)
             await dealer.send_multipart(self._snapshot_request(nonce))
@@ -370,7 +387,12 @@ class BlockingSubscriber(_SubscriberBase["zmq.Socket[bytes]"]):
         if self._socket is not None:
             raise RuntimeError("subscriber already started")
         try:
-            nonce = self._open(self._context.socket(zmq.SUB))
+            socket: zmq.Socket[bytes] = self._context.socket(zmq.SUB)
+            nonce = self._open(socket)
+            if self.keys is None:
+                socket.connect(self.endpoint)
+            else:
+                connect_checked(socket, self.endpoint, self.keys)
             if self.snapshot:
                 self._apply_reply(nonce, self._fetch_snapshot(nonce))
         except BaseException:
@@ -380,6 +402,7 @@ class BlockingSubscriber(_SubscriberBase["zmq.Socket[bytes]"]):
     def _fetch_snapshot(self, nonce: bytes) -> list[bytes]:
         dealer: zmq.Socket[bytes] = self._context.socket(zmq.DEALER)
         dealer.linger = 0
+        self._use_keys(dealer)
         try:
             dealer.connect(self.snapshot_endpoint)
             dealer.send_multipart(self._snapshot_request(nonce))

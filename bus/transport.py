@@ -99,11 +99,16 @@ def _bind_accelerator() -> bool:
     _wire.bind(
         send, msg_init, msg_recv, msg_data, msg_size, msg_more, msg_close, zmq.ZMQError, zmq.Again
     )
-    global _send3, _recv_message, _cache_drain, _send_address
+    global _send3, _recv_message, _recv_identified, _cache_drain, _send_address
     _send_address = send
     _send3 = _wire.send3
     _recv_message = _wire.recv_message
     _cache_drain = _wire.cache_drain
+    gets = getattr(library, "zmq_msg_gets", None)
+    msg_gets = ctypes.cast(gets, ctypes.c_void_p).value if gets is not None else None
+    if msg_gets:
+        _wire.bind_metadata(msg_gets)
+        _recv_identified = _wire.recv_identified
     return True
 
 
@@ -145,6 +150,7 @@ def _python_recv_message(socket: AnySocket) -> tuple[bytes, ...]:
 # the C functions once bound (their first argument is the pyzmq socket)
 _send3: Callable[[AnySocket, bytes, bytes, bytes], bool] | None = None
 _recv_message: Callable[[AnySocket], tuple[bytes, ...]] | None = None
+_recv_identified: Callable[[AnySocket], tuple[bytes | None, tuple[bytes, ...]]] | None = None
 _cache_drain: Callable[[AnySocket, Any, int], tuple[int, bytes | None]] | None = None
 _send_address: int | None = None
 ACCELERATED: Final = _bind_accelerator()
@@ -180,6 +186,8 @@ IdentifiedReceiver = Callable[[], tuple[bytes | None, tuple[bytes, ...]]]
 def identified_receiver(socket: zmq.Socket[bytes]) -> IdentifiedReceiver:
     """``receive() -> (user_id, frames)`` for ``socket``: like ``receiver``, with the ZAP
     User-Id libzmq attached to the message (None when the peer was admitted without ZAP)."""
+    if _recv_identified is not None:
+        return functools.partial(_recv_identified, socket)
     return functools.partial(_python_recv_identified, socket)
 
 

@@ -861,3 +861,29 @@ async def test_the_dashboard_connects_only_to_its_own_bridge(
         assert console.errors == []
     finally:
         await runner.cleanup()
+
+
+async def test_malformed_bus_messages_never_reach_or_close_the_dashboard(
+    bridge: Bridge, browser: BrowserContext, publisher: BusPublisher, proxy: Proxy
+) -> None:
+    # One message whose payload is not UTF-8 used to close every browser on its topic (1007)
+    # and the proxy's cache served it again on every reconnect: the gate refuses it, and
+    # every other malformed kind, while the good decisions around them are shown.
+    from tests.test_proxy_gate import TOPIC, malformed_messages
+
+    page, wire, console = await open_dashboard(browser, bridge.url + "/")
+    type_name, _, key = TOPIC.partition(".")
+    kinds = malformed_messages(publisher)  # type: ignore[arg-type]
+    for n, frames in enumerate(kinds.values(), start=1):
+        publisher.publish(type_name, decision_data(n), key)
+        publisher.socket.send_multipart(frames)
+    last = len(kinds) + 1
+    publisher.publish(type_name, decision_data(last), key)
+    await page.wait_for_selector(decision_selector(last), timeout=scaled(5) * 1000)
+    for n in range(1, last + 1):
+        assert await page.locator(decision_selector(n)).count() == 1
+    assert await page.get_attribute('[data-testid="connection-state"]', "data-state") == "open"
+    assert len(wire.urls) == 1, "the page had to reconnect"
+    assert [m["seq"] for m in wire.events() if m["topic"] == TOPIC] == list(range(1, last + 1))
+    assert sum(proxy.gate.stats.rejected.values()) == len(kinds)
+    assert console.errors == []

@@ -136,7 +136,7 @@ def settings_read_by(command: str, monkeypatch: pytest.MonkeyPatch) -> set[str]:
     # flags whose default comes from a variable: setting it changes the parsed default
     parser = build_parser(command)
     actions = parser._subparsers._group_actions[0].choices[command]._actions  # type: ignore[union-attr]
-    candidates = {"TRADEBUS_TOKEN"} | {
+    candidates = {"TRADEBUS_TOKEN", "TRADEBUS_KEYS", "TRADEBUS_KEY_NAME"} | {
         f"TRADEBUS__{part}_{a.dest.upper()}"
         for a in actions
         for part in ("PROXY", "BRIDGE", "UP")

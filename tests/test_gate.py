@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bus.envelope import MAX_PAYLOAD_BYTES, encode_event, encode_meta
 from bus.gate import KNOWN_NAMES_MAX, Gate, Reason, RefusalLog
 
 EPOCH = 1_700_000_000_000_000_000
 NOW_NS = EPOCH + 3_600 * 10**9
-BOT = b"connection-1"
-OTHER = b"connection-2"
+BOT = b"connection-1@10.0.0.1"
+OTHER = b"connection-2@10.0.0.2"
+BOT_AGAIN = b"connection-3@10.0.0.1"
 
 
 def event(
@@ -54,6 +57,11 @@ def test_well_formed_events_pass_and_are_counted() -> None:
         (with_payload(event(), event()[2] + b"{}"), Reason.PAYLOAD),
         (with_payload(event(), b"[1, 2]"), Reason.NOT_OBJECT),
         (with_payload(event(), b'"text"'), Reason.NOT_OBJECT),
+        (with_payload(event(), b' \n [{"topic": 1}]'), Reason.NOT_OBJECT),
+        (with_payload(event(), b'{"type":"market_data","data":{}}'), Reason.MISMATCH),
+        (with_payload(event(), event()[2].replace(b'"seq":1', b'"seq":"1"')), Reason.MISMATCH),
+        (with_payload(event(), event()[2][:-1] + b',"x":[1,]}'), Reason.PAYLOAD),
+        (with_payload(event(), event()[2][:-1] + b',"x":"\\q"}'), Reason.PAYLOAD),
         (with_payload(event(), event(seq=2)[2]), Reason.MISMATCH),
         (with_payload(event(), event(topic="market_data.ETH-USD")[2]), Reason.MISMATCH),
         (with_payload(event(), event(source="bot-2")[2]), Reason.MISMATCH),
@@ -69,6 +77,13 @@ def test_malformed_messages_are_refused_by_reason(
     assert check(gate, frames) == reason
     assert gate.stats.rejected == {reason: 1}
     assert gate.stats.passed == 0
+
+
+def test_json_whitespace_and_field_order_do_not_matter() -> None:
+    frames = event()
+    body = orjson.loads(frames[2])
+    reordered = b" \n" + orjson.dumps(dict(reversed(body.items())), option=orjson.OPT_INDENT_2)
+    assert check(Gate(), with_payload(frames, reordered)) is None
 
 
 def test_payload_over_the_limit_is_refused_at_one_byte_over() -> None:
@@ -105,6 +120,20 @@ def test_without_keys_the_first_live_publisher_owns_a_source() -> None:
     assert check(gate, event(seq=3), BOT, now=60.0) == Reason.NOT_OWNER
     # other sources are not affected
     assert check(gate, event(source="bot-2"), BOT, now=60.0) is None
+
+
+def test_a_restarted_bot_takes_its_source_over_at_once() -> None:
+    gate = Gate(owner_idle_s=30)
+    assert check(gate, event(seq=7), BOT, now=0.0) is None
+    # same host, same run: a forgery (or a second copy), refused
+    assert check(gate, event(seq=2**64 - 1), BOT_AGAIN, now=1.0) == Reason.NOT_OWNER
+    # another host with a newer epoch: refused while the owner is live
+    assert check(gate, event(epoch=EPOCH + 5), OTHER, now=1.0) == Reason.NOT_OWNER
+    # same host, newer epoch: the bot restarted
+    assert check(gate, event(epoch=EPOCH + 10), BOT_AGAIN, now=2.0) is None
+    assert gate.stats.ownership_changes == 1
+    # the old run is now the stranger
+    assert check(gate, event(seq=8), BOT, now=3.0) == Reason.NOT_OWNER
 
 
 def test_messages_without_an_identity_are_refused() -> None:
@@ -146,3 +175,22 @@ def test_payload_mismatch_detail_never_quotes_the_payload() -> None:
     refusal = gate.check(with_payload(event(), secret), BOT, 0.0, NOW_NS)
     assert refusal is not None
     assert "s3cr3t" not in refusal.detail
+
+
+frame_strategy = st.one_of(
+    st.binary(max_size=64),
+    st.sampled_from([event()[0], event()[1], event()[2], b"{}", b"[]", b"\xff", b""]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    frames=st.lists(frame_strategy, min_size=0, max_size=5).map(tuple),
+    user=st.one_of(st.none(), st.binary(max_size=16)),
+)
+def test_the_gate_never_raises_whatever_it_is_given(
+    frames: tuple[bytes, ...], user: bytes | None
+) -> None:
+    for gate in (Gate(), Gate(lambda _user: frozenset({"bot-1"}))):
+        refusal = gate.check(frames, user, 0.0, NOW_NS)
+        assert refusal is None or isinstance(refusal.reason, Reason)

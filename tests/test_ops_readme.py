@@ -16,6 +16,7 @@ from bot_client.publisher import Publisher
 from bot_client.settings import SPECS
 from bridge.app import BRIDGE_KEY, create_app
 from bridge.config import ENV_PREFIX, BridgeConfig
+from bus.gate import GateStats
 from bus.proxy import CacheStats
 from bus.subscriber import BACKEND_VARIABLE, SNAPSHOT_VARIABLE
 from bus.transport import ACCELERATOR_OFF_VARIABLE
@@ -81,7 +82,12 @@ def test_every_command_is_in_the_commands_table() -> None:
 
 def exported_metric_names() -> set[str]:
     registry = CollectorRegistry()
-    registry.register(ProxyCollector(lambda: CacheStats(by_type={"market_data": 1})))
+    registry.register(
+        ProxyCollector(
+            lambda: CacheStats(by_type={"market_data": 1}),
+            lambda: GateStats(rejected={"bad_topic": 1}),
+        )
+    )
     registry.register(PublisherCollector(lambda: {"dropped": {"market_data": 1}}, "bot"))
     app = create_app(BridgeConfig())
     names = set()

@@ -170,8 +170,9 @@ def test_port_in_use_and_bad_endpoints_raise_endpoint_errors(
             "snapshot",
         ),
     ]:
+        # one proxy per ZeroMQ context (it serves the context's ZAP requests)
         with pytest.raises(EndpointError, match=re.escape(complaint)):
-            Proxy(config, context=zmq_context).start()
+            Proxy(config).start()
 
 
 def test_proxy_without_cache_forwards_and_has_no_snapshot_socket(zmq_context: Context) -> None:

@@ -182,3 +182,47 @@ def test_frames_must_be_bytes(pair: tuple[zmq.Socket[bytes], zmq.Socket[bytes]])
     push, _pull = pair
     with pytest.raises(TypeError):
         transport.sender(push)(b"t", "meta", b"p")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("accelerated", [True, False], ids=["accelerated", "pyzmq"])
+def test_identified_receive_returns_the_zap_user_id_with_the_frames(
+    zmq_context: Context, accelerated: bool
+) -> None:
+    zap = zmq_context.socket(zmq.REP)
+    zap.bind("inproc://zeromq.zap.01")
+    pull = zmq_context.socket(zmq.PULL)
+    pull.zap_domain = b"test"
+    plain = zmq_context.socket(zmq.PULL)  # no ZAP domain: its peers carry no User-Id
+    pushes = [zmq_context.socket(zmq.PUSH) for _ in range(2)]
+    try:
+        receive = (
+            transport.identified_receiver(pull)
+            if accelerated
+            else functools.partial(transport._python_recv_identified, pull)
+        )
+        if accelerated:
+            assert transport._recv_identified is not None, "the C receiver is not bound"
+        pushes[0].connect(f"tcp://127.0.0.1:{pull.bind_to_random_port('tcp://127.0.0.1')}")
+        request = zap.recv_multipart()
+        zap.send_multipart([b"1.0", request[1], b"200", b"OK", b"publisher-\xc3\xa9", b""])
+        for frames in ([b"a"], [b"t", b"m", b"p"], [b"1", b"2", b"3", b"4", b"5"]):
+            pushes[0].send_multipart(frames)
+            assert pull.poll(int(scaled(5) * 1000))
+            user_id, received = receive()
+            assert user_id == b"publisher-\xc3\xa9"
+            assert list(received) == frames[: transport.MAX_FRAMES]
+        with pytest.raises(zmq.Again):
+            receive()
+
+        pushes[1].connect(f"tcp://127.0.0.1:{plain.bind_to_random_port('tcp://127.0.0.1')}")
+        pushes[1].send_multipart([b"t", b"m", b"p"])
+        assert plain.poll(int(scaled(5) * 1000))
+        receive_plain = (
+            transport.identified_receiver(plain)
+            if accelerated
+            else functools.partial(transport._python_recv_identified, plain)
+        )
+        assert receive_plain() == (None, (b"t", b"m", b"p"))
+    finally:
+        for socket in (zap, pull, plain, *pushes):
+            socket.close(linger=0)

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "tap": "tradebus.tap",
     "record": "tradebus.record",
     "replay": "tradebus.replay",
+    "keys": "tradebus.keys",
 }
 
 

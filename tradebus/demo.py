@@ -36,6 +36,8 @@ HELP = "run a simulated trading bot that publishes to a bus (tcp://, ipc://) or 
 DEFAULT_SYMBOLS: dict[str, float] = {"BTC-USD": 45_000.0, "ETH-USD": 2_500.0, "SOL-USD": 100.0}
 # A price for symbols given on the command line that are not in DEFAULT_SYMBOLS.
 _OTHER_START_PRICE = 50.0
+# with keys, how long start-up waits for the bus to admit or refuse the key
+ADMISSION_SECONDS = 5.0
 
 
 # -- pure simulation ---------------------------------------------------------------------------
@@ -484,12 +486,20 @@ def demo_settings(symbols_text: str) -> DemoSettings:
         raise ToolError(f"--symbols {symbols_text!r}: {error}") from None
 
 
-def make_publisher(url: str | None, source: str | None, context: Any = None) -> Any:
+def make_publisher(
+    url: str | None,
+    source: str | None,
+    context: Any = None,
+    *,
+    keys: str | None = None,
+    key_name: str | None = None,
+) -> Any:
     """A bot_client Publisher configured like a guide bot (SYSTEM__* variables) but enabled.
 
     ``url`` (tcp://, ipc://, ws://, wss://) overrides the environment's. Market data is not
     conflated unless SYSTEM__WEBSOCKET_PUBLISH_INTERVAL asks for it: the demo's charts
-    should move at the simulation's pace.
+    should move at the simulation's pace. ``keys``/``key_name`` override
+    SYSTEM__TRADEBUS_KEYS/SYSTEM__TRADEBUS_KEY_NAME; a key the bus refuses stops it here.
     """
     from bot_client.errors import PublisherError
     from bot_client.publisher import Publisher
@@ -507,11 +517,21 @@ def make_publisher(url: str | None, source: str | None, context: Any = None) -> 
         else:
             overrides["bus_url"] = None
             overrides["dashboard_url"] = url
+    if keys:
+        overrides["keys"] = keys
+    if key_name:
+        overrides["key_name"] = key_name
     try:
         settings = PublisherSettings.from_env(**overrides)
     except PublisherError as error:
         raise ToolError(str(error)) from None
-    return Publisher(settings, context=context)
+    publisher = Publisher(settings, context=context)
+    try:
+        publisher.wait_admitted(min(settings.timeout, ADMISSION_SECONDS))
+    except BaseException:
+        publisher.close(0)
+        raise
+    return publisher
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -524,6 +544,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--source",
         help="source id (default $SYSTEM__TRADEBUS_SOURCE_ID or demo-bot)",
+    )
+    parser.add_argument(
+        "--keys",
+        metavar="DIR",
+        help="CURVE key directory for a bus proxy started with --keys: this bot's "
+        "NAME.key_secret and the proxy's proxy.key (default $SYSTEM__TRADEBUS_KEYS; "
+        "see `tradebus keys --help`)",
+    )
+    parser.add_argument(
+        "--key-name",
+        help="which key pair in --keys (default $SYSTEM__TRADEBUS_KEY_NAME, or the only one)",
     )
     add_demo_arguments(parser)
     parser.add_argument(
@@ -560,7 +591,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging()
     log = get_logger("demo")
     settings = demo_settings(args.symbols)
-    publisher = make_publisher(args.url, args.source)
+    publisher = make_publisher(args.url, args.source, keys=args.keys, key_name=args.key_name)
     metrics = None
     if args.metrics_port is not None:
         from prometheus_client import CollectorRegistry

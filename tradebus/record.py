@@ -37,12 +37,14 @@ import zmq
 
 from bus.envelope import encode_meta, encode_payload, format_timestamp
 from bus.errors import BusError, EnvelopeError, SnapshotError
+from bus.keys import ClientKeys, configure_client, connect_checked
 from bus.proxy import DEFAULT_BACKEND, DEFAULT_SNAPSHOT
 from bus.subscriber import BlockingSubscriber, Gap, resolve_backend, resolve_snapshot
 from bus.topics import validate_source, validate_topic
 from monitoring.errors import ToolError
 from monitoring.logging import configure_logging, get_logger
 from tradebus.arguments import positive_int, positive_number
+from tradebus.keys import add_client_key_arguments, client_keys
 
 HELP = "record bus topics to a JSON-lines file (see `tradebus replay`)"
 FORMAT_VERSION: Final = 1
@@ -238,6 +240,7 @@ def record(
     ready: threading.Event | None = None,
     context: zmq.Context[zmq.Socket[bytes]] | None = None,
     clock_ns: Callable[[], int] = time.time_ns,
+    keys: ClientKeys | None = None,
 ) -> RecordStats:
     """Write matching bus events to ``out`` until ``stop``, ``duration`` or ``count``.
 
@@ -252,6 +255,7 @@ def record(
         snapshot=True,
         snapshot_endpoint=snapshot_endpoint,
         context=context,
+        keys=keys,
     )
     try:
         subscriber.start()
@@ -261,7 +265,7 @@ def record(
         # A proxy without a cache cannot sync: record anyway, from whenever the
         # subscription takes effect.
         log.warning("record.unsynced", reason=str(error))
-        subscriber = BlockingSubscriber(patterns, endpoint=endpoint, context=context)
+        subscriber = BlockingSubscriber(patterns, endpoint=endpoint, context=context, keys=keys)
         subscriber.start()
     out.write(header_line(patterns, endpoint, clock_ns()))
     skip_snapshot = 0 if with_snapshot else subscriber.stats.snapshot_events
@@ -317,7 +321,10 @@ def record(
 
 
 def connect_publisher(
-    context: zmq.Context[zmq.Socket[bytes]], endpoint: str, timeout: float
+    context: zmq.Context[zmq.Socket[bytes]],
+    endpoint: str,
+    timeout: float,
+    keys: ClientKeys | None = None,
 ) -> zmq.Socket[bytes]:
     """An XPUB socket connected to the proxy, returned once the proxy is known to listen.
 
@@ -329,10 +336,17 @@ def connect_publisher(
     socket.sndhwm = 100_000
     socket.linger = int(timeout * 1000)
     try:
-        socket.connect(endpoint)
+        if keys is None:
+            socket.connect(endpoint)
+        else:
+            configure_client(socket, keys)
+            connect_checked(socket, endpoint, keys, timeout)
     except zmq.ZMQError as error:
         socket.close(linger=0)
         raise ToolError(f"cannot connect to {endpoint}: {error.strerror}") from None
+    except BusError:
+        socket.close(linger=0)
+        raise
     # the proxy subscribes every publisher to everything on connection
     if not socket.poll(int(timeout * 1000)):
         socket.close(linger=0)
@@ -408,11 +422,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--append", action="store_true", help="append to the file instead of replacing it"
     )
+    add_client_key_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     configure_logging()
     patterns = [p.strip() for p in args.topics.split(",") if p.strip()] or ["*"]
+    keys = client_keys(args)  # before the file is created: a bad key changes nothing
     stop = stop_on_signals()
     to_stdout = str(args.file) == "-"
     try:
@@ -431,6 +447,7 @@ def run(args: argparse.Namespace) -> int:
             with_snapshot=args.snapshot,
             duration=args.duration,
             count=args.count,
+            keys=keys,
         )
     finally:
         if not to_stdout:

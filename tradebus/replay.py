@@ -13,6 +13,7 @@ import zmq
 from bus.proxy import DEFAULT_FRONTEND
 from monitoring.logging import configure_logging, get_logger
 from tradebus.arguments import positive_number
+from tradebus.keys import add_client_key_arguments, client_keys
 from tradebus.record import (
     RecordingError,
     Restamper,
@@ -56,6 +57,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=5.0,
         help="seconds to wait for the proxy (default %(default)s)",
     )
+    add_client_key_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     log = get_logger("replay")
     frontend = args.frontend or os.environ.get(FRONTEND_VARIABLE) or DEFAULT_FRONTEND
     transform = Restamper(args.source, time.time_ns()) if args.source else None
+    keys = client_keys(args)
     try:
         lines = open(args.file, "rb")  # noqa: SIM115
     except OSError as error:
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     stop = stop_on_signals()
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
-        socket = connect_publisher(context, frontend, args.connect_timeout)
+        socket = connect_publisher(context, frontend, args.connect_timeout, keys)
         try:
             log.info("replay.started", file=os.fspath(args.file), frontend=frontend)
             started = time.monotonic()

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
+from bus.keys import PROXY_KEY_NAME, SECRET_SUFFIX, create_key, load_server_keys
 from bus.proxy import Proxy, ProxyConfig
 from monitoring.logging import configure_logging, get_logger
 from monitoring.metrics import MetricsServer, ProxyCollector, PublisherCollector
@@ -30,6 +31,14 @@ from tradebus.demo import add_demo_arguments, demo_settings, make_publisher, run
 HELP = "run proxy + bridge + demo bot in one process and print the dashboard URL"
 
 DEFAULT_METRICS_PORT = 9100
+# the keys `tradebus up --keys DIR` creates when absent: name -> sources
+BRIDGE_KEY_NAME = "bridge"
+DEMO_KEY_NAME = "demo-bot"
+STACK_KEYS: dict[str, tuple[str, ...]] = {
+    PROXY_KEY_NAME: (),
+    BRIDGE_KEY_NAME: (),
+    DEMO_KEY_NAME: (DEMO_KEY_NAME,),
+}
 
 
 class RegistryCollector(Collector):
@@ -81,6 +90,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "(default %(default)s)",
     )
     parser.add_argument("--no-metrics", action="store_true", help="serve no metrics port")
+    parser.add_argument(
+        "--keys",
+        metavar="DIR",
+        help="run the bus with CURVE keys from DIR, creating the proxy's, the bridge's and "
+        "the demo bot's (source demo-bot) when absent (see `tradebus keys --help`)",
+    )
     parser.add_argument("--no-demo", action="store_true", help="start no demo bot")
     parser.add_argument(
         "--demo-via-websocket",
@@ -88,6 +103,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="the demo bot publishes through the bridge's /ws like a guide bot, not on the bus",
     )
     add_demo_arguments(parser, prefix="demo-")
+
+
+def ensure_stack_keys(directory: str) -> list[str]:
+    """Create the stack's keys that ``directory`` lacks; the names of those created."""
+    created = []
+    for name, sources in STACK_KEYS.items():
+        if not os.path.lexists(os.path.join(directory, name + SECRET_SUFFIX)):
+            create_key(directory, name, sources)
+            created.append(name)
+    return created
 
 
 def _dashboard_url(host: str, port: int) -> str:
@@ -110,8 +135,16 @@ async def serve(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     settings = None if args.no_demo else demo_settings(args.demo_symbols)
+    keys = None
+    if args.keys:
+        created = ensure_stack_keys(args.keys)
+        if created:
+            log.info("up.keys_created", directory=args.keys, keys=created)
+        keys = load_server_keys(args.keys)
 
-    proxy = Proxy(ProxyConfig(frontend=args.frontend, backend=args.backend, snapshot=args.snapshot))
+    proxy = Proxy(
+        ProxyConfig(frontend=args.frontend, backend=args.backend, snapshot=args.snapshot, keys=keys)
+    )
     proxy.start()
     cleanups: list[Any] = [proxy.stop]
     try:
@@ -122,6 +155,9 @@ async def serve(args: argparse.Namespace) -> int:
             snapshot=proxy.snapshot_endpoint,
             publish_to=proxy.frontend_endpoint,
             allow_publish=True,
+            # the stack's keys, or none: never a TRADEBUS__BRIDGE_KEYS meant for another bus
+            keys=args.keys or "",
+            key_name=BRIDGE_KEY_NAME,
         )
         server = await start_bridge(config)
         cleanups.append(server.close)
@@ -142,7 +178,13 @@ async def serve(args: argparse.Namespace) -> int:
                 if args.demo_via_websocket
                 else proxy.frontend_endpoint
             )
-            publisher = make_publisher(url, None)
+            on_bus = args.keys and not args.demo_via_websocket
+            publisher = make_publisher(
+                url,
+                None,
+                keys=args.keys if on_bus else None,
+                key_name=DEMO_KEY_NAME if on_bus else None,
+            )
             cleanups.append(publisher.close)
             registry.register(PublisherCollector(publisher.status, publisher.source))
         metrics = None
@@ -171,6 +213,8 @@ async def serve(args: argparse.Namespace) -> int:
         )
         if metrics is not None:
             print(f"  metrics     {metrics.url}  (bridge: {dashboard}metrics)")
+        if args.keys:
+            print(f"  keys        {args.keys} (CURVE: only its keys may use the bus)")
         print("Ctrl-C stops everything.", flush=True)
         waiter = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait(
