@@ -24,7 +24,7 @@ from bus.topics import Pattern
 # Per event beyond its two frames' lengths: the entry tuple, two bytes objects' headers,
 # its deque slot and its place in the arrival order (measured with tracemalloc, see
 # docs/protocol.md; rounded up so the byte bound holds).
-ENTRY_OVERHEAD_BYTES: Final = 260
+ENTRY_OVERHEAD_BYTES: Final = 384
 
 _unpack_meta = META_HEADER.unpack_from
 
