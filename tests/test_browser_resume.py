@@ -62,9 +62,12 @@ async def chromium() -> AsyncIterator[Browser]:
         await launched.close()
 
 
+@pytest.mark.parametrize("how", ["cut", "restart"])
 async def test_resumes_through_repeated_cuts_under_load_lose_nothing(
-    proxy: Proxy, zmq_context: zmq.Context[zmq.Socket[bytes]], chromium: Browser
+    proxy: Proxy, zmq_context: zmq.Context[zmq.Socket[bytes]], chromium: Browser, how: str
 ) -> None:
+    """``cut``: the bridge closes every connection; ``restart``: the bridge stops and a new
+    one starts on the same port, without history, so the proxy's answers each resume."""
     async def page(_request: web.Request) -> web.Response:
         return web.Response(text=PAGE, content_type="text/html")
 
@@ -87,8 +90,6 @@ async def test_resumes_through_repeated_cuts_under_load_lose_nothing(
         await tab.wait_for_function(
             "window.resumes.length >= 1", timeout=scaled(10) * 1000, polling=50
         )
-        assert bridge.server is not None
-        hub = bridge.server.bridge.hub
         published = {topic: 0 for topic in SUBSCRIBED}
         stop = asyncio.Event()
 
@@ -112,7 +113,12 @@ async def test_resumes_through_repeated_cuts_under_load_lose_nothing(
                     f"window.resumes.length >= {cut + 1}", timeout=scaled(10) * 1000, polling=20
                 )
                 await asyncio.sleep(0.3)  # load flows between cuts (pacing, not a sync)
-                for client in list(hub.clients):
+                if how == "restart":
+                    await bridge.stop()
+                    await bridge.start()  # same port, empty history
+                    continue
+                assert bridge.server is not None
+                for client in list(bridge.server.bridge.hub.clients):
                     bridge.server.bridge.close_client(client, CLOSE_GOING_AWAY, "test cut")
             await tab.wait_for_function(
                 f"window.resumes.length >= {CUTS + 1}", timeout=scaled(10) * 1000, polling=20
