@@ -68,6 +68,7 @@ async def test_resumes_through_repeated_cuts_under_load_lose_nothing(
 ) -> None:
     """``cut``: the bridge closes every connection; ``restart``: the bridge stops and a new
     one starts on the same port, without history, so the proxy's answers each resume."""
+
     async def page(_request: web.Request) -> web.Response:
         return web.Response(text=PAGE, content_type="text/html")
 
