@@ -176,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
             ProxyCollector(
                 lambda: proxy.cache.stats,
                 lambda: proxy.gate.stats,
-                lambda: proxy.history.stats if proxy.history is not None else None,
+                lambda: proxy.auth_refused,
+                history=lambda: proxy.history.stats if proxy.history is not None else None,
             )
         )
         try:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from bus.envelope import MAX_PAYLOAD_BYTES, META_HEADER_SIZE, WIRE_VERSION
 from bus.errors import EndpointError, TopicError
@@ -84,6 +85,9 @@ FRONTEND_MAX_FRAME_BYTES: Final = 4 * MAX_PAYLOAD_BYTES
 # messages the forwarder takes from the publishers between two looks at its other sockets
 GATE_BATCH: Final = 1_000
 ZAP_ENDPOINT: Final = "inproc://zeromq.zap.01"
+_HANDSHAKE_FAILURES: Final = (
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 ZAP_DOMAIN: Final = KEYS_ZAP_DOMAIN.encode()
 # snapshot requests waiting for their sync marker, in all
 MAX_PARKED_REQUESTS: Final = 10_000
@@ -389,6 +393,8 @@ class Proxy:
         )
         # with keys: pyzmq's authenticator admits the authorized keys (bus/keys.py)
         self.authenticator: BusAuthenticator | None = None
+        # with keys: handshakes that failed before reaching the authenticator (no CURVE)
+        self.handshake_failures = 0
         self.frontend_endpoint = ""
         self.backend_endpoint = ""
         self.snapshot_endpoint = ""
@@ -399,6 +405,13 @@ class Proxy:
         self._stopped = threading.Event()
         self._started = False
         self._tag = f"{id(self):x}"
+
+    @property
+    def auth_refused(self) -> int:
+        """Connections refused with keys on: keys not authorized, and peers without CURVE."""
+        authenticator = self.authenticator
+        refused = authenticator.refused if authenticator is not None else 0
+        return refused + self.handshake_failures
 
     # -- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -449,6 +462,7 @@ class Proxy:
             try:
                 self.authenticator.start()
             except zmq.ZMQError as error:
+                self.authenticator.stop()
                 self.authenticator = None
                 raise EndpointError(
                     f"cannot start the ZAP authenticator: {zmq.strerror(error.errno or 0)}"
@@ -513,9 +527,18 @@ class Proxy:
         control_in.bind(f"inproc://tradebus-proxy-control-{self._tag}")
         self._forwarder_control = self._socket(zmq.PAIR)
         self._forwarder_control.connect(f"inproc://tradebus-proxy-control-{self._tag}")
+        monitors: list[zmq.Socket[bytes]] = []
+        if keys is not None and config.gate:
+            # Peers without a key (or with CURVE off) never reach the authenticator: their
+            # failed handshakes are counted from the sockets' monitors instead.
+            for socket in (frontend, backend, *([snapshot] if config.cache else [])):
+                monitor: zmq.Socket[bytes] = socket.get_monitor_socket(_HANDSHAKE_FAILURES)
+                monitor.linger = 0
+                self._sockets.append(monitor)
+                monitors.append(monitor)
         forwarder = threading.Thread(
             target=self._run_gate if config.gate else self._run_forwarder,
-            args=(frontend, backend, capture, control_in, zap),
+            args=(frontend, backend, capture, control_in, zap, monitors),
             name="tradebus-forwarder",
             daemon=True,
         )
@@ -562,6 +585,7 @@ class Proxy:
         capture: zmq.Socket[bytes] | None,
         control: zmq.Socket[bytes],
         _zap: zmq.Socket[bytes] | None,
+        _monitors: list[zmq.Socket[bytes]],
     ) -> None:
         """Forwarding without the gate (benchmarks only): libzmq's loop, no Python per message."""
         with contextlib.suppress(zmq.ContextTerminated):
@@ -574,13 +598,15 @@ class Proxy:
         capture: zmq.Socket[bytes] | None,
         control: zmq.Socket[bytes],
         zap: zmq.Socket[bytes] | None,
+        monitors: list[zmq.Socket[bytes]],
     ) -> None:
         receive = identified_receiver(frontend)
         send_out = sender(backend)
         send_capture = sender(capture) if capture is not None else None
         refusals = RefusalLog()
+        handshake_log = RefusalLog(per_second=1.0)
         poller = zmq.Poller()
-        for socket in (frontend, backend, control):
+        for socket in (frontend, backend, control, *monitors):
             poller.register(socket, zmq.POLLIN)
         if zap is not None:
             poller.register(zap, zmq.POLLIN)
@@ -592,10 +618,26 @@ class Proxy:
                     return
                 if zap is not None and zap in ready:
                     connections = _answer_zap(zap, connections)
+                for monitor in monitors:
+                    if monitor in ready:
+                        self._count_handshake_failure(monitor, handshake_log)
                 if backend in ready:
                     _forward_subscriptions(backend, frontend, capture)
                 if frontend in ready:
                     self._forward_events(receive, send_out, send_capture, refusals)
+
+    def _count_handshake_failure(self, monitor: zmq.Socket[bytes], limiter: RefusalLog) -> None:
+        event = recv_monitor_message(monitor, zmq.NOBLOCK)
+        self.handshake_failures += 1
+        logged, suppressed = limiter.admit(time.monotonic())
+        if logged:
+            log.warning(
+                "bus.handshake_refused",
+                endpoint=event["endpoint"].decode(errors="replace"),
+                reason="a peer without an authorized CURVE key (or without CURVE) was refused",
+                code=event["value"],
+                suppressed=suppressed,
+            )
 
     def _forward_events(
         self,

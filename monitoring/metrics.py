@@ -76,15 +76,24 @@ class ProxyCollector(Collector):
         self,
         stats: Callable[[], _CacheStats],
         gate: Callable[[], _GateStats] | None = None,
+        auth_refused: Callable[[], int] | None = None,
+        *,
         history: Callable[[], _HistoryStats | None] | None = None,
     ) -> None:
         self._stats = stats
         self._gate = gate
+        self._auth_refused = auth_refused
         self._history = history
 
     def collect(self) -> Iterable[Metric]:
         if self._gate is not None:
             yield from self._collect_gate(self._gate())
+        if self._auth_refused is not None:
+            yield CounterMetricFamily(
+                "tradebus_proxy_auth_refused",
+                "Connections refused by the proxy's CURVE authenticator (key not authorized)",
+                value=self._auth_refused(),
+            )
         held = self._history() if self._history is not None else None
         if held is not None:
             yield from self._collect_history(held)

@@ -86,6 +86,7 @@ def exported_metric_names() -> set[str]:
         ProxyCollector(
             lambda: CacheStats(by_type={"market_data": 1}),
             lambda: GateStats(rejected={"bad_topic": 1}),
+            lambda: 0,
         )
     )
     registry.register(PublisherCollector(lambda: {"dropped": {"market_data": 1}}, "bot"))

@@ -36,7 +36,9 @@ BRIDGE_KEY_NAME = "bridge"
 DEMO_KEY_NAME = "demo-bot"
 STACK_KEYS: dict[str, tuple[str, ...]] = {
     PROXY_KEY_NAME: (),
-    BRIDGE_KEY_NAME: (),
+    # the bridge puts its WebSocket publishers' events on the bus under its own key, so its
+    # certificate names their sources (--demo-via-websocket: the demo bot's)
+    BRIDGE_KEY_NAME: (DEMO_KEY_NAME,),
     DEMO_KEY_NAME: (DEMO_KEY_NAME,),
 }
 
@@ -166,7 +168,8 @@ async def serve(args: argparse.Namespace) -> int:
             ProxyCollector(
                 lambda: proxy.cache.stats,
                 lambda: proxy.gate.stats,
-                lambda: proxy.history.stats if proxy.history is not None else None,
+                lambda: proxy.auth_refused,
+                history=lambda: proxy.history.stats if proxy.history is not None else None,
             )
         )
         registry.register(RegistryCollector(server.bridge.registry))
