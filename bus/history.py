@@ -27,6 +27,8 @@ from bus.topics import Pattern
 ENTRY_OVERHEAD_BYTES: Final = 384
 
 _unpack_meta = META_HEADER.unpack_from
+# the last-value cache's entry of a topic: (meta, payload, source, epoch, seq)
+CacheEntry = tuple[bytes, bytes, bytes, int, int]
 
 
 class HistoryEntry(NamedTuple):
@@ -89,21 +91,33 @@ class BusHistory:
         self.stats = HistoryStats()
 
     def add(self, topic: bytes, meta: bytes, payload: bytes, now: float) -> None:
-        """Hold an event the cache accepted (well-formed, not a duplicate)."""
+        """Hold one event the cache accepted (well-formed, not a duplicate)."""
         _version, _flags, epoch, seq, _publish_ns = _unpack_meta(meta)
-        self._arrival += 1
-        entry = HistoryEntry(self._arrival, meta[META_HEADER_SIZE:], epoch, seq, meta, payload, now)
-        held = self.topics.get(topic)
-        if held is None:
-            held = self.topics[topic] = deque()
-        held.append(entry)
-        self._order.append((self._arrival, topic))
-        stats = self.stats
-        stats.events += 1
-        stats.held += 1
-        stats.bytes += entry_size(meta, payload)
-        if len(held) > self.max_events:
-            self._drop_oldest(topic, held, "events")
+        self.take([(topic, (meta, payload, meta[META_HEADER_SIZE:], epoch, seq))], now)
+
+    def take(self, accepted: Iterable[tuple[bytes, CacheEntry]], now: float) -> None:
+        """Hold the events the cache kept, given as its entries (meta, payload, source,
+        epoch, seq): the history shares those objects with the cache."""
+        topics, order, stats = self.topics, self._order, self.stats
+        max_events = self.max_events
+        arrival = self._arrival
+        added = 0
+        for topic, (meta, payload, source, epoch, seq) in accepted:
+            arrival += 1
+            held = topics.get(topic)
+            if held is None:
+                held = topics[topic] = deque()
+            held.append(HistoryEntry(arrival, source, epoch, seq, meta, payload, now))
+            order.append((arrival, topic))
+            added += len(meta) + len(payload) + ENTRY_OVERHEAD_BYTES
+            if len(held) > max_events:
+                # counts drop now, the batch's additions come after: the sums agree
+                self._drop_oldest(topic, held, "events")
+        count = arrival - self._arrival
+        self._arrival = arrival
+        stats.events += count
+        stats.held += count
+        stats.bytes += added
         while stats.bytes > self.max_bytes and self._evict_oldest("bytes"):
             pass
 

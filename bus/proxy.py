@@ -188,6 +188,8 @@ class LastValueCache:
         self._positions: dict[tuple[bytes, bytes], tuple[int, int]] = {}
         # events per topic since the last fold_counts()
         self._counts: dict[bytes, int] = {}
+        # when a list: gets (topic, entry) of every event kept, for the history to take
+        self.accepted: list[tuple[bytes, tuple[bytes, bytes, bytes, int, int]]] | None = None
 
     def update(self, topic: bytes, meta: bytes, payload: bytes) -> bool:
         """Keep the event as the latest of ``topic``; count events and gaps. False for an
@@ -240,7 +242,9 @@ class LastValueCache:
                 positions.clear()
             positions[(entry[2], topic)] = (entry[3], entry[4])
             positions.pop((source, topic), None)
-        entries[topic] = (meta, payload, source, epoch, seq)
+        kept = entries[topic] = (meta, payload, source, epoch, seq)
+        if self.accepted is not None:
+            self.accepted.append((topic, kept))
         return True
 
     def fold_counts(self) -> None:
@@ -292,38 +296,6 @@ def drain_capture_python(
     return count, None
 
 
-def drain_capture_with_history(
-    receive: Receiver,
-    history: BusHistory,
-    clock: Callable[[], float],
-    cache: LastValueCache,
-    limit: int,
-) -> tuple[int, bytes | None]:
-    """drain_capture_python, also keeping each event the cache accepted in ``history``."""
-    now = clock()
-    count = 0
-    add = history.add
-    while count < limit:
-        try:
-            frames = receive()
-        except zmq.Again:
-            break
-        count += 1
-        if len(frames) == 3:
-            topic, meta, payload = frames
-            if topic[:1] in _TOPIC_FIRST_BYTES and payload[:1] == _PAYLOAD_FIRST_BYTE:
-                if cache.update(topic, meta, payload):
-                    add(topic, meta, payload, now)
-                continue
-        elif len(frames) == 1 and frames[0][:1] in (b"\x00", b"\x01"):
-            if frames[0].startswith(_SYNC_SUBSCRIPTION):
-                return count, frames[0]
-            continue
-        cache.stats.invalid += 1
-    return count, None
-
-
-# a snapshot's patterns, or a history request
 @dataclass(frozen=True)
 class HistoryQuery:
     """A parsed history request: positions, and patterns whose unnamed topics get their latest."""
@@ -685,15 +657,10 @@ class Proxy:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.cache_nice)
         receive = receiver(capture)
-        drain: Callable[[LastValueCache, int], tuple[int, bytes | None]]
+        drain = cache_drainer(capture) or functools.partial(drain_capture_python, receive)
         if self.history is not None:
-            # Python per event (the C drain knows only the cache): this thread's cost, at
-            # its lower priority, never the forwarder's (docs/performance.md)
-            drain = functools.partial(
-                drain_capture_with_history, receive, self.history, time.monotonic
-            )
-        else:
-            drain = cache_drainer(capture) or functools.partial(drain_capture_python, receive)
+            # the cache hands what it kept to the history after each drain (bus/_wire.c)
+            self.cache.accepted = []
         # The capture socket is drained on a cadence, not when it becomes readable: waiting
         # on it would make the forwarder wake this thread for every event, a system call
         # (and on a VM an interrupt to the other CPU) made before the event goes on to the
@@ -744,6 +711,13 @@ class Proxy:
         while count < CACHE_DRAIN_BATCH:
             drained, sync = drain(self.cache, CACHE_DRAIN_BATCH - count)
             count += drained
+            accepted = self.cache.accepted
+            if accepted:
+                assert self.history is not None
+                # before the snapshots at a sync marker are answered: the history holds
+                # everything up to it
+                self.history.take(accepted, now)
+                accepted.clear()
             if sync is None:
                 break
             self._synced(snapshot, sync, seen_syncs, parked, now)
