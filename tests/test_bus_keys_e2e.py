@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,15 @@ import zmq
 from structlog.testing import capture_logs
 
 from bot_client.publisher import Publisher
-from bus.envelope import Event
+from bus.envelope import Event, encode_event
 from bus.errors import AuthError
-from bus.keys import create_key, fingerprint, load_client_keys, load_server_keys
+from bus.keys import (
+    configure_client,
+    create_key,
+    fingerprint,
+    load_client_keys,
+    load_server_keys,
+)
 from bus.proxy import Proxy, ProxyConfig
 from bus.subscriber import BlockingSubscriber
 from tests.conftest import scaled
@@ -92,7 +99,9 @@ def test_a_keyed_publisher_reaches_a_keyed_subscriber_and_anonymous_peers_get_no
         assert publisher.wait_admitted(scaled(5))
         with keyed_subscriber(keyed_proxy, zmq_context, key_dir, "viewer") as subscriber:
             for number in range(20):
-                anonymous_pub.send_multipart([b"ai_decision", b"forged", b"{}"])
+                # well formed: only the missing key keeps it out
+                forged = encode_event("ai_decision", "ai_decision", {}, "anon", 1, number + 1)
+                anonymous_pub.send_multipart(forged)
                 publisher.publish("ai_decision", {"n": number})
             received = []
             while len(received) < 20:
@@ -104,6 +113,11 @@ def test_a_keyed_publisher_reaches_a_keyed_subscriber_and_anonymous_peers_get_no
             assert {event.source for event in received} == {"bot-1"}
             assert subscriber.stats.invalid == 0, "the anonymous publisher got something in"
         assert not anonymous_sub.poll(0), "the anonymous subscriber received events"
+        # both anonymous peers' handshakes were refused, and counted
+        deadline = time.monotonic() + scaled(5)
+        while keyed_proxy.auth_refused < 2:
+            assert time.monotonic() < deadline, f"refusals counted: {keyed_proxy.auth_refused}"
+            time.sleep(0.01)
     finally:
         publisher.close(scaled(2))
         anonymous_sub.close(linger=0)
@@ -186,3 +200,57 @@ def test_up_with_keys_creates_them_and_serves_the_demo(tmp_path: Path) -> None:
     finally:
         stack.process.send_signal(signal.SIGTERM)
         stack.process.communicate(timeout=scaled(15))
+
+
+def keyed_xpub(proxy: Proxy, context: Context, keys_dir: Path, name: str) -> zmq.Socket[bytes]:
+    """A raw publisher with ``name``'s key, once the proxy's subscription reached it."""
+    socket: zmq.Socket[bytes] = context.socket(zmq.XPUB)
+    socket.linger = 0
+    configure_client(socket, load_client_keys(keys_dir, name))
+    socket.connect(proxy.frontend_endpoint)
+    assert socket.poll(int(scaled(5) * 1000)), f"the proxy never admitted {name}"
+    socket.recv()
+    return socket
+
+
+def test_a_key_cannot_publish_or_poison_a_source_its_certificate_does_not_name(
+    keyed_proxy: Proxy, key_dir: Path, zmq_context: Context
+) -> None:
+    create_key(key_dir, "mallory", ["mallory"])
+    keyed_proxy.stop()
+    # a context of its own: the stopped proxy's ZAP endpoint is released asynchronously
+    proxy = Proxy(replace(keyed_proxy.config, keys=load_server_keys(key_dir)))
+    proxy.start()
+    bot = keyed_xpub(proxy, zmq_context, key_dir, "bot-1")
+    mallory = keyed_xpub(proxy, zmq_context, key_dir, "mallory")
+    epoch = time.time_ns()
+    topic = "trading_decision.BTC-USD"
+    try:
+        with keyed_subscriber(proxy, zmq_context, key_dir, "viewer") as subscriber:
+            bot.send_multipart(encode_event(topic, "trading_decision", {"n": 1}, "bot-1", epoch, 1))
+            # the victim's source and epoch, and the largest seq: it would be cached forever
+            mallory.send_multipart(
+                encode_event(topic, "trading_decision", {"n": -1}, "bot-1", epoch, 2**64 - 1)
+            )
+            # its own source passes (on a topic of its own, so the cache check below is exact)
+            mallory.send_multipart(
+                encode_event("trading_decision.ETH-USD", "trading_decision", {}, "mallory", 1, 1)
+            )
+            bot.send_multipart(encode_event(topic, "trading_decision", {"n": 2}, "bot-1", epoch, 2))
+            received = []
+            while len(received) < 3:
+                item = subscriber.recv(scaled(5))
+                assert item is not None, f"only {len(received)} of 3 events arrived"
+                assert isinstance(item, Event)
+                received.append((item.source, item.seq))
+            # two connections: no order between them, only within each
+            assert sorted(received) == [("bot-1", 1), ("bot-1", 2), ("mallory", 1)]
+        assert proxy.gate.stats.rejected == {"not_owner": 1}
+        deadline = time.monotonic() + scaled(5)
+        while (proxy.cache.entries.get(topic.encode()) or ())[2:] != (b"bot-1", epoch, 2):
+            assert time.monotonic() < deadline, "the real bot's event is not the cached one"
+            time.sleep(0.01)
+    finally:
+        bot.close(linger=0)
+        mallory.close(linger=0)
+        proxy.stop()

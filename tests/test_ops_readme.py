@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import urllib.request
 from dataclasses import fields
 from pathlib import Path
@@ -91,6 +92,7 @@ def exported_metric_names() -> set[str]:
         ProxyCollector(
             lambda: CacheStats(by_type={"market_data": 1}),
             lambda: GateStats(rejected={"bad_topic": 1}),
+            lambda: 0,
         )
     )
     registry.register(PublisherCollector(lambda: {"dropped": {"market_data": 1}}, "bot"))
@@ -138,3 +140,18 @@ def test_local_links_exist() -> None:
     for target in re.findall(r"\]\(([^)#]+)\)", README):
         if "://" not in target:
             assert (ROOT / target).exists(), f"README links to missing {target}"
+
+
+def test_no_file_names_a_path_of_the_machine_it_was_written_on() -> None:
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True, timeout=30
+    ).stdout.split()
+    machine_path = re.compile(r"(?<![\w.~])/(?:work|home|root|Users|mnt|srv)/")
+    found = []
+    for name in tracked:
+        try:
+            text = (ROOT / name).read_text()
+        except (UnicodeDecodeError, FileNotFoundError):
+            continue  # binary (docs/dashboard.png) or deleted in the working tree
+        found += [f"{name}: {m.group(0)}" for m in machine_path.finditer(text)]
+    assert not found
