@@ -6,7 +6,8 @@ same run:
 * raw pyzmq PUB -> SUB, one 300-byte frame, no proxy, no envelope (the baseline);
 * tradebus publisher -> ``tradebus`` proxy with its last-value cache -> SUB, 300-byte
   three-frame envelopes (topic + meta + payload);
-* the same through a proxy with ``cache=False``, to show what the cache costs;
+* the same with the cache but no history (``history_events=0``), to show what the history
+  costs, and through a proxy with ``cache=False``, to show what the cache costs;
 * below saturation, paced at ``--latency-rates``: publish -> receive latency through the
   proxy with the cache on and off (the cache must not slow forwarding).
 
@@ -21,7 +22,9 @@ import argparse
 import contextlib
 import multiprocessing as mp
 import os
+import shutil
 import statistics
+import tempfile
 import time
 from array import array
 from collections.abc import Iterator, Sequence
@@ -36,6 +39,7 @@ import zmq
 import zmq.backend
 
 from bus.envelope import META_HEADER_SIZE, encode_meta, meta_publish_ns
+from bus.keys import ClientKeys, configure_client, create_key, load_client_keys, load_server_keys
 from bus.transport import ACCELERATED, NOBLOCK, receiver, sender
 
 EVENT_BYTES = 300
@@ -67,10 +71,17 @@ def _encoded_events(count: int, envelope: bool) -> list[list[bytes]]:
 
 
 def _warm_publisher(
-    context: zmq.Context[zmq.Socket[bytes]], endpoint: str, bind: bool, envelope: bool, go: MpEvent
+    context: zmq.Context[zmq.Socket[bytes]],
+    endpoint: str,
+    bind: bool,
+    envelope: bool,
+    go: MpEvent,
+    keys: ClientKeys | None = None,
 ) -> zmq.Socket[bytes]:
     """A PUB socket on ``endpoint`` once the subscriber has received from it."""
     socket = context.socket(zmq.PUB)
+    if keys is not None:
+        configure_client(socket, keys)
     socket.sndhwm = HWM
     socket.linger = -1
     if bind:
@@ -94,11 +105,17 @@ def _warmup_event(seq: int) -> list[bytes]:
 
 
 def _warm_subscriber(
-    context: zmq.Context[zmq.Socket[bytes]], endpoint: str, bind: bool, go: MpEvent
+    context: zmq.Context[zmq.Socket[bytes]],
+    endpoint: str,
+    bind: bool,
+    go: MpEvent,
+    keys: ClientKeys | None = None,
 ) -> zmq.Socket[bytes]:
     """A SUB socket on ``endpoint`` that has received warm-up messages and then, consumed
     here, the first measured one."""
     socket = context.socket(zmq.SUB)
+    if keys is not None:
+        configure_client(socket, keys)
     socket.rcvhwm = HWM
     socket.subscribe(b"")
     if bind:
@@ -111,11 +128,17 @@ def _warm_subscriber(
 
 
 def _publisher(
-    endpoint: str, bind: bool, count: int, envelope: bool, go: MpEvent, report: Connection
+    endpoint: str,
+    bind: bool,
+    count: int,
+    envelope: bool,
+    go: MpEvent,
+    report: Connection,
+    keys: ClientKeys | None = None,
 ) -> None:
     messages = _encoded_events(count, envelope)
     context = zmq.Context()
-    socket = _warm_publisher(context, endpoint, bind, envelope, go)
+    socket = _warm_publisher(context, endpoint, bind, envelope, go, keys)
     started = time.monotonic()
     cpu_started = time.process_time()  # all threads: this one and libzmq's I/O thread
     if envelope:
@@ -132,10 +155,16 @@ def _publisher(
 
 
 def _subscriber(
-    endpoint: str, bind: bool, count: int, envelope: bool, go: MpEvent, report: Connection
+    endpoint: str,
+    bind: bool,
+    count: int,
+    envelope: bool,
+    go: MpEvent,
+    report: Connection,
+    keys: ClientKeys | None = None,
 ) -> None:
     context = zmq.Context()
-    socket = _warm_subscriber(context, endpoint, bind, go)
+    socket = _warm_subscriber(context, endpoint, bind, go, keys)
     received = 1
     cpu_started = time.process_time()
     # a whole message per call: three frames through the C accelerator, or the one frame
@@ -295,7 +324,12 @@ def _running(processes: Sequence[BaseProcess], stop: MpEvent) -> Iterator[None]:
                 process.kill()
 
 
-def _measure(count: int, envelope: bool, proxy_options: dict[str, Any] | None) -> Run:
+def _measure(
+    count: int,
+    envelope: bool,
+    proxy_options: dict[str, Any] | None,
+    client_keys: tuple[ClientKeys, ClientKeys] | None = None,
+) -> Run:
     """One run; ``proxy_options`` (ProxyConfig fields) None means no proxy (publisher binds,
     subscriber connects)."""
     spawn = mp.get_context("spawn")
@@ -313,8 +347,9 @@ def _measure(count: int, envelope: bool, proxy_options: dict[str, Any] | None) -
         frontend, backend, snapshot = (_free_endpoint() for _ in range(3))
         proxy_args = (frontend, backend, snapshot, proxy_options, count, stop, proxy_end)
         processes.append(spawn.Process(target=_proxy, args=proxy_args))
-        pub_args = (frontend, False, count, envelope, go, pub_end)
-        sub_args = (backend, False, count, envelope, go, sub_end)
+        publisher_keys, subscriber_keys = client_keys or (None, None)
+        pub_args = (frontend, False, count, envelope, go, pub_end, publisher_keys)
+        sub_args = (backend, False, count, envelope, go, sub_end, subscriber_keys)
     processes.append(spawn.Process(target=_subscriber, args=sub_args))
     processes.append(spawn.Process(target=_publisher, args=pub_args))
     with _running(processes, stop):
@@ -357,7 +392,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="runs per configuration")
     parser.add_argument(
         "--only",
-        choices=["baseline", "cache", "nogate", "nocache"],
+        choices=["baseline", "cache", "nohistory", "nogate", "curve", "nocache"],
         action="append",
         help="run only these",
     )
@@ -380,12 +415,31 @@ def main() -> None:
         cache_options["capture_hwm"] = args.capture_hwm
     if args.cache_nice is not None:
         cache_options["cache_nice"] = args.cache_nice
-    # (envelope, proxy options or None for no proxy, --only key)
-    configurations: dict[str, tuple[bool, dict[str, Any] | None, str]] = {
-        "raw PUB -> SUB (baseline)": (False, None, "baseline"),
-        "proxy, cache on": (True, cache_options, "cache"),
-        "proxy, no gate, cache on": (True, {**cache_options, "gate": False}, "nogate"),
-        "proxy, cache off": (True, {"cache": False}, "nocache"),
+    keys_dir = tempfile.mkdtemp(prefix="bench-keys-")
+    create_key(keys_dir, "proxy")
+    create_key(keys_dir, "bench-publisher", ["bench-1", "bench-warmup"])
+    create_key(keys_dir, "bench-subscriber")
+    curve = {**cache_options, "keys": load_server_keys(keys_dir)}
+    curve_clients = (
+        load_client_keys(keys_dir, "bench-publisher"),
+        load_client_keys(keys_dir, "bench-subscriber"),
+    )
+    # (envelope, proxy options or None for no proxy, --only key, client keys)
+    configurations: dict[
+        str, tuple[bool, dict[str, Any] | None, str, tuple[ClientKeys, ClientKeys] | None]
+    ] = {
+        "raw PUB -> SUB (baseline)": (False, None, "baseline", None),
+        "proxy, cache on": (True, cache_options, "cache", None),
+        # the cache with its history (bus/history.py, on by default) vs without
+        "proxy, cache on, no history": (
+            True,
+            {**cache_options, "history_events": 0},
+            "nohistory",
+            None,
+        ),
+        "proxy, no gate, cache on": (True, {**cache_options, "gate": False}, "nogate", None),
+        "proxy, cache on, CURVE": (True, curve, "curve", curve_clients),
+        "proxy, cache off": (True, {"cache": False}, "nocache", None),
     }
     results: dict[str, list[Run]] = {name: [] for name in configurations}
     print(
@@ -396,10 +450,10 @@ def main() -> None:
     )
     # interleave configurations so a busy spell on the machine hits them alike
     for _round in range(args.rounds):
-        for name, (envelope, options, key) in configurations.items():
+        for name, (envelope, options, key, clients) in configurations.items():
             if args.only and key not in args.only:
                 continue
-            results[name].append(_measure(args.events, envelope, options))
+            results[name].append(_measure(args.events, envelope, options, clients))
     medians = {}
     for name, runs in results.items():
         if not runs:
@@ -458,9 +512,23 @@ def main() -> None:
         print(f"ratio proxy (cache off) / raw baseline: {without_cache / baseline:.2f}")
     if with_cache and without_cache:
         print(f"ratio proxy cache on / cache off:      {with_cache / without_cache:.2f}")
+    without_history = medians.get("proxy, cache on, no history")
+    if with_cache and without_history:
+        print(
+            f"ratio proxy history on / history off:  {with_cache / without_history:.2f}; "
+            f"history on >= 200,000 events/s: {'met' if with_cache >= 200_000 else 'NOT met'}"
+        )
     without_gate = medians.get("proxy, no gate, cache on")
     if with_cache and without_gate:
         print(f"ratio proxy gate on / gate off:        {with_cache / without_gate:.2f}")
+    with_curve = medians.get("proxy, cache on, CURVE")
+    if with_cache and with_curve:
+        print(f"ratio proxy CURVE on / off (gate on):  {with_curve / with_cache:.2f}")
+        print(
+            "target: >= 200,000 events/s with the gate and CURVE: "
+            f"{'met' if with_curve >= 200_000 else 'NOT met'}"
+        )
+    shutil.rmtree(keys_dir, ignore_errors=True)
     paced_rates = [int(text) for text in args.latency_rates.split(",") if text]
     for paced in paced_rates:
         # below saturation: does the cache slow forwarding? (publish -> receive, same host)

@@ -13,7 +13,7 @@ import signal
 from dataclasses import fields
 from typing import Any
 
-from bridge.config import ENV_PREFIX, BridgeConfig
+from bridge.config import ENV_PREFIX, BridgeConfig, flag_name
 from monitoring.logging import configure_logging, get_logger
 
 HELP = "run the WebSocket bridge: bus -> browsers at ws://HOST:PORT/ws, plus WS publishers"
@@ -73,10 +73,6 @@ _HELP_TEXT = {
 }
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
     defaults = BridgeConfig()
     for field in fields(BridgeConfig):
@@ -89,29 +85,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help_text = f"{text} [{variable}; default {shown!s}]"
         if name in ("tokens", "publish_tokens", "jwt_secret"):
             help_text = f"{text} [{variable}]"
+        # values stay text: BridgeConfig.from_env parses them, naming the flag in its errors
         kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
         if annotation == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif annotation == "int":
-            kwargs["type"] = int
-        elif annotation == "float":
-            kwargs["type"] = float
-        flags = [_flag(name)]
+        flags = [flag_name(name)]
         if name == "tokens":
             flags.append("--token")
         parser.add_argument(*flags, **kwargs)
 
 
 def config_from_args(args: argparse.Namespace) -> BridgeConfig:
-    overrides: dict[str, Any] = {}
+    texts: dict[str, str | None] = {}
+    switches: dict[str, Any] = {}
     for field in fields(BridgeConfig):
         value = getattr(args, field.name, None)
-        if value is None:
-            continue
-        if str(field.type).startswith("tuple"):
-            value = tuple(part.strip() for part in value.split(",") if part.strip())
-        overrides[field.name] = value
-    return BridgeConfig.from_env(**overrides)
+        if isinstance(value, bool):
+            switches[field.name] = value
+        else:
+            texts[field.name] = value
+    return BridgeConfig.from_env(flags=texts, **switches)
 
 
 async def _serve_until_signalled(config: BridgeConfig) -> None:

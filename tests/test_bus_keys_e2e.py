@@ -113,6 +113,11 @@ def test_a_keyed_publisher_reaches_a_keyed_subscriber_and_anonymous_peers_get_no
             assert {event.source for event in received} == {"bot-1"}
             assert subscriber.stats.invalid == 0, "the anonymous publisher got something in"
         assert not anonymous_sub.poll(0), "the anonymous subscriber received events"
+        # both anonymous peers' handshakes were refused, and counted
+        deadline = time.monotonic() + scaled(5)
+        while keyed_proxy.auth_refused < 2:
+            assert time.monotonic() < deadline, f"refusals counted: {keyed_proxy.auth_refused}"
+            time.sleep(0.01)
     finally:
         publisher.close(scaled(2))
         anonymous_sub.close(linger=0)
