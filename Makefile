@@ -11,7 +11,7 @@ SOURCES := pyproject.toml bus/_wire.c bot_client/_publish.c
 # print as boxed warnings a newcomer takes for a failure; real errors still show
 QUIET_SETUPTOOLS := PYTHONWARNINGS='ignore:Editable installation,ignore:`[tool.setuptools.ext-modules]`'
 
-.PHONY: run test lint bench venv screenshot clean
+.PHONY: run test test-compose lint bench venv screenshot clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Debian: apt-get install python3.11 python3.11-venv)"; exit 1; }
@@ -38,6 +38,10 @@ lint: $(TEST_STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
+
+# the compose stack on a real Docker engine (installs and starts one when needed; root)
+test-compose: $(TEST_STAMP)
+	bash compose/ci/test-compose.sh
 
 bench: $(TEST_STAMP)
 	$(BIN)/python -m bench

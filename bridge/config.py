@@ -50,12 +50,22 @@ class BridgeConfig:
     publish_rate_limit: float = 5000.0  # for connections allowed to publish
     publish_rate_burst: float = 10000.0
     max_subscriptions: int = 100  # patterns per connection
+    max_resume_positions: int = 1000  # `since` entries per subscribe request
     max_connections: int = 10000
     max_connections_per_ip: int = 1000
+    # sockets that are not (yet) WebSockets: plain HTTP and handshakes in progress
+    max_handshakes_per_ip: int = 128
+    max_handshakes: int = 1024
+    handshake_timeout: float = 5.0  # request line and headers of a new socket
+    keepalive_timeout: float = 15.0  # an idle plain-HTTP keep-alive socket is closed
     max_errors: int = 20  # invalid requests tolerated per connection before close 1008
     ping_interval: float = 20.0  # server pings; a silent peer is closed within 2 intervals
     stale_after: float = 15.0  # a source with no event for this long is reported stale
     upstream_linger: float = 300.0  # keep an unneeded bus subscription (resume history)
+    max_lingering: int = 1000  # lingering bus subscriptions in all (per client: max_subscriptions)
+    max_topics: int = 100_000  # topics whose history and latest event are kept
+    max_sources: int = 10_000  # sources known at once (events of more are dropped, counted)
+    forget_sources_after: float = 3600.0  # a source stale this long is forgotten
     snapshot_timeout: float = 3.0  # waiting for the proxy's snapshot service
     write_buffer_high: int = 256 * 1024  # transport bytes above which a client is behind
     close_timeout: float = 2.0  # wait for the client's close reply, then drop it
@@ -205,6 +215,15 @@ ABOVE_ZERO: Final = (
     "snapshot_timeout",
     "close_timeout",
     "jwt_max_lifetime",
+    "max_resume_positions",
+    "max_lingering",
+    "max_topics",
+    "max_sources",
+    "max_handshakes_per_ip",
+    "max_handshakes",
+    "handshake_timeout",
+    "keepalive_timeout",
+    "forget_sources_after",
 )
 
 

@@ -31,7 +31,12 @@ from tradebus.replay import FRONTEND_VARIABLE
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 # variables only compose files interpolate, and the tests' own knob
-OTHER_VARIABLES = {"TRADEBUS_PUBLISH_TOKEN", "TRADEBUS_VIEW_TOKEN", "TRADEBUS_TEST_TIMEOUT_FACTOR"}
+OTHER_VARIABLES = {
+    "TRADEBUS_PUBLISH_TOKEN",
+    "TRADEBUS_VIEW_TOKEN",
+    "TRADEBUS_BUS_ADDRESS",
+    "TRADEBUS_TEST_TIMEOUT_FACTOR",
+}
 
 
 def test_quick_start_is_the_two_commands() -> None:

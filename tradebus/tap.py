@@ -438,7 +438,7 @@ async def send(
                         await asyncio.sleep(spacing)
                     number += 1
                     event["id"] = number
-                    await ws.send_bytes(orjson.dumps(event))
+                    await ws.send_str(orjson.dumps(event).decode())
                     log.info("tap.websocket_publish", type=event["type"], id=number)
                     answer = await _await_answer(ws, number, ack_timeout)
                     if answer.get("type") == "ack":
