@@ -350,6 +350,8 @@ class Publisher(EventHelpers):
         self._link: Link | None = None
         if not settings.enabled:
             self.publish = self._discard  # type: ignore[method-assign]
+            if autostart:
+                self.start()
             return
         self._link = make_link(self, context)
         self.fast_path = self._install_fast_path()
@@ -411,9 +413,17 @@ class Publisher(EventHelpers):
     # -- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
         """Start the I/O thread (events published before are held and delivered in order)."""
-        if self._link is None or self._started:
+        if self._started:
             return
         self._started = True
+        if self._link is None:
+            # disabled is the guide's default: said once, so "nothing arrives" has an answer
+            self._log.warning(
+                "websocket.publisher_disabled",
+                message="WebSocket publisher disabled: publish calls do nothing",
+                enable_with="SYSTEM__ENABLE_WEBSOCKET_PUBLISHING=true",
+            )
+            return
         self._link.start()
         # a bot that exits without close() still gets its held events out (or counted)
         atexit.register(self._close_at_exit)

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from bot_client.errors import SettingsError
 from bus.errors import KeyFileError, TopicError
 from bus.keys import validate_key_name
+from bus.settings import bad_value
 from bus.topics import SOURCE_MAX_LEN, validate_source
 from monitoring.logging import redact
 
@@ -29,6 +30,22 @@ _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off", ""})
 # Backoff never waits longer than this, however large RETRY_DELAY * 2**MAX_RETRIES gets.
 MAX_BACKOFF_SECONDS: Final = 300.0
+
+
+DOTENV_FILE: Final = ".env"
+
+
+def environment() -> Mapping[str, str]:
+    """The process environment over the working directory's ``.env``, as the guide's bots
+    read their settings: a variable really set wins over the file. os.environ is left as
+    it is (a library does not change its host's environment)."""
+    path = os.path.join(os.getcwd(), DOTENV_FILE)
+    if not os.path.isfile(path):
+        return os.environ
+    from dotenv import dotenv_values
+
+    from_file = {k: v for k, v in dotenv_values(path).items() if v is not None}
+    return {**from_file, **os.environ}
 
 
 def default_source_id() -> str:
@@ -97,8 +114,9 @@ class PublisherSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> PublisherSettings:
-        """Read every ``SYSTEM__*`` variable of ``env`` (default os.environ); kwargs win."""
-        source = os.environ if env is None else env
+        """Read every ``SYSTEM__*`` variable of ``env`` (default: the environment over the
+        working directory's ``.env``); kwargs win."""
+        source = environment() if env is None else env
         values: dict[str, Any] = {"enabled": False}
         for spec in SPECS:
             raw = source.get(spec.variable)
@@ -114,11 +132,12 @@ class PublisherSettings:
         that are missing fall back to the environment, then to the defaults.
         """
         holder = getattr(settings, "system", settings)
+        env = environment()
         values: dict[str, Any] = {"enabled": False}
         for spec in SPECS:
             raw = getattr(holder, spec.variable.removeprefix("SYSTEM__").lower(), None)
             if raw is None:
-                raw = os.environ.get(spec.variable)
+                raw = env.get(spec.variable)
             if raw is not None:
                 values[spec.field] = spec.parse(str(raw))
         return cls.with_overrides(values, overrides)
@@ -165,9 +184,10 @@ class _Spec:
         if not ok:
             raise self.error(value if raw is None else raw)
 
-    def error(self, value: object) -> SettingsError:
-        shown = "<hidden>" if self.field == "token" else repr(value)
-        return SettingsError(f"{self.variable}={shown}: expected {self.expected}")
+    def error(self, value: object, name: str | None = None) -> SettingsError:
+        return SettingsError(
+            bad_value(name or self.variable, value, self.expected, secret=self.field == "token")
+        )
 
 
 def _bool(text: str) -> bool:
@@ -227,6 +247,14 @@ def _source_ok(value: Any) -> bool:
     except TopicError:
         return False
     return True
+
+
+def check_url(name: str, url: str) -> str:
+    """``url`` if a publisher can send there, else SettingsError naming ``name`` (a flag)."""
+    spec = SPEC_BY_FIELD["dashboard_url"]
+    if not _url_ok(url, WS_SCHEMES + BUS_SCHEMES):
+        raise spec.error(url, name)
+    return url
 
 
 SPECS: Final = (
@@ -333,3 +361,4 @@ SPECS: Final = (
         optional=True,
     ),
 )
+SPEC_BY_FIELD: Final = {spec.field: spec for spec in SPECS}

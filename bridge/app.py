@@ -34,6 +34,7 @@ from bridge.admission import (
 )
 from bridge.auth import Authenticator, token_from_request
 from bridge.config import BridgeConfig
+from bridge.edge import EdgeGuard, edge_of
 from bridge.errors import AuthError, ConfigError
 from bridge.hub import Client, Hub, SlowConsumerError
 from bridge.limits import TokenBucket
@@ -47,6 +48,7 @@ from bridge.protocol import (
     Unsubscribe,
     parse_request,
 )
+from bridge.rfc6455 import CLOSE_PROTOCOL_ERROR, CLOSE_UNSUPPORTED_DATA, close_code_allowed
 from bus.errors import AuthError as BusAuthError
 from bus.errors import KeyFileError, TopicError
 from bus.history import HistoryPosition
@@ -67,6 +69,12 @@ SUBPROTOCOL: Final = "tradebus"
 MAX_BATCH: Final = 4096
 BACKLOG_RETRY: Final = 0.005
 HOUSEKEEPING_INTERVAL: Final = 0.5
+# how often a closing connection's unsent bytes are checked before it is aborted
+ABORT_POLL: Final = 0.1
+# units of request work (a pattern, a position, a topic looked at, a frame queued) that
+# cost as much of a connection's rate limit as one message
+WORK_PER_TOKEN: Final = 20.0
+LISTEN_BACKLOG: Final = 128  # as aiohttp's TCPSite
 PROBE_PATTERN: Final = "tradebus_probe"
 PROBE_TIMEOUT: Final = 2.0
 
@@ -107,6 +115,10 @@ class Bridge:
             stale_after=config.stale_after,
             track_sources=config.track_sources,
             snapshots_available=bool(config.snapshot),
+            max_lingering=config.max_lingering,
+            max_topics=config.max_topics,
+            max_sources=config.max_sources,
+            forget_sources_after=config.forget_sources_after,
             bus_history=bool(config.snapshot),
         )
         self.auth = Authenticator(
@@ -135,6 +147,12 @@ class Bridge:
         # sources named by live publishing connections: one connection per source
         self._publishing_sources: set[str] = set()
         self.rejected: dict[str, int] = {}
+        self.edge = EdgeGuard(
+            handshake_timeout=config.handshake_timeout,
+            max_handshakes_per_ip=config.max_handshakes_per_ip,
+            max_handshakes=config.max_handshakes,
+            on_refused=lambda reason, ip: self._reject(reason, ip=ip),
+        )
         self.slow_closed_bytes = 0
         self._client_ids = itertools.count(1)
         self._context: zmq.asyncio.Context | None = None
@@ -145,6 +163,7 @@ class Bridge:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing_tasks: set[asyncio.Task[bool]] = set()
         self._markers: dict[int, bytes] = {}
+        self._job_waiters: dict[Client, asyncio.Future[None]] = {}
         self._backlog: set[Client] = set()
         self._backlog_timer: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
@@ -357,6 +376,7 @@ class Bridge:
                 self.hub.sync_failed(sync_id)
             self._apply_upstream()
             self.flush()
+            self._wake_job_waiters()
 
     async def _watch_sub(self) -> None:
         assert self._sub_monitor is not None
@@ -406,6 +426,7 @@ class Bridge:
             self._probe(now)
             self._apply_upstream()
             self.flush()
+            self._wake_job_waiters()
 
     def _probe(self, now: float) -> None:
         if self._dealer is None:
@@ -495,7 +516,13 @@ class Bridge:
         self.close_client(client, CLOSE_SLOW_CONSUMER, "slow consumer")
 
     def close_client(self, client: Client, code: int, reason: str) -> None:
-        """Close from the server side: no more frames, a close frame, then a hard stop."""
+        """Close from the server side: no more frames, a close frame, then a hard stop.
+
+        Frames still queued in the bridge are dropped, so the close frame follows only what
+        the transport already holds (at most about ``write_buffer_high``). The connection
+        is cut only once that close frame was handed to the kernel, or when the client
+        read nothing for two ping intervals (a dead peer by the heartbeat's rule).
+        """
         self.hub.remove_client(client, time.monotonic())
         self._backlog.discard(client)
         ws: web.WebSocketResponse = client.conn
@@ -508,7 +535,22 @@ class Bridge:
         task.add_done_callback(self._closing_tasks.discard)
         if self._loop is not None and transport is not None:
             # a client that reads nothing never answers the close frame
-            self._loop.call_later(self.config.close_timeout + 0.5, transport.abort)
+            now = self._loop.time()
+            self._loop.call_at(
+                now + self.config.close_timeout + 0.5,
+                self._abort_once_flushed,
+                transport,
+                now + 2 * self.config.ping_interval,
+            )
+
+    def _abort_once_flushed(self, transport: Any, deadline: float) -> None:
+        """Abort ``transport`` when its close frame is out, or it stalled to ``deadline``."""
+        if self._loop is None:
+            return
+        if transport.get_write_buffer_size() == 0 or self._loop.time() >= deadline:
+            transport.abort()
+            return
+        self._loop.call_later(ABORT_POLL, self._abort_once_flushed, transport, deadline)
 
     # -- connections --------------------------------------------------------------------
     def _reject(self, reason: str, **fields: Any) -> None:
@@ -600,12 +642,20 @@ class Bridge:
         """One WebSocket connection, from handshake to close (one coroutine per client)."""
         config, hub = self.config, self.hub
         assert self._loop is not None
+        edge = edge_of(request.transport)
+        if edge is not None:
+            early = edge.websocket_started()
+            if early is not None:
+                self._reject("early_data", ip=request.remote or "")
+                raise web.HTTPBadRequest(text=early + "\n")
         client, initial = self._admit(request)
         grant = client.grant
         ws = web.WebSocketResponse(
             heartbeat=config.ping_interval,
             compress=False,
-            max_msg_size=config.max_message_bytes,
+            # aiohttp refuses a message of exactly max_msg_size: the limit announced in
+            # the greeting is the largest message accepted
+            max_msg_size=config.max_message_bytes + 1,
             autoclose=False,
             timeout=config.close_timeout,
             protocols=(SUBPROTOCOL,),
@@ -642,6 +692,7 @@ class Bridge:
                 bucket = TokenBucket(config.rate_limit, config.rate_burst, now)
             errors = 0
             close_code, close_reason = CLOSE_NORMAL, ""
+            decided = True  # False when the close code is aiohttp's to tell
             try:
                 if initial:
                     try:
@@ -655,7 +706,7 @@ class Bridge:
                 self.flush()
                 while True:
                     message = await ws.receive()
-                    if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    if message.type is WSMsgType.TEXT:
                         if not bucket.take(time.monotonic()):
                             if not client.may_publish:
                                 close_code, close_reason = CLOSE_POLICY, "rate limit exceeded"
@@ -686,8 +737,23 @@ class Bridge:
                                 break
                         self._apply_upstream()
                         self.schedule_flush()
+                        if client.jobs:
+                            # one snapshot or resume in flight per connection: the next
+                            # message is read once this one is served
+                            await self._jobs_served(client)
+                        if client.work:
+                            # requests cost in proportion to their work (patterns,
+                            # positions, topics, frames), paid by not reading for a while
+                            pause = bucket.charge(time.monotonic(), client.work / WORK_PER_TOKEN)
+                            client.work = 0
+                            if pause > 0:
+                                await asyncio.sleep(pause)
                         continue
-                    if message.type is WSMsgType.ERROR:
+                    if message.type is WSMsgType.BINARY:
+                        # every message of the protocol is JSON text (docs/websocket-protocol.md)
+                        close_code = CLOSE_UNSUPPORTED_DATA
+                        close_reason = "binary messages are not accepted: send JSON as text"
+                    elif message.type is WSMsgType.ERROR:
                         close_code = ws.close_code or CLOSE_TOO_BIG
                         close_reason = str(message.data)
                         if close_code == CLOSE_TOO_BIG:
@@ -697,6 +763,15 @@ class Bridge:
                     elif message.type is WSMsgType.CLOSE:
                         close_code = int(message.data) if message.data else CLOSE_NORMAL
                         close_reason = message.extra or ""
+                        if not close_code_allowed(close_code):
+                            # 1005, 1006, 1015 and codes outside the ranges must never be
+                            # sent, so they are not echoed either (RFC 6455 7.4)
+                            close_code = CLOSE_PROTOCOL_ERROR
+                            close_reason = "invalid close code"
+                    elif edge is not None and edge.failure is not None:
+                        close_code, close_reason = edge.failure
+                    else:
+                        decided = False
                     break
             finally:
                 if expiry is not None:
@@ -707,11 +782,13 @@ class Bridge:
                 self._apply_upstream()
                 if was_registered and not ws.closed:
                     await ws.close(code=close_code, message=close_reason.encode()[:120])
+                if not decided and ws.close_code is not None:
+                    close_code = int(ws.close_code)  # e.g. 1006: the peer vanished
                 self.log.info(
                     "websocket.client_disconnected",
                     client=client.id,
                     ip=client.ip,
-                    code=int(ws.close_code) if ws.close_code is not None else close_code,
+                    code=close_code,
                     reason=close_reason[:120],
                 )
             return ws
@@ -723,6 +800,24 @@ class Bridge:
                 self.connections[client.ip] = left
             else:
                 self.connections.pop(client.ip, None)
+
+    async def _jobs_served(self, client: Client) -> None:
+        assert self._loop is not None
+        waiter = self._loop.create_future()
+        self._job_waiters[client] = waiter
+        try:
+            # upstream syncs time out after snapshot_timeout (housekeeping), which serves
+            # the job from what the bridge holds: this bound is only a safety net
+            await asyncio.wait_for(waiter, self.config.snapshot_timeout + 2 * HOUSEKEEPING_INTERVAL)
+        except TimeoutError:
+            pass
+        finally:
+            self._job_waiters.pop(client, None)
+
+    def _wake_job_waiters(self) -> None:
+        for client, waiter in list(self._job_waiters.items()):
+            if not waiter.done() and (not client.jobs or client not in self.hub.clients):
+                waiter.set_result(None)
 
     def _expire(self, client: Client) -> None:
         if client in self.hub.clients:
@@ -740,7 +835,11 @@ class Bridge:
         """Handle one client message; the error code when it was refused (and told)."""
         hub = self.hub
         try:
-            request = parse_request(data)
+            request = parse_request(
+                data,
+                max_patterns=self.config.max_subscriptions,
+                max_positions=self.config.max_resume_positions,
+            )
             if isinstance(request, Subscribe | Unsubscribe):
                 self._request(client, request)
             elif isinstance(request, Ping):
@@ -823,6 +922,21 @@ BRIDGE_KEY: Final = web.AppKey("bridge", Bridge)
 
 
 @web.middleware
+async def _request_started(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A whole request line and headers arrived: the socket's handshake deadline is met."""
+    edge = edge_of(request.transport)
+    if edge is None:
+        return await handler(request)
+    edge.request_started()
+    try:
+        return await handler(request)
+    finally:
+        edge.request_done()
+
+
+@web.middleware
 async def _host_allowlist(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
@@ -848,7 +962,8 @@ async def _host_allowlist(
 def create_app(config: BridgeConfig | None = None) -> web.Application:
     """The bridge as an aiohttp application; the bus connection starts with the app."""
     bridge = Bridge(config or BridgeConfig.from_env())
-    app = web.Application(middlewares=[_host_allowlist])
+    # the handshake deadline is met by any complete request, even one the Host rule refuses
+    app = web.Application(middlewares=[_request_started, _host_allowlist])
     app[BRIDGE_KEY] = bridge
     app.router.add_get("/ws", bridge.handle_ws)
     app.router.add_get("/health", _health)
@@ -880,9 +995,16 @@ def ssl_context(config: BridgeConfig) -> ssl.SSLContext | None:
 class BridgeServer:
     """A started bridge: ``port`` is the bound port (useful with port 0)."""
 
-    def __init__(self, runner: web.AppRunner, app: web.Application, port: int) -> None:
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        app: web.Application,
+        port: int,
+        listener: asyncio.Server | None = None,
+    ) -> None:
         self.runner = runner
         self.app = app
+        self.listener = listener
         self.port = port
 
     @property
@@ -891,6 +1013,8 @@ class BridgeServer:
 
     async def close(self) -> None:
         bridge = self.app[BRIDGE_KEY]
+        if self.listener is not None:
+            self.listener.close()
         for client in list(bridge.hub.clients):
             bridge.close_client(client, CLOSE_GOING_AWAY, "server shutting down")
         await self.runner.cleanup()
@@ -899,20 +1023,30 @@ class BridgeServer:
 async def start_bridge(config: BridgeConfig) -> BridgeServer:
     """Start serving ``config``; access logs are off because URLs may carry tokens."""
     app = create_app(config)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.close_timeout)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=config.close_timeout,
+        keepalive_timeout=config.keepalive_timeout,
+    )
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context(config))
+    assert runner.server is not None
+    # every socket passes through the bridge's edge before aiohttp's handler (bridge/edge.py)
+    factory = app[BRIDGE_KEY].edge.factory(runner.server)
     try:
-        await site.start()
+        listener = await asyncio.get_running_loop().create_server(
+            factory, config.host, config.port, ssl=ssl_context(config), backlog=LISTEN_BACKLOG
+        )
     except OSError as error:
         await runner.cleanup()
         raise ConfigError(f"cannot listen on {config.host}:{config.port}: {error}") from None
     port = config.port
-    for address in runner.addresses:
+    for sock in listener.sockets:
+        address = sock.getsockname()
         if isinstance(address, tuple):
             port = address[1]
             break
-    return BridgeServer(runner, app, port)
+    return BridgeServer(runner, app, port, listener)
 
 
 async def run_bridge(config: BridgeConfig) -> None:

@@ -13,7 +13,7 @@ import signal
 from dataclasses import fields
 from typing import Any
 
-from bridge.config import ENV_PREFIX, BridgeConfig
+from bridge.config import ENV_PREFIX, BridgeConfig, flag_name
 from monitoring.logging import configure_logging, get_logger
 
 HELP = "run the WebSocket bridge: bus -> browsers at ws://HOST:PORT/ws, plus WS publishers"
@@ -47,12 +47,21 @@ _HELP_TEXT = {
     "publish_rate_limit": "messages per second for connections allowed to publish",
     "publish_rate_burst": "burst for connections allowed to publish",
     "max_subscriptions": "patterns per connection",
+    "max_resume_positions": "positions ('since' entries) per resume request",
     "max_connections": "open connections in total",
     "max_connections_per_ip": "open connections per client address",
+    "max_handshakes_per_ip": "open sockets per address that are not WebSockets (above: 429)",
+    "max_handshakes": "open sockets in total that are not WebSockets (above: 503)",
+    "handshake_timeout": "seconds a new socket has to send its request line and headers (408)",
+    "keepalive_timeout": "seconds an idle plain-HTTP keep-alive socket stays open",
     "max_errors": "invalid messages tolerated per connection (then close 1008)",
     "ping_interval": "seconds between server pings; a silent peer is closed within two",
     "stale_after": "seconds without an event before a source is reported stale",
     "upstream_linger": "seconds a bus subscription no client needs is kept (resume history)",
+    "max_lingering": "lingering bus subscriptions in all (per client: max_subscriptions)",
+    "max_topics": "topics whose history and latest event the bridge keeps",
+    "max_sources": "sources known at once; events of further sources are dropped (counted)",
+    "forget_sources_after": "seconds after which a stale source is forgotten",
     "snapshot_timeout": "seconds to wait for the proxy's snapshot service",
     "write_buffer_high": "socket buffer bytes above which a client counts as behind",
     "close_timeout": "seconds to wait for a client's close reply",
@@ -62,10 +71,6 @@ _HELP_TEXT = {
     "NAME.key_secret and the proxy's proxy.key (see `tradebus keys --help`)",
     "key_name": "which key pair in --keys the bridge uses",
 }
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -80,29 +85,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help_text = f"{text} [{variable}; default {shown!s}]"
         if name in ("tokens", "publish_tokens", "jwt_secret"):
             help_text = f"{text} [{variable}]"
+        # values stay text: BridgeConfig.from_env parses them, naming the flag in its errors
         kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
         if annotation == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif annotation == "int":
-            kwargs["type"] = int
-        elif annotation == "float":
-            kwargs["type"] = float
-        flags = [_flag(name)]
+        flags = [flag_name(name)]
         if name == "tokens":
             flags.append("--token")
         parser.add_argument(*flags, **kwargs)
 
 
 def config_from_args(args: argparse.Namespace) -> BridgeConfig:
-    overrides: dict[str, Any] = {}
+    texts: dict[str, str | None] = {}
+    switches: dict[str, Any] = {}
     for field in fields(BridgeConfig):
         value = getattr(args, field.name, None)
-        if value is None:
-            continue
-        if str(field.type).startswith("tuple"):
-            value = tuple(part.strip() for part in value.split(",") if part.strip())
-        overrides[field.name] = value
-    return BridgeConfig.from_env(**overrides)
+        if isinstance(value, bool):
+            switches[field.name] = value
+        else:
+            texts[field.name] = value
+    return BridgeConfig.from_env(flags=texts, **switches)
 
 
 async def _serve_until_signalled(config: BridgeConfig) -> None:

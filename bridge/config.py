@@ -12,6 +12,7 @@ from typing import Any, Final
 
 from bridge.admission import ServerName, parse_origin
 from bridge.errors import ConfigError
+from bus import settings
 from bus.errors import KeyFileError, TopicError
 from bus.keys import validate_key_name
 from bus.topics import validate_source, validate_type
@@ -49,12 +50,22 @@ class BridgeConfig:
     publish_rate_limit: float = 5000.0  # for connections allowed to publish
     publish_rate_burst: float = 10000.0
     max_subscriptions: int = 100  # patterns per connection
+    max_resume_positions: int = 1000  # `since` entries per subscribe request
     max_connections: int = 10000
     max_connections_per_ip: int = 1000
+    # sockets that are not (yet) WebSockets: plain HTTP and handshakes in progress
+    max_handshakes_per_ip: int = 128
+    max_handshakes: int = 1024
+    handshake_timeout: float = 5.0  # request line and headers of a new socket
+    keepalive_timeout: float = 15.0  # an idle plain-HTTP keep-alive socket is closed
     max_errors: int = 20  # invalid requests tolerated per connection before close 1008
     ping_interval: float = 20.0  # server pings; a silent peer is closed within 2 intervals
     stale_after: float = 15.0  # a source with no event for this long is reported stale
     upstream_linger: float = 300.0  # keep an unneeded bus subscription (resume history)
+    max_lingering: int = 1000  # lingering bus subscriptions in all (per client: max_subscriptions)
+    max_topics: int = 100_000  # topics whose history and latest event are kept
+    max_sources: int = 10_000  # sources known at once (events of more are dropped, counted)
+    forget_sources_after: float = 3600.0  # a source stale this long is forgotten
     snapshot_timeout: float = 3.0  # waiting for the proxy's snapshot service
     write_buffer_high: int = 256 * 1024  # transport bytes above which a client is behind
     close_timeout: float = 2.0  # wait for the client's close reply, then drop it
@@ -64,30 +75,7 @@ class BridgeConfig:
     key_name: str = "bridge"  # the bridge's pair in it: NAME.key_secret
 
     def __post_init__(self) -> None:
-        for name in (
-            "max_queue_bytes",
-            "history_events",
-            "max_message_bytes",
-            "max_subscriptions",
-            "max_connections",
-            "max_connections_per_ip",
-            "max_errors",
-            "write_buffer_high",
-        ):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"bridge setting {name} must be above 0")
-        for name in (
-            "history_seconds",
-            "rate_limit",
-            "rate_burst",
-            "publish_rate_limit",
-            "publish_rate_burst",
-            "ping_interval",
-            "stale_after",
-            "snapshot_timeout",
-            "close_timeout",
-            "jwt_max_lifetime",
-        ):
+        for name in ABOVE_ZERO:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"bridge setting {name} must be above 0")
         if self.upstream_linger < 0:
@@ -174,37 +162,180 @@ class BridgeConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> BridgeConfig:
-        """Defaults, then ``TRADEBUS__BRIDGE_<FIELD>`` variables, then ``overrides``."""
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        flags: Mapping[str, str | None] | None = None,
+        **overrides: Any,
+    ) -> BridgeConfig:
+        """Defaults, then ``TRADEBUS__BRIDGE_<FIELD>`` variables, then ``flags`` (command-line
+        text, parsed here), then ``overrides`` (values); a bad value names the one given."""
         env = os.environ if environ is None else environ
+        typed = flags or {}
         values: dict[str, Any] = {}
         for field in fields(cls):
-            raw = env.get(ENV_PREFIX + field.name.upper())
-            if raw is not None:
-                values[field.name] = _parse(field.name, str(field.type), raw)
+            name = field.name
+            if overrides.get(name) is not None:
+                continue  # a value the caller decided: its variable is not read at all
+            given = settings.pick(
+                flag_name(name),
+                typed.get(name),
+                ENV_PREFIX + name.upper(),
+                env,
+                secret=name in SECRET_FIELDS,
+            )
+            if given is not None:
+                values[name] = field_form(name, str(field.type)).parse(given, ConfigError)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
 
-def _parse(name: str, annotation: str, raw: str) -> Any:
-    variable = ENV_PREFIX + name.upper()
-    text = raw.strip()
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+SECRET_FIELDS: Final = frozenset({"tokens", "publish_tokens", "jwt_secret"})
+ABOVE_ZERO: Final = (
+    "max_queue_bytes",
+    "history_events",
+    "max_message_bytes",
+    "max_subscriptions",
+    "max_connections",
+    "max_connections_per_ip",
+    "max_errors",
+    "write_buffer_high",
+    "history_seconds",
+    "rate_limit",
+    "rate_burst",
+    "publish_rate_limit",
+    "publish_rate_burst",
+    "ping_interval",
+    "stale_after",
+    "snapshot_timeout",
+    "close_timeout",
+    "jwt_max_lifetime",
+    "max_resume_positions",
+    "max_lingering",
+    "max_topics",
+    "max_sources",
+    "max_handshakes_per_ip",
+    "max_handshakes",
+    "handshake_timeout",
+    "keepalive_timeout",
+    "forget_sources_after",
+)
+
+
+def _items(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _networks(text: str) -> tuple[str, ...]:
+    networks = _items(text)
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise settings.HintError(f"{network!r} is not a network") from None
+    return networks
+
+
+def _types(text: str) -> tuple[str, ...]:
+    names = _items(text)
+    for name in names:
+        try:
+            validate_type(name)
+        except TopicError as error:
+            raise settings.HintError(str(error)) from None
+    return names
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    origins = _items(text)
+    for origin in origins:
+        if origin != "*" and parse_origin(origin) is None:
+            raise settings.HintError(f"{origin!r} is not an origin")
+    return origins
+
+
+def _server_names(text: str) -> tuple[str, ...]:
+    names = _items(text)
+    for name in names:
+        if ServerName.parse(name) is None:
+            raise settings.HintError(f"{name!r} is not a host name")
+    return names
+
+
+def _publish_tokens(text: str) -> tuple[str, ...]:
+    entries = _items(text)
     try:
-        if annotation == "bool":
-            lowered = text.lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError(f"expected true or false, got {raw!r}")
-        if annotation == "int":
-            return int(text)
-        if annotation == "float":
-            return float(text)
-        if annotation.startswith("tuple"):
-            return tuple(part.strip() for part in text.split(",") if part.strip())
-        if annotation == "str | None":
-            return text or None
-        return text
-    except ValueError as error:
-        raise ConfigError(f"{variable}: {error}") from None
+        BridgeConfig(publish_tokens=entries)  # its check words the rule; it never quotes a secret
+    except ConfigError as error:
+        # the expected form states the rule already: keep only which entry broke it
+        rule = str(error).removeprefix("bridge setting publish_tokens: ").split(" (")[0]
+        raise settings.HintError(rule) from None
+    return entries
+
+
+def _key_name(text: str) -> str:
+    try:
+        return validate_key_name(text)
+    except KeyFileError:
+        raise ValueError(text) from None
+
+
+def _jwt_secret(text: str) -> str | None:
+    if text and len(text.encode()) < 32:
+        raise ValueError("too short")
+    return text or None
+
+
+_FORMS: Final[dict[str, settings.Form[Any]]] = {
+    "port": settings.whole_number(0, 65535, "a port number"),
+    "bus": settings.endpoint(),
+    "snapshot": settings.endpoint(optional=True),
+    "publish_to": settings.endpoint(),
+    "publish_networks": settings.Form(
+        "networks (CIDR), comma-separated, such as 172.16.0.0/12,10.0.0.5/32", _networks
+    ),
+    "conflate_types": settings.Form(
+        "event types, comma-separated, such as market_data,position_update", _types
+    ),
+    "jwt_secret": settings.Form("a secret of at least 32 bytes (RFC 7518)", _jwt_secret),
+    "key_name": settings.Form(
+        "a key name: a letter or digit, then letters, digits, _ . - (NAME of NAME.key_secret)",
+        _key_name,
+    ),
+    "publish_tokens": settings.Form(
+        "SOURCE=TOKEN entries, comma-separated, such as bot-1=TOKEN", _publish_tokens
+    ),
+    "origins": settings.Form(
+        "origins, comma-separated, such as https://dash.example.com,http://localhost:5173 (or *)",
+        _origins,
+    ),
+    "server_names": settings.Form(
+        "host names, comma-separated, such as dash.example.com,dash.example.com:8443",
+        _server_names,
+    ),
+    "upstream_linger": settings.number(0, above=False, what="seconds"),
+}
+
+
+def field_form(name: str, annotation: str) -> settings.Form[Any]:
+    """How the text of setting ``name`` becomes its value (or the one-line error)."""
+    if name in _FORMS:
+        return _FORMS[name]
+    if annotation == "bool":
+        return settings.boolean()
+    if annotation == "int":
+        return settings.whole_number(1 if name in ABOVE_ZERO else 0)
+    if annotation == "float":
+        if name in ABOVE_ZERO:
+            return settings.number(0)
+        return settings.number(0, above=False)
+    if annotation.startswith("tuple"):
+        return settings.Form("values, comma-separated", _items)
+    if annotation == "str | None":
+        return settings.Form("a value", lambda text: text or None)
+    return settings.Form("a value", str)

@@ -34,7 +34,6 @@ from bridge.protocol import (
 )
 from bus.envelope import META_HEADER, META_HEADER_SIZE, encode_event
 from bus.errors import TopicError
-from bus.resume import contiguous_from
 from bus.sequence import SeqStatus, SequenceTracker
 from bus.topics import Pattern, PatternIndex, make_topic, validate_topic
 
@@ -70,6 +69,10 @@ Entry = tuple[int, bytes, int, int, bytes, float, bytes]
 # (frame, topic, source, epoch, seq): an event held back while a snapshot is prepared
 Held = tuple[bytes, bytes | None, bytes | None, int, int]
 
+
+# bounded work per housekeeping call (every HOUSEKEEPING_INTERVAL in the adapter)
+EXPIRIES_PER_CALL: Final = 64
+FORGET_TOPICS_PER_CALL: Final = 100
 
 # shared by every client that is not behind: slots are only written while behind
 _NO_SLOTS: Final[dict[bytes, int]] = {}
@@ -131,6 +134,7 @@ class Client:
         "source",
         "special",
         "transport",
+        "work",
     )
 
     def __init__(
@@ -162,6 +166,9 @@ class Client:
         self.conflated = 0
         self.implicit = False
         self.jobs: list[SnapshotJob] = []
+        # units of request work (patterns, positions, topics, frames) not yet charged to
+        # the connection's rate limit: the adapter charges and resets it
+        self.work = 0
 
         self.transport: Any = None  # set by the adapter: where frames are written
         self.conn: Any = None  # set by the adapter: its connection object
@@ -255,6 +262,7 @@ class TopicState:
     """What the hub knows of one topic: matching clients (cached), history, latest event."""
 
     __slots__ = (
+        "by_source",
         "conflate",
         "count",
         "generation",
@@ -272,10 +280,84 @@ class TopicState:
         self.conflate = conflate
         self.subs: frozenset[Client] = frozenset()
         self.generation = -1
+        # every entry in arrival order, and once a second source appears the same entries
+        # per source: a resume finds a source's events after a position from the end, in
+        # O(missed events). None while every entry is of the one source in ``sources``
+        # (the common case, which costs the hot path nothing).
         self.history: deque[Entry] = deque(maxlen=history_events)
+        self.by_source: dict[bytes, deque[Entry]] | None = None
         self.latest: Entry | None = None
         self.sources: set[bytes] = set()
         self.count = 0
+
+
+def _split_by_source(state: TopicState) -> dict[bytes, deque[Entry]]:
+    """Start the per-source view of a topic's history (a second source appeared)."""
+    if state.by_source is None:
+        by_source: dict[bytes, deque[Entry]] = {}
+        for entry in state.history:
+            per_source = by_source.get(entry[1])
+            if per_source is None:
+                per_source = by_source[entry[1]] = deque()
+            per_source.append(entry)
+        state.by_source = by_source
+    return state.by_source
+
+
+def _append_history(state: TopicState, entry: Entry, oldest: float) -> None:
+    """Add ``entry`` to the topic's history (both views); drop what fell out of it.
+    A new source of the topic must be in ``state.sources`` already (see _new_source)."""
+    history = state.history
+    by_source = state.by_source
+    if by_source is None:
+        history.append(entry)
+        while len(history) > 1 and history[0][5] < oldest:
+            history.popleft()
+        return
+    if len(history) == history.maxlen:
+        _drop_oldest(by_source, history[0])
+    history.append(entry)
+    per_source = by_source.get(entry[1])
+    if per_source is None:
+        per_source = by_source[entry[1]] = deque()
+    per_source.append(entry)
+    while len(history) > 1 and history[0][5] < oldest:
+        _drop_oldest(by_source, history.popleft())
+
+
+def _drop_oldest(by_source: dict[bytes, deque[Entry]], entry: Entry) -> None:
+    per_source = by_source[entry[1]]
+    per_source.popleft()
+    if not per_source:
+        del by_source[entry[1]]
+
+
+def _new_source(state: TopicState, source: bytes) -> None:
+    """Record a source new to the topic; the history's single-source form ends."""
+    if state.history:
+        _split_by_source(state)
+    state.sources.add(source)
+
+
+def _entries_of(state: TopicState, source: bytes) -> deque[Entry] | None:
+    """The topic's history entries of ``source``, oldest first."""
+    if state.by_source is None:
+        return state.history if source in state.sources else None
+    return state.by_source.get(source)
+
+
+def _follows(entry: Entry, later: tuple[int, int]) -> bool:
+    """Whether position ``later`` comes right after ``entry``'s in its (source, topic)."""
+    epoch, seq = entry[2], entry[3]
+    return later == (epoch, seq + 1) or (later[0] > epoch and later[1] == 1)
+
+
+def _candidate_patterns(topic: str) -> tuple[str, ...]:
+    """Every pattern text that matches ``topic`` (the grammar allows six at most)."""
+    kind, dot, key = topic.partition(".")
+    if not dot:
+        return ("*", kind)
+    return ("*", kind, topic, f"*.{key}", f"{kind}.*", "*.*")
 
 
 @dataclass
@@ -283,6 +365,7 @@ class SourceState:
     last_seen: float  # monotonic
     last_seen_ns: int  # wall clock, for the client message
     live: bool = True
+    topics: set[bytes] = field(default_factory=set)  # where it has a sequence position
 
 
 @dataclass
@@ -328,6 +411,9 @@ class HubStats:
     resumes_from_bus: int = 0  # recovered from the proxy's history
     syncs: int = 0
     sync_timeouts: int = 0
+    linger_evicted: int = 0  # lingering prefixes dropped early by the caps
+    sources_forgotten: int = 0
+    topics_untracked: int = 0  # events of topics beyond max_topics (served, not kept)
 
     def drop(self, reason: str, count: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + count
@@ -353,9 +439,17 @@ class Hub:
         stale_after: float = 15.0,
         track_sources: bool = True,
         snapshots_available: bool = True,
+        max_lingering: int = 1000,
+        max_topics: int = 100_000,
+        max_sources: int = 10_000,
+        forget_sources_after: float = 3600.0,
         bus_history: bool = False,
     ) -> None:
         self.conflate_types = frozenset(conflate_types)
+        self.max_lingering = max_lingering
+        self.max_topics = max_topics
+        self.max_sources = max_sources
+        self.forget_sources_after = forget_sources_after
         self.history_events = history_events
         self.history_seconds = history_seconds
         self.max_subscriptions = max_subscriptions
@@ -369,6 +463,9 @@ class Hub:
         self.generation = 0
         self.clients: set[Client] = set()
         self.topics: dict[bytes, TopicState | None] = {}
+        # the same topics by type and by key: a snapshot finds its topics without a scan
+        self.topics_by_type: dict[str, dict[bytes, TopicState]] = {}
+        self.topics_by_key: dict[str, dict[bytes, TopicState]] = {}
         self.tracker = SequenceTracker()
         self.dirty: set[Client] = set()
         self.stats = HubStats()
@@ -380,7 +477,18 @@ class Hub:
         self.prefix_refs: dict[bytes, int] = {}
         self.subscribed: set[bytes] = set()
         self.held_prefixes: set[bytes] = set()
+        # prefix -> when it expires; insertion order is expiry order (one linger time)
         self.linger_until: dict[bytes, float] = {}
+        # who let each prefix linger, and each client's lingering prefixes in order
+        self.linger_owner: dict[bytes, int] = {}
+        self.lingering_of: dict[int, dict[bytes, None]] = {}
+        # arrival number at which each subscribed prefix was (re)subscribed: a topic's
+        # history is complete only after the start of its coverage
+        self.covered_since: dict[bytes, int] = {}
+        # every stored topic, sorted: the topics under a prefix are one slice of it
+        self.topic_names: list[bytes] = []
+        # prefixes dropped upstream whose topics are still to be forgotten: (prefix, from)
+        self.forgetting: deque[tuple[bytes, bytes]] = deque()
         self.syncs: dict[int, Sync] = {}
         # the proxy's history requests in flight: sync id -> the client waiting for it
         self.history_requests: dict[int, Client] = {}
@@ -463,9 +571,7 @@ class Hub:
             self.prefix_refs.pop(prefix, None)
             if prefix not in self.permanent:
                 if linger or prefix in self.linger_until:
-                    self.linger_until[prefix] = max(
-                        self.linger_until.get(prefix, 0.0), now + self.upstream_linger
-                    )
+                    self._linger(prefix, client.id, now + self.upstream_linger)
                 if not linger or self.upstream_linger == 0:
                     self._drop_prefix(prefix)
         return True
@@ -475,6 +581,7 @@ class Hub:
         """Apply a subscribe; the reply (and a snapshot, maybe later) goes to the queue."""
         self.clock = now
         request_id = request.request_id
+        client.work += len(request.patterns) + len(request.since or ())
         for pattern in request.patterns:
             if not client.grant.allows_pattern(pattern):
                 raise RequestError(
@@ -621,9 +728,27 @@ class Hub:
         else:
             conflate = name.partition(".")[0] in self.conflate_types
             state = TopicState(name, conflate, self.history_events)
-        if len(self.topics) < 1_000_000:
-            self.topics[topic] = state
+        if len(self.topics) >= self.max_topics:
+            # served, but not remembered: no history, no snapshot, counted
+            self.stats.topics_untracked += 1
+            return state
+        self.topics[topic] = state
+        bisect.insort(self.topic_names, topic)
+        if state is not None:
+            kind, _dot, key = state.name.partition(".")
+            self.topics_by_type.setdefault(kind, {})[topic] = state
+            if key:
+                self.topics_by_key.setdefault(key, {})[topic] = state
         return state
+
+    def _unindex_topic(self, topic: bytes, state: TopicState) -> None:
+        kind, _dot, key = state.name.partition(".")
+        for index, name in ((self.topics_by_type, kind), (self.topics_by_key, key)):
+            known = index.get(name)
+            if known is not None:
+                known.pop(topic, None)
+                if not known:
+                    del index[name]
 
     def dispatch(self, batch: Sequence[Sequence[bytes]], now: float, now_ns: int) -> None:
         """Route a batch of bus messages [topic, meta, payload] to the clients' queues."""
@@ -637,6 +762,7 @@ class Hub:
         latency = self.pending_latency
         oldest = now - self.history_seconds
         arrival = self._arrival
+        max_sources = self.max_sources
         deliveries = 0
         for message in batch:
             if len(message) != 3:
@@ -654,25 +780,33 @@ class Hub:
                 continue
             _version, _flags, epoch, seq, publish_ns = _unpack_meta(meta)
             source = meta[META_HEADER_SIZE:]
+            source_state = sources.get(source)
+            if source_state is None and len(sources) >= max_sources:
+                self.stats.drop("too_many_sources")
+                continue
             result = observe(source, topic, epoch, seq)
             status = result.status
             if status is SeqStatus.DUPLICATE or status is SeqStatus.STALE_EPOCH:
                 self.stats.drop(_DELIVER_DROPS[status])
                 continue
-            source_state = sources.get(source)
             if source_state is None or not source_state.live:
-                self._source_live(source, now, now_ns)
+                source_state = self._source_live(source, now, now_ns)
             else:
                 source_state.last_seen = now
                 source_state.last_seen_ns = now_ns
             frame = text_frame(payload)
             entry = (next(arrival), source, epoch, seq, frame, now, topic)
+            if source not in state.sources:
+                _new_source(state, source)
+                source_state.topics.add(topic)
             history = state.history
-            history.append(entry)
-            while len(history) > 1 and history[0][5] < oldest:
-                history.popleft()
+            if state.by_source is None:
+                history.append(entry)
+                while len(history) > 1 and history[0][5] < oldest:
+                    history.popleft()
+            else:
+                _append_history(state, entry, oldest)
             state.latest = entry
-            state.sources.add(source)
             state.count += 1
             by_type[state.type] = by_type.get(state.type, 0) + 1
             if state.generation != generation:
@@ -727,12 +861,13 @@ class Hub:
             }
         )
 
-    def _source_live(self, source: bytes, now: float, now_ns: int) -> None:
+    def _source_live(self, source: bytes, now: float, now_ns: int) -> SourceState:
         state = self.sources.get(source)
         if state is None:
             state = self.sources[source] = SourceState(now, now_ns)
         state.last_seen, state.last_seen_ns, state.live = now, now_ns, True
         self._broadcast(self._source_status_frame(source, state))
+        return state
 
     def _broadcast(self, frame: bytes) -> None:
         """A source's status, to the clients whose grant covers the status topic (source
@@ -747,13 +882,23 @@ class Hub:
     def housekeeping(self, now: float) -> None:
         """Periodic work: stale sources, expired lingering subscriptions, sync timeouts."""
         self.clock = now
+        forgotten: list[bytes] = []
         for source, state in self.sources.items():
             if state.live and now - state.last_seen > self.stale_after:
                 state.live = False
                 self._broadcast(self._source_status_frame(source, state))
-        for prefix, until in list(self.linger_until.items()):
-            if until <= now:
-                self._drop_prefix(prefix)
+            elif not state.live and now - state.last_seen > self.forget_sources_after:
+                forgotten.append(source)
+        for source in forgotten:
+            self._forget_source(source)
+        # a bounded amount of work per call, so that no call holds the loop for long:
+        # the rest waits for the next call
+        for _ in range(EXPIRIES_PER_CALL):
+            first = next(iter(self.linger_until.items()), None)
+            if first is None or first[1] > now:
+                break
+            self._drop_prefix(first[0])
+        self._forget_topics(FORGET_TOPICS_PER_CALL)
         for sync in [s for s in self.syncs.values() if s.deadline <= now]:
             self.stats.sync_timeouts += 1
             self.sync_failed(sync.sync_id)
@@ -764,28 +909,101 @@ class Hub:
     # -- upstream subscriptions and snapshot syncs --------------------------------------
     def _need_prefix(self, prefix: bytes) -> None:
         self.prefix_refs[prefix] = self.prefix_refs.get(prefix, 0) + 1
-        self.linger_until.pop(prefix, None)
+        self._unlinger(prefix)
         if prefix not in self.subscribed:
             self.subscribed.add(prefix)
+            self.covered_since[prefix] = next(self._arrival)
             self.upstream_ops.append(("subscribe", prefix))
 
+    def _linger(self, prefix: bytes, owner: int, until: float) -> None:
+        """Keep ``prefix`` subscribed until ``until``; at most max_subscriptions lingering
+        prefixes per client and max_lingering in all (the oldest go first, counted)."""
+        if prefix in self.linger_until:
+            # re-inserted, so that the order of the dict stays the order of expiry
+            until = max(until, self.linger_until.pop(prefix))
+            self.linger_until[prefix] = until
+            return
+        mine = self.lingering_of.setdefault(owner, {})
+        if len(mine) >= self.max_subscriptions:
+            self.stats.linger_evicted += 1
+            self._drop_prefix(next(iter(mine)))
+        if len(self.linger_until) >= self.max_lingering:
+            self.stats.linger_evicted += 1
+            self._drop_prefix(next(iter(self.linger_until)))
+        self.linger_until[prefix] = until
+        self.linger_owner[prefix] = owner
+        self.lingering_of.setdefault(owner, {})[prefix] = None
+
+    def _unlinger(self, prefix: bytes) -> None:
+        if self.linger_until.pop(prefix, None) is None:
+            return
+        owner = self.linger_owner.pop(prefix)
+        mine = self.lingering_of[owner]
+        del mine[prefix]
+        if not mine:
+            del self.lingering_of[owner]
+
     def _drop_prefix(self, prefix: bytes) -> None:
-        self.linger_until.pop(prefix, None)
+        self._unlinger(prefix)
         if prefix in self.prefix_refs or prefix not in self.subscribed:
             return
         self.subscribed.discard(prefix)
+        self.covered_since.pop(prefix, None)
         self.held_prefixes.discard(prefix)
         self.upstream_ops.append(("unsubscribe", prefix))
-        # history of topics no other subscription covers stops being complete: forget it,
-        # so a resume there says recovered:false instead of missing events silently
-        for topic, state in list(self.topics.items()):
-            if state is None or not topic.startswith(prefix):
-                continue
-            if any(topic.startswith(other) for other in self.subscribed):
-                continue
-            for source in state.sources:
-                self.tracker.forget(source, topic)
-            del self.topics[topic]
+        # The history of topics no other subscription covers stops being complete. A
+        # resume checks coverage itself (_coverage_start), so forgetting them only frees
+        # memory, and is done a bounded number of topics per housekeeping call.
+        self.forgetting.append((prefix, prefix))
+
+    def _coverage_start(self, topic: bytes) -> int | None:
+        """The arrival number since which ``topic`` has been subscribed without a break
+        (None: it is not subscribed now). A prefix still subscribed has been since its
+        covered_since, so the earliest of the topic's covering prefixes is the answer."""
+        covered = self.covered_since
+        if len(covered) <= len(topic):
+            starts = [start for prefix, start in covered.items() if topic.startswith(prefix)]
+        else:
+            starts = [covered[topic[:i]] for i in range(len(topic) + 1) if topic[:i] in covered]
+        return min(starts) if starts else None
+
+    def _forget_topics(self, budget: int) -> None:
+        """Forget up to ``budget`` topics under dropped prefixes that nothing covers now."""
+        names = self.topic_names
+        while self.forgetting and budget > 0:
+            prefix, start = self.forgetting[0]
+            low = index = bisect.bisect_left(names, start)
+            kept: list[bytes] = []
+            while budget > 0 and index < len(names) and names[index].startswith(prefix):
+                budget -= 1
+                topic = names[index]
+                index += 1
+                if self._coverage_start(topic) is not None:
+                    kept.append(topic)
+                    continue
+                state = self.topics.pop(topic)
+                if state is not None:
+                    for source in state.sources:
+                        self.tracker.forget(source, topic)
+                    self._unindex_topic(topic, state)
+            names[low:index] = kept  # one move of the list for the whole run
+            index = low + len(kept)
+            if index < len(names) and names[index].startswith(prefix):
+                self.forgetting[0] = (prefix, names[index])
+                return
+            self.forgetting.popleft()
+
+    def _forget_source(self, source: bytes) -> None:
+        """A source stale for forget_sources_after: its status and positions go."""
+        state = self.sources.pop(source)
+        for topic in state.topics:
+            self.tracker.forget(source, topic)
+            topic_state = self.topics.get(topic)
+            if topic_state is not None and source in topic_state.sources:
+                if topic_state.history:
+                    _split_by_source(topic_state)  # its entries stay, its name goes
+                topic_state.sources.discard(source)
+        self.stats.sources_forgotten += 1
 
     def _is_held(self, prefix: bytes) -> bool:
         return any(prefix.startswith(held) for held in self.held_prefixes)
@@ -838,14 +1056,21 @@ class Hub:
                     continue
             _version, _flags, epoch, seq, _publish_ns = _unpack_meta(meta)
             source = meta[META_HEADER_SIZE:]
+            source_state = self.sources.get(source)
+            if source_state is None and len(self.sources) >= self.max_sources:
+                self.stats.drop("too_many_sources")
+                continue
             known = self.tracker.position(source, topic)
             if known is not None and (epoch, seq) <= known:
                 continue  # the live stream already brought this or a newer event
             self.tracker.set_position(source, topic, epoch, seq)
             entry = (next(self._arrival), source, epoch, seq, text_frame(payload), now, topic)
-            state.history.append(entry)
+            if source not in state.sources:
+                _new_source(state, source)
+                if source_state is not None:
+                    source_state.topics.add(topic)
+            _append_history(state, entry, now - self.history_seconds)
             state.latest = entry
-            state.sources.add(source)
         for prefix in sync.prefixes:
             self.syncing.pop(prefix, None)
             if prefix in self.subscribed:
@@ -947,15 +1172,27 @@ class Hub:
         ]
 
     def _matching_states(self, patterns: Sequence[Pattern]) -> list[tuple[bytes, TopicState]]:
-        found = [
-            (topic, state)
-            for topic, state in self.topics.items()
-            if state is not None
-            and state.latest is not None
-            and any(p.matches(state.name) for p in patterns)
-        ]
-        found.sort(key=lambda item: item[1].name)
-        return found
+        """Topics with an event matching any of ``patterns``, by name: the cost is the
+        topics each pattern can match (by type, by key, or one topic), not all topics."""
+        found: dict[bytes, TopicState] = {}
+        for pattern in patterns:
+            kind = pattern.tokens[0]
+            key = pattern.tokens[1] if len(pattern.tokens) > 1 else "*"
+            candidates: Iterable[tuple[bytes, TopicState | None]]
+            if kind != "*" and key != "*":
+                topic = pattern.text.encode()
+                candidates = ((topic, self.topics.get(topic)),)
+            elif kind != "*":
+                candidates = self.topics_by_type.get(kind, {}).items()
+            elif key != "*":
+                candidates = self.topics_by_key.get(key, {}).items()
+            else:
+                candidates = self.topics.items()
+            for topic, state in candidates:
+                if state is not None and state.latest is not None and pattern.matches(state.name):
+                    found[topic] = state
+        result = sorted(found.items(), key=lambda item: item[1].name)
+        return result
 
     def _serve(
         self, client: Client, job: SnapshotJob
@@ -1000,6 +1237,7 @@ class Hub:
                 if latest is not None:
                     frames.append(latest[4])
                     sent[(latest[1], topic)] = (latest[2], latest[3])
+        client.work += len(job.since or ()) + len(states) + len(frames)
         client.push(message_frame({"type": "snapshot_begin", "mode": mode, "recovered": recovered}))
         for frame in frames:
             client.push(frame)
@@ -1024,34 +1262,59 @@ class Hub:
         history still holds the next one). Matching topics it did not name: their latest.
         """
         assert job.since is not None
-        entries: list[Entry] = []
-        recovered = True
-        named: set[str] = set()
+        allowed = {pattern.text for pattern in job.patterns}
+        # one position per (topic, source): the earliest, should a client repeat one
+        wanted: dict[tuple[bytes, bytes], tuple[int, int]] = {}
         for position in job.since:
-            if not any(p.matches(position.topic) for p in job.patterns):
+            if allowed.isdisjoint(_candidate_patterns(position.topic)):
                 continue
-            named.add(position.topic)
-            topic = position.topic.encode()
-            source = position.source.encode()
+            key = (position.topic.encode(), position.source.encode())
+            mark = (position.epoch, position.seq)
+            if mark < wanted.get(key, (1 << 64, 0)):
+                wanted[key] = mark
+        entries: list[Entry] = []
+        named: set[bytes] = set()
+        tracker_position = self.tracker.position
+        for (topic, source), (epoch, seq) in wanted.items():
+            named.add(topic)
             state = self.topics.get(topic)
             if state is None:
-                recovered = False
+                return [], False
+            if tracker_position(source, topic) == (epoch, seq):
+                # nothing new since, if the topic was followed since that event (when
+                # it aged out of the history, since the topic's latest event)
+                coverage = self._coverage_start(topic)
+                per_source = _entries_of(state, source)
+                seen = per_source[-1] if per_source else state.latest
+                if coverage is None or seen is None or seen[0] < coverage:
+                    return [], False
                 continue
-            if self.tracker.position(source, topic) == (position.epoch, position.seq):
-                continue  # nothing new since
-            newer = [
-                e
-                for e in state.history
-                if e[1] == source and (e[2], e[3]) > (position.epoch, position.seq)
-            ]
-            # every later event must be held without a hole: a gap the bus showed is
-            # part of the history, and a resume across it is not a recovery
-            start = (position.epoch, position.seq)
-            if not newer or not contiguous_from(start, ((e[2], e[3]) for e in newer)):
-                recovered = False
+            per_source = _entries_of(state, source)
+            coverage = self._coverage_start(topic)
+            if not per_source or coverage is None:
+                return [], False
+            first = per_source[0]
+            if (first[2], first[3]) > (epoch, seq) and (first[2], first[3]) != (epoch, seq + 1):
+                return [], False  # the next event already left the history
+            newer: list[Entry] = []
+            previous = (-1, -1)
+            for entry in reversed(per_source):
+                if (entry[2], entry[3]) <= (epoch, seq):
+                    break
+                if previous != (-1, -1) and not _follows(entry, previous):
+                    return [], False  # a hole: events the bridge never received
+                previous = (entry[2], entry[3])
+                newer.append(entry)
+            if not newer or (newer[-1][2], newer[-1][3]) != (epoch, seq + 1):
+                return [], False
+            if newer[-1][0] < coverage:
+                # received before the topic's current subscription began: what came
+                # between the two subscriptions is unknown
+                return [], False
+            newer.reverse()
             entries.extend(newer)
-        for _topic, state in states:
-            if state.name not in named and state.latest is not None:
+        for topic, state in states:
+            if topic not in named and state.latest is not None:
                 entries.append(state.latest)
         entries.sort()
-        return entries, recovered
+        return entries, True

@@ -31,3 +31,10 @@ class TokenBucket:
         self.take(now, 0.0)  # refill
         self._tokens -= cost
         return max(0.0, -self._tokens / self.rate)
+
+    def charge(self, now: float, cost: float) -> float:
+        """Take ``cost`` tokens, running into debt if needed; returns how long to wait
+        before the next message may be taken (0 when a token is left)."""
+        self.take(now, 0.0)  # refill
+        self._tokens -= cost
+        return max(0.0, (1.0 - self._tokens) / self.rate)

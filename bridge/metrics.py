@@ -78,6 +78,16 @@ class BridgeCollector(Collector):
         for reason, count in sorted(bridge.rejected.items()):
             refused.add_metric([reason], count)
         yield refused
+        yield GaugeMetricFamily(
+            PREFIX + "handshakes_open",
+            "Open sockets that are not WebSockets: plain HTTP and handshakes in progress",
+            value=bridge.edge.handshakes_total,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "protocol_errors",
+            "WebSocket connections failed by the edge with 1002 (unmasked client frames)",
+            value=bridge.edge.protocol_errors,
+        )
         yield CounterMetricFamily(
             PREFIX + "snapshots", "Snapshots served to clients", value=stats.snapshots
         )
@@ -113,6 +123,30 @@ class BridgeCollector(Collector):
             PREFIX + "upstream_subscriptions",
             "Topic prefixes subscribed on the bus",
             value=len(hub.subscribed),
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "lingering_subscriptions",
+            "Bus subscriptions no client needs, kept for resumes (--upstream-linger)",
+            value=len(hub.linger_until),
+        )
+        yield CounterMetricFamily(
+            PREFIX + "linger_evicted",
+            "Lingering bus subscriptions dropped early by --max-lingering or per client",
+            value=stats.linger_evicted,
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "topics", "Topics whose history the bridge keeps", value=len(hub.topics)
+        )
+        yield CounterMetricFamily(
+            PREFIX + "topics_untracked",
+            "Events of topics beyond --max-topics (delivered, not kept for snapshots)",
+            value=stats.topics_untracked,
+        )
+        yield GaugeMetricFamily(PREFIX + "sources", "Sources known", value=len(hub.sources))
+        yield CounterMetricFamily(
+            PREFIX + "sources_forgotten",
+            "Sources forgotten after --forget-sources-after seconds stale",
+            value=stats.sources_forgotten,
         )
         yield GaugeMetricFamily(PREFIX + "ready", "1 when connected to the bus", value=bridge.ready)
         live = GaugeMetricFamily(

@@ -23,6 +23,9 @@ RequestId = str | int | None
 LEGACY_PING: Final = "ping"
 LEGACY_SUBSCRIBE: Final = "subscribe"
 IGNORED_TYPES: Final = frozenset({"pong"})
+# per request, checked before any entry is parsed (the bridge passes its settings)
+MAX_PATTERNS: Final = 100
+MAX_POSITIONS: Final = 1000
 
 
 class RequestError(BridgeError):
@@ -91,9 +94,17 @@ def _request_id(message: dict[str, Any]) -> RequestId:
     raise RequestError("bad_request", "id must be a number or a string")
 
 
-def _patterns(value: object, field: str, request_id: RequestId) -> tuple[Pattern, ...]:
+def _patterns(
+    value: object, field: str, request_id: RequestId, limit: int = MAX_PATTERNS
+) -> tuple[Pattern, ...]:
     if not isinstance(value, list):
         raise RequestError("bad_request", f"{field} must be a list of patterns", request_id)
+    if len(value) > limit:
+        raise RequestError(
+            "too_many_subscriptions",
+            f"{len(value)} patterns in one request; at most {limit}",
+            request_id,
+        )
     try:
         patterns = tuple(Pattern(item) for item in value)
     except TopicError as error:
@@ -101,9 +112,15 @@ def _patterns(value: object, field: str, request_id: RequestId) -> tuple[Pattern
     return tuple(dict.fromkeys(patterns))
 
 
-def _positions(value: object, request_id: RequestId) -> tuple[Position, ...]:
+def _positions(value: object, request_id: RequestId, limit: int) -> tuple[Position, ...]:
     if not isinstance(value, list):
         raise RequestError("bad_request", "since must be a list of positions", request_id)
+    if len(value) > limit:
+        raise RequestError(
+            "too_many_positions",
+            f"{len(value)} positions in since; at most {limit} per request",
+            request_id,
+        )
     positions: list[Position] = []
     for item in value:
         if not isinstance(item, dict):
@@ -131,8 +148,14 @@ def _positions(value: object, request_id: RequestId) -> tuple[Position, ...]:
     return tuple(positions)
 
 
-def parse_request(text: str | bytes) -> Request:
-    """Parse one client message; raises RequestError (the connection survives)."""
+def parse_request(
+    text: str | bytes, *, max_patterns: int = MAX_PATTERNS, max_positions: int = MAX_POSITIONS
+) -> Request:
+    """Parse one client message; raises RequestError (the connection survives).
+
+    ``max_patterns`` and ``max_positions`` bound a request's lists before their entries
+    are parsed, so a request's cost is bounded whatever its size limit.
+    """
     try:
         message = orjson.loads(text)
     except orjson.JSONDecodeError as error:
@@ -142,7 +165,7 @@ def parse_request(text: str | bytes) -> Request:
     request_id = _request_id(message)
     op = message.get("op")
     if op is not None:
-        return _parse_op(op, message, request_id)
+        return _parse_op(op, message, request_id, max_patterns, max_positions)
     type_name = message.get("type")
     if type_name is None:
         raise RequestError("bad_request", "message needs an 'op' or a 'type'", request_id)
@@ -150,24 +173,32 @@ def parse_request(text: str | bytes) -> Request:
         return Ping(request_id)
     if type_name == LEGACY_SUBSCRIBE:
         channels = message.get("channels", message.get("topics"))
-        patterns = _patterns(channels, "channels", request_id)
+        patterns = _patterns(channels, "channels", request_id, max_patterns)
         return Subscribe(patterns, snapshot=False, since=None, request_id=request_id, legacy=True)
     if type_name in IGNORED_TYPES:
         return Ignore()
     return parse_publish(message, request_id)
 
 
-def _parse_op(op: object, message: dict[str, Any], request_id: RequestId) -> Request:
+def _parse_op(
+    op: object,
+    message: dict[str, Any],
+    request_id: RequestId,
+    max_patterns: int,
+    max_positions: int,
+) -> Request:
     if op == "subscribe":
-        patterns = _patterns(message.get("topics"), "topics", request_id)
+        patterns = _patterns(message.get("topics"), "topics", request_id, max_patterns)
         snapshot = message.get("snapshot", True)
         if not isinstance(snapshot, bool):
             raise RequestError("bad_request", "snapshot must be true or false", request_id)
         since_value = message.get("since")
-        since = None if since_value is None else _positions(since_value, request_id)
+        since = None if since_value is None else _positions(since_value, request_id, max_positions)
         return Subscribe(patterns, snapshot, since, request_id)
     if op == "unsubscribe":
-        return Unsubscribe(_patterns(message.get("topics"), "topics", request_id), request_id)
+        return Unsubscribe(
+            _patterns(message.get("topics"), "topics", request_id, max_patterns), request_id
+        )
     if op == "ping":
         return Ping(request_id)
     if op == "publish":

@@ -9,6 +9,7 @@ from bus.errors import (
     EndpointError,
     EnvelopeError,
     KeyFileError,
+    SettingError,
     SnapshotError,
     TopicError,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "PatternIndex",
     "SeqStatus",
     "SequenceTracker",
+    "SettingError",
     "SnapshotError",
     "Subscriber",
     "SubscriberStats",

@@ -8,131 +8,137 @@ import signal
 import threading
 from types import FrameType
 
+from bus import settings
+from bus.errors import SettingError
 from bus.keys import load_server_keys
 from bus.proxy import DEFAULT_BACKEND, DEFAULT_FRONTEND, DEFAULT_SNAPSHOT, Proxy, ProxyConfig
 from monitoring.logging import configure_logging, get_logger
-from tradebus.arguments import positive_int, positive_number, whole_number
 
 HELP = "run the bus proxy: publishers -> XSUB, XPUB -> subscribers, snapshots"
 
 
-def _setting(name: str, default: object) -> str:
-    """The TRADEBUS__PROXY_<NAME> variable, else the default; argparse validates both."""
-    return os.environ.get(f"TRADEBUS__PROXY_{name}", str(default))
+_DEFAULTS = ProxyConfig()
+_COUNT = settings.whole_number(1)
+_ENDPOINT = settings.endpoint(bind=True)
+# flag -> (its variable, its form, its default, help); read as text and parsed in ``run``
+# (settings.resolve_options), so an error names the flag or the variable actually set
+OPTIONS: dict[str, settings.Option] = {
+    "--frontend": settings.Option(
+        "TRADEBUS__PROXY_FRONTEND",
+        _ENDPOINT,
+        DEFAULT_FRONTEND,
+        "XSUB endpoint publishers connect to",
+    ),
+    "--backend": settings.Option(
+        "TRADEBUS__PROXY_BACKEND",
+        _ENDPOINT,
+        DEFAULT_BACKEND,
+        "XPUB endpoint subscribers connect to",
+    ),
+    "--snapshot": settings.Option(
+        "TRADEBUS__PROXY_SNAPSHOT", _ENDPOINT, DEFAULT_SNAPSHOT, "snapshot service endpoint"
+    ),
+    "--frontend-hwm": settings.Option(
+        "TRADEBUS__PROXY_FRONTEND_HWM",
+        _COUNT,
+        _DEFAULTS.frontend_hwm,
+        "messages queued per publisher before libzmq stops reading it",
+    ),
+    "--backend-hwm": settings.Option(
+        "TRADEBUS__PROXY_BACKEND_HWM",
+        _COUNT,
+        _DEFAULTS.backend_hwm,
+        "messages queued per subscriber before its messages are dropped",
+    ),
+    "--capture-hwm": settings.Option(
+        "TRADEBUS__PROXY_CAPTURE_HWM",
+        _COUNT,
+        _DEFAULTS.capture_hwm,
+        "messages queued for the cache before cache updates are dropped",
+    ),
+    "--cache-max-topics": settings.Option(
+        "TRADEBUS__PROXY_CACHE_MAX_TOPICS",
+        _COUNT,
+        _DEFAULTS.cache_max_topics,
+        "topics kept in the last-value cache",
+    ),
+    "--cache-nice": settings.Option(
+        "TRADEBUS__PROXY_CACHE_NICE",
+        settings.whole_number(0, 19),
+        _DEFAULTS.cache_nice,
+        "CPU niceness of the cache thread, 0..19: forwarding goes first",
+    ),
+    "--history-events": settings.Option(
+        "TRADEBUS__PROXY_HISTORY_EVENTS",
+        settings.whole_number(0),
+        _DEFAULTS.history_events,
+        "events kept per topic for resumes, 0 = no history",
+    ),
+    "--history-seconds": settings.Option(
+        "TRADEBUS__PROXY_HISTORY_SECONDS",
+        settings.number(0, what="seconds"),
+        _DEFAULTS.history_seconds,
+        "age past which history events are dropped",
+    ),
+    "--history-max-bytes": settings.Option(
+        "TRADEBUS__PROXY_HISTORY_MAX_BYTES",
+        _COUNT,
+        _DEFAULTS.history_max_bytes,
+        "memory of the whole history; oldest events go first",
+    ),
+    "--owner-idle": settings.Option(
+        "TRADEBUS__PROXY_OWNER_IDLE",
+        settings.number(0, what="seconds"),
+        _DEFAULTS.owner_idle_s,
+        "without keys: seconds a source's publisher may be silent before another"
+        " connection may publish as that source",
+    ),
+    "--epoch-skew": settings.Option(
+        "TRADEBUS__PROXY_EPOCH_SKEW",
+        settings.number(0, what="seconds"),
+        _DEFAULTS.epoch_skew_s,
+        "events whose epoch (publisher start time) is further in the future than this are refused",
+    ),
+    "--snapshot-max-bytes": settings.Option(
+        "TRADEBUS__PROXY_SNAPSHOT_MAX_BYTES",
+        _COUNT,
+        _DEFAULTS.snapshot_max_bytes,
+        "largest snapshot reply; a bigger one is refused with an error",
+    ),
+    "--keys": settings.Option(
+        "TRADEBUS__PROXY_KEYS",
+        settings.Form("a directory", str),
+        None,
+        "CURVE: encrypt every connection with the proxy's key DIR/proxy.key_secret and "
+        "admit only the clients whose NAME.key is in DIR (see `tradebus keys --help`; "
+        "default: no keys, anyone who reaches the ports is admitted)",
+    ),
+    "--metrics-port": settings.Option(
+        "TRADEBUS__PROXY_METRICS_PORT",
+        settings.whole_number(1, 65535, "a port number"),
+        None,
+        "serve Prometheus metrics (/metrics) and /health on this port",
+    ),
+    "--metrics-host": settings.Option(
+        "TRADEBUS__PROXY_METRICS_HOST",
+        settings.Form("an address", str),
+        "127.0.0.1",
+        "address of the metrics port",
+    ),
+}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    defaults = ProxyConfig()
-    parser.add_argument(
-        "--frontend",
-        default=_setting("FRONTEND", DEFAULT_FRONTEND),
-        help="XSUB endpoint publishers connect to (default %(default)s)",
-    )
-    parser.add_argument(
-        "--backend",
-        default=_setting("BACKEND", DEFAULT_BACKEND),
-        help="XPUB endpoint subscribers connect to (default %(default)s)",
-    )
-    parser.add_argument(
-        "--snapshot",
-        default=_setting("SNAPSHOT", DEFAULT_SNAPSHOT),
-        help="snapshot service endpoint (default %(default)s)",
-    )
-    parser.add_argument(
-        "--frontend-hwm",
-        type=positive_int,
-        default=_setting("FRONTEND_HWM", defaults.frontend_hwm),
-        help="messages queued per publisher before libzmq stops reading it (default %(default)s)",
-    )
-    parser.add_argument(
-        "--backend-hwm",
-        type=positive_int,
-        default=_setting("BACKEND_HWM", defaults.backend_hwm),
-        help="messages queued per subscriber before its messages are dropped (default %(default)s)",
-    )
-    parser.add_argument(
-        "--capture-hwm",
-        type=positive_int,
-        default=_setting("CAPTURE_HWM", defaults.capture_hwm),
-        help="messages queued for the cache before cache updates are dropped (default %(default)s)",
-    )
-    parser.add_argument(
-        "--cache-max-topics",
-        type=positive_int,
-        default=_setting("CACHE_MAX_TOPICS", defaults.cache_max_topics),
-        help="topics kept in the last-value cache (default %(default)s)",
-    )
-    parser.add_argument(
-        "--cache-nice",
-        type=whole_number(0, 19),
-        default=_setting("CACHE_NICE", defaults.cache_nice),
-        help="CPU niceness of the cache thread, 0..19: forwarding goes first (default %(default)s)",
-    )
+    settings.add_options(parser, OPTIONS)
     parser.add_argument(
         "--no-cache", action="store_true", help="no last-value cache and no snapshot service"
-    )
-    parser.add_argument(
-        "--history-events",
-        type=whole_number(0),
-        default=_setting("HISTORY_EVENTS", defaults.history_events),
-        help="events kept per topic for resumes, 0 = no history (default %(default)s)",
-    )
-    parser.add_argument(
-        "--history-seconds",
-        type=positive_number("seconds"),
-        default=_setting("HISTORY_SECONDS", defaults.history_seconds),
-        help="age past which history events are dropped (default %(default)s)",
-    )
-    parser.add_argument(
-        "--history-max-bytes",
-        type=positive_int,
-        default=_setting("HISTORY_MAX_BYTES", defaults.history_max_bytes),
-        help="memory of the whole history; oldest events go first (default %(default)s)",
-    )
-    parser.add_argument(
-        "--owner-idle",
-        type=positive_number("seconds"),
-        default=_setting("OWNER_IDLE", defaults.owner_idle_s),
-        help="without keys: seconds a source's publisher may be silent before another"
-        " connection may publish as that source (default %(default)s)",
-    )
-    parser.add_argument(
-        "--epoch-skew",
-        type=positive_number("seconds"),
-        default=_setting("EPOCH_SKEW", defaults.epoch_skew_s),
-        help="events whose epoch (publisher start time) is further in the future than this"
-        " are refused (default %(default)s)",
-    )
-    parser.add_argument(
-        "--snapshot-max-bytes",
-        type=positive_int,
-        default=_setting("SNAPSHOT_MAX_BYTES", defaults.snapshot_max_bytes),
-        help="largest snapshot reply; a bigger one is refused with an error (default %(default)s)",
-    )
-    parser.add_argument(
-        "--metrics-port",
-        type=positive_int,
-        default=os.environ.get("TRADEBUS__PROXY_METRICS_PORT"),
-        help="serve Prometheus metrics (/metrics) and /health on this port (default: off)",
-    )
-    parser.add_argument(
-        "--metrics-host",
-        default=_setting("METRICS_HOST", "127.0.0.1"),
-        help="address of the metrics port (default %(default)s)",
-    )
-    parser.add_argument(
-        "--keys",
-        metavar="DIR",
-        default=os.environ.get("TRADEBUS__PROXY_KEYS") or None,
-        help="CURVE: encrypt every connection with the proxy's key DIR/proxy.key_secret and "
-        "admit only the clients whose NAME.key is in DIR (see `tradebus keys --help`; "
-        "default: no keys, anyone who reaches the ports is admitted)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     configure_logging()
     log = get_logger("proxy")
+    settings.resolve_options(args, OPTIONS, os.environ, SettingError)
     keys = load_server_keys(args.keys) if args.keys else None
     config = ProxyConfig(
         frontend=args.frontend,

@@ -4,6 +4,7 @@ BusError
 ├── TopicError        a topic or pattern breaks the grammar (also a ValueError)
 ├── EnvelopeError     a multipart message is not a valid bus envelope
 ├── EndpointError     an endpoint cannot be bound or connected
+├── SettingError      a setting (flag, variable, argument) has a bad value (also a ValueError)
 ├── SnapshotError     the snapshot service did not answer usefully
 ├── KeyFileError      a CURVE key file is missing, unreadable, malformed or too open
 └── AuthError         the proxy refused this client's CURVE key at the handshake
@@ -26,6 +27,10 @@ class EnvelopeError(BusError, ValueError):
 
 class EndpointError(BusError):
     """A ZeroMQ endpoint could not be bound or connected (bad address, port in use)."""
+
+
+class SettingError(BusError, ValueError):
+    """A setting has a bad value; the message is one line naming it as given (bus.settings)."""
 
 
 class SnapshotError(BusError):

@@ -23,8 +23,9 @@ from typing import Any, Final, Generic, TypeVar
 import zmq
 import zmq.asyncio
 
+from bus import settings
 from bus.envelope import Event, decode_event
-from bus.errors import EnvelopeError, SnapshotError
+from bus.errors import EnvelopeError, SettingError, SnapshotError
 from bus.keys import ClientKeys, configure_client, connect_checked, connect_checked_async
 from bus.proxy import (
     DEFAULT_BACKEND,
@@ -97,12 +98,23 @@ class SubscriberStats:
 Item = Event | Gap
 
 
-def resolve_backend(endpoint: str | None) -> str:
-    return endpoint or os.environ.get(BACKEND_VARIABLE) or DEFAULT_BACKEND
+def resolve_endpoint(name: str, given: str | None, variable: str, default: str) -> str:
+    """``given`` (an argument or flag called ``name``), else ``variable``, else ``default``.
+
+    Raises SettingError naming the one that was given when it is not a ZeroMQ endpoint.
+    """
+    chosen = settings.pick(name, given or None, variable, os.environ)
+    if chosen is None or not chosen.text:
+        return default
+    return settings.endpoint().parse(chosen, SettingError)
 
 
-def resolve_snapshot(endpoint: str | None) -> str:
-    return endpoint or os.environ.get(SNAPSHOT_VARIABLE) or DEFAULT_SNAPSHOT
+def resolve_backend(endpoint: str | None, name: str = "endpoint") -> str:
+    return resolve_endpoint(name, endpoint, BACKEND_VARIABLE, DEFAULT_BACKEND)
+
+
+def resolve_snapshot(endpoint: str | None, name: str = "snapshot_endpoint") -> str:
+    return resolve_endpoint(name, endpoint, SNAPSHOT_VARIABLE, DEFAULT_SNAPSHOT)
 
 
 class SubscriptionState:

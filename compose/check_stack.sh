@@ -11,7 +11,9 @@
 # --timeout   seconds each delivery check may take (default 20)
 # Environment: TRADEBUS (command, default `tradebus`, else .venv/bin/tradebus),
 # PYTHON (default python3), VIEW_TOKEN / PUBLISH_TOKEN when the bridge requires tokens
-# (a bridge without tokens lets only loopback connections publish: use --allow-publish).
+# (a bridge without tokens lets only loopback connections publish: use --allow-publish),
+# CHECK_STACK_SOURCE: the source id of the test events (default check-<pid>; on a bus with
+# keys, one the bridge's key may publish as).
 # Exit status: 0 when every check passed, 1 at the first failed check.
 set -euo pipefail
 
@@ -102,7 +104,7 @@ if [ "$want_bot" = 1 ]; then
 fi
 
 check "an event published at one end is received at the other"
-source_id="check-$$"
+source_id="${CHECK_STACK_SOURCE:-check-$$}"
 # Listen first, for events of this check's own source only, so the bot's traffic cannot
 # stand in for the delivery being checked.
 TRADEBUS_TOKEN="${VIEW_TOKEN:-}" TRADEBUS_LOG_LEVEL=INFO $TRADEBUS tap --url "$ws" \
@@ -127,6 +129,7 @@ else
   listener=""
   fail "the subscriber did not receive the 5 events: $(grep -m1 '^tap summary' "$work/listen.out" || true)" \
     "the bridge acknowledged them, so they went to the bus: check TRADEBUS__BRIDGE_PUBLISH_TO" \
+    "on a bus with keys the bridge's key must name source $source_id (tradebus keys list; metric tradebus_proxy_rejected_total{reason="not_owner"})" \
     "metrics: tradebus_bridge_published_total vs tradebus_bridge_deliveries_total"
 fi
 grep -q ', 0 gaps ' "$work/listen.out" || fail "gaps reported: $(grep -m1 '^tap summary' "$work/listen.out")"

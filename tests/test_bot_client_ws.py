@@ -353,3 +353,32 @@ async def test_ws_events_too_big_for_the_bridge_are_counted_and_do_not_block_oth
     assert [e.data["reasoning"] for e in events] == ["before", "after", "last"]
     assert status["dropped"] == {"custom": 2}
     assert (status["reconnects"] <= 1, status["sent"]) == (True, 3)
+
+
+async def test_ws_an_event_of_exactly_the_announced_size_is_sent_and_one_byte_more_is_not(
+    proxy: Proxy, subscriber: BlockingSubscriber
+) -> None:
+    # the greeting's max_message_bytes is the largest message the bridge takes: the
+    # publisher sends up to it, and the bridge accepts it (no 1009, no reconnect)
+    limit = 2048
+    server = await started_bridge(bridge_config(proxy).replace(max_message_bytes=limit))
+    try:
+        async with ws_publisher(server.port, "edge-bot", queue_size=100) as publisher:
+            publisher.publish("custom", {"blob": ""})
+            first = (await receive(subscriber, 1, "edge-bot"))[0]
+            # the WebSocket message is the bus payload plus ',"id":N'; ids 2..6 and seqs
+            # 2..6 have one digit like the first event's, so only the blob changes the size
+            base = len(first.payload) + len(',"id":1')
+            blobs = [limit - base + delta for delta in (-2, -1, 0, 1, 2)]
+            for blob in blobs:
+                publisher.publish("custom", {"blob": "x" * blob})
+            await wait_for(lambda: publisher.status()["queued"] == 0)
+            status = publisher.status()
+            fitting = [blob for blob in blobs if base + blob <= limit]
+            events = await receive(subscriber, len(fitting), "edge-bot")
+        assert [len(event.data["blob"]) for event in events] == fitting
+        assert max(len(e.payload) + len(',"id":1') for e in events) == limit
+        assert status["reconnects"] == 0
+        assert status["dropped"] == {"custom": 2}
+    finally:
+        await server.close()

@@ -503,6 +503,100 @@ async def test_a_stalled_source_shows_stale(
         await running.stop()
 
 
+async def test_a_stale_source_marks_its_price_cards_and_decisions(
+    bridge: Bridge,
+    browser: BrowserContext,
+    publisher: BusPublisher,
+    proxy: Proxy,
+    zmq_context: zmq.Context[zmq.Socket[bytes]],
+) -> None:
+    other = BusPublisher(zmq_context, proxy.frontend_endpoint, "bot-2")
+    try:
+        page, _wire, console = await open_dashboard(browser, f"{bridge.url}/?stale=1")
+        publisher.publish("market_data", {"symbol": "BTC-USD", "price": 45000.0}, "BTC-USD")
+        publisher.publish("trading_decision", decision_data(1))
+        btc = '[data-testid="price-card"][data-symbol="BTC-USD"]'
+        eth = '[data-testid="price-card"][data-symbol="ETH-USD"]'
+        wait = scaled(5) * 1000
+        await page.wait_for_selector(f'{btc}[data-stale="false"]', timeout=wait)
+        await page.wait_for_selector(f'{decision_selector(1)}[data-stale="false"]', timeout=wait)
+        # bot-2 keeps publishing ETH-USD: only bot-1's card and decision go stale
+        deadline = time.monotonic() + scaled(10)
+        price = 3000.0
+        while await page.query_selector(f'{btc}[data-stale="true"]') is None:
+            assert time.monotonic() < deadline, "bot-1's card never went stale"
+            price += 1
+            other.publish("market_data", {"symbol": "ETH-USD", "price": price}, "ETH-USD")
+            await asyncio.sleep(0.1)  # the pace of bot-2's prices, not a wait for the page
+        await page.wait_for_selector(f'{decision_selector(1)}[data-stale="true"]', timeout=wait)
+        assert await page.get_attribute(eth, "data-stale") == "false"
+        stale_opacity = await page.eval_on_selector(btc, "node => getComputedStyle(node).opacity")
+        assert float(stale_opacity) < 1
+        # bot-1 speaks again: its card and decision are live again
+        publisher.publish("market_data", {"symbol": "BTC-USD", "price": 45010.0}, "BTC-USD")
+        await page.wait_for_selector(f'{btc}[data-stale="false"]', timeout=wait)
+        await page.wait_for_selector(f'{decision_selector(1)}[data-stale="false"]', timeout=wait)
+        assert console.errors == []
+    finally:
+        other.close()
+
+
+async def test_a_source_not_seen_for_a_while_leaves_the_system_panel(
+    bridge: Bridge, browser: BrowserContext, publisher: BusPublisher
+) -> None:
+    page, _wire, console = await open_dashboard(browser, f"{bridge.url}/?stale=1&forget=2")
+    source = '[data-testid="source"][data-source="bot-1"]'
+    wait = scaled(6) * 1000
+    publisher.publish("system_status", {"status": "healthy", "health": True, "errors": []})
+    await page.wait_for_selector(f'{source}[data-state="live"]', timeout=wait)
+    seen = time.monotonic()
+    await page.wait_for_selector(f'{source}[data-state="stale"]', timeout=wait)
+    await page.wait_for_selector(source, state="detached", timeout=wait)
+    assert time.monotonic() - seen >= 1.5
+    assert await page.is_visible("#sources-empty")
+    publisher.publish("system_status", {"status": "healthy", "health": True, "errors": []})
+    await page.wait_for_selector(f'{source}[data-state="live"]', timeout=wait)
+    assert console.errors == []
+
+
+async def test_the_footer_stays_in_view_at_1400x900_with_positions_open(
+    bridge: Bridge, browser: BrowserContext, publisher: BusPublisher
+) -> None:
+    page, _wire, console = await open_dashboard(browser, bridge.url + "/")
+    symbols = ["BTC-USD", "ETH-USD", "SOL-USD", "ADA-USD", "XRP-USD", "DOT-USD"]
+    for n, symbol in enumerate(symbols):
+        publisher.publish("market_data", {"symbol": symbol, "price": 100.0 + n}, symbol)
+        position = {
+            "symbol": symbol,
+            "side": "long",
+            "size": 1.5,
+            "entry_price": 100.0,
+            "current_price": 101.0 + n,
+            "unrealized_pnl": 1.5 * (1 + n),
+        }
+        publisher.publish("position_update", position, symbol)
+        publisher.publish("trading_decision", decision_data(n))
+    publisher.publish("system_status", {"status": "healthy", "health": True, "errors": []})
+    await page.wait_for_function(
+        "document.querySelectorAll('[data-testid=\"position\"]').length === 6",
+        timeout=scaled(5) * 1000,
+    )
+    await page.wait_for_selector('[data-testid="source"]', timeout=scaled(5) * 1000)
+    footer = await page.locator(".footer").bounding_box()
+    assert footer is not None
+    assert footer["y"] >= 0
+    assert footer["y"] + footer["height"] <= 900, footer
+    # nothing covers it: the element at its middle is the footer or inside it
+    covered = await page.evaluate(
+        """([x, y]) => !document.querySelector('.footer').contains(
+               document.elementFromPoint(x, y))""",
+        [footer["x"] + 40, footer["y"] + footer["height"] / 2],
+    )
+    assert not covered
+    assert await page.is_visible('[data-testid="gaps"]')
+    assert console.errors == []
+
+
 def docs_example() -> str:
     """The example page of docs/dashboard.md, exactly as printed there."""
     match = re.search(r"<!-- example:begin -->\s*```html\n(.*?)```", DOCS.read_text(), re.S)

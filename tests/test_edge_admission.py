@@ -480,11 +480,6 @@ async def test_tap_sends_as_its_publish_tokens_source(
         await reader.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="compose/ belongs to the compose engineer: dashboard-backend needs "
-    "TRADEBUS__BRIDGE_SERVER_NAMES: dashboard-backend (remove this mark when it has it)",
-)
 @pytest.mark.parametrize("stack", ["base", "websocket"])
 def test_compose_clients_reach_the_bridge_by_its_service_name(stack: str) -> None:
     # the bot of the WebSocket override and `tap --docker-url` use ws://dashboard-backend:8000

@@ -109,6 +109,32 @@ def test_risk_figures_are_consistent_with_the_action() -> None:
         assert gain / loss == pytest.approx(risk["risk_reward_ratio"], rel=0.02)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_decisions_agree_with_the_indicators_they_print(seed: int) -> None:
+    events = take(DemoSession(random.Random(seed), START), 1800)
+    decisions = [e.data for e in events if e.type == "trading_decision"]
+    assert any(d["action"] != "HOLD" for d in decisions)
+    for d in decisions:
+        rsi_value = d["indicators"]["rsi"]
+        trend_up = d["indicators"]["ema_trend"] == "up"
+        bullish = d["indicators"]["wavetrend"] == "bullish"
+        zone = "oversold" if rsi_value < 35 else "overbought" if rsi_value > 65 else "neutral"
+        assert f"RSI {rsi_value:.1f} ({zone})" in d["reasoning"], d
+        opening = "entering" in d["reasoning"]
+        if d["action"] == "BUY" and opening:
+            assert zone != "overbought", d  # never buys into an overbought market
+            assert trend_up or bullish, d
+        if d["action"] == "SELL" and opening:
+            assert zone != "oversold", d
+            assert not trend_up or not bullish, d
+        if "bullish convergence" in d["reasoning"]:
+            assert trend_up, d
+            assert bullish, d
+        if "bearish convergence" in d["reasoning"]:
+            assert not trend_up, d
+            assert not bullish, d
+
+
 def test_positions_track_pnl_of_the_current_price() -> None:
     session = DemoSession(random.Random(11), START)
     events = take(session, 600)

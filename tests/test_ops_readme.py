@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import urllib.request
 from dataclasses import fields
 from pathlib import Path
@@ -30,7 +31,12 @@ from tradebus.replay import FRONTEND_VARIABLE
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 # variables only compose files interpolate, and the tests' own knob
-OTHER_VARIABLES = {"TRADEBUS_PUBLISH_TOKEN", "TRADEBUS_VIEW_TOKEN", "TRADEBUS_TEST_TIMEOUT_FACTOR"}
+OTHER_VARIABLES = {
+    "TRADEBUS_PUBLISH_TOKEN",
+    "TRADEBUS_VIEW_TOKEN",
+    "TRADEBUS_BUS_ADDRESS",
+    "TRADEBUS_TEST_TIMEOUT_FACTOR",
+}
 
 
 def test_quick_start_is_the_two_commands() -> None:
@@ -134,3 +140,18 @@ def test_local_links_exist() -> None:
     for target in re.findall(r"\]\(([^)#]+)\)", README):
         if "://" not in target:
             assert (ROOT / target).exists(), f"README links to missing {target}"
+
+
+def test_no_file_names_a_path_of_the_machine_it_was_written_on() -> None:
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True, timeout=30
+    ).stdout.split()
+    machine_path = re.compile(r"(?<![\w.~])/(?:work|home|root|Users|mnt|srv)/")
+    found = []
+    for name in tracked:
+        try:
+            text = (ROOT / name).read_text()
+        except (UnicodeDecodeError, FileNotFoundError):
+            continue  # binary (docs/dashboard.png) or deleted in the working tree
+        found += [f"{name}: {m.group(0)}" for m in machine_path.finditer(text)]
+    assert not found

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -15,23 +17,29 @@ import orjson
 import pytest
 import zmq
 
-from bus.envelope import encode_event
+from bus.envelope import Event, encode_event
 from bus.proxy import Proxy, ProxyConfig
-from tests.conftest import scaled
+from tests.conftest import scaled, synced_subscriber
 from tradebus.record import (
     RecordedEvent,
     RecordingError,
     RecordStats,
     Restamper,
     connect_publisher,
+    header_line,
     parse_line,
     read_recording,
     record,
     replay,
     schedule,
 )
+from tradebus.tap import parse_timestamp_ns
 
 Ctx = zmq.Context[zmq.Socket[bytes]]
+
+
+def seq_of(frames: list[bytes]) -> int:
+    return int.from_bytes(frames[1][10:18])
 
 
 class Recorder:
@@ -191,7 +199,7 @@ def test_lines_round_trip_and_bad_lines_say_where() -> None:
 
 
 def test_restamper_renumbers_under_a_new_source() -> None:
-    restamp = Restamper("replayer", 77)
+    restamp = Restamper("replayer", 77, clock_ns=lambda: 1_800_000_000_000_000_000)
     first = restamp(sample(1, seq=40))
     second = restamp(sample(2, seq=41))
     other = restamp(sample(3, seq=9, topic="market_data.ETH-USD"))
@@ -204,7 +212,21 @@ def test_restamper_renumbers_under_a_new_source() -> None:
     assert body["source"] == "replayer"
     assert body["seq"] == 2
     assert body["data"] == {"price": 1.5}
-    assert body["timestamp"] == "2024-01-20T10:30:00.000000Z"
+    # stamped when replayed: latencies measure the replay, not the recording's age
+    assert body["timestamp"] == "2027-01-15T08:00:00.000000Z"
+    assert second.publish_ns == 1_800_000_000_000_000_000
+
+
+def test_restamper_keeps_each_source_by_default() -> None:
+    restamp = Restamper(None, 78)
+    first = restamp(sample(1, seq=40))
+    other = restamp(dataclasses.replace(sample(2, seq=41), source="bot-b"))
+    again = restamp(sample(3, seq=42))
+    assert [(e.source, e.epoch, e.seq) for e in (first, other, again)] == [
+        ("bot", 78, 1),
+        ("bot-b", 78, 1),
+        ("bot", 78, 2),
+    ]
 
 
 def tradebus(*args: str) -> subprocess.CompletedProcess[str]:
@@ -349,3 +371,82 @@ def test_replay_keeps_the_recorded_pace_on_a_real_clock(
     finally:
         sender.close(linger=0)
         receiver.close(linger=0)
+
+
+def test_replay_onto_a_bus_that_saw_the_events_is_a_restart_not_gaps(
+    proxy: Proxy, zmq_context: Ctx, tmp_path: Path
+) -> None:
+    old_ns = 1_705_746_600_000_000_000  # recorded long ago (2024-01-20)
+    originals = [
+        encode_event(
+            "market_data.BTC-USD",
+            "market_data",
+            {"price": 45000.0 + seq},
+            "bot-a",
+            5,
+            seq,
+            publish_ns=old_ns + seq,
+        )
+        for seq in range(1, 6)
+    ]
+    path = tmp_path / "seen.jsonl"
+    with open(path, "wb") as out:
+        out.write(header_line(["*"], proxy.backend_endpoint, old_ns))
+        for frames in originals:
+            out.write(
+                RecordedEvent(
+                    old_ns, frames[0].decode(), "bot-a", 5, seq_of(frames), old_ns, frames[2]
+                ).to_line()
+            )
+    with synced_subscriber(proxy, zmq_context, ["market_data"]) as watcher:
+        publisher = connect_publisher(zmq_context, proxy.frontend_endpoint, scaled(5))
+        try:
+            for frames in originals:
+                publisher.send_multipart(frames)
+        finally:
+            publisher.close(linger=scaled(5_000))
+        seen = [watcher.recv(scaled(10)) for _ in originals]
+        assert all(isinstance(item, Event) for item in seen)
+
+        result = tradebus(
+            "replay", str(path), "--frontend", proxy.frontend_endpoint, "--as-fast-as-possible"
+        )
+        assert result.returncode == 0, result.stderr
+        replayed = [watcher.recv(scaled(10)) for _ in originals]
+        stats = watcher.stats
+    assert all(isinstance(item, Event) for item in replayed), replayed
+    events = [item for item in replayed if isinstance(item, Event)]
+    assert [(e.source, e.seq) for e in events] == [("bot-a", n) for n in range(1, 6)]
+    assert len({e.epoch for e in events}) == 1
+    assert events[0].epoch != 5
+    assert (stats.gaps, stats.missed, stats.duplicates, stats.restarts) == (0, 0, 0, 1)
+    for event in events:
+        stamped = parse_timestamp_ns(orjson.loads(event.payload)["timestamp"])
+        assert stamped is not None
+        assert abs(time.time_ns() - stamped) < scaled(60) * 1e9
+
+
+def test_cli_record_with_no_proxy_says_so_at_once(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        closed = holder.getsockname()[1]
+    kept = tmp_path / "kept.jsonl"
+    kept.write_bytes(b"an earlier recording\n")
+    started = time.monotonic()
+    result = tradebus(
+        "record",
+        str(kept),
+        "--backend",
+        f"tcp://127.0.0.1:{closed}",
+        "--connect-timeout",
+        "120",
+        "--duration",
+        "120",
+    )
+    assert time.monotonic() - started < scaled(20)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"tradebus record: error: no bus proxy at tcp://127.0.0.1:{closed}: nothing listens "
+        "there (is `tradebus proxy` or `tradebus up` running?)"
+    )
+    assert kept.read_bytes() == b"an earlier recording\n"  # not truncated

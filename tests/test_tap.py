@@ -18,6 +18,7 @@ from bridge.config import BridgeConfig
 from bus.proxy import Proxy
 from tests.conftest import scaled
 from tradebus.tap import (
+    SEND_CHOICES,
     TapOptions,
     TapStats,
     format_event,
@@ -121,6 +122,7 @@ def test_guide_events_have_the_guides_shapes() -> None:
     assert [e["type"] for e in every] == [
         "market_data",
         "ai_decision",
+        "trading_loop",
         "trading_decision",
         "system_status",
         "position_update",
@@ -130,7 +132,15 @@ def test_guide_events_have_the_guides_shapes() -> None:
         "price": 45000.0,
         "timestamp": "2024-01-20T10:30:00.000000Z",
     }
-    assert every[2]["data"]["risk_analysis"]["risk_reward_ratio"] == 2.0
+    # the guide's publish_trading_loop(price, action, confidence, symbol)
+    assert every[2]["data"] == {
+        "price": 45000.0,
+        "action": "BUY",
+        "confidence": 0.85,
+        "symbol": "BTC-USD",
+        "timestamp": "2024-01-20T10:30:00.000000Z",
+    }
+    assert every[3]["data"]["risk_analysis"]["risk_reward_ratio"] == 2.0
     assert [e["type"] for e in guide_events("system_status", T0)] == ["system_status"]
 
 
@@ -150,6 +160,27 @@ def test_timestamps_percentiles_urls_and_lines() -> None:
     line = format_event(event("market_data.BTC-USD", 3, T0), T0 + 1_500_000, "event")
     assert line.startswith("10:30:00.001 market_data.BTC-USD #3 from bot 1.5ms ")
     assert '"price":1.0' in line
+
+
+def test_send_offers_every_type_the_guides_test_client_could_send() -> None:
+    # test_websocket_client.py --send {market_data, ai_decision, trading_loop, system_status, all}
+    assert {"market_data", "ai_decision", "trading_loop", "system_status", "all"} <= set(
+        SEND_CHOICES
+    )
+
+
+def test_a_run_that_received_nothing_shows_dashes_not_zero_latencies() -> None:
+    summary = TapStats(started_ns=T0).summary(T0 + 2_000_000_000)
+    assert summary["latency_ms"] == {
+        "count": 0,
+        "p50": None,
+        "p90": None,
+        "p99": None,
+        "max": None,
+    }
+    text = format_summary(summary)
+    assert "latency ms: p50 -  p90 -  p99 -  max -  (n=0)" in text
+    assert "0.00" not in text
 
 
 @pytest.mark.parametrize("kind", ["market_data", "all"])
@@ -180,12 +211,12 @@ async def test_an_event_sent_by_one_tap_reaches_another(bridge_url: str) -> None
     stop = asyncio.Event()
     out = io.StringIO()
     listener = asyncio.create_task(
-        listen(TapOptions(url=bridge_url, expect=5, duration=scaled(20)), out, stop)
+        listen(TapOptions(url=bridge_url, expect=6, duration=scaled(20)), out, stop)
     )
     await wait_listening(bridge_url)
     sent_out = io.StringIO()
     acked, errors = await send(bridge_url, "all", 1, "tap-test", sent_out, spacing=0.01)
-    assert (acked, errors) == (5, [])
+    assert (acked, errors) == (6, [])
     summary = await asyncio.wait_for(listener, scaled(20))
     assert summary["by_type"] == {
         "ai_decision": 1,
@@ -193,13 +224,14 @@ async def test_an_event_sent_by_one_tap_reaches_another(bridge_url: str) -> None
         "position_update": 1,
         "system_status": 1,
         "trading_decision": 1,
+        "trading_loop": 1,
     }
     assert summary["gaps"] == 0
-    assert summary["latency_ms"]["count"] == 5
+    assert summary["latency_ms"]["count"] == 6
     assert 0 <= summary["latency_ms"]["max"] < scaled(5_000)
     lines = out.getvalue().splitlines()
     assert any(" market_data.BTC-USD #1 from tap-test " in line for line in lines)
-    assert sent_out.getvalue().count("acknowledged") == 5
+    assert sent_out.getvalue().count("acknowledged") == 6
 
 
 async def test_topics_filter_what_the_tap_receives(bridge_url: str) -> None:
@@ -208,7 +240,7 @@ async def test_topics_filter_what_the_tap_receives(bridge_url: str) -> None:
     listener = asyncio.create_task(listen(options, out, asyncio.Event()))
     await wait_listening(bridge_url)
     acked, _ = await send(bridge_url, "all", 1, "tap-test", io.StringIO(), spacing=0.01)
-    assert acked == 5
+    assert acked == 6
     summary = await asyncio.wait_for(listener, scaled(20))
     assert summary["by_type"] == {"ai_decision": 1}
     received = [json.loads(line) for line in out.getvalue().splitlines()]
@@ -244,6 +276,25 @@ async def test_cli_expect_fails_when_nothing_arrives_and_connection_errors_are_c
     assert "tradebus tap: error: cannot connect to ws://127.0.0.1:1/ws" in refused.stderr
 
 
+async def test_quiet_prints_nothing_but_the_summary(bridge_url: str) -> None:
+    logs_on = {"TRADEBUS_LOG_LEVEL": "INFO"}  # --quiet alone must silence the INFO lines
+    listener = asyncio.create_task(
+        tap_cli("--url", bridge_url, "--expect", "1", "--duration", "20", "--quiet", **logs_on)
+    )
+    await wait_listening(bridge_url, subscribers=1)
+    sender = await tap_cli(
+        "--url", bridge_url, "--send", "trading_loop", "--quiet", "--source", "loop", **logs_on
+    )
+    assert sender.returncode == 0, sender.stderr
+    assert (sender.stdout, sender.stderr) == ("tap: 1 acknowledged, 0 refused\n", "")
+    listened = await asyncio.wait_for(listener, scaled(30))
+    assert listened.returncode == 0, listened.stderr
+    assert listened.stderr == ""
+    assert listened.stdout.startswith("tap summary: 1 events"), listened.stdout
+    assert "  trading_loop           1" in listened.stdout
+    assert "from loop" not in listened.stdout  # no event lines
+
+
 async def test_cli_send_and_expect_round_trip(bridge_url: str) -> None:
     listener = asyncio.create_task(
         tap_cli("--url", bridge_url, "--expect", "2", "--duration", "20", "--quiet")
@@ -265,7 +316,7 @@ class Finished:
     stderr: str
 
 
-async def tap_cli(*args: str) -> Finished:
+async def tap_cli(*args: str, **environment: str) -> Finished:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -274,7 +325,7 @@ async def tap_cli(*args: str) -> Finished:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "TRADEBUS_LOG_LEVEL": "WARNING"},
+        env={**os.environ, "TRADEBUS_LOG_LEVEL": "WARNING", **environment},
     )
     out, err = await asyncio.wait_for(process.communicate(), scaled(40))
     assert process.returncode is not None

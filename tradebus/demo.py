@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import itertools
 import math
-import os
 import random
 import signal
 import time
@@ -99,6 +98,11 @@ class _Market:
 def _round_price(price: float) -> float:
     # Quote like an exchange would: 2 decimals above 1, more below.
     return round(price, 2 if price >= 1 else 6)
+
+
+def rsi_zone(value: float) -> str:
+    """How the demo reads an RSI value: below 35 oversold, above 65 overbought."""
+    return "oversold" if value < 35 else "overbought" if value > 65 else "neutral"
 
 
 def rsi(prices: Sequence[float], period: int = 14) -> float:
@@ -230,9 +234,15 @@ class DemoSession:
         score += 0.2 if indicators["wavetrend"] == "bullish" else -0.2
         score += rng.gauss(0.0, 0.25)
         position = self.positions.get(symbol)
-        if score > 0.3:
+        zone = rsi_zone(indicators["rsi"])
+        trend_up = indicators["ema_trend"] == "up"
+        bullish = indicators["wavetrend"] == "bullish"
+        # The decision must agree with the indicators it prints: no buying into an
+        # overbought market or selling into an oversold one, and a trade needs at least
+        # one trend signal on its side.
+        if score > 0.3 and zone != "overbought" and (trend_up or bullish):
             action = "BUY"
-        elif score < -0.3:
+        elif score < -0.3 and zone != "oversold" and not (trend_up and bullish):
             action = "SELL"
         else:
             action = "HOLD"
@@ -305,18 +315,21 @@ class DemoSession:
     @staticmethod
     def _reasoning(action: str, indicators: dict[str, Any], position: _Position | None) -> str:
         value = indicators["rsi"]
-        zone = "oversold" if value < 35 else "overbought" if value > 65 else "neutral"
         facts = (
-            f"RSI {value:.1f} ({zone}), EMA trend {indicators['ema_trend']}, "
+            f"RSI {value:.1f} ({rsi_zone(value)}), EMA trend {indicators['ema_trend']}, "
             f"wavetrend {indicators['wavetrend']}"
         )
+        trend_up = indicators["ema_trend"] == "up"
+        bullish = indicators["wavetrend"] == "bullish"
         if action == "HOLD":
             return f"{facts}: signals mixed, waiting for confirmation"
         if position is not None:
             return f"{facts}: momentum turned against the {position.side} position, closing it"
         if action == "BUY":
-            return f"{facts}: bullish convergence, entering long"
-        return f"{facts}: bearish convergence, entering short"
+            agreement = "bullish convergence" if trend_up and bullish else "leaning bullish"
+            return f"{facts}: {agreement}, entering long"
+        agreement = "bearish convergence" if not trend_up and not bullish else "leaning bearish"
+        return f"{facts}: {agreement}, entering short"
 
     def _check_exits(self, at: float) -> Iterator[DemoEvent]:
         for symbol, position in list(self.positions.items()):
@@ -503,12 +516,13 @@ def make_publisher(
     """
     from bot_client.errors import PublisherError
     from bot_client.publisher import Publisher
-    from bot_client.settings import BUS_SCHEMES, PublisherSettings
+    from bot_client.settings import BUS_SCHEMES, PublisherSettings, environment
 
+    env = environment()
     overrides: dict[str, Any] = {"enabled": True}
-    if "SYSTEM__WEBSOCKET_PUBLISH_INTERVAL" not in os.environ:
+    if "SYSTEM__WEBSOCKET_PUBLISH_INTERVAL" not in env:
         overrides["publish_interval"] = 0.0
-    if "SYSTEM__TRADEBUS_SOURCE_ID" not in os.environ or source:
+    if "SYSTEM__TRADEBUS_SOURCE_ID" not in env or source:
         overrides["source_id"] = source or "demo-bot"
     if url:
         scheme = url.split("://", 1)[0]
@@ -522,7 +536,7 @@ def make_publisher(
     if key_name:
         overrides["key_name"] = key_name
     try:
-        settings = PublisherSettings.from_env(**overrides)
+        settings = PublisherSettings.from_env(env, **overrides)
     except PublisherError as error:
         raise ToolError(str(error)) from None
     publisher = Publisher(settings, context=context)
@@ -591,6 +605,10 @@ def run(args: argparse.Namespace) -> int:
     configure_logging()
     log = get_logger("demo")
     settings = demo_settings(args.symbols)
+    if args.url is not None:
+        from bot_client.settings import check_url
+
+        check_url("--url", args.url)
     publisher = make_publisher(args.url, args.source, keys=args.keys, key_name=args.key_name)
     metrics = None
     if args.metrics_port is not None:

@@ -10,12 +10,14 @@ A recording is one JSON object per line:
 * ``{"gap": {"topic", "source", "epoch", "first_seq", "last_seq", "restart"}}`` where the
   recorder saw events missing, so a recording says where it is incomplete.
 
-Replay publishes every event again with its topic, payload bytes, source, epoch and seq
-unchanged (only the meta frame's publish time is the replay's, so latency figures stay
-meaningful): recording a replay gives back the same events. ``--source`` instead
-republishes under a new source id and epoch with fresh sequence numbers, for replaying into
-a bus where the original source is still live. Pacing follows the recorder's receive
-times, scaled by ``--speed``, or ``--as-fast-as-possible``.
+Replay publishes the events as a new run of their sources by default (``Restamper``: a new
+epoch, fresh sequence numbers, the replay's timestamps), so a bus that already saw them
+reports a source restart, not gaps, duplicates or latencies as old as the recording.
+``--source`` also renames the source, for a bus where the original source is still live.
+``--exact`` publishes every event with its topic, payload bytes, source, epoch and seq
+unchanged (only the meta frame's publish time is the replay's), for a fresh bus: recording
+an exact replay gives back the same events. Pacing follows the recorder's receive times,
+scaled by ``--speed``, or ``--as-fast-as-possible``.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ from typing import IO, Any, Final
 
 import orjson
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from bus.envelope import encode_meta, encode_payload, format_timestamp
 from bus.errors import BusError, EnvelopeError, SnapshotError
-from bus.keys import ClientKeys, configure_client, connect_checked
+from bus.keys import ClientKeys, configure_client, connect_checked, judge_handshake
 from bus.proxy import DEFAULT_BACKEND, DEFAULT_SNAPSHOT
 from bus.subscriber import BlockingSubscriber, Gap, resolve_backend, resolve_snapshot
 from bus.topics import validate_source, validate_topic
@@ -48,6 +51,7 @@ from tradebus.keys import add_client_key_arguments, client_keys
 
 HELP = "record bus topics to a JSON-lines file (see `tradebus replay`)"
 FORMAT_VERSION: Final = 1
+DEFAULT_CONNECT_TIMEOUT: Final = 5.0
 
 
 class RecordingError(ToolError):
@@ -183,12 +187,20 @@ def schedule(events: Iterable[RecordedEvent], speed: float | None) -> Iterator[t
 
 
 class Restamper:
-    """Republishes events under a new source and epoch, numbering each topic from 1."""
+    """Republishes events as a new run: a new epoch, each (source, topic) numbered from 1,
+    stamped with the replay's clock; under ``source`` when given, else each event's own.
 
-    def __init__(self, source: str, epoch: int) -> None:
-        self.source = validate_source(source)
+    Subscribers that saw the recorded run take this as the source restarting, not as
+    gaps or duplicates, and latencies measure the replay, not the age of the recording.
+    """
+
+    def __init__(
+        self, source: str | None, epoch: int, clock_ns: Callable[[], int] = time.time_ns
+    ) -> None:
+        self.source = None if source is None else validate_source(source)
         self.epoch = epoch
-        self._seqs: dict[str, int] = {}
+        self._clock_ns = clock_ns
+        self._seqs: dict[tuple[str, str], int] = {}
 
     def __call__(self, event: RecordedEvent) -> RecordedEvent:
         try:
@@ -197,24 +209,24 @@ class Restamper:
             raise RecordingError(f"event {event.topic} #{event.seq}: payload not JSON") from error
         if not isinstance(body, dict):
             raise RecordingError(f"event {event.topic} #{event.seq}: payload not an object")
-        seq = self._seqs.get(event.topic, 0) + 1
-        self._seqs[event.topic] = seq
-        timestamp = body.get("timestamp")
+        source = self.source or event.source
+        key = (source, event.topic)
+        seq = self._seqs.get(key, 0) + 1
+        self._seqs[key] = seq
+        now_ns = self._clock_ns()
         try:
             payload = encode_payload(
                 str(body.get("type", event.topic.split(".", 1)[0])),
                 body.get("data", {}),
-                timestamp if isinstance(timestamp, str) else format_timestamp(event.publish_ns),
+                format_timestamp(now_ns),
                 event.topic,
-                self.source,
+                source,
                 self.epoch,
                 seq,
             )
         except EnvelopeError as error:
             raise RecordingError(str(error)) from None
-        return RecordedEvent(
-            event.recv_ns, event.topic, self.source, self.epoch, seq, event.publish_ns, payload
-        )
+        return RecordedEvent(event.recv_ns, event.topic, source, self.epoch, seq, now_ns, payload)
 
 
 # -- I/O adapters --------------------------------------------------------------------------------
@@ -225,6 +237,51 @@ class RecordStats:
     gaps: int = 0
     missed: int = 0
     by_topic: dict[str, int] = field(default_factory=dict)
+
+
+def wait_for_proxy(
+    context: zmq.Context[zmq.Socket[bytes]],
+    endpoint: str,
+    timeout: float,
+    keys: ClientKeys | None = None,
+) -> None:
+    """Return once a ZeroMQ peer completed a handshake at ``endpoint``; ToolError at once
+    when nothing listens there, or after ``timeout`` seconds without an answer (with
+    ``keys``, AuthError when the proxy refuses them)."""
+    probe: zmq.Socket[bytes] = context.socket(zmq.SUB)
+    probe.linger = 0
+    if keys is not None:
+        configure_client(probe, keys)
+    monitor = probe.get_monitor_socket()
+    hint = "(is `tradebus proxy` or `tradebus up` running?)"
+    try:
+        probe.connect(endpoint)
+        deadline = time.monotonic() + timeout
+        while monitor.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+            message = recv_monitor_message(monitor)
+            event = message["event"]
+            if keys is not None:
+                judge_handshake(event, message["value"], keys, endpoint)  # refused: AuthError
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return
+            if event == zmq.EVENT_CONNECT_RETRIED:
+                raise ToolError(f"no bus proxy at {endpoint}: nothing listens there {hint}")
+            if event in _HANDSHAKE_FAILED:
+                raise ToolError(f"{endpoint} answered, but not as a ZeroMQ bus proxy")
+        raise ToolError(f"no bus proxy answered at {endpoint} within {timeout:g} s {hint}")
+    finally:
+        probe.disable_monitor()
+        monitor.close(linger=0)
+        probe.close(linger=0)
+
+
+_HANDSHAKE_FAILED: Final = frozenset(
+    {
+        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+        zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+        zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+    }
+)
 
 
 def record(
@@ -374,7 +431,9 @@ def replay(
         if stop.is_set():
             break
         out = transform(event) if transform is not None else event
-        meta = encode_meta(out.source.encode(), out.epoch, out.seq, clock_ns())
+        # a restamped event carries its own publish time (the payload's timestamp)
+        publish_ns = clock_ns() if transform is None else out.publish_ns
+        meta = encode_meta(out.source.encode(), out.epoch, out.seq, publish_ns)
         socket.send_multipart([out.topic.encode(), meta, out.payload])
         sent += 1
     return sent
@@ -422,13 +481,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--append", action="store_true", help="append to the file instead of replacing it"
     )
+    parser.add_argument(
+        "--connect-timeout",
+        type=positive_number("seconds"),
+        default=DEFAULT_CONNECT_TIMEOUT,
+        help="seconds to wait for the proxy (default %(default)s; nothing listening fails at once)",
+    )
     add_client_key_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     configure_logging()
     patterns = [p.strip() for p in args.topics.split(",") if p.strip()] or ["*"]
+    endpoint = resolve_backend(args.backend, "--backend")
+    snapshot_endpoint = resolve_snapshot(args.snapshot_endpoint, "--snapshot-endpoint")
     keys = client_keys(args)  # before the file is created: a bad key changes nothing
+    # before the file is opened: no proxy must not leave an empty (or truncated) recording
+    wait_for_proxy(zmq.Context.instance(), endpoint, args.connect_timeout, keys)
     stop = stop_on_signals()
     to_stdout = str(args.file) == "-"
     try:
@@ -442,8 +511,8 @@ def run(args: argparse.Namespace) -> int:
             out,
             patterns,
             stop,
-            endpoint=resolve_backend(args.backend),
-            snapshot_endpoint=resolve_snapshot(args.snapshot_endpoint),
+            endpoint=endpoint,
+            snapshot_endpoint=snapshot_endpoint,
             with_snapshot=args.snapshot,
             duration=args.duration,
             count=args.count,

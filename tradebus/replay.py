@@ -11,6 +11,7 @@ from pathlib import Path
 import zmq
 
 from bus.proxy import DEFAULT_FRONTEND
+from bus.subscriber import resolve_endpoint
 from monitoring.logging import configure_logging, get_logger
 from tradebus.arguments import positive_number
 from tradebus.keys import add_client_key_arguments, client_keys
@@ -23,7 +24,7 @@ from tradebus.record import (
     stop_on_signals,
 )
 
-HELP = "publish a recording back onto the bus at its pace, scaled, or as fast as possible"
+HELP = "publish a recording back onto the bus (as a new run of its sources) at its pace"
 FRONTEND_VARIABLE = "TRADEBUS__PROXY_FRONTEND"
 
 
@@ -46,10 +47,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no pauses between events (nothing is dropped: sending waits for the bus)",
     )
-    parser.add_argument(
+    identity = parser.add_mutually_exclusive_group()
+    identity.add_argument(
         "--source",
-        help="republish under this source id with a new epoch and fresh sequence numbers "
-        "(default: the recorded source, epoch and seq, unchanged)",
+        help="republish under this source id (default: each event's recorded source), "
+        "as always with a new epoch and fresh sequence numbers",
+    )
+    identity.add_argument(
+        "--exact",
+        action="store_true",
+        help="republish source, epoch, seq and payload bytes unchanged: only for a bus that "
+        "has not seen them (its subscribers would drop them as duplicates or report gaps)",
     )
     parser.add_argument(
         "--connect-timeout",
@@ -63,8 +71,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     configure_logging()
     log = get_logger("replay")
-    frontend = args.frontend or os.environ.get(FRONTEND_VARIABLE) or DEFAULT_FRONTEND
-    transform = Restamper(args.source, time.time_ns()) if args.source else None
+    frontend = resolve_endpoint("--frontend", args.frontend, FRONTEND_VARIABLE, DEFAULT_FRONTEND)
+    # by default a new run of the recorded sources: a bus that saw the recording already
+    # would otherwise drop its events as duplicates or report them as gaps
+    transform = None if args.exact else Restamper(args.source, time.time_ns())
     keys = client_keys(args)
     try:
         lines = open(args.file, "rb")  # noqa: SIM115

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import math
 import os
 import signal
@@ -35,6 +36,7 @@ import orjson
 
 from bus.envelope import format_timestamp
 from bus.sequence import SeqStatus, SequenceTracker
+from bus.settings import bad_value
 from monitoring.errors import ToolError
 from monitoring.logging import configure_logging, get_logger, redact
 from tradebus.arguments import positive_number, whole_number
@@ -46,6 +48,7 @@ DOCKER_URL: Final = "ws://dashboard-backend:8000/ws"
 SEND_CHOICES: Final = (
     "market_data",
     "ai_decision",
+    "trading_loop",
     "trading_decision",
     "system_status",
     "position_update",
@@ -57,7 +60,7 @@ _MAX_LATENCY_SAMPLES: Final = 1_000_000
 
 # -- pure core ----------------------------------------------------------------------------------
 def guide_events(kind: str, now_ns: int, number: int = 1) -> list[dict[str, Any]]:
-    """The guide's example events of ``kind`` (or all five), stamped with ``now_ns``."""
+    """The guide's example events of ``kind`` (or all of them), stamped with ``now_ns``."""
     stamp = format_timestamp(now_ns)
     examples: dict[str, dict[str, Any]] = {
         "market_data": {"symbol": "BTC-USD", "price": 45000.0, "timestamp": stamp},
@@ -65,6 +68,13 @@ def guide_events(kind: str, now_ns: int, number: int = 1) -> list[dict[str, Any]
             "action": "BUY",
             "reasoning": "Strong bullish signals detected",
             "confidence": 0.85,
+            "timestamp": stamp,
+        },
+        "trading_loop": {
+            "price": 45000.0,
+            "action": "BUY",
+            "confidence": 0.85,
+            "symbol": "BTC-USD",
             "timestamp": stamp,
         },
         "trading_decision": {
@@ -210,12 +220,13 @@ class TapStats:
             "missed": self.missed_seen + self.missed_reported,
             "duplicates": self.duplicates,
             "ignored_other_sources": self.ignored,
+            # none measured: null, not a latency of 0
             "latency_ms": {
                 "count": len(ordered),
-                "p50": round(percentile(ordered, 0.50), 3),
-                "p90": round(percentile(ordered, 0.90), 3),
-                "p99": round(percentile(ordered, 0.99), 3),
-                "max": round(ordered[-1], 3) if ordered else 0.0,
+                "p50": round(percentile(ordered, 0.50), 3) if ordered else None,
+                "p90": round(percentile(ordered, 0.90), 3) if ordered else None,
+                "p99": round(percentile(ordered, 0.99), 3) if ordered else None,
+                "max": round(ordered[-1], 3) if ordered else None,
             },
             "control": dict(sorted(self.control.items())),
             "errors": self.errors,
@@ -250,9 +261,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines += [f"  {name:<22} {count}" for name, count in summary["by_type"].items()]
     if summary["ignored_other_sources"]:
         lines.append(f"  ({summary['ignored_other_sources']} events of other sources ignored)")
+    shown = {
+        name: "-" if latency[name] is None else f"{latency[name]:.2f}"
+        for name in ("p50", "p90", "p99", "max")
+    }
     lines.append(
-        f"latency ms: p50 {latency['p50']:.2f}  p90 {latency['p90']:.2f}  "
-        f"p99 {latency['p99']:.2f}  max {latency['max']:.2f}  (n={latency['count']})"
+        f"latency ms: p50 {shown['p50']}  p90 {shown['p90']}  "
+        f"p99 {shown['p99']}  max {shown['max']}  (n={latency['count']})"
     )
     lines += [f"error from bridge: {text}" for text in summary["errors"]]
     return "\n".join(lines)
@@ -397,8 +412,11 @@ async def send(
     token: str | None = None,
     ack_timeout: float = 5.0,
     spacing: float = SEND_SPACING,
+    quiet: bool = False,
 ) -> tuple[int, list[str]]:
-    """Publish the guide's events through the bridge; return (acked, errors)."""
+    """Publish the guide's events through the bridge; return (acked, errors).
+
+    Each answer is a line on ``out``; ``quiet`` leaves out the acknowledged ones."""
     log = get_logger("tap")
     epoch = time.time_ns()
     query = {"role": "publisher", "epoch": str(epoch)}
@@ -420,12 +438,13 @@ async def send(
                         await asyncio.sleep(spacing)
                     number += 1
                     event["id"] = number
-                    await ws.send_bytes(orjson.dumps(event))
+                    await ws.send_str(orjson.dumps(event).decode())
                     log.info("tap.websocket_publish", type=event["type"], id=number)
                     answer = await _await_answer(ws, number, ack_timeout)
                     if answer.get("type") == "ack":
                         acked += 1
-                        out.write(f"sent {event['type']} id={number}: acknowledged\n")
+                        if not quiet:
+                            out.write(f"sent {event['type']} id={number}: acknowledged\n")
                     else:
                         text = f"{answer.get('code')}: {answer.get('message')}"
                         errors.append(f"{event['type']} id={number}: {text}")
@@ -521,7 +540,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "or tap-<pid> without a token)",
     )
     parser.add_argument("--json", action="store_true", help="print messages as JSON lines")
-    parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print only the summary (and problems: refusals, warnings, errors)",
+    )
     parser.add_argument(
         "--from",
         dest="only_source",
@@ -535,8 +558,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_url(url: str) -> str:
+    """``url`` if it is a bridge's WebSocket URL, else ToolError naming --url."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        expected = "a ws:// or wss:// URL such as ws://localhost:8000/ws"
+        raise ToolError(bad_value("--url", redact(url), expected))
+    return url
+
+
 def run(args: argparse.Namespace) -> int:
-    configure_logging()
+    configure_logging(logging.WARNING if args.quiet else None)
+    check_url(args.url)
     if args.send:
         acked, errors = asyncio.run(
             send(
@@ -546,6 +579,7 @@ def run(args: argparse.Namespace) -> int:
                 args.source or ("" if args.token else f"tap-{os.getpid()}"),
                 sys.stdout,
                 args.token,
+                quiet=args.quiet,
             )
         )
         print(f"tap: {acked} acknowledged, {len(errors)} refused")

@@ -21,11 +21,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
+from bridge import config as bridge_config
+from bus import settings
+from bus.errors import SettingError
 from bus.keys import PROXY_KEY_NAME, SECRET_SUFFIX, create_key, load_server_keys
-from bus.proxy import Proxy, ProxyConfig
+from bus.proxy import DEFAULT_BACKEND, DEFAULT_FRONTEND, DEFAULT_SNAPSHOT, Proxy, ProxyConfig
 from monitoring.logging import configure_logging, get_logger
 from monitoring.metrics import MetricsServer, ProxyCollector, PublisherCollector
-from tradebus.arguments import port_number
 from tradebus.demo import add_demo_arguments, demo_settings, make_publisher, run_demo
 
 HELP = "run proxy + bridge + demo bot in one process and print the dashboard URL"
@@ -53,44 +55,50 @@ class RegistryCollector(Collector):
         return self._registry.collect()
 
 
-def _setting(name: str, default: object) -> str:
-    return os.environ.get(name, str(default))
+# flag -> (its variable, its form, its default, help); read as text and parsed in ``run``
+# (settings.resolve_options), so an error names the flag or the variable actually set
+OPTIONS: dict[str, settings.Option] = {
+    "--host": settings.Option(
+        "TRADEBUS__BRIDGE_HOST",
+        settings.Form("an address", str),
+        "127.0.0.1",
+        "address the bridge and metrics listen on",
+    ),
+    "--port": settings.Option(
+        "TRADEBUS__BRIDGE_PORT",
+        bridge_config.field_form("port", "int"),
+        8000,
+        "the bridge's HTTP/WebSocket port; 0 picks a free one",
+    ),
+    "--frontend": settings.Option(
+        "TRADEBUS__PROXY_FRONTEND",
+        settings.endpoint(bind=True),
+        DEFAULT_FRONTEND,
+        "the proxy's publisher endpoint (tcp://127.0.0.1:* = any port)",
+    ),
+    "--backend": settings.Option(
+        "TRADEBUS__PROXY_BACKEND",
+        settings.endpoint(bind=True),
+        DEFAULT_BACKEND,
+        "the proxy's subscriber endpoint",
+    ),
+    "--snapshot": settings.Option(
+        "TRADEBUS__PROXY_SNAPSHOT",
+        settings.endpoint(bind=True),
+        DEFAULT_SNAPSHOT,
+        "the proxy's snapshot endpoint",
+    ),
+    "--metrics-port": settings.Option(
+        "TRADEBUS__UP_METRICS_PORT",
+        settings.whole_number(0, 65535, "a port number"),
+        DEFAULT_METRICS_PORT,
+        "Prometheus metrics of proxy, bridge and demo bot; 0 picks a free port",
+    ),
+}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--host",
-        default=_setting("TRADEBUS__BRIDGE_HOST", "127.0.0.1"),
-        help="address the bridge and metrics listen on (default %(default)s)",
-    )
-    parser.add_argument(
-        "--port",
-        type=port_number,
-        default=_setting("TRADEBUS__BRIDGE_PORT", 8000),
-        help="the bridge's HTTP/WebSocket port; 0 picks a free one (default %(default)s)",
-    )
-    parser.add_argument(
-        "--frontend",
-        default=_setting("TRADEBUS__PROXY_FRONTEND", "tcp://127.0.0.1:5555"),
-        help="the proxy's publisher endpoint (default %(default)s; tcp://127.0.0.1:* = any port)",
-    )
-    parser.add_argument(
-        "--backend",
-        default=_setting("TRADEBUS__PROXY_BACKEND", "tcp://127.0.0.1:5556"),
-        help="the proxy's subscriber endpoint (default %(default)s)",
-    )
-    parser.add_argument(
-        "--snapshot",
-        default=_setting("TRADEBUS__PROXY_SNAPSHOT", "tcp://127.0.0.1:5557"),
-        help="the proxy's snapshot endpoint (default %(default)s)",
-    )
-    parser.add_argument(
-        "--metrics-port",
-        type=port_number,
-        default=_setting("TRADEBUS__UP_METRICS_PORT", DEFAULT_METRICS_PORT),
-        help="Prometheus metrics of proxy, bridge and demo bot; 0 picks a free port "
-        "(default %(default)s)",
-    )
+    settings.add_options(parser, OPTIONS)
     parser.add_argument("--no-metrics", action="store_true", help="serve no metrics port")
     parser.add_argument(
         "--keys",
@@ -124,6 +132,7 @@ def _dashboard_url(host: str, port: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     configure_logging()
+    settings.resolve_options(args, OPTIONS, os.environ, SettingError)
     return asyncio.run(serve(args))
 
 

@@ -2,8 +2,10 @@
 // one requestAnimationFrame pass per frame writes the DOM and draws the charts, so the page
 // keeps up with 1,000 events/s.
 //
-// Query parameters: ws=<url> (only this page's own /ws is accepted), stale=<seconds> (no event from a source for
-// this long shows it stale; default 15), window=<seconds> (chart span; default 300),
+// Query parameters: ws=<url> (only this page's own /ws is accepted), stale=<seconds> (no
+// event from a source for this long shows it stale, with its price cards and decisions;
+// default 15), forget=<seconds> (a source not seen for this long leaves the System panel;
+// default 300), window=<seconds> (chart span; default 300),
 // types=a,b and symbols=X,Y (initial topic selection; default everything), token=<bearer
 // token> when the bridge requires one.
 
@@ -11,6 +13,7 @@ import { TradebusClient, patternMatches } from "./tradebus.js";
 
 const params = new URLSearchParams(location.search);
 const STALE_AFTER_MS = positiveNumber(params.get("stale"), 15) * 1000;
+const FORGET_AFTER_MS = Math.max(positiveNumber(params.get("forget"), 300) * 1000, STALE_AFTER_MS);
 const WINDOW_MS = positiveNumber(params.get("window"), 300) * 1000;
 const MAX_DECISIONS = 100;
 
@@ -99,6 +102,7 @@ const model = {
   pendingDecisions: [], // received since the last frame, oldest first
   positions: new Map(), // symbol -> {data, source}
   sources: new Map(), // source -> see touchSource()
+  staleSources: new Set(), // as last rendered: their price cards and decisions are marked
   connection: { state: "idle", detail: "" },
   eventsThisSecond: 0,
   latencies: [],
@@ -114,6 +118,7 @@ class Series {
     this.prices = [];
     this.head = 0; // index of the oldest point still inside the window
     this.last = null;
+    this.source = ""; // who published the latest price: its card is stale when it is
     this.changed = true;
     this.view = null; // DOM nodes of its card, made at first render
   }
@@ -281,6 +286,7 @@ client.on("market_data", (event, info) => {
   if (!series) model.symbols.set(symbol, (series = new Series(symbol)));
   const stamped = Date.parse(event.timestamp);
   series.push(info.snapshot && !Number.isNaN(stamped) ? stamped : Date.now(), price);
+  series.source = event.source;
 });
 
 function onDecision(event) {
@@ -334,6 +340,7 @@ function touchSource(name) {
   let source = model.sources.get(name);
   if (!source) {
     source = {
+      firstSeenAt: Date.now(),
       lastEventAt: 0,
       bridge: null,
       status: "",
@@ -563,6 +570,7 @@ function renderPrices(now) {
     if (series.changed) {
       series.changed = false;
       series.needsDraw = true;
+      view.card.dataset.stale = String(model.staleSources.has(series.source));
       view.price.textContent = priceFormat(series.last);
       const first = series.first;
       if (first !== null && first !== 0) {
@@ -611,6 +619,8 @@ function decisionNode(d) {
       "data-type": d.type,
       "data-action": d.action,
       "data-request-id": String(d.requestId),
+      "data-source": d.source,
+      "data-stale": String(model.staleSources.has(d.source)),
     },
     head,
     numbers,
@@ -667,10 +677,28 @@ function ago(ms) {
   return `${Math.floor(ms / 60000)} min ago`;
 }
 
+// A stale source's price cards and decisions say so too: its last price is not the market's.
+function markStale(name, stale) {
+  if (stale) model.staleSources.add(name);
+  else model.staleSources.delete(name);
+  for (const series of model.symbols.values()) {
+    if (series.source === name && series.view) series.view.card.dataset.stale = String(stale);
+  }
+  for (const node of $("decision-feed").children) {
+    if (node.dataset.source === name) node.dataset.stale = String(stale);
+  }
+}
+
 function renderSources(now) {
   const list = $("sources");
-  $("sources-empty").hidden = model.sources.size > 0;
   for (const [name, source] of [...model.sources].sort(([a], [b]) => (a < b ? -1 : 1))) {
+    // Not seen for a while: it leaves the panel (its cards and decisions stay marked stale).
+    if (now - (source.lastEventAt || source.firstSeenAt) > FORGET_AFTER_MS) {
+      source.node?.remove();
+      model.sources.delete(name);
+      if (!model.staleSources.has(name)) markStale(name, true);
+      continue;
+    }
     if (!source.node) {
       source.node = el(
         "li",
@@ -688,6 +716,7 @@ function renderSources(now) {
       source.node.dataset.state = state;
       badge.textContent = state;
     }
+    if (model.staleSources.has(name) !== (state === "stale")) markStale(name, state === "stale");
     const health = source.health === false ? "unhealthy" : "";
     const errors = source.errors.length ? ` · ${source.errors.length} error(s): ${source.errors.join("; ")}` : "";
     const text = [source.status, health, source.lastError].filter(Boolean).join(" · ") + errors;
@@ -695,6 +724,7 @@ function renderSources(now) {
     const seenText = source.lastEventAt ? ago(now - source.lastEventAt) : "";
     if (seen.textContent !== seenText) seen.textContent = seenText;
   }
+  $("sources-empty").hidden = model.sources.size > 0;
 }
 
 function renderConnection() {
