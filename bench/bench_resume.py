@@ -62,7 +62,7 @@ class Client:
                                 "seq": seq,
                             }
                         ]
-                    await connection.send(orjson.dumps(request))
+                    await connection.send(orjson.dumps(request).decode())
                     async for raw in connection:
                         message = orjson.loads(raw)
                         if "seq" in message:

@@ -648,7 +648,12 @@ class Bridge:
             if early is not None:
                 self._reject("early_data", ip=request.remote or "")
                 raise web.HTTPBadRequest(text=early + "\n")
-        client, initial = self._admit(request)
+        try:
+            client, initial = self._admit(request)
+        except web.HTTPException:
+            if edge is not None:
+                edge.websocket_refused()
+            raise
         grant = client.grant
         ws = web.WebSocketResponse(
             heartbeat=config.ping_interval,
@@ -667,6 +672,8 @@ class Bridge:
             self._publishing_sources.add(client.source)
         try:
             await ws.prepare(request)
+            if edge is not None:
+                edge.websocket_open()
             client.transport = request.transport
             client.conn = ws
             client.push(hub.greeting(client, config.ping_interval, config.max_message_bytes))
@@ -793,6 +800,8 @@ class Bridge:
                 )
             return ws
         finally:
+            if edge is not None and not ws.prepared:
+                edge.websocket_refused()
             if claims_source:
                 self._publishing_sources.discard(client.source)
             left = self.connections.get(client.ip, 1) - 1

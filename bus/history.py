@@ -31,14 +31,16 @@ _unpack_meta = META_HEADER.unpack_from
 CacheEntry = tuple[bytes, bytes, bytes, int, int]
 
 
-class HistoryEntry(NamedTuple):
-    arrival: int
-    source: bytes
-    epoch: int
-    seq: int
-    meta: bytes
-    payload: bytes
-    at: float  # monotonic time it was captured
+# (arrival, source, epoch, seq, meta, payload, monotonic time it was captured): a plain
+# tuple, built per event on the cache thread, where a NamedTuple's constructor costs more
+HistoryEntry = tuple[int, bytes, int, int, bytes, bytes, float]
+ARRIVAL: Final = 0
+SOURCE: Final = 1
+EPOCH: Final = 2
+SEQ: Final = 3
+META: Final = 4
+PAYLOAD: Final = 5
+AT: Final = 6
 
 
 class HistoryPosition(NamedTuple):
@@ -102,22 +104,26 @@ class BusHistory:
         max_events = self.max_events
         arrival = self._arrival
         added = 0
+        dropped = 0
         for topic, (meta, payload, source, epoch, seq) in accepted:
             arrival += 1
             held = topics.get(topic)
             if held is None:
                 held = topics[topic] = deque()
-            held.append(HistoryEntry(arrival, source, epoch, seq, meta, payload, now))
+            elif len(held) >= max_events:
+                oldest = held.popleft()  # the per-topic bound, inline: this loop is hot
+                added -= len(oldest[META]) + len(oldest[PAYLOAD]) + ENTRY_OVERHEAD_BYTES
+                dropped += 1
+            held.append((arrival, source, epoch, seq, meta, payload, now))
             order.append((arrival, topic))
             added += len(meta) + len(payload) + ENTRY_OVERHEAD_BYTES
-            if len(held) > max_events:
-                # counts drop now, the batch's additions come after: the sums agree
-                self._drop_oldest(topic, held, "events")
         count = arrival - self._arrival
         self._arrival = arrival
         stats.events += count
-        stats.held += count
+        stats.held += count - dropped
         stats.bytes += added
+        if dropped:
+            stats.evicted["events"] = stats.evicted.get("events", 0) + dropped
         while stats.bytes > self.max_bytes and self._evict_oldest("bytes"):
             pass
 
@@ -128,10 +134,10 @@ class BusHistory:
         while order:
             arrival, topic = order[0]
             held = topics.get(topic)
-            if not held or held[0].arrival != arrival:
+            if not held or held[0][ARRIVAL] != arrival:
                 order.popleft()  # already gone (per-topic bound)
                 continue
-            if held[0].at >= oldest:
+            if held[0][AT] >= oldest:
                 return
             self._evict_oldest("age")
 
@@ -140,7 +146,7 @@ class BusHistory:
         while order:
             arrival, topic = order.popleft()
             held = topics.get(topic)
-            if held and held[0].arrival == arrival:
+            if held and held[0][ARRIVAL] == arrival:
                 self._drop_oldest(topic, held, reason)
                 return True
         return False
@@ -148,7 +154,7 @@ class BusHistory:
     def _drop_oldest(self, topic: bytes, held: deque[HistoryEntry], reason: str) -> None:
         entry = held.popleft()
         self.stats.held -= 1
-        self.stats.bytes -= entry_size(entry.meta, entry.payload)
+        self.stats.bytes -= entry_size(entry[META], entry[PAYLOAD])
         self.stats.evict(reason)
         if not held:
             del self.topics[topic]
@@ -172,9 +178,9 @@ class BusHistory:
             newer = [
                 entry
                 for entry in self.topics.get(position.topic, ())
-                if entry.source == position.source and (entry.epoch, entry.seq) > start
+                if entry[SOURCE] == position.source and (entry[EPOCH], entry[SEQ]) > start
             ]
-            marks = ((entry.epoch, entry.seq) for entry in newer)
+            marks = ((entry[EPOCH], entry[SEQ]) for entry in newer)
             if not newer:
                 # nothing held after it: complete only if it is known to be the newest
                 # (newer events may have come and been evicted)
@@ -183,7 +189,7 @@ class BusHistory:
                 )
             elif not contiguous_from(start, marks):
                 complete = False
-            picked.extend((e.arrival, position.topic, e.meta, e.payload) for e in newer)
+            picked.extend((e[ARRIVAL], position.topic, e[META], e[PAYLOAD]) for e in newer)
         wanted = list(patterns)
         extra_arrival = self._arrival + 1  # latest values of unnamed topics come last
         for topic in sorted(latest):
@@ -216,5 +222,6 @@ def _is_latest(
         if meta[META_HEADER_SIZE:] == position.source and (epoch, seq) == mark:
             return True
     return any(
-        entry.source == position.source and (entry.epoch, entry.seq) == mark for entry in held or ()
+        entry[SOURCE] == position.source and (entry[EPOCH], entry[SEQ]) == mark
+        for entry in held or ()
     )

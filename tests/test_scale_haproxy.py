@@ -212,14 +212,14 @@ class ResumingClient:
                         self._on(orjson.loads(raw))
             await asyncio.sleep(0.05)
 
-    def _subscribe(self) -> bytes:
+    def _subscribe(self) -> str:
         request: dict[str, Any] = {"op": "subscribe", "topics": list(self.patterns)}
         if self.positions:
             request["since"] = [
                 {"topic": topic, "source": source, "epoch": epoch, "seq": seq}
                 for (topic, source), (epoch, seq) in self.positions.items()
             ]
-        return orjson.dumps(request)
+        return orjson.dumps(request).decode()  # a text frame: the bridge refuses binary
 
     def _on(self, message: dict[str, Any]) -> None:
         if "seq" in message and "topic" in message:
@@ -281,7 +281,8 @@ class Bot:
 
     def stop(self) -> dict[str, int]:
         self._stop.set()
-        self._thread.join(10)
+        if self._thread.is_alive():
+            self._thread.join(10)
         return dict(self.published)
 
     def close(self) -> None:
