@@ -521,6 +521,13 @@ tap_through_load_balancer() {
   pass "[$label] events through the load balancer, $state: $(grep -m1 '^tap summary' "$work/lb.log" || tail -n 1 "$work/lb.log")"
 }
 
+# One run at a time on a machine: runs share the engine, the project name and the host's
+# ports, and one run's clean-up would remove the other's containers.
+exec 9>/tmp/tradebus-test-compose.lock
+if ! flock -n 9; then
+  say "another make test-compose is running on this machine: waiting for it to end"
+  flock -w "$(seconds 1800)" 9 || fail "another make test-compose still runs after $(seconds 1800) s"
+fi
 install_tools
 start_engine
 ensure_base_image
