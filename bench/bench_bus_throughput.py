@@ -6,7 +6,8 @@ same run:
 * raw pyzmq PUB -> SUB, one 300-byte frame, no proxy, no envelope (the baseline);
 * tradebus publisher -> ``tradebus`` proxy with its last-value cache -> SUB, 300-byte
   three-frame envelopes (topic + meta + payload);
-* the same through a proxy with ``cache=False``, to show what the cache costs;
+* the same with the cache but no history (``history_events=0``), to show what the history
+  costs, and through a proxy with ``cache=False``, to show what the cache costs;
 * below saturation, paced at ``--latency-rates``: publish -> receive latency through the
   proxy with the cache on and off (the cache must not slow forwarding).
 
@@ -391,7 +392,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="runs per configuration")
     parser.add_argument(
         "--only",
-        choices=["baseline", "cache", "nogate", "curve", "nocache"],
+        choices=["baseline", "cache", "nohistory", "nogate", "curve", "nocache"],
         action="append",
         help="run only these",
     )
@@ -429,6 +430,13 @@ def main() -> None:
     ] = {
         "raw PUB -> SUB (baseline)": (False, None, "baseline", None),
         "proxy, cache on": (True, cache_options, "cache", None),
+        # the cache with its history (bus/history.py, on by default) vs without
+        "proxy, cache on, no history": (
+            True,
+            {**cache_options, "history_events": 0},
+            "nohistory",
+            None,
+        ),
         "proxy, no gate, cache on": (True, {**cache_options, "gate": False}, "nogate", None),
         "proxy, cache on, CURVE": (True, curve, "curve", curve_clients),
         "proxy, cache off": (True, {"cache": False}, "nocache", None),
@@ -504,6 +512,12 @@ def main() -> None:
         print(f"ratio proxy (cache off) / raw baseline: {without_cache / baseline:.2f}")
     if with_cache and without_cache:
         print(f"ratio proxy cache on / cache off:      {with_cache / without_cache:.2f}")
+    without_history = medians.get("proxy, cache on, no history")
+    if with_cache and without_history:
+        print(
+            f"ratio proxy history on / history off:  {with_cache / without_history:.2f}; "
+            f"history on >= 200,000 events/s: {'met' if with_cache >= 200_000 else 'NOT met'}"
+        )
     without_gate = medians.get("proxy, no gate, cache on")
     if with_cache and without_gate:
         print(f"ratio proxy gate on / gate off:        {with_cache / without_gate:.2f}")

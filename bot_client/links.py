@@ -50,6 +50,15 @@ GREETING_SECONDS: Final = 1.0
 READ_CLOSE_SECONDS: Final = 0.25
 # Messages libzmq itself holds per connection; beyond it our outbox's policy applies.
 ZMQ_SNDHWM: Final = 10_000
+# A ZeroMQ reconnect attempt is one TCP connect that the proxy's host answers or refuses at
+# once, so it is tried often: back on the bus within 1 s of the proxy's return whatever the
+# outage's length (RETRY_DELAY's backoff, 5 s doubling, is for WebSocket handshakes; as
+# libzmq's RECONNECT_IVL_MAX it once kept a bot off the bus for 8 s after a 10 s outage).
+# libzmq adds up to one RECONNECT_IVL of jitter: at most 750 ms between attempts.
+BUS_RECONNECT_IVL_MS: Final = 250
+BUS_RECONNECT_IVL_MAX_MS: Final = 500
+# a connect that hangs (a host that drops SYNs) is abandoned and retried after this
+BUS_CONNECT_TIMEOUT_MS: Final = 1000
 # While busy, connection state and timers are checked this often.
 CHECK_SECONDS: Final = 0.005
 # After sending, nap this long (instead of sleeping until woken) for this many seconds.
@@ -148,10 +157,12 @@ class ZmqLink:
         xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
         xpub.setsockopt(zmq.SNDHWM, ZMQ_SNDHWM)
         xpub.setsockopt(zmq.LINGER, 0)
-        xpub.setsockopt(zmq.RECONNECT_IVL, max(1, int(delays[0] * 1000)))
-        xpub.setsockopt(zmq.RECONNECT_IVL_MAX, max(1, int(delays[-1] * 1000)))
+        xpub.setsockopt(zmq.RECONNECT_IVL, max(1, min(int(delays[0] * 1000), BUS_RECONNECT_IVL_MS)))
+        xpub.setsockopt(
+            zmq.RECONNECT_IVL_MAX, max(1, min(int(delays[-1] * 1000), BUS_RECONNECT_IVL_MAX_MS))
+        )
         timeout_ms = max(1, int(settings.timeout * 1000))
-        xpub.setsockopt(zmq.CONNECT_TIMEOUT, timeout_ms)
+        xpub.setsockopt(zmq.CONNECT_TIMEOUT, min(timeout_ms, BUS_CONNECT_TIMEOUT_MS))
         xpub.setsockopt(zmq.HEARTBEAT_IVL, max(100, timeout_ms // 3))
         xpub.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout_ms)
         events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED

@@ -23,6 +23,7 @@ import zmq
 import zmq.asyncio
 from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from zmq.utils.monitor import parse_monitor_message
 
 from bridge.admission import (
     HostPolicy,
@@ -50,8 +51,16 @@ from bridge.protocol import (
 from bridge.rfc6455 import CLOSE_PROTOCOL_ERROR, CLOSE_UNSUPPORTED_DATA, close_code_allowed
 from bus.errors import AuthError as BusAuthError
 from bus.errors import KeyFileError, TopicError
+from bus.history import HistoryPosition
 from bus.keys import ClientKeys, configure_client, connect_checked_async, load_client_keys
-from bus.proxy import SNAPSHOT_COMMAND, STATUS_OK, SYNC_PREFIX, snapshot_request
+from bus.proxy import (
+    HISTORY_COMMAND,
+    SNAPSHOT_COMMAND,
+    STATUS_OK,
+    SYNC_PREFIX,
+    history_request,
+    snapshot_request,
+)
 from bus.topics import Pattern, validate_source
 from bus.transport import receiver
 from monitoring.logging import get_logger
@@ -110,6 +119,7 @@ class Bridge:
             max_topics=config.max_topics,
             max_sources=config.max_sources,
             forget_sources_after=config.forget_sources_after,
+            bus_history=bool(config.snapshot),
         )
         self.auth = Authenticator(
             config.tokens,
@@ -159,6 +169,11 @@ class Bridge:
         self._flush_scheduled = False
         self._probe_sent = 0.0
         self._probe_answered = 0.0
+        # the SUB socket's link to the proxy, from its monitor: a lost link makes the bridge
+        # unready at once, however short the outage (the probes alone see one within 2-7 s);
+        # until it says otherwise the probes alone decide, as before it existed
+        self._sub_up = True
+        self._sub_monitor: zmq.asyncio.Socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- life cycle ---------------------------------------------------------------------
@@ -186,6 +201,10 @@ class Bridge:
                 self._context.term()
                 self._context = None
                 raise ConfigError(str(error)) from None
+        # after connecting: a key check (connect_checked_async) uses a monitor of its own
+        self._sub_monitor = sub.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        )
         self._sub_raw = zmq.Socket.shadow(sub.underlying)
         if config.snapshot:
             dealer = self._context.socket(zmq.DEALER)
@@ -206,7 +225,7 @@ class Bridge:
         self._apply_upstream()
         self._loop.add_reader(int(self._sub_raw.getsockopt(zmq.FD)), self._on_upstream)
         self._loop.call_soon(self._on_upstream)
-        self._tasks = []
+        self._tasks = [asyncio.create_task(self._watch_sub(), name="bridge-sub-monitor")]
         if self._dealer is not None:
             self._tasks.append(asyncio.create_task(self._read_snapshots(), name="bridge-snap"))
         if self._pub is not None:
@@ -238,7 +257,10 @@ class Bridge:
             self._backlog_timer.cancel()
         # a reader call already scheduled must find no socket, not a closed one's handle
         self._sub_raw = None
-        for socket in (self._sub, self._dealer, self._pub):
+        if self._sub is not None and self._sub_monitor is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sub.disable_monitor()
+        for socket in (self._sub_monitor, self._sub, self._dealer, self._pub):
             if socket is not None:
                 socket.close(linger=0)
         if self._context is not None:
@@ -262,6 +284,16 @@ class Bridge:
                 self._markers[sync_id] = nonce
                 request = snapshot_request(nonce, patterns)
                 self._dealer.send_multipart([b"s%d" % sync_id, b"", *request])
+            elif op[0] == "history" and self._dealer is not None:
+                _kind, sync_id, nonce, positions, patterns = op
+                sub.subscribe(SYNC_PREFIX + nonce)
+                self._markers[sync_id] = nonce
+                wanted = [
+                    HistoryPosition(p.topic.encode(), p.source.encode(), p.epoch, p.seq)
+                    for p in positions
+                ]
+                request = history_request(nonce, wanted, patterns)
+                self._dealer.send_multipart([b"h%d" % sync_id, b"", *request])
         ops.clear()
         if self._loop is not None:
             # a subscription is a send on the SUB socket, after which its edge-triggered
@@ -309,7 +341,11 @@ class Bridge:
         assert self._dealer is not None
         while True:
             frames = await self._dealer.recv_multipart()
-            if len(frames) < 4 or frames[1] != b"" or frames[2] != SNAPSHOT_COMMAND:
+            if (
+                len(frames) < 4
+                or frames[1] != b""
+                or frames[2] not in (SNAPSHOT_COMMAND, HISTORY_COMMAND)
+            ):
                 self.log.warning("bridge.snapshot_malformed", frames=len(frames))
                 continue
             tag, status, body = frames[0], frames[3], frames[4:]
@@ -322,7 +358,13 @@ class Bridge:
             except ValueError:
                 continue
             self._end_marker(sync_id)
-            if status in (STATUS_OK, b"unsynced") and len(body) % 3 == 0:
+            if tag.startswith(b"h"):
+                # an old proxy (error: expected SNAPSHOT) or history off: served as before
+                complete = frames[2] == HISTORY_COMMAND and status == STATUS_OK
+                complete = complete and len(body) % 3 == 0
+                messages = [body[i : i + 3] for i in range(0, len(body), 3)] if complete else []
+                self.hub.history_reply(sync_id, complete, messages, now)
+            elif status in (STATUS_OK, b"unsynced") and len(body) % 3 == 0:
                 messages = [body[i : i + 3] for i in range(0, len(body), 3)]
                 self.hub.snapshot_reply(sync_id, status == STATUS_OK, messages, now)
             else:
@@ -336,9 +378,25 @@ class Bridge:
             self.flush()
             self._wake_job_waiters()
 
+    async def _watch_sub(self) -> None:
+        assert self._sub_monitor is not None
+        while True:
+            event = parse_monitor_message(await self._sub_monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._sub_up = True
+                # ready again once the snapshot service answers too: ask now, not in 5 s
+                self._probe_sent = 0.0
+                self._probe(time.monotonic())
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self._sub_up = False
+                if self.ready and self._dealer is not None:
+                    self.ready = False
+                    self._update_bus_usable()
+                    self.log.warning("bridge.bus_unavailable", bus=self.config.bus)
+
     def _bus_seen(self, now: float) -> None:
         self._probe_answered = now
-        if not self.ready:
+        if not self.ready and self._sub_up:
             self.ready = True
             self._update_bus_usable()
             self.log.info("bridge.bus_connected", bus=self.config.bus)
@@ -499,7 +557,7 @@ class Bridge:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         self.log.warning("websocket.connection_rejected", reason=reason, **fields)
 
-    def _admit(self, request: web.Request) -> tuple[Client, list[Pattern]]:
+    def _admit(self, request: web.Request) -> tuple[Client, list[Pattern] | None]:
         """Handshake checks (raising the HTTP refusal) and the new client, not yet counted."""
         config = self.config
         ip = request.remote or ""
@@ -538,7 +596,14 @@ class Bridge:
                 # an epoch is its run's start time: one in the future would make every
                 # receiver drop the real source's later runs as stale
                 raise ValueError("epoch is in the future (it is the publisher's start time in ns)")
-            initial = [Pattern(t) for t in query.get("topics", "").split(",") if t.strip()]
+            # "?topics=" with no pattern: no event until the client subscribes (a resume
+            # must be in force before the first event, or the client's positions move past
+            # what the resume would replay); no "topics" at all: everything
+            initial = (
+                [Pattern(t) for t in query["topics"].split(",") if t.strip()]
+                if "topics" in query
+                else None
+            )
         except (TopicError, ValueError) as error:
             self._reject("bad_query", ip=ip)
             raise web.HTTPBadRequest(text=f"{error}\n") from None
@@ -583,7 +648,12 @@ class Bridge:
             if early is not None:
                 self._reject("early_data", ip=request.remote or "")
                 raise web.HTTPBadRequest(text=early + "\n")
-        client, initial = self._admit(request)
+        try:
+            client, initial = self._admit(request)
+        except web.HTTPException:
+            if edge is not None:
+                edge.websocket_refused()
+            raise
         grant = client.grant
         ws = web.WebSocketResponse(
             heartbeat=config.ping_interval,
@@ -602,10 +672,12 @@ class Bridge:
             self._publishing_sources.add(client.source)
         try:
             await ws.prepare(request)
+            if edge is not None:
+                edge.websocket_open()
             client.transport = request.transport
             client.conn = ws
             client.push(hub.greeting(client, config.ping_interval, config.max_message_bytes))
-            hub.add_client(client, time.time_ns())
+            hub.add_client(client, time.time_ns(), receive_all=initial is None)
             self.log.info(
                 "websocket.client_connected",
                 client=client.id,
@@ -728,6 +800,8 @@ class Bridge:
                 )
             return ws
         finally:
+            if edge is not None and not ws.prepared:
+                edge.websocket_refused()
             if claims_source:
                 self._publishing_sources.discard(client.source)
             left = self.connections.get(client.ip, 1) - 1

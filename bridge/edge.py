@@ -175,20 +175,28 @@ class EdgeProtocol(asyncio.Protocol):
             self._deadline = None
 
     def websocket_started(self) -> str | None:
-        """The request is a WebSocket upgrade: from here on its frames are checked, and
-        the socket is counted as a connection by the bridge instead of as a handshake.
+        """The request is a WebSocket upgrade: from here on its frames are checked.
 
         Returns why the upgrade must be refused: bytes sent after the first request
         before the handshake's answer (checked for the first request of a socket, which
         is how browsers and client libraries open WebSockets).
         """
-        self._stop_counting()
         if self._scanner is None:
             self._scanner = MaskScanner()
         if self._following and self._early:
             return "data was sent before the handshake response (RFC 6455 4.1)"
         self._stop_following()
         return None
+
+    def websocket_open(self) -> None:
+        """The upgrade succeeded: the socket is counted by the bridge as a connection
+        from now on, no longer as a handshake."""
+        self._stop_counting()
+
+    def websocket_refused(self) -> None:
+        """The upgrade was refused with an HTTP status: the socket goes on as plain HTTP
+        (still counted as a handshake, under the keep-alive timeout)."""
+        self._scanner = None
 
     def request_done(self) -> None:
         """A request was answered: a later upgrade on this socket is not its first."""

@@ -96,6 +96,11 @@ class SnapshotJob:
     since: tuple[Position, ...] | None
     waiting: set[int]
     complete: bool = True
+    # a resume this bridge's history cannot prove complete is asked of the proxy's history
+    # (bus/history.py): None until asked, then whether it was; ``bus_entries`` are its
+    # events when the proxy answered complete
+    asked_bus: bool = False
+    bus_entries: list[Entry] | None = None
 
 
 class Client:
@@ -403,6 +408,7 @@ class HubStats:
     snapshots: int = 0
     resumes: int = 0
     resumes_unrecovered: int = 0
+    resumes_from_bus: int = 0  # recovered from the proxy's history
     syncs: int = 0
     sync_timeouts: int = 0
     linger_evicted: int = 0  # lingering prefixes dropped early by the caps
@@ -437,6 +443,7 @@ class Hub:
         max_topics: int = 100_000,
         max_sources: int = 10_000,
         forget_sources_after: float = 3600.0,
+        bus_history: bool = False,
     ) -> None:
         self.conflate_types = frozenset(conflate_types)
         self.max_lingering = max_lingering
@@ -450,6 +457,8 @@ class Hub:
         self.snapshot_timeout = snapshot_timeout
         self.stale_after = stale_after
         self.snapshots_available = snapshots_available
+        # whether to ask the proxy's history (bus/history.py) for resumes
+        self.bus_history = bus_history
         self.index = PatternIndex[Client]()
         self.generation = 0
         self.clients: set[Client] = set()
@@ -481,6 +490,9 @@ class Hub:
         # prefixes dropped upstream whose topics are still to be forgotten: (prefix, from)
         self.forgetting: deque[tuple[bytes, bytes]] = deque()
         self.syncs: dict[int, Sync] = {}
+        # the proxy's history requests in flight: sync id -> the client waiting for it
+        self.history_requests: dict[int, Client] = {}
+        self.clock = 0.0  # the latest monotonic time a call brought
         self.syncing: dict[bytes, int] = {}
         self._sync_ids = itertools.count(1)
         self.upstream_ops: list[tuple[Any, ...]] = []
@@ -492,11 +504,12 @@ class Hub:
             self._need_prefix(SOURCE_STATUS_TYPE.encode())
 
     # -- clients ------------------------------------------------------------------------
-    def add_client(self, client: Client, now_ns: int) -> None:
+    def add_client(self, client: Client, now_ns: int, *, receive_all: bool = True) -> None:
         """Register ``client`` and queue its greeting; a subscriber gets everything until it
-        subscribes (within its grant's patterns)."""
+        subscribes (within its grant's patterns), unless ``receive_all`` is false: a
+        reconnecting client must see no event before its resume is in force."""
         self.clients.add(client)
-        if not client.publisher:
+        if not client.publisher and receive_all:
             client.implicit = True
             # a grant of no topics ("topics": []) gets nothing, not everything
             granted = client.grant.topics
@@ -566,6 +579,7 @@ class Hub:
     # -- requests -----------------------------------------------------------------------
     def subscribe(self, client: Client, request: Subscribe, now: float) -> None:
         """Apply a subscribe; the reply (and a snapshot, maybe later) goes to the queue."""
+        self.clock = now
         request_id = request.request_id
         client.work += len(request.patterns) + len(request.since or ())
         for pattern in request.patterns:
@@ -867,6 +881,7 @@ class Hub:
 
     def housekeeping(self, now: float) -> None:
         """Periodic work: stale sources, expired lingering subscriptions, sync timeouts."""
+        self.clock = now
         forgotten: list[bytes] = []
         for source, state in self.sources.items():
             if state.live and now - state.last_seen > self.stale_after:
@@ -1028,6 +1043,7 @@ class Hub:
         self, sync_id: int, synced: bool, messages: Sequence[Sequence[bytes]], now: float
     ) -> None:
         """Apply the proxy's snapshot for ``sync_id`` to the cache; serve waiting clients."""
+        self.clock = now
         sync = self.syncs.pop(sync_id, None)
         if sync is None:
             return  # answered after its timeout: the clients were already served
@@ -1064,6 +1080,7 @@ class Hub:
     def sync_failed(self, sync_id: int) -> None:
         """The proxy did not answer in time: serve waiting clients from what is known."""
         sync = self.syncs.pop(sync_id, None)
+        self.history_requests.pop(sync_id, None)
         if sync is None:
             return
         for prefix in sync.prefixes:
@@ -1084,11 +1101,75 @@ class Hub:
     def _serve_jobs(self, client: Client) -> None:
         skip: dict[tuple[bytes, bytes], tuple[int, int]] = {}
         while client.jobs and not client.jobs[0].waiting:
-            job = client.jobs.pop(0)
+            job = client.jobs[0]
+            if self._ask_bus_history(client, job):
+                break
+            client.jobs.pop(0)
             skip.update(self._serve(client, job))
         if not client.jobs and client.held is not None:
             client.release(skip)
         self.mark(client)
+
+    def _ask_bus_history(self, client: Client, job: SnapshotJob) -> bool:
+        """Ask the proxy's history for a resume this bridge's own cannot prove complete (it
+        restarted, or the positions come from another bridge); True when now waiting."""
+        if job.since is None or job.asked_bus or not self.bus_history:
+            return False
+        states = self._allowed_states(client, job.patterns)
+        if job.complete and self._missed(job, states)[1]:
+            return False
+        job.asked_bus = True
+        sync = Sync(
+            next(self._sync_ids),
+            secrets.token_hex(8).encode(),
+            (),
+            self.clock + self.snapshot_timeout,
+        )
+        self.syncs[sync.sync_id] = sync
+        self.history_requests[sync.sync_id] = client
+        job.waiting.add(sync.sync_id)
+        client.hold()
+        positions = [
+            p for p in job.since if any(pattern.matches(p.topic) for pattern in job.patterns)
+        ]
+        self.upstream_ops.append(
+            ("history", sync.sync_id, sync.nonce, positions, [p.text for p in job.patterns])
+        )
+        return True
+
+    def history_reply(
+        self, sync_id: int, complete: bool, messages: Sequence[Sequence[bytes]], now: float
+    ) -> None:
+        """The proxy's history answer for a resume: its events serve the resume when it
+        says complete; otherwise the resume is served as without it (recovered: false)."""
+        self.clock = now
+        client = self.history_requests.pop(sync_id, None)
+        if self.syncs.pop(sync_id, None) is None or client is None:
+            return  # answered after its timeout
+        job = next((j for j in client.jobs if sync_id in j.waiting), None)
+        if job is None or client not in self.clients:
+            return
+        if complete:
+            entries: list[Entry] = []
+            for order, (topic, meta, payload) in enumerate(messages):
+                if len(meta) <= META_HEADER_SIZE or not client.grant.allows_topic(
+                    topic.decode(errors="replace")
+                ):
+                    continue
+                _version, _flags, epoch, seq, _publish_ns = _unpack_meta(meta)
+                source = meta[META_HEADER_SIZE:]
+                entries.append((order, source, epoch, seq, text_frame(payload), now, topic))
+            job.bus_entries = entries
+        self._sync_done(sync_id, complete=True)
+
+    def _allowed_states(
+        self, client: Client, patterns: Sequence[Pattern]
+    ) -> list[tuple[bytes, TopicState]]:
+        return [
+            (topic, state)
+            for topic, state in self._matching_states(patterns)
+            if client.grant.allows_topic(state.name)
+        ]
 
     def _matching_states(self, patterns: Sequence[Pattern]) -> list[tuple[bytes, TopicState]]:
         """Topics with an event matching any of ``patterns``, by name: the cost is the
@@ -1129,8 +1210,12 @@ class Hub:
         if job.since is not None:
             mode = "resume"
             self.stats.resumes += 1
-            entries, recovered = self._missed(job, states)
-            recovered = recovered and job.complete
+            if job.bus_entries is not None:
+                entries, recovered = job.bus_entries, True
+                self.stats.resumes_from_bus += 1
+            else:
+                entries, recovered = self._missed(job, states)
+                recovered = recovered and job.complete
             if not recovered:
                 self.stats.resumes_unrecovered += 1
                 entries = [state.latest for _topic, state in states if state.latest is not None]

@@ -102,6 +102,11 @@ class BridgeCollector(Collector):
         resumes.add_metric(["true"], stats.resumes - stats.resumes_unrecovered)
         resumes.add_metric(["false"], stats.resumes_unrecovered)
         yield resumes
+        yield CounterMetricFamily(
+            PREFIX + "resumes_from_bus",
+            "Resumes recovered from the proxy's history (this bridge's own did not cover them)",
+            value=stats.resumes_from_bus,
+        )
         clients = GaugeMetricFamily(
             PREFIX + "connected_clients", "Open WebSocket connections", labels=["role"]
         )

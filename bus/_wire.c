@@ -326,6 +326,7 @@ typedef struct {
     PyObject *entries;   /* topic -> (meta, payload, source, epoch, seq) */
     PyObject *positions; /* (source, topic) -> (epoch, seq) */
     PyObject *counts;    /* topic -> events since the last fold */
+    PyObject *accepted;  /* a list that gets (topic, entry) of each event kept, or None */
     Py_ssize_t max_topics;
     unsigned long long events, invalid, gaps, missed, evictions;
 } cache_state;
@@ -487,6 +488,13 @@ static int cache_update(cache_state *state, PyObject *stats, PyObject *topic, Py
     updated = PyTuple_Pack(5, meta, payload, source, epoch_object, seq_object);
     if (updated == NULL || PyDict_SetItem(state->entries, topic, updated) < 0)
         goto done;
+    if (state->accepted != NULL) { /* the proxy's history takes what the cache kept */
+        PyObject *kept = PyTuple_Pack(2, topic, updated);
+        int appended = kept == NULL ? -1 : PyList_Append(state->accepted, kept);
+        Py_XDECREF(kept);
+        if (appended < 0)
+            goto done;
+    }
     status = 0;
 done:
     Py_XDECREF(entry);
@@ -528,9 +536,16 @@ static PyObject *cache_drain(PyObject *module, PyObject *args) {
     state.counts = PyObject_GetAttrString(cache, "_counts");
     stats = PyObject_GetAttrString(cache, "stats");
     max_topics = PyObject_GetAttrString(cache, "max_topics");
+    state.accepted = PyObject_GetAttrString(cache, "accepted");
     if (state.entries == NULL || state.positions == NULL || state.counts == NULL ||
-        stats == NULL || max_topics == NULL)
+        stats == NULL || max_topics == NULL || state.accepted == NULL)
         goto finish;
+    if (state.accepted == Py_None) {
+        Py_CLEAR(state.accepted);
+    } else if (!PyList_CheckExact(state.accepted)) {
+        PyErr_SetString(PyExc_TypeError, "cache_drain needs a list or None as cache.accepted");
+        goto finish;
+    }
     if (!PyDict_CheckExact(state.entries) || !PyDict_CheckExact(state.positions) ||
         !PyDict_CheckExact(state.counts)) {
         PyErr_SetString(PyExc_TypeError, "cache_drain needs a LastValueCache");
@@ -601,6 +616,7 @@ finish:
     Py_XDECREF(state.entries);
     Py_XDECREF(state.positions);
     Py_XDECREF(state.counts);
+    Py_XDECREF(state.accepted);
     Py_XDECREF(stats);
     Py_XDECREF(max_topics);
     return result;

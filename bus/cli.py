@@ -68,6 +68,24 @@ OPTIONS: dict[str, settings.Option] = {
         _DEFAULTS.cache_nice,
         "CPU niceness of the cache thread, 0..19: forwarding goes first",
     ),
+    "--history-events": settings.Option(
+        "TRADEBUS__PROXY_HISTORY_EVENTS",
+        settings.whole_number(0),
+        _DEFAULTS.history_events,
+        "events kept per topic for resumes, 0 = no history",
+    ),
+    "--history-seconds": settings.Option(
+        "TRADEBUS__PROXY_HISTORY_SECONDS",
+        settings.number(0, what="seconds"),
+        _DEFAULTS.history_seconds,
+        "age past which history events are dropped",
+    ),
+    "--history-max-bytes": settings.Option(
+        "TRADEBUS__PROXY_HISTORY_MAX_BYTES",
+        _COUNT,
+        _DEFAULTS.history_max_bytes,
+        "memory of the whole history; oldest events go first",
+    ),
     "--owner-idle": settings.Option(
         "TRADEBUS__PROXY_OWNER_IDLE",
         settings.number(0, what="seconds"),
@@ -136,6 +154,9 @@ def run(args: argparse.Namespace) -> int:
         owner_idle_s=args.owner_idle,
         epoch_skew_s=args.epoch_skew,
         snapshot_max_bytes=args.snapshot_max_bytes,
+        history_events=args.history_events,
+        history_seconds=args.history_seconds,
+        history_max_bytes=args.history_max_bytes,
     )
     stop = threading.Event()
     received: list[str] = []
@@ -159,7 +180,10 @@ def run(args: argparse.Namespace) -> int:
         registry = CollectorRegistry()
         registry.register(
             ProxyCollector(
-                lambda: proxy.cache.stats, lambda: proxy.gate.stats, lambda: proxy.auth_refused
+                lambda: proxy.cache.stats,
+                lambda: proxy.gate.stats,
+                lambda: proxy.auth_refused,
+                history=lambda: proxy.history.stats if proxy.history is not None else None,
             )
         )
         try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import itertools
 import os
 import re
 import stat
@@ -518,7 +519,7 @@ def connect_checked(
     connection; the socket stays connected and ZeroMQ keeps retrying, as without keys.
     Raises AuthError when the proxy refused the key.
     """
-    monitor: zmq.Socket[bytes] = socket.get_monitor_socket(_HANDSHAKE_EVENTS)
+    monitor: zmq.Socket[bytes] = socket.get_monitor_socket(_HANDSHAKE_EVENTS, _monitor_address())
     try:
         socket.connect(endpoint)
         deadline = time.monotonic() + timeout
@@ -541,7 +542,7 @@ async def connect_checked_async(
     seconds: float = DEFAULT_HANDSHAKE_TIMEOUT,
 ) -> bool:
     """``connect_checked`` for an asyncio socket: waits without blocking the loop."""
-    monitor: zmq.asyncio.Socket = socket.get_monitor_socket(_HANDSHAKE_EVENTS)
+    monitor: zmq.asyncio.Socket = socket.get_monitor_socket(_HANDSHAKE_EVENTS, _monitor_address())
     try:
         socket.connect(endpoint)
         deadline = time.monotonic() + seconds
@@ -555,6 +556,16 @@ async def connect_checked_async(
         return False
     finally:
         _stop_monitor(socket, monitor)
+
+
+_monitor_numbers = itertools.count()
+
+
+def _monitor_address() -> str:
+    """An inproc address of the check's own: libzmq unbinds a stopped monitor's address in
+    the background, so reusing pyzmq's default (one per socket) would make the caller's
+    own monitor, attached right after the check, fail with "Address already in use"."""
+    return f"inproc://tradebus-key-check-{os.getpid()}-{next(_monitor_numbers)}"
 
 
 def _stop_monitor(socket: zmq.Socket[Any], monitor: zmq.Socket[Any]) -> None:

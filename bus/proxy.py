@@ -48,6 +48,7 @@ from bus.gate import (
     Refusal,
     RefusalLog,
 )
+from bus.history import BusHistory, HistoryPosition
 from bus.keys import ZAP_DOMAIN as KEYS_ZAP_DOMAIN
 from bus.keys import BusAuthenticator, ServerKeys, configure_server
 from bus.topics import Pattern
@@ -68,6 +69,10 @@ DEFAULT_BACKEND: Final = "tcp://127.0.0.1:5556"
 DEFAULT_SNAPSHOT: Final = "tcp://127.0.0.1:5557"
 
 SNAPSHOT_COMMAND: Final = b"SNAPSHOT"
+HISTORY_COMMAND: Final = b"HISTORY"
+STATUS_INCOMPLETE: Final = b"incomplete"
+# positions one history request may name
+HISTORY_MAX_POSITIONS: Final = 10_000
 SYNC_PREFIX: Final = b"\x00sync."
 STATUS_OK: Final = b"ok"
 STATUS_UNSYNCED: Final = b"unsynced"
@@ -131,6 +136,11 @@ class ProxyConfig:
     snapshot_max_patterns: int = 100
     snapshot_max_bytes: int = 64 * 1024 * 1024
     snapshot_hwm: int = 16
+    # The history (bus/history.py): per topic the last history_events events, none older
+    # than history_seconds, history_max_bytes in all. history_events=0 turns it off.
+    history_events: int = 1000
+    history_seconds: float = 300.0
+    history_max_bytes: int = 256 * 1024 * 1024
 
 
 @dataclass
@@ -178,9 +188,12 @@ class LastValueCache:
         self._positions: dict[tuple[bytes, bytes], tuple[int, int]] = {}
         # events per topic since the last fold_counts()
         self._counts: dict[bytes, int] = {}
+        # when a list: gets (topic, entry) of every event kept, for the history to take
+        self.accepted: list[tuple[bytes, tuple[bytes, bytes, bytes, int, int]]] | None = None
 
-    def update(self, topic: bytes, meta: bytes, payload: bytes) -> None:
-        """Keep the event as the latest of ``topic``; count events and gaps.
+    def update(self, topic: bytes, meta: bytes, payload: bytes) -> bool:
+        """Keep the event as the latest of ``topic``; count events and gaps. False for an
+        event not kept (malformed, duplicate, late or of an older run).
 
         This runs for every forwarded event on the CPU that forwarding needs too, so it
         does only that (see docs/performance.md): the position of the latest event per
@@ -190,7 +203,7 @@ class LastValueCache:
         stats = self.stats
         if len(meta) <= META_HEADER_SIZE or meta[0] != WIRE_VERSION:
             stats.invalid += 1
-            return
+            return False
         stats.events += 1
         counts = self._counts
         counts[topic] = counts.get(topic, 0) + 1
@@ -212,11 +225,11 @@ class LastValueCache:
         if epoch == last_epoch:
             if seq != last_seq + 1:
                 if seq <= last_seq:
-                    return  # a duplicate or late event: the cache keeps the newer one
+                    return False  # a duplicate or late event: the cache keeps the newer one
                 stats.gaps += 1
                 stats.missed += seq - last_seq - 1
         elif epoch < last_epoch:
-            return  # from an older run of that source
+            return False  # from an older run of that source
         if entry is None:
             if len(entries) >= self.max_topics:
                 del entries[next(iter(entries))]
@@ -229,7 +242,10 @@ class LastValueCache:
                 positions.clear()
             positions[(entry[2], topic)] = (entry[3], entry[4])
             positions.pop((source, topic), None)
-        entries[topic] = (meta, payload, source, epoch, seq)
+        kept = entries[topic] = (meta, payload, source, epoch, seq)
+        if self.accepted is not None:
+            self.accepted.append((topic, kept))
+        return True
 
     def fold_counts(self) -> None:
         """Add the events counted per topic since the last call to ``stats.by_type``."""
@@ -280,6 +296,48 @@ def drain_capture_python(
     return count, None
 
 
+@dataclass(frozen=True)
+class HistoryQuery:
+    """A parsed history request: positions, and patterns whose unnamed topics get their latest."""
+
+    positions: tuple[HistoryPosition, ...]
+    patterns: list[Pattern]
+
+
+def parse_history_request(body: list[bytes], max_patterns: int) -> HistoryQuery:
+    """``HISTORY nonce count (topic source epoch seq)*count pattern*`` (body[2:] here).
+
+    Raises ValueError (the error reply's text) for anything else."""
+    try:
+        count = int(body[2])
+    except (IndexError, ValueError):
+        raise ValueError("expected HISTORY, nonce, count, positions..., patterns...") from None
+    if not 0 <= count <= HISTORY_MAX_POSITIONS:
+        raise ValueError(f"position count must be 0..{HISTORY_MAX_POSITIONS}")
+    fields = body[3 : 3 + 4 * count]
+    if len(fields) != 4 * count:
+        raise ValueError(f"{count} positions announced, {len(fields) // 4} given")
+    positions = []
+    for at in range(0, len(fields), 4):
+        topic, source, epoch, seq = fields[at : at + 4]
+        try:
+            positions.append(HistoryPosition(topic, source, int(epoch), int(seq)))
+        except ValueError:
+            raise ValueError("epoch and seq are decimal integers") from None
+    raw_patterns = body[3 + 4 * count :]
+    if len(raw_patterns) > max_patterns:
+        raise ValueError(f"more than {max_patterns} patterns in one request")
+    try:
+        patterns = [Pattern(p.decode()) for p in raw_patterns]
+    except (TopicError, UnicodeDecodeError) as error:
+        raise ValueError(str(error)) from None
+    return HistoryQuery(tuple(positions), patterns)
+
+
+# (reply envelope, query, deadline): a request waiting for its sync marker
+Parked = tuple[list[bytes], "list[Pattern] | HistoryQuery", float]
+
+
 class Proxy:
     """Binds the three sockets and runs the forwarder and cache threads."""
 
@@ -292,6 +350,13 @@ class Proxy:
         self._own_context = context is None
         self.context: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context()
         self.cache = LastValueCache(self.config.cache_max_topics)
+        self.history: BusHistory | None = None
+        if self.config.cache and self.config.history_events > 0:
+            self.history = BusHistory(
+                self.config.history_events,
+                self.config.history_seconds,
+                self.config.history_max_bytes,
+            )
         keys = self.config.keys
         self.gate = Gate(
             keys.sources_for if keys is not None else None,
@@ -593,6 +658,9 @@ class Proxy:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.cache_nice)
         receive = receiver(capture)
         drain = cache_drainer(capture) or functools.partial(drain_capture_python, receive)
+        if self.history is not None:
+            # the cache hands what it kept to the history after each drain (bus/_wire.c)
+            self.cache.accepted = []
         # The capture socket is drained on a cadence, not when it becomes readable: waiting
         # on it would make the forwarder wake this thread for every event, a system call
         # (and on a VM an interrupt to the other CPU) made before the event goes on to the
@@ -603,7 +671,7 @@ class Proxy:
         poller.register(control, zmq.POLLIN)
         seen_syncs: dict[bytes, float] = {}
         # nonce -> [(reply envelope, patterns, deadline)]
-        parked: dict[bytes, list[tuple[list[bytes], list[Pattern], float]]] = {}
+        parked: dict[bytes, list[Parked]] = {}
         wait_ms = CACHE_DRAIN_BUSY_MS
         while True:
             ready = dict(poller.poll(CACHE_DRAIN_BUSY_MS if parked else wait_ms))
@@ -631,7 +699,7 @@ class Proxy:
         drain: Callable[[LastValueCache, int], tuple[int, bytes | None]],
         snapshot: zmq.Socket[bytes],
         seen_syncs: dict[bytes, float],
-        parked: dict[bytes, list[tuple[list[bytes], list[Pattern], float]]],
+        parked: dict[bytes, list[Parked]],
         now: float,
     ) -> int:
         """Feed up to CACHE_DRAIN_BATCH captured messages to the cache; how many there were.
@@ -643,11 +711,20 @@ class Proxy:
         while count < CACHE_DRAIN_BATCH:
             drained, sync = drain(self.cache, CACHE_DRAIN_BATCH - count)
             count += drained
+            accepted = self.cache.accepted
+            if accepted:
+                assert self.history is not None
+                # before the snapshots at a sync marker are answered: the history holds
+                # everything up to it
+                self.history.take(accepted, now)
+                accepted.clear()
             if sync is None:
                 break
             self._synced(snapshot, sync, seen_syncs, parked, now)
         if count:
             self.cache.fold_counts()
+        if self.history is not None:
+            self.history.expire(now)
         return count
 
     def _synced(
@@ -655,7 +732,7 @@ class Proxy:
         snapshot: zmq.Socket[bytes],
         subscription: bytes,
         seen_syncs: dict[bytes, float],
-        parked: dict[bytes, list[tuple[list[bytes], list[Pattern], float]]],
+        parked: dict[bytes, list[Parked]],
         now: float,
     ) -> None:
         nonce = subscription[len(_SYNC_SUBSCRIPTION) :]
@@ -663,21 +740,24 @@ class Proxy:
         if waiting is None:
             seen_syncs[nonce] = now
             return
-        for envelope, patterns, _deadline in waiting:
-            self._answer(snapshot, envelope, patterns, STATUS_OK)
+        for envelope, query, _deadline in waiting:
+            self._answer(snapshot, envelope, query, STATUS_OK)
 
     def _handle_request(
         self,
         snapshot: zmq.Socket[bytes],
         request: list[bytes],
         seen_syncs: dict[bytes, float],
-        parked: dict[bytes, list[tuple[list[bytes], list[Pattern], float]]],
+        parked: dict[bytes, list[Parked]],
         now: float,
     ) -> None:
         # ROUTER frames: identity, empty delimiter (REQ or DEALER+delimiter), then the body.
         # A DEALER that forgot the delimiter still gets its error reply (without one).
         delimiter = request.index(b"") if b"" in request else 0
         envelope, body = request[: delimiter + 1], request[delimiter + 1 :]
+        if len(body) >= 2 and body[0] == HISTORY_COMMAND:
+            self._handle_history(snapshot, envelope, body, seen_syncs, parked, now)
+            return
         if len(body) < 2 or body[0] != SNAPSHOT_COMMAND:
             self.cache.stats.bad_requests += 1
             self._error(snapshot, envelope, b"expected SNAPSHOT, nonce, patterns...")
@@ -705,6 +785,37 @@ class Proxy:
             return
         parked.setdefault(nonce, []).append((envelope, patterns, now + self.config.sync_timeout))
 
+    def _handle_history(
+        self,
+        snapshot: zmq.Socket[bytes],
+        envelope: list[bytes],
+        body: list[bytes],
+        seen_syncs: dict[bytes, float],
+        parked: dict[bytes, list[Parked]],
+        now: float,
+    ) -> None:
+        if self.history is None:
+            self._send_reply(
+                snapshot, [*envelope, HISTORY_COMMAND, STATUS_ERROR, b"history is off"]
+            )
+            return
+        try:
+            query = parse_history_request(body, self.config.snapshot_max_patterns)
+        except ValueError as error:
+            self.cache.stats.bad_requests += 1
+            self._send_reply(
+                snapshot, [*envelope, HISTORY_COMMAND, STATUS_ERROR, str(error).encode()]
+            )
+            return
+        nonce = body[1]
+        if not nonce or seen_syncs.pop(nonce, None) is not None:
+            self._answer(snapshot, envelope, query, STATUS_OK)
+            return
+        if sum(len(waiting) for waiting in parked.values()) >= MAX_PARKED_REQUESTS:
+            self._refuse(snapshot, envelope, "busy", b"too many snapshot requests waiting")
+            return
+        parked.setdefault(nonce, []).append((envelope, query, now + self.config.sync_timeout))
+
     def _error(self, snapshot: zmq.Socket[bytes], envelope: list[bytes], text: bytes) -> None:
         self._send_reply(snapshot, [*envelope, SNAPSHOT_COMMAND, STATUS_ERROR, text])
 
@@ -728,9 +839,13 @@ class Proxy:
         self,
         snapshot: zmq.Socket[bytes],
         envelope: list[bytes],
-        patterns: list[Pattern],
+        query: list[Pattern] | HistoryQuery,
         status: bytes,
     ) -> None:
+        if isinstance(query, HistoryQuery):
+            self._answer_history(snapshot, envelope, query, status)
+            return
+        patterns = query
         entries = self.cache.matching(patterns)
         size = sum(len(frame) for frame in entries)
         if size > self.config.snapshot_max_bytes:
@@ -747,16 +862,41 @@ class Proxy:
             self.cache.stats.unsynced_snapshots += 1
         self._send_reply(snapshot, [*envelope, SNAPSHOT_COMMAND, status, *entries])
 
+    def _answer_history(
+        self,
+        snapshot: zmq.Socket[bytes],
+        envelope: list[bytes],
+        query: HistoryQuery,
+        status: bytes,
+    ) -> None:
+        assert self.history is not None
+        latest = {topic: (entry[0], entry[1]) for topic, entry in self.cache.entries.items()}
+        answer = self.history.after(query.positions, query.patterns, latest)
+        frames = [frame for event in answer.events for frame in event]
+        size = sum(len(frame) for frame in frames)
+        if size > self.config.snapshot_max_bytes:
+            refused = self.cache.stats.refused_snapshots
+            refused["too_large"] = refused.get("too_large", 0) + 1
+            text = b"history of %d bytes is over the limit of %d" % (
+                size,
+                self.config.snapshot_max_bytes,
+            )
+            self._send_reply(snapshot, [*envelope, HISTORY_COMMAND, STATUS_ERROR, text])
+            return
+        if not answer.complete:
+            status = STATUS_INCOMPLETE
+        self._send_reply(snapshot, [*envelope, HISTORY_COMMAND, status, *frames])
+
     def _expire(
         self,
         snapshot: zmq.Socket[bytes],
         seen_syncs: dict[bytes, float],
-        parked: dict[bytes, list[tuple[list[bytes], list[Pattern], float]]],
+        parked: dict[bytes, list[Parked]],
         now: float,
     ) -> None:
         for nonce in [n for n, waiting in parked.items() if waiting[0][2] <= now]:
-            for envelope, patterns, _deadline in parked.pop(nonce):
-                self._answer(snapshot, envelope, patterns, STATUS_UNSYNCED)
+            for envelope, query, _deadline in parked.pop(nonce):
+                self._answer(snapshot, envelope, query, STATUS_UNSYNCED)
         if len(seen_syncs) > 1000 or (seen_syncs and next(iter(seen_syncs.values())) < now - 60):
             for nonce in [n for n, seen in seen_syncs.items() if seen < now - 60]:
                 del seen_syncs[nonce]
@@ -827,3 +967,19 @@ def _log_refusal(refusal: Refusal, refusals: RefusalLog, now: float) -> None:
 def snapshot_request(nonce: bytes, patterns: Iterable[str]) -> list[bytes]:
     """The request body a client sends (after REQ's or its own empty delimiter frame)."""
     return [SNAPSHOT_COMMAND, nonce, *(p.encode() for p in patterns)]
+
+
+def history_request(
+    nonce: bytes, positions: Iterable[HistoryPosition], patterns: Iterable[str]
+) -> list[bytes]:
+    """A history request's body (docs/protocol.md, "History")."""
+    fields: list[bytes] = []
+    for position in positions:
+        fields += (position.topic, position.source, b"%d" % position.epoch, b"%d" % position.seq)
+    return [
+        HISTORY_COMMAND,
+        nonce,
+        b"%d" % (len(fields) // 4),
+        *fields,
+        *(p.encode() for p in patterns),
+    ]

@@ -57,6 +57,14 @@ def _copy_counts(counts: Mapping[str, int]) -> dict[str, int]:
     return {}
 
 
+class _HistoryStats(Protocol):
+    held: int
+    bytes: int
+    evicted: dict[str, int]
+    complete: int
+    incomplete: int
+
+
 class ProxyCollector(Collector):
     """The proxy's forwarding and cache figures, read from ``stats`` at scrape time.
 
@@ -69,10 +77,13 @@ class ProxyCollector(Collector):
         stats: Callable[[], _CacheStats],
         gate: Callable[[], _GateStats] | None = None,
         auth_refused: Callable[[], int] | None = None,
+        *,
+        history: Callable[[], _HistoryStats | None] | None = None,
     ) -> None:
         self._stats = stats
         self._gate = gate
         self._auth_refused = auth_refused
+        self._history = history
 
     def collect(self) -> Iterable[Metric]:
         if self._gate is not None:
@@ -83,6 +94,9 @@ class ProxyCollector(Collector):
                 "Connections refused by the proxy's CURVE authenticator (key not authorized)",
                 value=self._auth_refused(),
             )
+        held = self._history() if self._history is not None else None
+        if held is not None:
+            yield from self._collect_history(held)
         stats = self._stats()
         by_type = CounterMetricFamily(
             "tradebus_proxy_events",
@@ -137,6 +151,33 @@ class ProxyCollector(Collector):
         for reason, count in sorted(_copy_counts(stats.refused_snapshots).items()):
             refused.add_metric([reason], count)
         yield refused
+
+    @staticmethod
+    def _collect_history(stats: _HistoryStats) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "tradebus_proxy_history_events", "Events held in the history", value=stats.held
+        )
+        yield GaugeMetricFamily(
+            "tradebus_proxy_history_bytes",
+            "Estimated memory of the history's events",
+            value=stats.bytes,
+        )
+        evicted = CounterMetricFamily(
+            "tradebus_proxy_history_evicted",
+            "Events dropped from the history, by bound (events: per topic; age; bytes: total)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(_copy_counts(stats.evicted).items()):
+            evicted.add_metric([reason], count)
+        yield evicted
+        requests = CounterMetricFamily(
+            "tradebus_proxy_history_requests",
+            "History requests answered, by whether they were complete",
+            labels=["status"],
+        )
+        requests.add_metric(["ok"], stats.complete)
+        requests.add_metric(["incomplete"], stats.incomplete)
+        yield requests
 
     @staticmethod
     def _collect_gate(gate: _GateStats) -> Iterable[Metric]:

@@ -202,3 +202,30 @@ async def test_a_flood_of_the_largest_resumes_does_not_delay_another_clients_pin
         assert resumes_served < 40
         await victim.close()
         await flooder.close()
+
+
+async def test_a_refused_upgrade_still_counts_as_a_handshake(proxy: Proxy) -> None:
+    # a socket whose upgrade is refused goes on as plain HTTP: it must not escape the cap
+    config = bridge_config(proxy, keepalive_timeout=10.0, max_handshakes_per_ip=2)
+    async with running_bridge(config) as server:
+        loop = asyncio.get_running_loop()
+        refused_upgrades = [await open_socket(server) for _ in range(2)]
+        try:
+            for sock in refused_upgrades:
+                await loop.sock_sendall(
+                    sock,
+                    b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    b"Sec-WebSocket-Version: 13\r\nOrigin: http://elsewhere.example\r\n\r\n",
+                )
+                reply = await asyncio.wait_for(loop.sock_recv(sock, 65536), scaled(5))
+                assert reply.startswith(b"HTTP/1.1 403 "), reply
+            assert server.bridge.edge.handshakes_total == 2
+            third = await open_socket(server)
+            try:
+                assert (await read_to_end(third, 5)).startswith(b"HTTP/1.1 429 ")
+            finally:
+                third.close()
+        finally:
+            for sock in refused_upgrades:
+                sock.close()

@@ -363,3 +363,19 @@ def test_a_proxy_that_is_not_there_yet_does_not_stop_the_client(
         assert connect_checked(sub, f"ipc://{key_dir}/no-proxy.sock", keys, scaled(5)) is False
     finally:
         sub.close(linger=0)
+
+
+def test_a_socket_checked_with_its_key_takes_a_monitor_of_its_own_at_once(
+    curve_server: CurveServer, key_dir: Path, zmq_context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    # the bridge attaches its SUB monitor right after the key check; when the check's
+    # monitor used pyzmq's default address, libzmq had not always unbound it yet and the
+    # bridge died at start with "Address already in use" (seen in make test-compose)
+    keys = load_client_keys(key_dir, "viewer")
+    for _ in range(50):
+        sub = client_socket(zmq_context, zmq.SUB, keys)
+        try:
+            assert connect_checked(sub, curve_server.pub_endpoint, keys, scaled(5))
+            sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED).close(linger=0)
+        finally:
+            sub.close(linger=0)

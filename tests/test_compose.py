@@ -43,6 +43,7 @@ COMPOSE = Path(__file__).resolve().parent.parent / "compose"
 BASE = COMPOSE / "docker-compose.yml"
 OVERRIDE = COMPOSE / "docker-compose.websocket.yml"
 SECOND_BOT = COMPOSE / "docker-compose.second-bot.yml"
+SCALE = COMPOSE / "docker-compose.scale.yml"
 ROLES = {"bus-proxy", "dashboard-backend", "ai-trading-bot", "websocket-tester"}
 KEYS_SERVICE = "keys"  # the one-shot service that makes the CURVE keys (compose/keys.sh)
 SETTING_PREFIXES = ("TRADEBUS", "SYSTEM__", "LOG_LEVEL")
@@ -91,6 +92,7 @@ def stacks() -> Iterator[tuple[str, dict[str, Any]]]:
     yield "base", base
     yield "websocket", merge(base, load(OVERRIDE))
     yield "second-bot", merge_services(base, load(SECOND_BOT))
+    yield "scale", merge_services(base, load(SCALE))
 
 
 def merge_services(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -124,8 +126,13 @@ def all_services(stack: str) -> dict[str, dict[str, Any]]:
 
 
 def services(stack: str) -> dict[str, dict[str, Any]]:
-    """The services that run a ``tradebus`` command (all but the one-shot ``keys``)."""
-    return {name: s for name, s in all_services(stack).items() if "entrypoint" not in s}
+    """The services that run a ``tradebus`` command: not the one-shot ``keys``, nor the
+    scale variant's load balancer (another image)."""
+    return {
+        name: s
+        for name, s in all_services(stack).items()
+        if "entrypoint" not in s and s.get("image") == "tradebus:latest"
+    }
 
 
 # -- what a command really does with its arguments and environment ------------------------------
@@ -244,7 +251,7 @@ def test_every_variable_is_a_setting_the_service_reads_with_a_valid_value(
         command = command_of(service)
         env = environment_of(service)
         known = settings_read_by(command[0], monkeypatch)
-        if name == "dashboard-backend":
+        if command[0] == "bridge":
             known |= CHECK_STACK_VARIABLES
         unknown = sorted(set(env) - known)
         assert not unknown, f"{stack}/{name}: `tradebus {command[0]}` reads no {unknown}"
@@ -410,14 +417,17 @@ def test_other_containers_reach_the_bridge_by_its_service_name(stack: str) -> No
 @pytest.mark.parametrize("stack", sorted(STACKS))
 def test_ports_are_published_on_the_hosts_loopback_only(stack: str) -> None:
     published: dict[str, set[int]] = {}
-    for name, service in services(stack).items():
+    for name, service in all_services(stack).items():
         for mapping in service.get("ports", []):
             host, host_port, container_port = str(mapping).split(":")
             assert host == "127.0.0.1", f"{stack}/{name} publishes {mapping} beyond loopback"
             assert host_port == container_port, f"{name}: the documented port on the host too"
             published.setdefault(name, set()).add(int(host_port))
     # the dashboard, and the bus for bus.Subscriber, tradebus record/replay and host bots
-    assert published == {"dashboard-backend": {8000}, "bus-proxy": {5555, 5556, 5557}}
+    expected = {"dashboard-backend": {8000}, "bus-proxy": {5555, 5556, 5557}}
+    if stack == "scale":  # browsers reach the bridges through the load balancer
+        expected["load-balancer"] = {8000}
+    assert published == expected
 
 
 def test_nothing_depends_on_a_fixed_subnet() -> None:
@@ -482,8 +492,10 @@ def expected_key_files(stack: str) -> dict[str, set[str]]:
     expected = {
         "bus-proxy": {"proxy.key", "proxy.key_secret", "bridge.key"}
         | {f"{source}.key" for source in bots.values()},
-        "dashboard-backend": {"bridge.key", "bridge.key_secret", "proxy.key"},
     }
+    for name, service in services(stack).items():
+        if command_of(service)[0] == "bridge":  # the scale variant's bridges share one key
+            expected[name] = {"bridge.key", "bridge.key_secret", "proxy.key"}
     for name, source in bots.items():
         expected[name] = {f"{source}.key", f"{source}.key_secret", "proxy.key"}
     return expected

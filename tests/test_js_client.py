@@ -159,6 +159,10 @@ async def test_events_reach_the_subscriptions_and_type_handlers_that_match(page:
         client.on("market_data", (e) => got.market.push(e.topic));
         client.on("error", (e) => got.error_events.push(e.data.message));
         client.onServerError((e) => got.server_errors.push(e.code));
+        client.subscribe(["market_data.ETH-USD", "error"]);  // type handlers see these too
+        // a topic no subscription asks for (e.g. still in flight after an unsubscribe)
+        // reaches no handler and moves no position
+        client._onFrame(frameOf("market_data.SOL-USD", 1, 1));
         client._onFrame(frameOf("market_data.ETH-USD", 1, 1));
         client._onFrame(frameOf("market_data.BTC-USD", 1, 1));
         client._onFrame(frameOf("position_update.BTC-USD", 1, 1));
@@ -167,16 +171,24 @@ async def test_events_reach_the_subscriptions_and_type_handlers_that_match(page:
           + '"timestamp":"2026-01-01T00:00:00Z","topic":"error","source":"bot-1",'
           + '"epoch":1,"seq":1}');
         client._onFrame('{"type":"error","code":"bad_pattern","message":"no","id":null}');
-        return { got, patterns: client.patterns() };
+        return { got, patterns: client.patterns(), unrequested: client.stats.unrequested,
+                 positions: client.positions().map((p) => p.topic) };
         """,
     )
     got = result["got"]
+    assert result["unrequested"] == 1
+    assert "market_data.SOL-USD" not in result["positions"]
     assert got["btc"] == ["market_data.BTC-USD"]
     assert got["any_btc"] == ["market_data.BTC-USD", "position_update.BTC-USD"]
     assert got["market"] == ["market_data.ETH-USD", "market_data.BTC-USD"]
     assert got["error_events"] == ["exchange down"]
     assert got["server_errors"] == ["bad_pattern"]
-    assert result["patterns"] == ["market_data.BTC-USD", "*.BTC-USD"]
+    assert result["patterns"] == [
+        "market_data.BTC-USD",
+        "*.BTC-USD",
+        "market_data.ETH-USD",
+        "error",
+    ]
 
 
 async def test_unsubscribing_a_pattern_keeps_the_subscriptions_other_patterns(page: Page) -> None:

@@ -175,7 +175,10 @@ async def serve(args: argparse.Namespace) -> int:
         registry = CollectorRegistry()
         registry.register(
             ProxyCollector(
-                lambda: proxy.cache.stats, lambda: proxy.gate.stats, lambda: proxy.auth_refused
+                lambda: proxy.cache.stats,
+                lambda: proxy.gate.stats,
+                lambda: proxy.auth_refused,
+                history=lambda: proxy.history.stats if proxy.history is not None else None,
             )
         )
         registry.register(RegistryCollector(server.bridge.registry))

@@ -116,6 +116,9 @@ export interface ClientStats {
   duplicates: number;
   gaps: number;
   unrecovered: number;
+  /** Events ignored: of topics no subscription asks for, or received before a reconnect's
+   * subscribe was in force (an older bridge's implicit "everything"). */
+  unrequested: number;
   /** Reconnect attempts scheduled. */
   reconnects: number;
   serverErrors: number;

@@ -87,6 +87,7 @@ export class TradebusClient {
       duplicates: 0, // events skipped because their position was already delivered
       gaps: 0, // events the bridge reported lost (sum of gap.missed)
       unrecovered: 0, // resumes answered with recovered:false
+      unrequested: 0, // events ignored: not asked for, or before the resume was in force
       reconnects: 0,
       serverErrors: 0,
     };
@@ -115,6 +116,9 @@ export class TradebusClient {
     this._pending = new Map(); // request id -> {resolve, reject}
     this._frame = null; // {mode, recovered} between snapshot_begin and snapshot_end
     this._explicit = false; // the application has chosen its topics (vs. receive everything)
+    // After a reconnect, until the bridge confirms the first subscribe: events from a bridge
+    // that ignored ?topics= (an older one) would come from its implicit "everything".
+    this._awaitingSubscribe = false;
   }
 
   // ---------------------------------------------------------------- connection
@@ -150,6 +154,12 @@ export class TradebusClient {
       protocols = ["tradebus", `bearer.${token}`, ...extra];
     } else if (token) {
       url += `${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(token)}`;
+    }
+    if (this._explicit && !/[?&]topics=/.test(url)) {
+      // An empty topics list: the bridge sends no event before the subscribe (with the
+      // resume positions) that follows the open. Otherwise the implicit "everything"
+      // would advance positions past what the resume replays, losing the replayed events.
+      url += `${url.includes("?") ? "&" : "?"}topics=`;
     }
     this._setState(this._attempt === 0 ? "connecting" : "reconnecting", { attempt: this._attempt });
     let ws;
@@ -187,6 +197,7 @@ export class TradebusClient {
     const ws = this._ws;
     this._ws = null;
     this._frame = null;
+    this._awaitingSubscribe = false;
     clearInterval(this._pingTimer);
     this._pingTimer = null;
     clearTimeout(this._connectTimer);
@@ -368,6 +379,7 @@ export class TradebusClient {
       return;
     }
     const requests = this._resumeRequests(patterns);
+    this._awaitingSubscribe = true;
     requests.forEach((text, index) => {
       const id = this._nextId++;
       if (index === requests.length - 1) {
@@ -516,6 +528,12 @@ export class TradebusClient {
   }
 
   _onEvent(event, raw) {
+    // Positions advance only on events the client asked for, once its subscription is in
+    // force: anything else would make the replay of a resume look already seen.
+    if (this._awaitingSubscribe || (this._explicit && !this._wanted(event.topic))) {
+      this.stats.unrequested += 1;
+      return;
+    }
     const info = {
       snapshot: this._frame !== null,
       mode: this._frame ? this._frame.mode : null,
@@ -565,6 +583,7 @@ export class TradebusClient {
         break;
       case "subscribed":
       case "subscription_confirmed": {
+        this._awaitingSubscribe = false;
         const sub = this._pending.get(message.id);
         if (sub) {
           this._pending.delete(message.id);
@@ -599,6 +618,7 @@ export class TradebusClient {
         this.stats.serverErrors += 1;
         const sub = this._pending.get(message.id);
         if (sub) {
+          this._awaitingSubscribe = false;
           this._pending.delete(message.id);
           sub._settle(message);
           // The bridge applies a subscribe whole or not at all: drop it here too, or every

@@ -34,7 +34,7 @@ compose_files=()
 started_at=$(date +%s)
 
 say() { echo "[test-compose +$(($(date +%s) - started_at))s] $*"; }
-pass() { echo "PASS $*"; }
+pass() { echo "PASS [+$(($(date +%s) - started_at))s] $*"; }
 fail() {
   echo "FAIL $*" >&2
   exit 1
@@ -81,8 +81,11 @@ cleanup() {
       stack --profile debug ps -a >&2 2>&1 || true
     fi
     if [ ${#compose_files[@]} -gt 0 ]; then
+      # (the scale file's profile single holds the bridge the debug profile's tester needs)
       timeout 120 docker compose -p "$project" "${compose_files[@]}" --profile debug \
-        down --volumes --remove-orphans --timeout 5 >/dev/null 2>&1 || true
+        down --volumes --remove-orphans --timeout 5 >/dev/null 2>&1 \
+        || timeout 120 docker compose -p "$project" "${compose_files[@]}" --profile debug \
+          --profile single down --volumes --remove-orphans --timeout 5 >/dev/null 2>&1 || true
     fi
     remove_leftovers
   fi
@@ -99,9 +102,10 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 apt_install() {
-  apt-get -o DPkg::Lock::Timeout=600 update -q >"$work/apt.log" 2>&1 \
+  apt-get -o DPkg::Lock::Timeout=600 -o Acquire::Retries=3 update -q >"$work/apt.log" 2>&1 \
     || fail "apt-get update: $(tail -n 3 "$work/apt.log")"
-  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q \
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -o Acquire::Retries=3 \
+    install -y -q \
     --no-install-recommends "$@" >>"$work/apt.log" 2>&1 \
     || fail "apt-get install $*: $(tail -n 3 "$work/apt.log")"
 }
@@ -133,6 +137,7 @@ install_compose_plugin() {
   local options=(
     -o Dir::Etc::SourceList="$apt/sources.list" -o Dir::Etc::SourceParts=/nonexistent
     -o Dir::State::Lists="$apt/lists" -o Dir::Cache="$apt/cache" -o APT::Sandbox::User=root
+    -o Acquire::Retries=3
   )
   apt-get "${options[@]}" update -q >"$work/apt-trixie.log" 2>&1 \
     || fail "reading Debian 13's package list: $(tail -n 3 "$work/apt-trixie.log")"
@@ -172,6 +177,58 @@ ca_bundle=/etc/ssl/certs/ca-certificates.crt
 
 label_of() { docker image inspect -f "{{ index .Config.Labels \"$2\" }}" "$1" 2>/dev/null || true; }
 
+# Debian bookworm with its Python, from debootstrap: the root of the stand-in images
+ensure_rootfs() {
+  docker image inspect "$rootfs_image" >/dev/null 2>&1 && return 0
+  say "building $rootfs_image with debootstrap (Debian bookworm, minbase, Python 3)"
+  local rootfs="$work/rootfs" attempt
+  for attempt in 1 2; do
+    rm -rf "$rootfs"
+    if timeout "$(seconds 1200)" debootstrap --variant=minbase \
+      --include=python3,python3-venv,python3-pip,python3-dev,ca-certificates \
+      bookworm "$rootfs" http://deb.debian.org/debian >"$work/debootstrap.log" 2>&1; then
+      break
+    fi
+    [ "$attempt" = 1 ] || fail "debootstrap: $(tail -n 5 "$work/debootstrap.log")"
+    say "debootstrap failed ($(tail -n 1 "$work/debootstrap.log")): retrying once"
+  done
+  printf '%s\n' "deb http://deb.debian.org/debian bookworm main" \
+    "deb http://deb.debian.org/debian bookworm-updates main" \
+    "deb http://deb.debian.org/debian-security bookworm-security main" \
+    >"$rootfs/etc/apt/sources.list"
+  rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+  tar -C "$rootfs" -c . | docker import \
+    --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    - "$rootfs_image" >/dev/null || fail "docker import of the debootstrap root"
+  rm -rf "$rootfs"
+}
+
+# The load balancer's image docker-compose.scale.yml names: used as it is when present,
+# else Debian's HAProxy on the same root (compose/ci/haproxy.Dockerfile) under that name
+haproxy_image="$(awk '$1 == "image:" && $2 ~ /^haproxy:/ { print $2; exit }' compose/docker-compose.scale.yml 2>/dev/null || true)"
+
+ensure_haproxy_image() {
+  [ -n "$haproxy_image" ] || return 0
+  if docker image inspect "$haproxy_image" >/dev/null 2>&1; then
+    pass "load balancer image: $haproxy_image present, used as it is"
+    return 0
+  fi
+  ensure_rootfs
+  local context="$work/haproxy" attempt
+  mkdir -p "$context"
+  cp compose/ci/haproxy.Dockerfile "$context/Dockerfile"
+  for attempt in 1 2; do
+    if DOCKER_BUILDKIT=0 timeout "$(seconds 600)" docker build --quiet \
+      --build-arg ROOTFS="$rootfs_image" --label "$stand_in_label=haproxy" \
+      -t "$haproxy_image" "$context" >"$work/haproxy-build.log" 2>&1; then
+      break
+    fi
+    [ "$attempt" = 1 ] || fail "building the stand-in $haproxy_image: $(tail -n 5 "$work/haproxy-build.log")"
+    say "building $haproxy_image failed: retrying once"
+  done
+  pass "load balancer image: $haproxy_image built here ($(docker run --rm "$haproxy_image" haproxy -v 2>&1 | head -n 1))"
+}
+
 ensure_base_image() {
   [ -n "$base_image" ] || fail "compose/Dockerfile names no base image"
   local ca_sum
@@ -189,24 +246,7 @@ ensure_base_image() {
     fi
     say "the machine's CA bundle changed since $base_image was built: rebuilding its top layer"
   fi
-  if ! docker image inspect "$rootfs_image" >/dev/null 2>&1; then
-    say "building $rootfs_image with debootstrap (Debian bookworm, minbase, Python 3)"
-    local rootfs="$work/rootfs"
-    timeout "$(seconds 1200)" debootstrap --variant=minbase \
-      --include=python3,python3-venv,python3-pip,python3-dev,ca-certificates \
-      bookworm "$rootfs" http://deb.debian.org/debian >"$work/debootstrap.log" 2>&1 \
-      || fail "debootstrap: $(tail -n 5 "$work/debootstrap.log")"
-    cat >"$rootfs/etc/apt/sources.list" <<'EOF'
-deb http://deb.debian.org/debian bookworm main
-deb http://deb.debian.org/debian bookworm-updates main
-deb http://deb.debian.org/debian-security bookworm-security main
-EOF
-    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-    tar -C "$rootfs" -c . | docker import \
-      --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-      - "$rootfs_image" >/dev/null || fail "docker import of the debootstrap root"
-    rm -rf "$rootfs"
-  fi
+  ensure_rootfs
   local context="$work/base"
   mkdir -p "$context"
   cp compose/ci/base.Dockerfile "$context/Dockerfile"
@@ -224,6 +264,17 @@ EOF
 # project created).
 leftover_range="tradebus-ci-leftover-range"
 leftover_subnet="172.28.0.0/16"
+
+# containers of this project an interrupted earlier run left (they would hold the ports)
+remove_earlier_runs() {
+  local left
+  left="$(docker ps -aq --filter "label=com.docker.compose.project=$project")"
+  if [ -n "$left" ]; then
+    say "removing containers an earlier run left: $(echo "$left" | wc -l)"
+    echo "$left" | xargs docker rm -f >/dev/null
+  fi
+  docker volume ls -q --filter "label=com.docker.compose.project=$project" | xargs -r docker volume rm >/dev/null
+}
 
 remove_leftovers() {
   docker network rm "$leftover_range" >/dev/null 2>&1 || true
@@ -264,8 +315,12 @@ run_stack() {
   for file in "$@"; do compose_files+=(-f "compose/$file"); done
   say "stack $label: $*"
 
-  stack_within "$(seconds 1200)" build >"$work/build.log" 2>&1 \
-    || fail "[$label] docker compose build: $(tail -n 15 "$work/build.log")"
+  # pip and apt in the build reach the package registries: one retry for a network hiccup
+  if ! stack_within "$(seconds 1200)" build >"$work/build.log" 2>&1; then
+    say "[$label] docker compose build failed ($(tail -n 1 "$work/build.log")): retrying once"
+    stack_within "$(seconds 1200)" build >"$work/build.log" 2>&1 \
+      || fail "[$label] docker compose build: $(tail -n 15 "$work/build.log")"
+  fi
   pass "[$label] image built from compose/Dockerfile"
 
   stack_within "$(seconds 300)" up -d --wait --wait-timeout "$(seconds 240)" \
@@ -423,9 +478,54 @@ add_second_bot() {
   pass "[$label] a second bot added with its own key: $(grep -m1 '^tap summary' "$work/second.log" || tail -n 1 "$work/second.log")"
 }
 
+# docker-compose.scale.yml: two bridges behind the load balancer, one address for browsers
+run_scale_stack() {
+  local label="scale"
+  compose_files=(-f compose/docker-compose.yml -f compose/docker-compose.scale.yml)
+  say "stack $label: docker-compose.yml docker-compose.scale.yml"
+  stack_within "$(seconds 300)" up -d --wait --wait-timeout "$(seconds 240)" \
+    >"$work/up.log" 2>&1 || fail "[$label] up --wait: $(tail -n 15 "$work/up.log")"
+  pass "[$label] up --wait: $(stack ps --format '{{.Service}} {{.State}} {{.Health}}' | sort | paste -sd, -)"
+  local published
+  published="$(stack port load-balancer 8000)"
+  [ "$published" = "127.0.0.1:8000" ] || fail "[$label] load-balancer port 8000 published on $published, not the host's loopback"
+  pass "[$label] load-balancer published on the host's loopback only ($published)"
+  local bridge seen
+  for bridge in dashboard-backend-1 dashboard-backend-2; do
+    seen="$(keys_seen_by "$bridge")"
+    [ "$seen" = "bridge.key bridge.key_secret proxy.key" ] || fail "[$label] $bridge sees these keys: $seen"
+    stack_within "$(seconds 120)" exec -T "$bridge" check_stack.sh \
+      --url http://127.0.0.1:8000 --timeout "$(seconds 20)" >"$work/check.log" 2>&1 \
+      || fail "[$label] check_stack.sh in $bridge: $(cat "$work/check.log")"
+    pass "[$label] $bridge: only the bridge's keys; check_stack.sh inside it: $(tail -n 1 "$work/check.log")"
+  done
+  pass "[$label] dashboard through the load balancer: $(http_check http://127.0.0.1:8000/ '<html')"
+  tap_through_load_balancer "$label" "both bridges up"
+  stack_within "$(seconds 60)" stop dashboard-backend-1 >"$work/stop.log" 2>&1 \
+    || fail "[$label] stopping dashboard-backend-1: $(tail -n 5 "$work/stop.log")"
+  tap_through_load_balancer "$label" "dashboard-backend-1 stopped"
+  stack_within "$(seconds 120)" down --volumes --remove-orphans --timeout 10 \
+    >"$work/down.log" 2>&1 || fail "[$label] down: $(tail -n 5 "$work/down.log")"
+  [ -z "$(docker ps -aq --filter "label=com.docker.compose.project=$project")" ] \
+    || fail "[$label] containers left after down"
+  pass "[$label] down: no container left"
+  compose_files=()
+}
+
+# a WebSocket subscriber on the host, through HAProxy: the bot's live events arrive
+tap_through_load_balancer() {
+  local label="$1" state="$2"
+  timeout "$(seconds 60)" "$repo/.venv/bin/tradebus" tap --url ws://127.0.0.1:8000/ws \
+    --expect 5 --duration "$(seconds 30)" --quiet >"$work/lb.log" 2>&1 \
+    || fail "[$label] no events through the load balancer ($state): $(tail -n 3 "$work/lb.log")"
+  pass "[$label] events through the load balancer, $state: $(grep -m1 '^tap summary' "$work/lb.log" || tail -n 1 "$work/lb.log")"
+}
+
 install_tools
 start_engine
 ensure_base_image
+ensure_haproxy_image
+remove_earlier_runs
 remove_leftovers
 leave_network_in_old_range
 run_stack "base" docker-compose.yml
@@ -437,4 +537,5 @@ TRADEBUS_VIEW_TOKEN="$(python3 -c 'import secrets; print(secrets.token_hex(32))'
 export TRADEBUS_PUBLISH_TOKEN TRADEBUS_VIEW_TOKEN
 run_stack "websocket" docker-compose.yml docker-compose.websocket.yml
 remove_leftovers
+run_scale_stack
 pass "compose stack: every check passed in $(($(date +%s) - started_at)) s"
