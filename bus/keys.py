@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import itertools
 import hashlib
+import itertools
 import os
 import re
 import stat
