@@ -80,6 +80,7 @@ class Reason(StrEnum):
     PAYLOAD = "payload"  # payload not UTF-8 JSON
     NOT_OBJECT = "not_object"  # payload JSON but not an object
     MISMATCH = "mismatch"  # payload's topic/source/epoch/seq differ from the frames'
+    INTERNAL = "internal"  # the check itself failed (a bug): refused, forwarding goes on
 
 
 @dataclass
@@ -233,11 +234,18 @@ class Gate:
         self.stats.passed += 1
         return None
 
+    def count_internal_failure(self) -> None:
+        """Count a message whose check raised (the caller logs it) as refused."""
+        self._count(Reason.INTERNAL)
+
+    def _count(self, reason: Reason) -> None:
+        rejected = self.stats.rejected
+        rejected[reason] = rejected.get(reason, 0) + 1
+
     def _refused(
         self, reason: Reason, detail: str, frames: tuple[bytes, ...], user_id: bytes | None
     ) -> Refusal:
-        rejected = self.stats.rejected
-        rejected[reason] = rejected.get(reason, 0) + 1
+        self._count(reason)
         topic = _text(frames[0]) if frames else ""
         source = _text(frames[1][META_HEADER_SIZE:]) if len(frames) > 1 else ""
         publisher = "" if user_id is None else _text(user_id)

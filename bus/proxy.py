@@ -633,9 +633,7 @@ class Proxy:
                 # the gate must refuse, never stop forwarding: a bug here is logged, the
                 # message counted as refused, and the stream goes on
                 log.exception("bus.gate_failed", frames=len(frames))
-                self.gate.stats.rejected["internal"] = (
-                    self.gate.stats.rejected.get("internal", 0) + 1
-                )
+                self.gate.count_internal_failure()
                 continue
             if refusal is None:
                 topic, meta, payload = frames

@@ -130,16 +130,16 @@ def _python_recv_identified(socket: zmq.Socket[bytes]) -> tuple[bytes | None, tu
     except zmq.ZMQError:
         value = None  # the peer was admitted without ZAP
     user_id = value.encode() if isinstance(value, str) else None
-    frames = [first.bytes]
-    while _get(socket, RCVMORE):
-        frame = _recv(socket, NOBLOCK)
-        if len(frames) < MAX_FRAMES:
-            frames.append(frame)
-    return user_id, tuple(frames)
+    return user_id, _rest_of_message(socket, first.bytes)
 
 
 def _python_recv_message(socket: AnySocket) -> tuple[bytes, ...]:
-    frames = [_recv(socket, NOBLOCK)]
+    return _rest_of_message(socket, _recv(socket, NOBLOCK))
+
+
+def _rest_of_message(socket: AnySocket, first: bytes) -> tuple[bytes, ...]:
+    """``first`` and the frames after it: the whole message read, at most MAX_FRAMES kept."""
+    frames = [first]
     while _get(socket, RCVMORE):
         frame = _recv(socket, NOBLOCK)
         if len(frames) < MAX_FRAMES:
