@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from bus.envelope import (
     META_HEADER_SIZE,
-    TIMESTAMP_FIELD,
     Event,
+    assemble_payload,
     decode_event,
     decode_meta,
     encode_event,
@@ -137,8 +137,7 @@ def test_payload_parts_rebuild_encode_payload(
     data_object = {"value": data}
     head, tail = payload_parts("custom", "custom.k", source, epoch)
     stamp = b"2024-01-20T10:30:00.123456Z"
-    data_json = with_timestamp(orjson.dumps(data_object), stamp)
-    built = b"".join((head, data_json, TIMESTAMP_FIELD, stamp, tail, b"%d}" % seq))
+    built = assemble_payload(head, orjson.dumps(data_object), stamp, tail, seq, False)
     expected = encode_payload(
         "custom",
         {**data_object, "timestamp": stamp.decode()},
@@ -150,6 +149,34 @@ def test_payload_parts_rebuild_encode_payload(
     )
     assert built == expected
     assert with_timestamp(b"{}", stamp) == b'{"timestamp":"2024-01-20T10:30:00.123456Z"}'
+    assert assemble_payload(head, b"{}", stamp, tail, seq, False) == encode_payload(
+        "custom", {"timestamp": stamp.decode()}, stamp.decode(), "custom.k", source, epoch, seq
+    )
+    # data with its own timestamp is taken as it is
+    stamped = orjson.dumps({"timestamp": "earlier", **data_object})
+    assert assemble_payload(head, stamped, stamp, tail, seq, True) == encode_payload(
+        "custom", orjson.loads(stamped), stamp.decode(), "custom.k", source, epoch, seq
+    )
+
+
+@given(json_values, st.text(max_size=30))
+def test_encode_payload_is_the_envelope_dict_encoded(data: object, timestamp: str) -> None:
+    # the envelope built from parts equals the envelope as one JSON object, whatever the
+    # timestamp text holds (quotes, backslashes, control characters are escaped alike)
+    expected = orjson.dumps(
+        {
+            "type": "custom",
+            "data": {"value": data},
+            "timestamp": timestamp,
+            "topic": "custom.k",
+            "source": 's"1',
+            "epoch": 7,
+            "seq": 9,
+        },
+        option=orjson.OPT_NON_STR_KEYS,
+    )
+    built = encode_payload("custom", {"value": data}, timestamp, "custom.k", 's"1', 7, 9)
+    assert built == expected
 
 
 def test_unencodable_data_is_an_envelope_error() -> None:
