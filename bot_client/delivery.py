@@ -191,6 +191,7 @@ class Delivery:
         thread only, while connected."""
         handed = self._handed
         counters = self._counters
+        popleft = handed.popleft
         sent = 0
         # popleft is atomic and callers only append: no lock needed here. Each event is
         # counted before it leaves the hand-off: status() sees it in both, never in neither.
@@ -199,9 +200,9 @@ class Delivery:
             if not send(slot.topic_bytes, meta, payload):
                 return sent, True
             counters.sent += 1
-            handed.popleft()
+            popleft()
             sent += 1
-            if sent >= DRAIN_BATCH:
+            if sent == DRAIN_BATCH:
                 return sent, False
         outbox = self._outbox
         if not outbox:

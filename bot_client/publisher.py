@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import struct
 import time
 from collections.abc import Callable, Mapping
@@ -260,11 +261,18 @@ class Publisher(EventHelpers):
         self.source: str = settings.source_id
         self.epoch: int = time.time_ns()
         self._source_bytes = self.source.encode()
-        self._pack_meta = struct.Struct(f"{META_HEADER.format}{len(self._source_bytes)}s").pack
+        # the meta frame of this publisher's events from (seq, publish_ns)
+        self._meta = functools.partial(
+            struct.Struct(f"{META_HEADER.format}{len(self._source_bytes)}s").pack,
+            WIRE_VERSION,
+            0,
+            self.epoch,
+        )
         self._log = get_logger("WebSocket publisher", source=self.source)
         self.counters = Counters()
         self._delivery = Delivery(settings.queue_size, self.counters, clock, self._warn_drops)
         self._lock = self._delivery.lock
+        self._hand_over = self._delivery.hand_over
         # (type, key), (type, symbol) or type -> its topic's slot
         self._slots: dict[Any, TopicSlot] = {}
         self._topics: dict[str, TopicSlot] = {}
@@ -515,8 +523,7 @@ class Publisher(EventHelpers):
                     f"{MAX_PAYLOAD_BYTES}"
                 )
             slot.seq = seq  # also the count of this topic's published events
-            meta = self._pack_meta(WIRE_VERSION, 0, self.epoch, seq, now_ns, self._source_bytes)
-            self._delivery.hand_over(slot, meta, payload)
+            self._hand_over(slot, self._meta(seq, now_ns, self._source_bytes), payload)
 
     def _discard(self, type_name: str, data: Any, key: str | None = None) -> None:
         """publish() of a disabled publisher: the guide's default, costs nothing."""
@@ -589,8 +596,7 @@ class Publisher(EventHelpers):
         seq = slot.seq + 1
         slot.seq = seq
         payload = _assemble(slot.head, data_json, _timestamp_bytes(now_ns), slot.tail, seq, True)
-        meta = self._pack_meta(WIRE_VERSION, 0, self.epoch, seq, now_ns, self._source_bytes)
-        self._delivery.hand_over(slot, meta, payload)
+        self._hand_over(slot, self._meta(seq, now_ns, self._source_bytes), payload)
 
     def _warn_drops(self, report: dict[str, int]) -> None:
         self._log.warning(
