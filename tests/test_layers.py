@@ -49,6 +49,30 @@ def test_a_package_imports_only_the_layers_below_it(package: str) -> None:
     assert not wrong, "\n".join(wrong)
 
 
+def defines_a_command(path: Path) -> bool:
+    """Whether the module has a command's surface: ``HELP``, ``configure`` and ``run``."""
+    names = set()
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.FunctionDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(target.id for target in targets if isinstance(target, ast.Name))
+    return {"HELP", "configure", "run"} <= names
+
+
+def test_no_command_module_outside_tradebus() -> None:
+    lower = [package for package in ALLOWED if package != "tradebus"]
+    commands = [
+        str(path.relative_to(ROOT))
+        for package in lower
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if defines_a_command(path)
+    ]
+    assert not commands
+    assert defines_a_command(ROOT / "tradebus" / "proxy.py")
+
+
 def test_every_command_module_lives_in_tradebus() -> None:
     elsewhere = {
         name: module for name, module in COMMANDS.items() if module.partition(".")[0] != "tradebus"
