@@ -185,10 +185,7 @@ class BridgeConfig:
         text by field, parsed here), then ``overrides`` (values); a bad value names the one
         given. An override's variable is not read at all: the caller decided."""
         env = os.environ if environ is None else environ
-        decided = {name for name, value in overrides.items() if value is not None}
-        values = settings.read(SETTINGS, env, ConfigError, flags=flags, skip=decided)
-        values.update({name: overrides[name] for name in decided})
-        return cls(**values)
+        return cls(**settings.read(SETTINGS, env, ConfigError, flags=flags, overrides=overrides))
 
 
 SECRET_FIELDS: Final = frozenset({"tokens", "publish_tokens", "jwt_secret"})

@@ -75,11 +75,9 @@ class ProxyConfig:
         field), then ``overrides`` (values); a bad value raises SettingError naming the one
         given. The ``keys`` setting names a directory: its keys are loaded here."""
         env = os.environ if environ is None else environ
-        decided = {name for name, value in overrides.items() if value is not None}
-        values = settings.read(SETTINGS, env, SettingError, flags=flags, skip=decided)
-        if "keys" in values:  # '' as no keys, as an unset variable
+        values = settings.read(SETTINGS, env, SettingError, flags=flags, overrides=overrides)
+        if isinstance(values.get("keys"), str):  # a directory; '' as no keys
             values["keys"] = load_server_keys(values["keys"]) if values["keys"] else None
-        values.update({name: overrides[name] for name in decided})
         return cls(**values)
 
 

@@ -120,11 +120,9 @@ def whole_number(
 ) -> Form[int]:
     """A whole number in ``low..high`` (no upper bound when ``high`` is None)."""
     noun = what or "a whole number"
-    if expected:
-        pass
-    elif high is not None:
+    if not expected and high is not None:
         expected = f"{noun} {low}..{high}"
-    else:
+    elif not expected:
         expected = f"{noun} above 0" if low == 1 else f"{noun} >= {low}"
 
     def convert(text: str) -> int:
@@ -263,16 +261,16 @@ def read(
     error: ErrorType,
     *,
     flags: Mapping[str, str | None] | None = None,
-    skip: Iterable[str] = (),
+    overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Field -> value of every setting given, as a flag (``flags``: its text by field) or
-    else as a variable; the others are left out, so their defaults apply. A bad one
-    raises ``error`` naming the one given. Fields in ``skip`` are not read at all."""
+    """Field -> value of every setting given: as a value in ``overrides`` (None: not given),
+    else as a flag (``flags``: its text by field), else as a variable; the others are left
+    out, so their defaults apply. A bad one raises ``error`` naming the one given. The
+    variable of an override is not read at all: the caller decided."""
     texts = flags or {}
-    skipped = set(skip)
-    values: dict[str, Any] = {}
+    values = {name: value for name, value in (overrides or {}).items() if value is not None}
     for setting in table:
-        if setting.field in skipped:
+        if setting.field in values:
             continue
         given = setting.given(texts.get(setting.field), environ)
         if given is not None:

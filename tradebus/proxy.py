@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from bus import settings
 from bus.errors import SettingError
@@ -14,6 +15,9 @@ from bus.proxy import Proxy
 from bus.proxy_config import SETTINGS as PROXY_SETTINGS
 from bus.proxy_config import ProxyConfig
 from monitoring.logging import configure_logging, get_logger
+
+if TYPE_CHECKING:
+    from monitoring.metrics import ProxyCollector
 
 HELP = "run the bus proxy: publishers -> XSUB, XPUB -> subscribers, snapshots"
 
@@ -36,6 +40,18 @@ METRICS_HOST = settings.Setting(
 )
 # read as text and parsed in ``run``, so an error names the flag or the variable actually set
 SETTINGS = (*PROXY_SETTINGS, METRICS_PORT, METRICS_HOST)
+
+
+def proxy_collector(proxy: Proxy) -> ProxyCollector:
+    """The proxy's metrics, read from its stats at scrape time."""
+    from monitoring.metrics import ProxyCollector
+
+    return ProxyCollector(
+        lambda: proxy.cache.stats,
+        lambda: proxy.gate.stats,
+        lambda: proxy.auth_refused,
+        history=lambda: proxy.history.stats if proxy.history is not None else None,
+    )
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -71,17 +87,10 @@ def run(args: argparse.Namespace) -> int:
     if args.metrics_port is not None:
         from prometheus_client import CollectorRegistry
 
-        from monitoring.metrics import MetricsServer, ProxyCollector
+        from monitoring.metrics import MetricsServer
 
         registry = CollectorRegistry()
-        registry.register(
-            ProxyCollector(
-                lambda: proxy.cache.stats,
-                lambda: proxy.gate.stats,
-                lambda: proxy.auth_refused,
-                history=lambda: proxy.history.stats if proxy.history is not None else None,
-            )
-        )
+        registry.register(proxy_collector(proxy))
         try:
             metrics = MetricsServer(registry, host=args.metrics_host, port=args.metrics_port)
         except BaseException:

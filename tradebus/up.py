@@ -28,8 +28,9 @@ from bus.errors import SettingError
 from bus.keys import PROXY_KEY_NAME, SECRET_SUFFIX, create_key, load_server_keys
 from bus.proxy import Proxy, ProxyConfig
 from monitoring.logging import configure_logging, get_logger
-from monitoring.metrics import MetricsServer, ProxyCollector, PublisherCollector
+from monitoring.metrics import MetricsServer, PublisherCollector
 from tradebus.demo import add_demo_arguments, demo_settings, make_publisher, run_demo
+from tradebus.proxy import proxy_collector
 
 HELP = "run proxy + bridge + demo bot in one process and print the dashboard URL"
 
@@ -157,14 +158,7 @@ async def serve(args: argparse.Namespace) -> int:
         server = await start_bridge(config)
         cleanups.append(server.close)
         registry = CollectorRegistry()
-        registry.register(
-            ProxyCollector(
-                lambda: proxy.cache.stats,
-                lambda: proxy.gate.stats,
-                lambda: proxy.auth_refused,
-                history=lambda: proxy.history.stats if proxy.history is not None else None,
-            )
-        )
+        registry.register(proxy_collector(proxy))
         registry.register(RegistryCollector(server.bridge.registry))
         dashboard = _dashboard_url(args.host, server.port)
         publisher = None
