@@ -4,7 +4,8 @@ TradebusError
 ├── monitoring.errors.MonitoringError
 ├── bus.errors.BusError
 ├── bridge.errors.BridgeError
-└── bot_client.errors.PublisherError
+├── bot_client.errors.PublisherError
+└── tradebus.errors.ToolError
 
 ``except TradebusError`` catches any of them (``tradebus``'s commands turn one into a
 one-line message); the package roots stay for callers that handle one package's errors.

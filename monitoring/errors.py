@@ -7,7 +7,3 @@ from common.errors import TradebusError
 
 class MonitoringError(TradebusError):
     """Root of every error raised by the monitoring package."""
-
-
-class ToolError(MonitoringError):
-    """An operations tool (up, demo, tap, record, replay) could not do its job."""

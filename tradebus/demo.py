@@ -27,8 +27,8 @@ from bus.envelope import format_timestamp
 from bus.errors import TopicError
 from bus.settings import argument, number, port_number
 from bus.topics import validate_key
-from monitoring.errors import ToolError
 from monitoring.logging import configure_logging, get_logger
+from tradebus.errors import ToolError
 
 HELP = "run a simulated trading bot that publishes to a bus (tcp://, ipc://) or bridge (ws://)"
 

@@ -45,8 +45,8 @@ from bus.errors import BusError, EnvelopeError, SnapshotError
 from bus.keys import ClientKeys, configure_client, connect_checked, judge_handshake
 from bus.subscriber import BlockingSubscriber, Gap, resolve_backend, resolve_snapshot
 from bus.topics import validate_source, validate_topic
-from monitoring.errors import ToolError
 from monitoring.logging import configure_logging, get_logger
+from tradebus.errors import ToolError
 from tradebus.keys import add_client_key_arguments, client_keys
 
 HELP = "record bus topics to a JSON-lines file (see `tradebus replay`)"

@@ -38,8 +38,8 @@ from bus.endpoints import DEFAULT_BRIDGE_URL
 from bus.envelope import format_timestamp
 from bus.sequence import SeqStatus, SequenceTracker
 from bus.settings import argument, bad_value, number, whole_number
-from monitoring.errors import ToolError
 from monitoring.logging import configure_logging, get_logger, redact
+from tradebus.errors import ToolError
 
 HELP = "watch a bridge's WebSocket (or --send test events to it) and summarise what arrived"
 
