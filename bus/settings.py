@@ -334,6 +334,8 @@ def add_arguments(parser: argparse.ArgumentParser, table: Iterable[Setting]) -> 
         }
         if setting.form.kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        else:  # named after the flag, as argparse would, not after the field
+            kwargs["metavar"] = setting.flag.lstrip("-").replace("-", "_").upper()
         parser.add_argument(setting.flag, *setting.aliases, **kwargs)
 
 
