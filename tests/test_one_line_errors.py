@@ -116,6 +116,13 @@ CASES = [
         id="tap --url without ws://",
     ),
     pytest.param(
+        ["replay", "in.jsonl", "--speed", "0"],
+        {},
+        "tradebus replay: error: argument --speed: expected a speed factor (e.g. 2 or 0.5) "
+        "above 0, got '0' (see --help)",
+        id="a flag without a variable: the same forms, worded by argparse",
+    ),
+    pytest.param(
         ["up", "--no-demo", "--no-metrics", "--port", "x"],
         {"TRADEBUS__BRIDGE_PORT": "8000"},
         "tradebus up: error: --port='x': expected a port number 0..65535",
