@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -454,6 +455,14 @@ def test_the_base_image_is_pinned_by_version() -> None:
     base = re.search(r"^FROM (\S+)", dockerfile, re.MULTILINE)
     assert base is not None
     assert re.fullmatch(r"python:3\.11\.\d+-slim(-bookworm)?", base.group(1)), base.group(1)
+
+
+def test_the_image_holds_every_package_the_project_installs() -> None:
+    dockerfile = (COMPOSE / "Dockerfile").read_text()
+    pyproject = tomllib.loads((COMPOSE.parent / "pyproject.toml").read_text())
+    packages = {name.partition(".")[0] for name in pyproject["tool"]["setuptools"]["packages"]}
+    copied = set(re.findall(r"^COPY (\w+) \./\1$", dockerfile, re.MULTILINE))
+    assert packages <= copied, sorted(packages - copied)
 
 
 def test_ci_runs_the_compose_stack_for_real_after_the_tests() -> None:
