@@ -55,7 +55,6 @@ from bus.topics import Pattern
 from bus.transport import (
     IdentifiedReceiver,
     Receiver,
-    cache_drainer,
     identified_receiver,
     receiver,
     sender,
@@ -266,14 +265,13 @@ class LastValueCache:
         return frames
 
 
-def drain_capture_python(
+def drain_capture(
     receive: Receiver, cache: LastValueCache, limit: int
 ) -> tuple[int, bytes | None]:
     """Feed up to ``limit`` captured messages to ``cache``: (messages, sync marker or None).
 
     Stops after a snapshot sync subscription and returns it, so that the caller answers
-    the snapshots waiting for it before later events reach the cache. bus/_wire.c's
-    cache_drain does the same in C; this is its reference (the tests compare them).
+    the snapshots waiting for it before later events reach the cache.
     """
     count = 0
     while count < limit:
@@ -655,9 +653,9 @@ class Proxy:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.cache_nice)
         receive = receiver(capture)
-        drain = cache_drainer(capture) or functools.partial(drain_capture_python, receive)
+        drain = functools.partial(drain_capture, receive)
         if self.history is not None:
-            # the cache hands what it kept to the history after each drain (bus/_wire.c)
+            # the cache hands what it kept to the history after each drain
             self.cache.accepted = []
         # The capture socket is drained on a cadence, not when it becomes readable: waiting
         # on it would make the forwarder wake this thread for every event, a system call
