@@ -6,8 +6,9 @@ import re
 import secrets
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 
 import pytest
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 from bus.envelope import encode_event
 from bus.errors import EndpointError
-from bus.proxy import LastValueCache, Proxy, ProxyConfig, drain_capture
+from bus.proxy import CaptureQueue, LastValueCache, Proxy, ProxyConfig, drain_capture
 from bus.topics import Pattern
 from bus.transport import ACCELERATED, _python_recv_message, receiver, send_event
 from tests.conftest import scaled
@@ -175,6 +176,18 @@ def test_port_in_use_and_bad_endpoints_raise_endpoint_errors(
             Proxy(config).start()
 
 
+def test_threads_are_named_by_job(zmq_context: Context) -> None:
+    anywhere = "tcp://127.0.0.1:*"
+    config = ProxyConfig(frontend=anywhere, backend=anywhere, snapshot=anywhere)
+    with Proxy(config, zmq_context) as proxy:
+        threads = proxy.threads
+        assert sorted(threads) == ["cache", "forwarder"]
+        assert all(thread.is_alive() and thread.native_id for thread in threads.values())
+    without_cache = replace(config, cache=False)
+    with Proxy(without_cache) as proxy:  # its own context: one ZAP handler per context
+        assert list(proxy.threads) == ["forwarder"]
+
+
 def test_proxy_without_cache_forwards_and_has_no_snapshot_socket(zmq_context: Context) -> None:
     config = ProxyConfig(frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*", cache=False)
     with Proxy(config, context=zmq_context) as proxy:
@@ -236,7 +249,7 @@ def test_cache_tracks_each_source_of_a_shared_topic() -> None:
     assert cache.stats.by_type == {"system_status": 9}
 
 
-# -- the cache fed through bus._wire and through pyzmq's calls ------------------------------------------
+# -- the cache fed through bus._wire and through pyzmq's calls ----------------------------
 
 _U64_MAX = 2**64 - 1
 _events = st.builds(
@@ -307,8 +320,10 @@ def test_cache_fed_through_the_accelerator_matches_pyzmqs_calls(
             caches[-1].accepted = []  # what the proxy's history takes (bus/history.py)
             # the reference reads with pyzmq's own calls, not the accelerator
             receive = receiver(pull) if index == 0 else partial(_python_recv_message, pull)
-            drains.append(partial(drain_capture, receive))
-        # both sockets hold every message (inproc delivers at send)
+            captured: CaptureQueue = deque()
+            for _ in messages:
+                captured.append(receive())
+            drains.append(partial(drain_capture, captured))
         accelerated_calls = _drain_all(drains[0], caches[0], limit)
         python_calls = _drain_all(drains[1], caches[1], limit)
         assert accelerated_calls == python_calls
