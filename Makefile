@@ -18,12 +18,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# pip --quiet hides the build's warning when an optional accelerator was not built: say it
+ACCELERATOR_CHECK := $(BIN)/python -c "import bus.transport as t; t.ACCELERATED or print('WARNING: bus._wire is off, pyzmq calls only (slower):', t.ACCELERATOR_PROBLEM)"
+
 $(RUN_STAMP): $(BIN)/python $(SOURCES)
 	$(QUIET_SETUPTOOLS) $(BIN)/python -m pip install --quiet -e .
+	@$(ACCELERATOR_CHECK)
 	touch $(RUN_STAMP)
 
 $(TEST_STAMP): $(BIN)/python $(SOURCES)
 	$(QUIET_SETUPTOOLS) $(BIN)/python -m pip install --quiet -e '.[test]'
+	@$(ACCELERATOR_CHECK)
 	touch $(TEST_STAMP) $(RUN_STAMP)
 
 venv: $(TEST_STAMP)
