@@ -10,6 +10,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Final, Generic, TypeVar
 
 # symbol-keyed types go under "<type>.<symbol>"; a newer event of a conflatable type
@@ -97,11 +98,9 @@ class Outbox:
             del self._newest[entry.topic]
         return entry
 
-    def peek(self) -> Entry:
-        """The oldest event (IndexError when empty)."""
-        for entry in self._items.values():
-            return entry
-        raise IndexError("outbox is empty")
+    def oldest(self, limit: int) -> list[Entry]:
+        """Up to ``limit`` events, oldest first, left in place."""
+        return list(islice(self._items.values(), limit))
 
     def pop(self) -> Entry:
         """Remove and return the oldest event (IndexError when empty)."""

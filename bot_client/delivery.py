@@ -10,7 +10,9 @@ them out (``drain`` on ZeroMQ, ``take`` on WebSocket) and says when its connecti
 One hand-off design: a deque that callers append to and the I/O thread pops from (both
 atomic in CPython, so the I/O thread sends without the lock). Measured against callers
 sending on the socket themselves, it cost callers less and kept p99 lower
-(docs/performance.md).
+(docs/performance.md). The I/O thread sends what waits in one batch call
+(``bus.transport.batch_sender``), which with the accelerator sends with the GIL released:
+a caller is then not kept waiting for the interpreter while libzmq works.
 """
 
 from __future__ import annotations
@@ -18,17 +20,23 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Final
+from itertools import islice
+from typing import Any, Final
 
 from bot_client.core import CONFLATABLE_TYPES, CRITICAL_TYPES, Counters, DropLog, Entry, Outbox
 
 # Events in the hand-off at most; beyond it the outbox (and its drop policy) takes over.
 HANDOFF_LIMIT: Final = 8192
-# Events sent in one go before the lock is released to callers.
-DRAIN_BATCH: Final = 256
+# Events sent in one batch call at most. Flat out, a caller keeps the GIL until the
+# interpreter's switch interval (5 ms) forces it to give way, so the I/O thread gets it back
+# about that often: one batch must carry what callers handed over meanwhile (1,000-2,000
+# events), or the hand-off fills and events back up into the outbox.
+DRAIN_BATCH: Final = HANDOFF_LIMIT
 DROP_REPORT_SECONDS: Final = 5.0
 
-Send = Callable[[bytes, bytes, bytes], bool]
+# send(messages) -> how many went before the pipe filled (bus.transport.batch_sender);
+# a message is a tuple whose first three items are its frames
+SendBatch = Callable[[list[tuple[Any, ...]]], int]
 
 
 class TopicSlot:
@@ -89,7 +97,8 @@ class Delivery:
         self._clock = clock
         self._warn_drops = warn_drops
         self._drop_log = DropLog(DROP_REPORT_SECONDS)
-        self._handed: deque[tuple[TopicSlot, bytes, bytes]] = deque()
+        # (topic, meta, payload, slot): the frames as the batch sender takes them
+        self._handed: deque[tuple[bytes, bytes, bytes, TopicSlot]] = deque()
         # no more than the queue size waits in the hand-off, so what is held stays within
         # twice it
         self._handoff_limit = min(HANDOFF_LIMIT, queue_size)
@@ -114,7 +123,7 @@ class Delivery:
         The hand-off is open only while nothing waits in the outbox, so order is kept.
         """
         if self._open and len(self._handed) < self._handoff_limit:
-            self._handed.append((slot, meta, payload))
+            self._handed.append((slot.topic_bytes, meta, payload, slot))
             if self._sleeping:
                 self._sleeping = False
                 self._wake()
@@ -144,7 +153,7 @@ class Delivery:
         """After the link stopped: what was never sent, and the drop report not yet logged.
         Events handed over from now on are dropped (counted). Lock held."""
         self._stopped = True
-        lost = [slot.entry(meta, payload) for slot, meta, payload in self._handed]
+        lost = [slot.entry(meta, payload) for _topic, meta, payload, slot in self._handed]
         self._handed.clear()
         lost += self._outbox.drain()
         return lost, self._drop_log.take(float("inf")) or {}
@@ -185,45 +194,39 @@ class Delivery:
         link sends once it is back (libzmq's pipe survives the reconnect)."""
         self._open = False
 
-    def drain(self, send: Send) -> tuple[int, bool]:
-        """Send what is handed over, then the outbox, in order, up to DRAIN_BATCH events:
+    def drain(self, send: SendBatch) -> tuple[int, bool]:
+        """Send what is handed over, else the outbox, in order, up to DRAIN_BATCH events:
         (sent, the pipe is full). Once both are empty the hand-off opens. The link's
         thread only, while connected."""
         handed = self._handed
         counters = self._counters
-        popleft = handed.popleft
-        sent = 0
-        # popleft is atomic and callers only append: no lock needed here. Each event is
-        # counted before it leaves the hand-off: status() sees it in both, never in neither.
-        while handed:
-            slot, meta, payload = handed[0]
-            if not send(slot.topic_bytes, meta, payload):
-                return sent, True
-            counters.sent += 1
-            popleft()
-            sent += 1
-            if sent == DRAIN_BATCH:
-                return sent, False
+        if handed:
+            # popleft is atomic and callers only append: no lock here, so callers never
+            # wait on the send
+            batch: list[tuple[Any, ...]] = list(islice(handed, DRAIN_BATCH))
+            sent = send(batch)
+            # counted before they leave the hand-off: status() sees each event in both,
+            # never in neither
+            counters.sent += sent
+            popleft = handed.popleft
+            for _ in range(sent):
+                popleft()
+            return sent, sent < len(batch)
         outbox = self._outbox
         if not outbox:
             if not self._open and not self._closed:
                 with self.lock:
                     self._open = not self._outbox and not self._closed
-            return sent, False
-        blocked = False
-        from_outbox = 0
-        try:
-            with self.lock:
-                while outbox and sent + from_outbox < DRAIN_BATCH:
-                    if not send(*outbox.peek().frames):
-                        blocked = True
-                        break
-                    outbox.pop()
-                    from_outbox += 1
-                self._open = not outbox and not handed and not self._closed
-        finally:
-            self._counters.sent += from_outbox
-        return sent + from_outbox, blocked
+            return 0, False
+        # under the lock: a caller's push may drop the oldest event to make room
+        with self.lock:
+            entries = outbox.oldest(DRAIN_BATCH)
+            sent = send([entry.frames for entry in entries])
+            counters.sent += sent
+            for _ in range(sent):
+                outbox.pop()
+            self._open = not outbox and not handed and not self._closed
+        return sent, sent < len(entries)
 
     def take(self, limit: int) -> list[Entry]:
         """Up to ``limit`` events from the outbox, oldest first (the WebSocket link, which

@@ -23,7 +23,7 @@ from bot_client.errors import SettingsError
 from bot_client.links import BLOCKED_WAIT, IDLE_WAIT, LinkHost
 from bus.errors import AuthError, KeyFileError
 from bus.keys import ClientKeys, configure_client, judge_handshake, load_client_keys
-from bus.transport import sender
+from bus.transport import batch_sender
 from monitoring.logging import redact
 
 # Messages libzmq itself holds per connection; beyond it our outbox's policy applies.
@@ -106,8 +106,8 @@ class ZmqLink:
             )
         self._monitor = xpub.get_monitor_socket(events)
         self._xpub = xpub
-        # one call per three-frame message (bus.transport); False when the pipe is full
-        self._send = sender(xpub)
+        # many messages per call, sent with the GIL released (bus.transport)
+        self._send = batch_sender(xpub)
         xpub.connect(settings.url)
 
     def start(self) -> None:

@@ -13,7 +13,8 @@ NULL: that is ENOTSOCK here, as in pyzmq.
 
 from libc.errno cimport EAGAIN, ENOTSOCK, errno
 from libc.stdint cimport uintptr_t
-from libc.string cimport memcmp, strlen
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcmp, memcpy, strlen
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 
 from zmq.backend.cython cimport libzmq
@@ -71,6 +72,64 @@ def send3(Socket socket, bytes topic, bytes meta, bytes payload):
                        DONTWAIT) < 0:
         _raise(errno)
     return True
+
+
+cdef int _copy_frame(libzmq.zmq_msg_t *message, object frame) except -1:
+    """``frame`` (bytes) into a new zmq_msg_t: libzmq's zmq_send copies it the same way."""
+    cdef bytes data = <bytes?>frame
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+    if libzmq.zmq_msg_init_size(message, <size_t>size) < 0:
+        _raise(errno)
+    memcpy(libzmq.zmq_msg_data(message), PyBytes_AS_STRING(data), <size_t>size)
+    return 0
+
+
+def send_batch(Socket socket, list messages):
+    """send_batch(socket, messages) -> int
+
+    Send ``messages`` in order without blocking, each a tuple whose first three items are
+    its frames (bytes), with the GIL released while libzmq sends them: how many went
+    before the pipe filled (the rest were not sent, none in part). The frames are copied
+    into zmq_msg_t under the GIL first, as zmq_send would copy them, so no Python object is
+    touched without it. An error other than a full pipe raises zmq.ZMQError if it happens
+    at the first message, else ends the batch (libzmq's errors stay: the next call raises).
+    Only the thread that owns the socket may call it."""
+    cdef void *handle = _handle(socket)
+    cdef Py_ssize_t count = len(messages)
+    cdef Py_ssize_t copied = 0, sent = 0, index
+    cdef int frame, error = 0
+    cdef tuple message
+    if count == 0:
+        return 0
+    cdef libzmq.zmq_msg_t *frames = <libzmq.zmq_msg_t *>malloc(
+        <size_t>count * 3 * sizeof(libzmq.zmq_msg_t)
+    )
+    if frames == NULL:
+        raise MemoryError()
+    try:
+        while copied < count * 3:
+            message = <tuple?>messages[copied // 3]
+            _copy_frame(&frames[copied], message[copied % 3])
+            copied += 1
+        with nogil:
+            while sent < count:
+                for frame in range(3):
+                    if libzmq.zmq_msg_send(&frames[sent * 3 + frame], handle,
+                                           SNDMORE_DONTWAIT if frame < 2 else DONTWAIT) < 0:
+                        # a full pipe refuses a message's first frame only
+                        error = errno
+                        break
+                if error:
+                    break
+                sent += 1
+    finally:
+        # a sent zmq_msg_t is libzmq's and left empty; closing it again is harmless
+        for index in range(copied):
+            libzmq.zmq_msg_close(&frames[index])
+        free(frames)
+    if error and error != EAGAIN and sent == 0:
+        _raise(error)
+    return sent
 
 
 cdef bytes _user_id(libzmq.zmq_msg_t *message):

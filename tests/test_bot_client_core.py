@@ -97,13 +97,13 @@ def test_outbox_drops_arriving_noncritical_when_full_of_critical() -> None:
     assert [e.frames[2] for e in outbox.entries()] == [b"1", b"3"]
 
 
-def test_outbox_pop_and_peek_follow_order() -> None:
+def test_outbox_pop_and_oldest_follow_order() -> None:
     outbox = Outbox(3)
-    with pytest.raises(IndexError):
-        outbox.peek()
+    assert outbox.oldest(5) == []
     outbox.push(entry("market_data", "market_data.A", 0))
     outbox.push(entry("market_data", "market_data.A", 1))
-    assert outbox.peek().frames[2] == b"0"
+    assert [e.frames[2] for e in outbox.oldest(5)] == [b"0", b"1"]
+    assert [e.frames[2] for e in outbox.oldest(1)] == [b"0"]
     assert outbox.pop().frames[2] == b"0"
     # the popped event's supersession is forgotten: the next overflow drops the oldest
     outbox.push(entry("ai_decision", n=2))

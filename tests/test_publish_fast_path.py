@@ -17,7 +17,7 @@ from bot_client.delivery import Delivery, TopicSlot
 from bus.envelope import payload_parts
 from bus.proxy import Proxy
 from bus.subscriber import Gap
-from bus.transport import sender
+from bus.transport import batch_sender
 from tests.conftest import scaled, synced_subscriber
 
 Context = zmq.Context[zmq.Socket[bytes]]
@@ -52,7 +52,7 @@ def open_delivery(queue_size: int = 100) -> tuple[Delivery, Counters]:
     """A Delivery whose hand-off is open (an empty drain opens it, as a link's does)."""
     counters = Counters()
     delivery = Delivery(queue_size, counters, time.monotonic, lambda _report: None)
-    assert delivery.drain(lambda *_frames: True) == (0, False)
+    assert delivery.drain(len) == (0, False)
     return delivery, counters
 
 
@@ -65,7 +65,7 @@ def test_delivery_sends_in_order_and_waits_on_a_full_pipe(
     pipe: tuple[zmq.Socket[bytes], zmq.Socket[bytes]],
 ) -> None:
     xpub, sub = pipe
-    send = sender(xpub)
+    send = batch_sender(xpub)
     delivery, counters = open_delivery()
     custom = slot("custom.k")
     with delivery.lock:
@@ -102,7 +102,7 @@ def test_delivery_holds_while_shut_and_sends_the_held_first(
     deadline = time.monotonic() + scaled(5)
     while len(received) < 3:
         assert time.monotonic() < deadline, f"received {len(received)} of 3"
-        delivery.drain(sender(xpub))
+        delivery.drain(batch_sender(xpub))
         received += receive_all(sub)
     assert [payload for _topic, _meta, payload in received] == [b"0", b"1", b"2"]
     with delivery.lock:  # the outbox is empty again: the hand-off reopened
