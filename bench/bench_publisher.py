@@ -7,11 +7,14 @@ Baseline, same run, same proxy: raw pyzmq ``send_multipart`` of pre-encoded thre
 messages on an XPUB socket: the cost of handing bytes to ZeroMQ with no validation, no
 encoding, no sequencing. The ratio shows what the publisher adds on top. A second reference
 sends the same frames with three calls of pyzmq's Cython ``send`` (no Python wrapper), a
-third with one call of the C accelerator (bus/_wire.c), the cheapest way to hand them to
+third with one call of the accelerator (bus/_wire.pyx), the cheapest way to hand them to
 ZeroMQ from Python.
 
 ``publish()`` is all Python (bot_client/publisher.py, bot_client/delivery.py): the caller
-stamps the event and hands it to the publisher's I/O thread, which sends it.
+stamps the event and hands it to the publisher's I/O thread, which sends what waits in one
+call of ``bus.transport.batch_sender`` (with the accelerator: libzmq sends with the GIL
+released). ``TRADEBUS_NO_ACCELERATOR=1`` runs the publisher on pyzmq's calls, beside an
+accelerated proxy.
 
     python -m bench publisher        (PUBLISHER_BENCH_EVENTS=200000 by default)
 """
@@ -32,7 +35,7 @@ import zmq
 
 from bot_client import Publisher
 from bus.envelope import encode_event
-from bus.transport import ACCELERATED, sender
+from bus.transport import ACCELERATED, ACCELERATOR_OFF_VARIABLE, sender
 
 EVENTS = int(os.environ.get("PUBLISHER_BENCH_EVENTS", "200000"))
 WARMUP = 20_000
@@ -58,6 +61,9 @@ def _start_proxy(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
             "--no-cache",
         ],
         stderr=subprocess.DEVNULL,
+        # the proxy is not under test: accelerated whatever the publisher runs, so that
+        # TRADEBUS_NO_ACCELERATOR=1 gives the publisher's pure-Python figures on the same proxy
+        env={k: v for k, v in os.environ.items() if k != ACCELERATOR_OFF_VARIABLE},
     )
     deadline = time.monotonic() + 10
     while not (directory / "in.sock").exists():

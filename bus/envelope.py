@@ -100,9 +100,14 @@ def meta_publish_ns(frame: bytes | memoryview) -> int:
     return publish_ns
 
 
-# (millisecond, its formatted prefix): one tuple, swapped whole, so threads never see a
-# millisecond paired with another's prefix
+# (millisecond, its formatted prefix) and (second, its prefix up to the "."): tuples
+# swapped whole, so threads never see a time paired with another's prefix. The second's
+# text is formatted once a second: formatting costs about 5 us (20 times the rest), and a
+# bot publishing a few events every millisecond paid it on the first call of each one
+# (the p99 of publish() at 10,000 calls/s)
 _millisecond_prefix: tuple[int, bytes] = (-1, b"")
+_second_prefix: tuple[int, bytes] = (-1, b"")
+_MILLISECONDS: Final = tuple(b"%03d" % n for n in range(1000))
 # the last three digits of the microseconds and the closing "Z"
 _MICROSECOND_SUFFIXES: Final = tuple(b"%03dZ" % n for n in range(1000))
 
@@ -112,15 +117,19 @@ def timestamp_bytes(ns: int) -> bytes:
 
     Publishers call this for every event: the text up to the millisecond is cached.
     """
-    global _millisecond_prefix
-    millisecond, rest = divmod(ns, 1_000_000)
+    global _millisecond_prefix, _second_prefix
+    millisecond, microsecond = divmod(ns // 1000, 1000)
     cached_millisecond, prefix = _millisecond_prefix
     if cached_millisecond != millisecond:
-        seconds, milliseconds = divmod(millisecond, 1000)
-        text = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        prefix = b"%s.%03d" % (text.encode(), milliseconds)
+        second, milliseconds = divmod(millisecond, 1000)
+        cached_second, second_prefix = _second_prefix
+        if cached_second != second:
+            text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+            second_prefix = text.encode()
+            _second_prefix = (second, second_prefix)
+        prefix = second_prefix + _MILLISECONDS[milliseconds]
         _millisecond_prefix = (millisecond, prefix)
-    return prefix + _MICROSECOND_SUFFIXES[rest // 1000]
+    return prefix + _MICROSECOND_SUFFIXES[microsecond]
 
 
 def format_timestamp(ns: int) -> str:

@@ -123,9 +123,11 @@ def test_cached_timestamp_matches_datetime_formatting(ns: int) -> None:
         seconds = datetime.fromtimestamp(ns // 10**9, UTC).strftime("%Y-%m-%dT%H:%M:%S")
         return f"{seconds}.{ns % 10**9 // 1000:06d}Z"
 
-    # the second call is another microsecond of the same millisecond: from the cache
+    # the second call is another microsecond of the same millisecond: from the cache; the
+    # third another millisecond of the same second: from the second's cached text
     same_millisecond = ns - ns % 1_000_000 + (ns % 1_000_000 + 1000) % 1_000_000
-    for value in (ns, same_millisecond):
+    same_second = ns - ns % 10**9 + (ns % 10**9 + 1_000_000) % 10**9
+    for value in (ns, same_millisecond, same_second):
         assert format_timestamp(value) == expected(value)
         assert timestamp_bytes(value) == expected(value).encode()
 
