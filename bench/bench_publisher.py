@@ -157,7 +157,7 @@ def _run(context: zmq.Context[zmq.Socket[bytes]], frontend: str) -> int:
     print(
         f"{EVENTS} events per run, payload {len(sample[2])} bytes, ipc:// to a proxy process; "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
-        f"C accelerator {'on' if ACCELERATED else 'OFF'}"
+        f"accelerator (bus._wire) {'on' if ACCELERATED else 'OFF'}"
     )
 
     raw: zmq.Socket[bytes] = context.socket(zmq.XPUB)
@@ -181,7 +181,7 @@ def _run(context: zmq.Context[zmq.Socket[bytes]], frontend: str) -> int:
     _timed(baseline, WARMUP)
     base_timing = _timed(baseline, EVENTS)
     # a second reference: the three frames through pyzmq's Cython send, the cheapest way
-    # without the C accelerator
+    # without the accelerator
     cython_send = zmq.backend.Socket.send.__get__(raw)
     topic, meta, payload = sample
     more = zmq.SNDMORE | zmq.NOBLOCK
@@ -200,7 +200,7 @@ def _run(context: zmq.Context[zmq.Socket[bytes]], frontend: str) -> int:
 
     _timed(three_sends, WARMUP)
     sends_timing = _timed(three_sends, EVENTS)
-    # the third: one call of the C accelerator, as publish() hands its frames over: the
+    # the third: one call of the accelerator, as publish() hands its frames over: the
     # floor of any publish() on this machine
     send_message = sender(raw)
 
