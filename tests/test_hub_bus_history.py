@@ -4,27 +4,27 @@ is served from it without a gap or a duplicate at the seam (issue 13)."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from bridge.hub import Client, Hub
+from bridge.client import Client
+from bridge.hub import Hub
 from bridge.protocol import Position, Subscribe
+from bridge.upstream import HistoryAsk
 from bus.topics import Pattern
 from tests.test_bridge_core import message, texts
 
 
 def settle_snapshot(hub: Hub) -> None:
     """Answer the prefix's snapshot sync (empty: the proxy holds nothing else)."""
-    for sync_id in [s for s, sync in hub.syncs.items() if sync.prefixes]:
+    for sync_id in [s for s, sync in hub.upstream.syncs.items() if sync.prefixes]:
         hub.snapshot_reply(sync_id, True, [], 10.0)
 
 
-def resuming(hub: Hub, seq: int) -> tuple[Client, tuple[Any, ...]]:
+def resuming(hub: Hub, seq: int) -> tuple[Client, HistoryAsk]:
     client = Client(7)
     hub.add_client(client, 0, receive_all=False)
     since = (Position("t", "bot", 1, seq),)
     hub.subscribe(client, Subscribe((Pattern("t"),), True, since, None), 10.0)
     settle_snapshot(hub)
-    (ask,) = [op for op in hub.upstream_ops if op[0] == "history"]
+    (ask,) = [op for op in hub.upstream_ops if isinstance(op, HistoryAsk)]
     hub.upstream_ops.clear()
     return client, ask
 
@@ -32,8 +32,8 @@ def resuming(hub: Hub, seq: int) -> tuple[Client, tuple[Any, ...]]:
 def test_a_resume_is_served_from_the_proxys_history_without_a_seam() -> None:
     hub = Hub(track_sources=False, bus_history=True)
     client, ask = resuming(hub, 1)
-    _kind, sync_id, _nonce, positions, patterns = ask
-    assert (positions, patterns) == ([Position("t", "bot", 1, 1)], ["t"])
+    sync_id = ask.sync_id
+    assert (ask.positions, ask.patterns) == ((Position("t", "bot", 1, 1),), ("t",))
     # live events while the proxy answers: held, the one the answer also has dropped
     hub.dispatch([message("t", 4), message("t", 5)], 11.0, 1)
     hub.history_reply(sync_id, True, [message("t", n) for n in (2, 3, 4)], 11.0)
@@ -52,7 +52,7 @@ def test_a_resume_is_served_from_the_proxys_history_without_a_seam() -> None:
 def test_an_incomplete_answer_or_none_is_not_a_recovery() -> None:
     hub = Hub(track_sources=False, bus_history=True)
     client, ask = resuming(hub, 1)
-    hub.history_reply(ask[1], False, [], 11.0)
+    hub.history_reply(ask.sync_id, False, [], 11.0)
     begin = next(m for m in texts(client) if m["type"] == "snapshot_begin")
     assert begin["recovered"] is False
 
@@ -68,14 +68,14 @@ def test_the_proxy_is_not_asked_when_the_bridges_own_history_suffices() -> None:
     watcher = Client(1)
     hub.add_client(watcher, 0)
     hub.subscribe(watcher, Subscribe((Pattern("t"),), False, None, None), 0.0)
-    hub.held_prefixes.add(b"t")
+    hub.upstream.held_prefixes.add(b"t")
     hub.dispatch([message("t", n) for n in (1, 2, 3)], 1.0, 1)
     hub.upstream_ops.clear()
     client = Client(2)
     hub.add_client(client, 0, receive_all=False)
     since = (Position("t", "bot", 1, 1),)
     hub.subscribe(client, Subscribe((Pattern("t"),), True, since, None), 2.0)
-    assert [op for op in hub.upstream_ops if op[0] == "history"] == []
+    assert [op for op in hub.upstream_ops if isinstance(op, HistoryAsk)] == []
     got = texts(client)
     assert got[1]["recovered"] is True
     assert [m["seq"] for m in got if "seq" in m] == [2, 3]
