@@ -48,8 +48,8 @@ class SnapshotJob:
     waiting: set[int]
     complete: bool = True
     # a resume this bridge's history cannot prove complete is asked of the proxy's history
-    # (bus/history.py): False until asked; ``bus_entries`` are its events when the proxy
-    # answered complete
+    # (bus/history.py): False until asked (or joined to another resume's request);
+    # ``bus_entries`` are its events when the proxy answered this job's own request complete
     asked_bus: bool = False
     bus_entries: list[Entry] | None = None
 
@@ -286,3 +286,45 @@ def serve(
         )
     )
     return sent
+
+
+def merge_answer(
+    state: TopicState,
+    source: bytes,
+    start: tuple[int, int],
+    answer: Sequence[Entry],
+    coverage: int,
+) -> bool:
+    """Put the proxy's history answer for (``state``'s topic, ``source``) after ``start``
+    in front of what the bridge received itself, so that later resumes are served here.
+
+    Only when it proves something: the bridge's own entries of the source, received since
+    the topic's current subscription began (``coverage``), must continue the answer
+    without a hole (bus/resume.py). The answer's events older than the bridge's first
+    take that entry's arrival number and time, so they sort and age with it. True when
+    the history now holds every event after ``start`` (merged or already there).
+    """
+    local = entries_of(state, source)
+    if not local or local[0].arrival < coverage:
+        return False
+    first = local[0]
+    first_mark = (first.epoch, first.seq)
+    before = [e for e in answer if start < (e.epoch, e.seq) < first_mark]
+    marks = [(e.epoch, e.seq) for e in before]
+    marks.extend((e.epoch, e.seq) for e in local)
+    if not contiguous_from(start, marks):
+        return False
+    if not before:
+        return True
+    stamped = [
+        tuple_new(Entry, (first.arrival, source, e.epoch, e.seq, e.frame, first.time, e.topic))
+        for e in before
+    ]
+    # entries sort by arrival, then source, epoch and seq: the answer's land just before
+    # the bridge's first entry of that source
+    history = state.history
+    state.history = deque(sorted([*history, *stamped]), maxlen=history.maxlen)
+    if state.by_source is not None:
+        state.by_source = None
+        split_by_source(state)
+    return len(state.history) == len(history) + len(stamped)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 from bridge.client import Client, Sent, SlowConsumerError
@@ -30,6 +31,7 @@ from bridge.history import (
     TopicState,
     append_history,
     forget_source,
+    merge_answer,
     missed,
     new_source,
     serve,
@@ -37,6 +39,7 @@ from bridge.history import (
 )
 from bridge.intake import Intake
 from bridge.protocol import (
+    Position,
     PublishRequest,
     RequestError,
     RequestId,
@@ -76,6 +79,23 @@ _DELIVER_DROPS: Final = {SeqStatus.DUPLICATE: "duplicate", SeqStatus.STALE_EPOCH
 
 # bounded work per housekeeping call (every HOUSEKEEPING_INTERVAL in the adapter)
 FORGET_TOPICS_PER_CALL: Final = 100
+
+
+# a history request's question: its positions (topic, source, epoch, seq) and patterns
+AskKey = tuple[tuple[tuple[str, str, int, int], ...], tuple[str, ...]]
+
+
+@dataclass
+class BusAsk:
+    """A history request to the proxy and the resumes waiting for it: the first asked it,
+    the others asked the same question while it was in flight."""
+
+    key: AskKey
+    positions: tuple[Position, ...]
+    clients: list[Client]
+    # the hub's arrival number when it was sent: a topic subscribed before it was in
+    # force when the proxy answered (the answer waits for its marker)
+    asked_at: int
 
 
 class Hub:
@@ -137,8 +157,10 @@ class Hub:
             snapshot_timeout=snapshot_timeout,
         )
         self.upstream_ops: list[Command] = self.upstream.commands
-        # the proxy's history requests in flight: sync id -> the client waiting for it
-        self.history_requests: dict[int, Client] = {}
+        # the proxy's history requests in flight, by sync id and by question: resumes
+        # asking the same share one request (a thousand browsers back from one bridge)
+        self.history_requests: dict[int, BusAsk] = {}
+        self.bus_asks: dict[AskKey, int] = {}
         self.clock = 0.0  # the latest monotonic time a call brought
         self.intake = Intake(self.stats, SYMBOL_KEYED_TYPES)
         if track_sources:
@@ -535,7 +557,9 @@ class Hub:
     def sync_failed(self, sync_id: int) -> None:
         """The proxy did not answer in time: serve waiting clients from what is known."""
         sync = self.upstream.failed(sync_id)
-        self.history_requests.pop(sync_id, None)
+        ask = self.history_requests.pop(sync_id, None)
+        if ask is not None:
+            self.bus_asks.pop(ask.key, None)
         if sync is None:
             return
         self._sync_done(sync_id, complete=False)
@@ -567,6 +591,9 @@ class Hub:
                 else:
                     entries, recovered = self._missed(job, states)
                     resumed = entries, recovered and job.complete
+                    if job.asked_bus and resumed[1]:
+                        # the proxy's answer to a request it shared, merged into the history
+                        self.stats.resumes_from_bus += 1
             skip.update(serve(client, job, states, resumed, self.stats))
         if not client.jobs and client.held is not None:
             client.release(skip)
@@ -589,10 +616,18 @@ class Hub:
         positions = tuple(
             p for p in job.since if any(pattern.matches(p.topic) for pattern in job.patterns)
         )
-        sync_id = self.upstream.ask_history(
-            positions, tuple(p.text for p in job.patterns), self.clock
+        patterns = tuple(p.text for p in job.patterns)
+        key: AskKey = (
+            tuple(sorted({(p.topic, p.source, p.epoch, p.seq) for p in positions})),
+            tuple(sorted(set(patterns))),
         )
-        self.history_requests[sync_id] = client
+        sync_id = self.bus_asks.get(key)
+        if sync_id is None:
+            sync_id = self.upstream.ask_history(positions, patterns, self.clock)
+            self.bus_asks[key] = sync_id
+            self.history_requests[sync_id] = BusAsk(key, positions, [client], next(self._arrival))
+        else:
+            self.history_requests[sync_id].clients.append(client)
         job.waiting.add(sync_id)
         client.hold()
         return True
@@ -600,27 +635,45 @@ class Hub:
     def history_reply(
         self, sync_id: int, complete: bool, messages: Sequence[Sequence[bytes]], now: float
     ) -> None:
-        """The proxy's history answer for a resume: its events serve the resume when it
-        says complete; otherwise the resume is served as without it (recovered: false)."""
+        """The proxy's history answer for resumes. When complete its events go into the
+        history in front of the live ones where they join without a hole, which serves
+        every resume that shared the request and later ones alike; the resume that asked
+        is served from the answer itself. Otherwise the resumes are served as without it
+        (recovered: false, unless the bridge's own history covers them)."""
         self.clock = now
-        client = self.history_requests.pop(sync_id, None)
-        if self.upstream.syncs.pop(sync_id, None) is None or client is None:
+        ask = self.history_requests.pop(sync_id, None)
+        if self.upstream.syncs.pop(sync_id, None) is None or ask is None:
             return  # answered after its timeout
-        job = next((j for j in client.jobs if sync_id in j.waiting), None)
-        if job is None or client not in self.clients:
-            return
+        self.bus_asks.pop(ask.key, None)
         if complete:
             entries: list[Entry] = []
             for order, (topic, meta, payload) in enumerate(messages):
-                if len(meta) <= META_HEADER_SIZE or not client.grant.allows_topic(
-                    topic.decode(errors="replace")
-                ):
+                if len(meta) <= META_HEADER_SIZE:
                     continue
                 _version, _flags, epoch, seq, _publish_ns = _unpack_meta(meta)
                 source = meta[META_HEADER_SIZE:]
                 entries.append(Entry(order, source, epoch, seq, text_frame(payload), now, topic))
-            job.bus_entries = entries
+            self._merge_answer(ask, entries)
+            asker = ask.clients[0]
+            job = next((j for j in asker.jobs if sync_id in j.waiting), None)
+            if job is not None and asker in self.clients:
+                job.bus_entries = [
+                    e for e in entries if asker.grant.allows_topic(e.topic.decode(errors="replace"))
+                ]
         self._sync_done(sync_id, complete=True)
+
+    def _merge_answer(self, ask: BusAsk, entries: list[Entry]) -> None:
+        by_key: dict[tuple[bytes, bytes], list[Entry]] = {}
+        for entry in entries:
+            by_key.setdefault((entry.topic, entry.source), []).append(entry)
+        for position in ask.positions:
+            topic, source = position.topic.encode(), position.source.encode()
+            state = self.topics.get(topic)
+            coverage = self.upstream.coverage_start(topic)
+            if state is None or coverage is None or coverage >= ask.asked_at:
+                continue  # not subscribed since before the request: the seam is unknown
+            answer = by_key.get((topic, source), [])
+            merge_answer(state, source, (position.epoch, position.seq), answer, coverage)
 
     def _allowed_states(
         self, client: Client, patterns: Sequence[Pattern]

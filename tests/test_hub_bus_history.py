@@ -79,3 +79,64 @@ def test_the_proxy_is_not_asked_when_the_bridges_own_history_suffices() -> None:
     got = texts(client)
     assert got[1]["recovered"] is True
     assert [m["seq"] for m in got if "seq" in m] == [2, 3]
+
+
+def resume_from(hub: Hub, client_id: int, seq: int, now: float) -> Client:
+    client = Client(client_id)
+    hub.add_client(client, 0, receive_all=False)
+    since = (Position("t", "bot", 1, seq),)
+    hub.subscribe(client, Subscribe((Pattern("t"),), True, since, None), now)
+    settle_snapshot(hub)
+    return client
+
+
+def resumed_events(client: Client) -> tuple[bool, list[int]]:
+    """(recovered, every event's seq in the order the client got them)."""
+    got = texts(client)
+    begin = next(m for m in got if m["type"] == "snapshot_begin")
+    return begin["recovered"], [m["seq"] for m in got if "seq" in m]
+
+
+def test_resumes_asking_the_same_share_one_request_and_later_ones_are_served_here() -> None:
+    """A thousand browsers back from a killed bridge ask the same question: one request to
+    the proxy, whose answer, merged into the history, serves them all and every later
+    resume (bench/bench_resume.py: 838 of 1,000 were unrecovered with one request each)."""
+    hub = Hub(track_sources=False, bus_history=True)
+    first = resume_from(hub, 1, 1, 10.0)
+    hub.dispatch([message("t", 4), message("t", 5)], 11.0, 1)
+    # a second browser while the request is in flight: it holds live events only from
+    # now, so 4 and 5 are known to it only through the bridge's history
+    second = resume_from(hub, 2, 1, 11.5)
+    hub.dispatch([message("t", 6)], 11.6, 1)
+    (ask,) = [op for op in hub.upstream_ops if isinstance(op, HistoryAsk)]
+    hub.upstream_ops.clear()
+    hub.history_reply(ask.sync_id, True, [message("t", n) for n in (2, 3, 4)], 12.0)
+    for client in (first, second):
+        assert resumed_events(client) == (True, [2, 3, 4, 5, 6])
+    # later resumes: no request at all, every missed event exactly once
+    third = resume_from(hub, 3, 1, 13.0)
+    assert [op for op in hub.upstream_ops if isinstance(op, HistoryAsk)] == []
+    assert resumed_events(third) == (True, [2, 3, 4, 5, 6])
+    fourth = resume_from(hub, 4, 4, 13.0)
+    assert resumed_events(fourth) == (True, [5, 6])
+    assert hub.stats.resumes_from_bus == 2
+    assert hub.stats.resumes_unrecovered == 0
+
+
+def test_an_answer_that_does_not_join_the_live_events_is_not_merged() -> None:
+    """The answer stops at 3 while the bridge's own events start at 5: 4 is known to no
+    one, so the resume that shared the request is not told recovered, and a later one
+    asks the proxy again."""
+    hub = Hub(track_sources=False, bus_history=True)
+    first = resume_from(hub, 1, 1, 10.0)
+    hub.dispatch([message("t", 5)], 11.0, 1)
+    second = resume_from(hub, 2, 1, 11.5)
+    (ask,) = [op for op in hub.upstream_ops if isinstance(op, HistoryAsk)]
+    hub.upstream_ops.clear()
+    hub.history_reply(ask.sync_id, True, [message("t", n) for n in (2, 3)], 12.0)
+    # the asker is served from the answer, as before: 2, 3, then the live 5 (the gap
+    # message for 4 was held before it)
+    assert resumed_events(first) == (True, [2, 3, 5])
+    assert resumed_events(second)[0] is False
+    resume_from(hub, 3, 1, 13.0)
+    assert len([op for op in hub.upstream_ops if isinstance(op, HistoryAsk)]) == 1
