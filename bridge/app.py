@@ -208,7 +208,10 @@ class Bridge:
 
     def _link_changed(self, up: bool) -> None:
         if up:
-            self.health.link_up()
+            if self.health.link_up():
+                # what the proxy forwarded before the subscriptions were back in force
+                # shows as gaps: the hub asks the proxy's history for those for a while
+                self.hub.link_restored(time.monotonic())
             # ready again once the snapshot service answers too: ask now, not in 5 s
             self._probe(time.monotonic())
         elif self.health.link_down():

@@ -32,10 +32,13 @@ class BusHealth:
     def usable(self) -> bool:
         return self.publishing and self.publish_ready and self.ready
 
-    def link_up(self) -> None:
-        """The SUB socket (re)connected: probe now, not at the next interval."""
+    def link_up(self) -> bool:
+        """The SUB socket (re)connected: probe now, not at the next interval. True when
+        the link was lost before (not the first connection)."""
+        restored = not self.sub_up
         self.sub_up = True
         self.probe_sent = 0.0
+        return restored
 
     def link_down(self) -> bool:
         """The SUB socket lost its link; True when that made the bridge unready."""

@@ -29,6 +29,7 @@ from bus.keys import ClientKeys, configure_client, connect_checked_async
 from bus.proxy import (
     HISTORY_COMMAND,
     SNAPSHOT_COMMAND,
+    STATUS_ERROR,
     STATUS_OK,
     SYNC_PREFIX,
     history_request,
@@ -270,11 +271,12 @@ class BusLink:
                 continue
             self.end_marker(sync_id)
             if tag.startswith(b"h"):
-                # an old proxy (error: expected SNAPSHOT) or history off: served as before
-                complete = frames[2] == HISTORY_COMMAND and status == STATUS_OK
-                complete = complete and len(body) % 3 == 0
-                messages = [body[i : i + 3] for i in range(0, len(body), 3)] if complete else []
-                self.hub.history_reply(sync_id, complete, messages, now)
+                # an old proxy (error: expected SNAPSHOT) or history off: served as before;
+                # the events of an incomplete answer still prove the gaps they cover
+                answered = frames[2] == HISTORY_COMMAND and status != STATUS_ERROR
+                answered = answered and len(body) % 3 == 0
+                messages = [body[i : i + 3] for i in range(0, len(body), 3)] if answered else []
+                self.hub.history_reply(sync_id, answered and status == STATUS_OK, messages, now)
             elif status in (STATUS_OK, b"unsynced") and len(body) % 3 == 0:
                 messages = [body[i : i + 3] for i in range(0, len(body), 3)]
                 self.hub.snapshot_reply(sync_id, status == STATUS_OK, messages, now)

@@ -61,9 +61,11 @@ class Client:
         "implicit",
         "ip",
         "jobs",
+        "later_skip",
         "may_publish",
         "nbytes",
         "publisher",
+        "refills",
         "session",
         "slots",
         "source",
@@ -101,6 +103,10 @@ class Client:
         self.conflated = 0
         self.implicit = False
         self.jobs: list[SnapshotJob] = []
+        # gaps whose events are being fetched from the proxy's history (it holds until
+        # none is left), and what a snapshot served meanwhile already sent
+        self.refills = 0
+        self.later_skip: Sent = {}
         # units of request work (patterns, positions, topics, frames) not yet charged to
         # the connection's rate limit: the adapter charges and resets it
         self.work = 0
@@ -179,12 +185,26 @@ class Client:
             self.held = []
             self.special = True
 
+    def fill(self, placeholder: bytes, events: list[Held]) -> None:
+        """Put ``events`` where the held ``placeholder`` frame stands (by identity)."""
+        held = self.held
+        if held is None:
+            return
+        for index, event in enumerate(held):
+            if event.frame is placeholder:
+                held[index : index + 1] = events
+                self.held_bytes += sum(len(e.frame) for e in events) - len(placeholder)
+                return
+
     def release(self, skip: Sent) -> None:
         """Stop holding: queue held events, except those already sent (``skip``)."""
         held = self.held or []
         self.held = None
         self.held_bytes = 0
         self.special = self.behind
+        if held and self.behind:
+            # a newer event must not replace a queued one that precedes these
+            self.slots = {}
         for event in held:
             topic, source = event.topic, event.source
             if topic is not None and source is not None:

@@ -328,3 +328,36 @@ def merge_answer(
         state.by_source = None
         split_by_source(state)
     return len(state.history) == len(history) + len(stamped)
+
+
+@dataclass
+class Refill:
+    """A gap seen after the bus link came back: the events of (topic, source) between
+    ``after`` and ``upto`` (the event that showed the gap) are asked of the proxy's
+    history. Its ``clients`` hold their events meanwhile, ``frame`` (the gap message)
+    standing where the missed events go."""
+
+    topic: bytes
+    source: bytes
+    after: tuple[int, int]
+    upto: tuple[int, int]
+    frame: bytes
+    clients: list[Client]
+
+
+def refill_events(refill: Refill, answer: Sequence[Entry]) -> list[Entry] | None:
+    """The missed events of ``refill`` from the proxy's answer, in order, or None unless
+    it holds every one of them (bus/resume.py's rule, up to the event that showed the gap)."""
+    events = sorted(
+        (
+            e
+            for e in answer
+            if e.topic == refill.topic
+            and e.source == refill.source
+            and refill.after < (e.epoch, e.seq) < refill.upto
+        ),
+        key=lambda e: (e.epoch, e.seq),
+    )
+    marks = [(e.epoch, e.seq) for e in events]
+    marks.append(refill.upto)
+    return events if contiguous_from(refill.after, marks) else None

@@ -23,10 +23,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from bridge.client import Client, Sent, SlowConsumerError
+from bridge.client import Client, Held, Sent, SlowConsumerError
 from bridge.frames import message_frame, text_frame
 from bridge.history import (
     Entry,
+    Refill,
     SnapshotJob,
     TopicState,
     append_history,
@@ -34,6 +35,7 @@ from bridge.history import (
     merge_answer,
     missed,
     new_source,
+    refill_events,
     serve,
     tuple_new,
 )
@@ -79,6 +81,9 @@ _DELIVER_DROPS: Final = {SeqStatus.DUPLICATE: "duplicate", SeqStatus.STALE_EPOCH
 
 # bounded work per housekeeping call (every HOUSEKEEPING_INTERVAL in the adapter)
 FORGET_TOPICS_PER_CALL: Final = 100
+# how long after the bus link came back a gap is first asked of the proxy's history: the
+# events the proxy forwarded before the bridge's subscriptions were in force again
+REFILL_WINDOW: Final = 60.0
 
 
 # a history request's question: its positions (topic, source, epoch, seq) and patterns
@@ -161,6 +166,11 @@ class Hub:
         # asking the same share one request (a thousand browsers back from one bridge)
         self.history_requests: dict[int, BusAsk] = {}
         self.bus_asks: dict[AskKey, int] = {}
+        # gaps after the bus link came back (until refill_until), asked of the proxy's
+        # history: those of the current batch, then by sync id
+        self.refill_until = 0.0
+        self._new_refills: list[Refill] = []
+        self.refills: dict[int, list[Refill]] = {}
         self.clock = 0.0  # the latest monotonic time a call brought
         self.intake = Intake(self.stats, SYMBOL_KEYED_TYPES)
         if track_sources:
@@ -415,7 +425,7 @@ class Hub:
                 state.generation = generation
             subs = state.subs
             if result.missed and (status is SeqStatus.GAP or status is SeqStatus.RESTART):
-                self._gap(state, source, result.missed)
+                self._gap(state, topic, source, epoch, seq, result.missed, now)
             if not subs:
                 continue
             conflate = state.conflate
@@ -428,8 +438,19 @@ class Hub:
             deliveries += len(subs)
             latency.append(publish_ns)
         self.stats.deliveries += deliveries
+        if self._new_refills:
+            self._ask_refills()
 
-    def _gap(self, state: TopicState, source: bytes, missed_events: int) -> None:
+    def _gap(
+        self,
+        state: TopicState,
+        topic: bytes,
+        source: bytes,
+        epoch: int,
+        seq: int,
+        missed_events: int,
+        now: float,
+    ) -> None:
         self.stats.gaps += 1
         self.stats.missed += missed_events
         if not state.subs:
@@ -442,8 +463,53 @@ class Hub:
                 "missed": missed_events,
             }
         )
+        refill = self.bus_history and now < self.refill_until
         for client in state.subs:
+            if refill:
+                # its events wait for the proxy's answer, the gap message in the missed
+                # events' place until then (and instead of them if it has not all)
+                client.hold()
+                client.refills += 1
             client.push_event(frame, None, None, 0, 0, False)
+        if refill:
+            after = (epoch, seq - missed_events - 1)
+            self._new_refills.append(
+                Refill(topic, source, after, (epoch, seq), frame, list(state.subs))
+            )
+
+    def link_restored(self, now: float) -> None:
+        """The bus link is back: for a while, gaps are asked of the proxy's history."""
+        if self.bus_history:
+            self.refill_until = now + REFILL_WINDOW
+
+    def _ask_refills(self) -> None:
+        """One history request for the gaps of a batch (a restart shows them all at once)."""
+        refills, self._new_refills = self._new_refills, []
+        positions = tuple(
+            Position(r.topic.decode(), r.source.decode(errors="replace"), *r.after) for r in refills
+        )
+        sync_id = self.upstream.ask_history(positions, (), self.clock)
+        self.refills[sync_id] = refills
+
+    def _refilled(self, refills: list[Refill], answer: list[Entry]) -> None:
+        """Deliver each gap's events where the proxy had them all, else the gap message."""
+        for refill in refills:
+            events = refill_events(refill, answer)
+            if events is not None:
+                self.stats.gaps_refilled += 1
+            for client in refill.clients:
+                if client not in self.clients:
+                    continue
+                if events is not None:
+                    client.fill(
+                        refill.frame,
+                        [Held(e.frame, e.topic, e.source, e.epoch, e.seq) for e in events],
+                    )
+                client.refills -= 1
+                if not client.refills and not client.jobs:
+                    skip, client.later_skip = client.later_skip, {}
+                    client.release(skip)
+                self.mark(client)
 
     def observe_latency(self, now_ns: int) -> None:
         """Record publish -> written latency of the events delivered since the last call."""
@@ -557,6 +623,10 @@ class Hub:
     def sync_failed(self, sync_id: int) -> None:
         """The proxy did not answer in time: serve waiting clients from what is known."""
         sync = self.upstream.failed(sync_id)
+        refills = self.refills.pop(sync_id, None)
+        if refills is not None:
+            self._refilled(refills, [])
+            return
         ask = self.history_requests.pop(sync_id, None)
         if ask is not None:
             self.bus_asks.pop(ask.key, None)
@@ -595,7 +665,9 @@ class Hub:
                         # the proxy's answer to a request it shared, merged into the history
                         self.stats.resumes_from_bus += 1
             skip.update(serve(client, job, states, resumed, self.stats))
-        if not client.jobs and client.held is not None:
+        if client.refills:
+            client.later_skip.update(skip)  # released once its gaps are refilled
+        elif not client.jobs and client.held is not None:
             client.release(skip)
         self.mark(client)
 
@@ -641,18 +713,24 @@ class Hub:
         is served from the answer itself. Otherwise the resumes are served as without it
         (recovered: false, unless the bridge's own history covers them)."""
         self.clock = now
+        refills = self.refills.pop(sync_id, None)
         ask = self.history_requests.pop(sync_id, None)
-        if self.upstream.syncs.pop(sync_id, None) is None or ask is None:
+        if self.upstream.syncs.pop(sync_id, None) is None or (ask is None and refills is None):
             return  # answered after its timeout
+        entries: list[Entry] = []
+        for order, (topic, meta, payload) in enumerate(messages):
+            if len(meta) <= META_HEADER_SIZE:
+                continue
+            _version, _flags, epoch, seq, _publish_ns = _unpack_meta(meta)
+            source = meta[META_HEADER_SIZE:]
+            entries.append(Entry(order, source, epoch, seq, text_frame(payload), now, topic))
+        if refills is not None:
+            # an incomplete answer still proves the gaps it covers (checked one by one)
+            self._refilled(refills, entries)
+            return
+        assert ask is not None
         self.bus_asks.pop(ask.key, None)
         if complete:
-            entries: list[Entry] = []
-            for order, (topic, meta, payload) in enumerate(messages):
-                if len(meta) <= META_HEADER_SIZE:
-                    continue
-                _version, _flags, epoch, seq, _publish_ns = _unpack_meta(meta)
-                source = meta[META_HEADER_SIZE:]
-                entries.append(Entry(order, source, epoch, seq, text_frame(payload), now, topic))
             self._merge_answer(ask, entries)
             asker = ask.clients[0]
             job = next((j for j in asker.jobs if sync_id in j.waiting), None)

@@ -55,6 +55,7 @@ class HubStats:
     slow_disconnects: int = 0
     gaps: int = 0
     missed: int = 0
+    gaps_refilled: int = 0  # gaps after a bus link outage filled from the proxy's history
     published: int = 0
     publish_rejected: dict[str, int] = field(default_factory=dict)
     snapshots: int = 0

@@ -245,6 +245,23 @@ def test_queue_conflates_while_behind_and_overflows_as_slow() -> None:
         client.take(buffered=60, high_water=10, limit=100)
 
 
+def test_a_newer_event_never_overtakes_released_ones_while_behind() -> None:
+    """Conflation replaces a topic's queued frame in place: after a release while behind,
+    that frame precedes the released events, so a newer one must queue after them."""
+    client = Client(1)
+    client.push(b"first")
+    assert client.take(buffered=10, high_water=10, limit=1000) is None  # behind now
+    client.push_event(b"md-1", b"market_data.X", b"s", 1, 1, True)
+    client.hold()
+    client.push_event(b"md-2", b"market_data.X", b"s", 1, 2, True)
+    client.push_event(b"md-3", b"market_data.X", b"s", 1, 3, True)
+    client.release({})
+    client.push_event(b"md-4", b"market_data.X", b"s", 1, 4, True)
+    client.push_event(b"md-5", b"market_data.X", b"s", 1, 5, True)
+    assert client.frames == [b"first", b"md-1", b"md-2", b"md-3", b"md-5"]
+    assert client.conflated == 1
+
+
 def test_held_events_are_released_without_what_a_snapshot_sent() -> None:
     client = Client(1)
     client.hold()

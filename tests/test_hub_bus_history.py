@@ -140,3 +140,55 @@ def test_an_answer_that_does_not_join_the_live_events_is_not_merged() -> None:
     assert resumed_events(second)[0] is False
     resume_from(hub, 3, 1, 13.0)
     assert len([op for op in hub.upstream_ops if isinstance(op, HistoryAsk)]) == 1
+
+
+def following_t() -> tuple[Hub, Client]:
+    hub = Hub(track_sources=False, bus_history=True)
+    client = Client(1)
+    hub.add_client(client, 0)
+    hub.subscribe(client, Subscribe((Pattern("t"),), False, None, None), 0.0)
+    hub.dispatch([message("t", 1), message("t", 2)], 1.0, 1)
+    assert [m["seq"] for m in texts(client)[1:]] == [1, 2]
+    hub.upstream_ops.clear()
+    return hub, client
+
+
+def test_a_gap_after_the_bus_link_came_back_is_filled_from_the_proxys_history() -> None:
+    """Events the proxy forwarded before the bridge's subscription was in force again are
+    fetched from its history and delivered in their place: no gap for what the bus holds."""
+    hub, client = following_t()
+    hub.link_restored(5.0)
+    hub.dispatch([message("t", 5)], 6.0, 1)
+    assert texts(client) == []  # held until the proxy answers
+    (ask,) = [op for op in hub.upstream_ops if isinstance(op, HistoryAsk)]
+    assert (ask.positions, ask.patterns) == ((Position("t", "bot", 1, 2),), ())
+    hub.dispatch([message("t", 6)], 6.1, 1)
+    # "incomplete" (another position of the request may lack events) still proves this one
+    hub.history_reply(ask.sync_id, False, [message("t", n) for n in (3, 4, 5)], 6.2)
+    got = texts(client)
+    assert [m["type"] for m in got] == ["t"] * 4
+    assert [m["seq"] for m in got] == [3, 4, 5, 6]
+    assert (hub.stats.gaps, hub.stats.gaps_refilled) == (1, 1)
+
+
+def test_a_gap_the_proxy_cannot_fill_is_reported_where_it_was() -> None:
+    hub, client = following_t()
+    hub.link_restored(5.0)
+    hub.dispatch([message("t", 5)], 6.0, 1)
+    (ask,) = [op for op in hub.upstream_ops if isinstance(op, HistoryAsk)]
+    hub.dispatch([message("t", 6)], 6.1, 1)
+    hub.history_reply(ask.sync_id, False, [message("t", 4)], 6.2)  # 3 is not held
+    got = texts(client)
+    assert [(m["type"], m.get("seq")) for m in got] == [("gap", None), ("t", 5), ("t", 6)]
+    assert got[0]["missed"] == 2
+    # no answer in time: the same, once the request times out
+    hub.link_restored(7.0)
+    hub.dispatch([message("t", 9)], 7.0, 1)
+    assert texts(client) == []
+    hub.housekeeping(7.0 + hub.snapshot_timeout + 1)
+    assert [(m["type"], m.get("seq")) for m in texts(client)] == [("gap", None), ("t", 9)]
+    # outside the window after a reconnect, a gap is reported at once, as always
+    hub.upstream_ops.clear()
+    hub.dispatch([message("t", 12)], 100.0, 1)
+    assert [(m["type"], m.get("seq")) for m in texts(client)] == [("gap", None), ("t", 12)]
+    assert [op for op in hub.upstream_ops if isinstance(op, HistoryAsk)] == []
