@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from bridge.client import Client, Held, Sent, SlowConsumerError
+from bridge.client import Client, Held, Sent
 from bridge.frames import message_frame, text_frame
 from bridge.history import (
     Entry,
@@ -48,26 +48,13 @@ from bridge.protocol import (
     Subscribe,
     Unsubscribe,
 )
-from bridge.sources import Sources, iso_from_ns, status_frame
-from bridge.stats import LATENCY_BUCKETS, Histogram, HubStats
-from bridge.upstream import EXPIRIES_PER_CALL, Command, Upstream, pattern_for_prefix
+from bridge.sources import Sources, status_frame
+from bridge.stats import Histogram, HubStats
+from bridge.upstream import Command, Upstream
 from bus.envelope import META_HEADER, META_HEADER_SIZE
 from bus.errors import TopicError
 from bus.sequence import SeqStatus, SequenceTracker
 from bus.topics import Pattern, PatternIndex, validate_topic
-
-__all__ = [
-    "EXPIRIES_PER_CALL",
-    "FORGET_TOPICS_PER_CALL",
-    "LATENCY_BUCKETS",
-    "Client",
-    "Histogram",
-    "Hub",
-    "HubStats",
-    "SlowConsumerError",
-    "iso_from_ns",
-    "pattern_for_prefix",
-]
 
 # types the bot client keys by symbol (docs/protocol.md, "Topics")
 SYMBOL_KEYED_TYPES: Final = frozenset(
