@@ -655,6 +655,8 @@ class Hub:
         if client.refills:
             client.later_skip.update(skip)  # released once its gaps are refilled
         elif not client.jobs and client.held is not None:
+            if client.later_skip:
+                skip, client.later_skip = {**client.later_skip, **skip}, {}
             client.release(skip)
         self.mark(client)
 
