@@ -119,6 +119,17 @@ class BridgeCollector(Collector):
             "Resumes recovered from the proxy's history (this bridge's own did not cover them)",
             value=stats.resumes_from_bus,
         )
+        yield CounterMetricFamily(
+            PREFIX + "history_requests",
+            "Requests to the proxy's history (resumes asking the same share one; gaps seen "
+            "after the bus link came back)",
+            value=stats.history_requests,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "gaps_refilled",
+            "Gaps seen after the bus link came back whose events the proxy's history held",
+            value=stats.gaps_refilled,
+        )
         clients = GaugeMetricFamily(
             PREFIX + "connected_clients", "Open WebSocket connections", labels=["role"]
         )

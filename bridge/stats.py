@@ -62,6 +62,7 @@ class HubStats:
     resumes: int = 0
     resumes_unrecovered: int = 0
     resumes_from_bus: int = 0  # recovered from the proxy's history
+    history_requests: int = 0  # sent to the proxy's history (resumes and gap refills)
     syncs: int = 0
     sync_timeouts: int = 0
     linger_evicted: int = 0  # lingering prefixes dropped early by the caps

@@ -236,6 +236,7 @@ class Upstream:
     ) -> int:
         """Send a history request; its sync id."""
         sync = self._new_sync((), now)
+        self.stats.history_requests += 1
         self.commands.append(HistoryAsk(sync.sync_id, sync.nonce, positions, patterns))
         return sync.sync_id
 
