@@ -213,7 +213,9 @@ def missed(
             newer.append(entry)
         newer.reverse()
         # the next event must still be held (it may have left the history), and the rest
-        # follow it without a hole (events the bridge never received)
+        # follow it without a hole (events the bridge never received). Stricter than the
+        # rule at the seam: the bridge's history does not resume an old run's position
+        # into a new run (its first event at seq 1); the proxy's may, for its own answer
         if (
             not newer
             or (newer[0].epoch, newer[0].seq) != (epoch, seq + 1)
