@@ -12,7 +12,6 @@ NULL: that is ENOTSOCK here, as in pyzmq.
 """
 
 from libc.errno cimport EAGAIN, ENOTSOCK, errno
-from libc.stdint cimport uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, strlen
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -47,11 +46,6 @@ def libzmq_version():
     cdef int major = 0, minor = 0, patch = 0
     libzmq._zmq_version(&major, &minor, &patch)
     return major, minor, patch
-
-
-def libzmq_send_address():
-    """The address of the zmq_send this module calls (the same libzmq as pyzmq's)."""
-    return <uintptr_t><void *>libzmq.zmq_send
 
 
 def send3(Socket socket, bytes topic, bytes meta, bytes payload):

@@ -62,12 +62,11 @@ def _accelerator_problem() -> str | None:
     if _wire.libzmq_version() != zmq.zmq_version_info():
         # linked to another libzmq than pyzmq's: never act on pyzmq's sockets through it
         return f"bus._wire calls libzmq {_wire.libzmq_version()}, pyzmq {zmq.zmq_version_info()}"
-    global _send3, _send_batch, _recv_message, _recv_identified, _send_address
+    global _send3, _send_batch, _recv_message, _recv_identified
     _send3 = _wire.send3
     _send_batch = _wire.send_batch
     _recv_message = _wire.recv_message
     _recv_identified = _wire.recv_identified
-    _send_address = _wire.libzmq_send_address()
     return None
 
 
@@ -120,15 +119,8 @@ _send3: Callable[[AnySocket, bytes, bytes, bytes], bool] | None = None
 _send_batch: Callable[[AnySocket, list[tuple[Any, ...]]], int] | None = None
 _recv_message: Callable[[AnySocket], tuple[bytes, ...]] | None = None
 _recv_identified: Callable[[AnySocket], tuple[bytes | None, tuple[bytes, ...]]] | None = None
-_send_address: int | None = None
 ACCELERATOR_PROBLEM: Final = _accelerator_problem()
 ACCELERATED: Final = ACCELERATOR_PROBLEM is None
-
-
-def libzmq_send_address() -> int | None:
-    """The address of the zmq_send bus._wire calls (pyzmq's libzmq), for other compiled
-    code; None when the accelerator is off."""
-    return _send_address
 
 
 def sender(socket: AnySocket) -> Sender:

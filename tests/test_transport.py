@@ -81,7 +81,6 @@ def test_the_accelerator_calls_the_libzmq_pyzmq_loaded() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30
     )
     assert output.stdout.strip() == "1", output.stderr
-    assert transport.libzmq_send_address() is not None
 
 
 def test_three_frames_round_trip(
