@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import aiohttp
 import orjson
@@ -33,17 +33,9 @@ from tests.test_bridge_support import (
 
 
 @pytest.fixture
-def publisher(zmq_context: zmq.Context[zmq.Socket[bytes]], proxy: Proxy) -> Iterator[BusPublisher]:
-    bus = BusPublisher(zmq_context, proxy.frontend_endpoint, "bot-1")
-    yield bus
-    bus.close()
-
-
-@pytest.fixture
-async def server(proxy: Proxy, publisher: BusPublisher) -> AsyncIterator[BridgeServer]:
-    await publisher.connected()
-    async with running_bridge(bridge_config(proxy, allow_publish=True)) as running:
-        yield running
+def bridge_options() -> dict[str, Any]:
+    """The ``server`` fixture's bridge (tests/conftest.py) takes publishes from clients."""
+    return {"allow_publish": True}
 
 
 async def test_event_reaches_three_clients_each_by_its_patterns(

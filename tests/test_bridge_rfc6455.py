@@ -14,11 +14,11 @@ import os
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 import pytest
-import zmq
 
 from bridge.app import BridgeServer
 from bus.proxy import Proxy
@@ -190,17 +190,9 @@ def ping_request(size: int) -> bytes:
 
 
 @pytest.fixture
-def publisher(zmq_context: zmq.Context[zmq.Socket[bytes]], proxy: Proxy) -> Iterator[BusPublisher]:
-    bus = BusPublisher(zmq_context, proxy.frontend_endpoint, "bot-1")
-    yield bus
-    bus.close()
-
-
-@pytest.fixture
-async def server(proxy: Proxy) -> AsyncIterator[BridgeServer]:
-    config = bridge_config(proxy, max_message_bytes=MAX_MESSAGE, close_timeout=1.0)
-    async with running_bridge(config) as running:
-        yield running
+def bridge_options() -> dict[str, Any]:
+    """The ``server`` fixture's bridge (tests/conftest.py), with a small message limit."""
+    return {"max_message_bytes": MAX_MESSAGE, "close_timeout": 1.0}
 
 
 @pytest.fixture

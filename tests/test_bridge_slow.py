@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import orjson
 import pytest
 import websockets
-import zmq
 from websockets.asyncio.client import ClientConnection
 
 from bridge.app import BridgeServer
@@ -32,18 +31,9 @@ BLOB = "x" * 2000  # makes each event big enough to fill socket buffers quickly
 
 
 @pytest.fixture
-def publisher(zmq_context: zmq.Context[zmq.Socket[bytes]], proxy: Proxy) -> Iterator[BusPublisher]:
-    bus = BusPublisher(zmq_context, proxy.frontend_endpoint, "bot-1")
-    yield bus
-    bus.close()
-
-
-@pytest.fixture
-async def server(proxy: Proxy, publisher: BusPublisher) -> AsyncIterator[BridgeServer]:
-    await publisher.connected()
-    config = bridge_config(proxy, max_queue_bytes=256 * 1024, write_buffer_high=32 * 1024)
-    async with running_bridge(config) as running:
-        yield running
+def bridge_options() -> dict[str, Any]:
+    """The ``server`` fixture's bridge (tests/conftest.py): small queues fill quickly."""
+    return {"max_queue_bytes": 256 * 1024, "write_buffer_high": 32 * 1024}
 
 
 async def stalled_client(server: BridgeServer) -> ClientConnection:

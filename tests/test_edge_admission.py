@@ -13,7 +13,6 @@ import sys
 import textwrap
 import time
 from asyncio.subprocess import PIPE
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -21,7 +20,6 @@ import jwt
 import orjson
 import pytest
 import websockets
-import zmq
 from aiohttp import web
 from structlog.testing import capture_logs
 
@@ -45,13 +43,6 @@ from tests.test_bridge_support import (
 
 SECRET = "edge-admission-secret-of-at-least-32-bytes"
 TOKEN = "tok-3f9a1c"
-
-
-@pytest.fixture
-def publisher(zmq_context: zmq.Context[zmq.Socket[bytes]], proxy: Proxy) -> Iterator[BusPublisher]:
-    bus = BusPublisher(zmq_context, proxy.frontend_endpoint, "bot-1")
-    yield bus
-    bus.close()
 
 
 def make_jwt(**claims: Any) -> str:

@@ -19,12 +19,10 @@ import itertools
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import orjson
 import pytest
-import zmq
 from websockets.asyncio.client import ClientConnection
 
 from bridge.app import BridgeServer
@@ -87,13 +85,6 @@ class Tally:
         return all(
             self.received[t][-1:] == [seq] for t, seq in last.items() if self.wants(t) and seq
         )
-
-
-@pytest.fixture
-def publisher(zmq_context: zmq.Context[zmq.Socket[bytes]], proxy: Proxy) -> Iterator[BusPublisher]:
-    bus = BusPublisher(zmq_context, proxy.frontend_endpoint, "bot-1")
-    yield bus
-    bus.close()
 
 
 async def read_client(client: ClientConnection, tally: Tally, stall_until: float) -> None:

@@ -4,7 +4,6 @@ cache, a snapshot or a WebSocket client, and the good events around it all do.""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
 
 import orjson
 import pytest
@@ -18,10 +17,8 @@ from monitoring.metrics import ProxyCollector
 from tests.conftest import scaled
 from tests.test_bridge_support import (
     BusPublisher,
-    bridge_config,
     connect,
     recv_until,
-    running_bridge,
     subscribe,
     wait_for,
 )
@@ -31,17 +28,9 @@ TOPIC = "trading_decision.BTC-USD"
 
 
 @pytest.fixture
-def bot(zmq_context: Context, proxy: Proxy) -> Iterator[BusPublisher]:
-    publisher = BusPublisher(zmq_context, proxy.frontend_endpoint, "bot-1")
-    yield publisher
-    publisher.close()
-
-
-@pytest.fixture
-async def server(proxy: Proxy, bot: BusPublisher) -> AsyncIterator[BridgeServer]:
-    await bot.connected()
-    async with running_bridge(bridge_config(proxy)) as running:
-        yield running
+def bot(publisher: BusPublisher) -> BusPublisher:
+    """The conftest ``publisher`` (the one the ``server`` fixture waits for), by its role."""
+    return publisher
 
 
 def malformed_messages(bot: BusPublisher) -> dict[str, list[bytes]]:

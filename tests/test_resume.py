@@ -3,7 +3,6 @@ from the `websockets` library."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import orjson
@@ -28,20 +27,6 @@ from tests.test_bridge_support import (
 from tests.test_bus_outage import proxy_at
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def publisher(zmq_context: zmq.Context[zmq.Socket[bytes]], proxy: Proxy) -> Iterator[BusPublisher]:
-    bus = BusPublisher(zmq_context, proxy.frontend_endpoint, "bot-1")
-    yield bus
-    bus.close()
-
-
-@pytest.fixture
-async def server(proxy: Proxy, publisher: BusPublisher) -> AsyncIterator[BridgeServer]:
-    await publisher.connected()
-    async with running_bridge(bridge_config(proxy)) as running:
-        yield running
 
 
 def test_contiguity_rule() -> None:

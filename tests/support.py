@@ -1,0 +1,134 @@
+"""Shared test helpers: scaled waits, free ports, waiting on a condition, a raw bus
+publisher and a running bridge. tests/conftest.py builds its fixtures from these; test
+modules import the plain functions from here.
+
+Every wait is scaled by TRADEBUS_TEST_TIMEOUT_FACTOR (default 1), so a slow machine raises
+one number instead of editing many tests (conftest scales pytest-timeout's limits too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from bridge.app import BridgeServer, start_bridge
+from bridge.config import BridgeConfig
+from bus.envelope import encode_event
+from bus.proxy import Proxy
+
+# the helpers take a plain seconds argument and scale it themselves
+# ruff: noqa: ASYNC109
+
+TIMEOUT_FACTOR = float(os.environ.get("TRADEBUS_TEST_TIMEOUT_FACTOR", "1"))
+
+
+def scaled(seconds: float) -> float:
+    """A test wait, scaled for the machine."""
+    return seconds * TIMEOUT_FACTOR
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (for servers that must be told a port
+    before they start; anything that can bind port 0 itself should do that instead)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def wait_until(
+    condition: Callable[[], object],
+    what: str = "the condition",
+    timeout: float = 5.0,
+    interval: float = 0.005,
+) -> float:
+    """Poll ``condition`` (from this thread) until it holds; the seconds it took. Fails the
+    test after ``scaled(timeout)``. For state another thread or process changes."""
+    start = time.monotonic()
+    deadline = start + scaled(timeout)
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {scaled(timeout):g} s waiting for {what}")
+        time.sleep(interval)  # the poll interval, not a synchronisation
+    return time.monotonic() - start
+
+
+async def wait_for(
+    condition: Callable[[], object],
+    what: str = "the condition",
+    timeout: float = 5.0,
+    interval: float = 0.01,
+) -> float:
+    """``wait_until`` for a coroutine: the event loop keeps running between polls."""
+    start = time.monotonic()
+    deadline = start + scaled(timeout)
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {scaled(timeout):g} s waiting for {what}")
+        await asyncio.sleep(interval)  # the poll interval, not a synchronisation
+    return time.monotonic() - start
+
+
+class BusPublisher:
+    """A publisher on the real bus (XPUB, so it knows when the proxy is listening)."""
+
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], endpoint: str, source: str):
+        self.context = zmq.asyncio.Context.shadow(context.underlying)
+        self.socket = self.context.socket(zmq.XPUB)
+        self.socket.linger = 0
+        self.socket.sndhwm = 1_000_000
+        self.socket.connect(endpoint)
+        self.source = source
+        self.epoch = time.time_ns()
+        self.seqs: dict[str, itertools.count[int]] = {}
+
+    async def connected(self) -> None:
+        """Wait for the proxy's subscribe-all: events sent before it would be dropped."""
+        message = await asyncio.wait_for(self.socket.recv(), scaled(5))
+        assert message[:1] == b"\x01"
+
+    async def publish(
+        self, topic: str, data: dict[str, Any] | None = None, *, seq: int | None = None
+    ) -> list[bytes]:
+        counter = self.seqs.setdefault(topic, itertools.count(1))
+        number = next(counter) if seq is None else seq
+        frames = encode_event(
+            topic, topic.partition(".")[0], data or {}, self.source, self.epoch, number
+        )
+        await self.socket.send_multipart(frames)
+        return frames
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+def bridge_config(proxy: Proxy, **changes: Any) -> BridgeConfig:
+    """A bridge on a free loopback port, reading from and publishing to ``proxy``."""
+    return BridgeConfig(
+        port=0,
+        bus=proxy.backend_endpoint,
+        snapshot=proxy.snapshot_endpoint,
+        publish_to=proxy.frontend_endpoint,
+        **changes,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_bridge(config: BridgeConfig) -> AsyncIterator[BridgeServer]:
+    """A started bridge, yielded once its bus subscription is up; closed on exit."""
+    server = await start_bridge(config)
+    try:
+        await wait_for(lambda: server.bridge.ready, "bridge ready")
+        yield server
+    finally:
+        await server.close()
