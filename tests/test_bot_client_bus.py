@@ -27,6 +27,7 @@ from bus.proxy import Proxy, ProxyConfig
 from bus.subscriber import BlockingSubscriber, Gap
 from bus.transport import ACCELERATOR_OFF_VARIABLE
 from tests.conftest import scaled, staging_proxy, synced_subscriber
+from tests.support import wait_until
 
 Context = zmq.Context[zmq.Socket[bytes]]
 
@@ -103,13 +104,6 @@ def receive(sub: BlockingSubscriber, count: int, timeout: float = 5.0) -> list[E
         assert not isinstance(item, Gap), str(item)
         events.append(item)
     return events
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + scaled(timeout)
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
 
 
 def assert_iso_utc(text: object) -> None:
@@ -200,7 +194,7 @@ def test_events_held_while_proxy_down_arrive_in_order(tmp_path: Path, zmq_contex
         kind = kinds[n % len(kinds)]
         publisher.publish(kind, {"symbol": "ETH-USD", "n": n})
         sent.append((kind, n))
-    wait_for(lambda: publisher.status()["connect_attempts"] >= 2)
+    wait_until(lambda: publisher.status()["connect_attempts"] >= 2)
     status = publisher.status()
     assert status["connected"] is False
     assert status["queued"] == 300
@@ -283,7 +277,7 @@ def test_interval_delivers_first_and_last_of_a_burst(
         heartbeat_interval=0,
         context=zmq_context,
     ) as publisher:
-        wait_for(lambda: publisher.connected)
+        wait_until(lambda: publisher.connected)
         for price in range(100):
             publisher.publish_market_data("BTC-USD", float(price))
             publisher.publish_market_data("ETH-USD", float(1000 + price))
@@ -435,7 +429,7 @@ def test_threads_publishing_one_topic_keep_sequence_order(
         queue_size=10_000,
         caller_sends=caller_sends,
     ) as publisher:
-        wait_for(lambda: publisher.connected)
+        wait_until(lambda: publisher.connected)
 
         def work(worker: int) -> None:
             for n in range(500):
@@ -535,9 +529,9 @@ def test_proxy_restart_disconnects_holds_and_reconnects(
     )
     second: Proxy | None = None
     try:
-        wait_for(lambda: publisher.connected)
+        wait_until(lambda: publisher.connected)
         first.stop()
-        wait_for(lambda: not publisher.connected)
+        wait_until(lambda: not publisher.connected)
         for n in range(20):
             publisher.publish("ai_decision", {"n": n})
         assert publisher.status()["queued"] == 20

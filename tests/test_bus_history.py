@@ -11,7 +11,8 @@ import zmq
 from bus.envelope import encode_event
 from bus.history import BusHistory, HistoryPosition
 from bus.proxy import Proxy, ProxyConfig, history_request
-from tests.test_proxy import Context, connected_publisher, request, wait_until
+from tests.support import wait_until
+from tests.test_proxy import Context, connected_publisher, request
 
 pytestmark = pytest.mark.timeout(30)
 EPOCH = time.time_ns()

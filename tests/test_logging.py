@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ import pytest
 from bus.proxy import Proxy
 from monitoring.logging import REDACTED, redact
 from tests.conftest import scaled
+from tests.support import free_port
 from tests.test_bridge_support import bridge_config, running_bridge
 
 SECRET = "s3cret-T0ken.value"
@@ -39,13 +39,6 @@ def test_redact_removes_token_values(text: str) -> None:
 def test_redact_keeps_ordinary_text() -> None:
     text = "ws://127.0.0.1:8000/ws?role=publisher&source=bot-1&epoch=12"
     assert redact(text) == text
-
-
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 async def test_a_publisher_refused_by_the_bridge_does_not_log_its_token(proxy: Proxy) -> None:
@@ -80,7 +73,7 @@ async def test_a_publisher_refused_by_the_bridge_does_not_log_its_token(proxy: P
 
 
 def test_tap_does_not_print_the_token_of_its_url() -> None:
-    url = f"ws://127.0.0.1:{_closed_port()}/ws?token={SECRET}"
+    url = f"ws://127.0.0.1:{free_port()}/ws?token={SECRET}"
     done = subprocess.run(
         [sys.executable, "-m", "tradebus", "tap", "--url", url, "--duration", "1"],
         capture_output=True,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from monitoring.metrics import (
     render,
 )
 from tests.conftest import scaled
+from tests.support import free_port
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -124,13 +124,6 @@ def test_the_metrics_port_has_health_and_nothing_else() -> None:
     finally:
         server.close()
     assert MetricsServer.ROUTES == ("/health", "/metrics")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def test_tradebus_proxy_serves_metrics_and_health() -> None:

@@ -21,16 +21,9 @@ from bus.proxy import LastValueCache, Proxy, ProxyConfig, drain_capture_python
 from bus.topics import Pattern
 from bus.transport import ACCELERATED, _python_recv_message, cache_drainer, send_event
 from tests.conftest import scaled
+from tests.support import wait_until
 
 Context = zmq.Context[zmq.Socket[bytes]]
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + scaled(5)
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def connected_publisher(context: Context, proxy: Proxy) -> zmq.Socket[bytes]:
