@@ -4,7 +4,7 @@ Every wait in a test is scaled by TRADEBUS_TEST_TIMEOUT_FACTOR (default 1), so a
 machine raises one number instead of editing many tests; that includes pytest-timeout's
 limit of every test. The plain helpers (``scaled``, ``free_port``, ``wait_until``,
 ``wait_for``, ``BusPublisher``, ``bridge_config``, ``running_bridge``) live in
-tests/support.py; /work/shared-notes/tests-fixtures.md lists what each fixture gives.
+tests/support.py; each fixture below says what it gives.
 """
 
 from __future__ import annotations

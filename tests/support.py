@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import os
 import socket
+import sys
+import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
+from asyncio.subprocess import PIPE
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 import zmq
 import zmq.asyncio
@@ -64,15 +69,23 @@ def wait_until(
 
 
 async def wait_for(
-    condition: Callable[[], object],
+    condition: Callable[[], object] | Callable[[], Awaitable[object]],
     what: str = "the condition",
     timeout: float = 5.0,
     interval: float = 0.01,
 ) -> float:
-    """``wait_until`` for a coroutine: the event loop keeps running between polls."""
+    """``wait_until`` for a coroutine: the event loop keeps running between polls.
+    ``condition`` may be a coroutine function (an HTTP probe, say): each poll awaits it."""
     start = time.monotonic()
     deadline = start + scaled(timeout)
-    while not condition():
+
+    async def holds() -> bool:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        return bool(result)
+
+    while not await holds():
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {scaled(timeout):g} s waiting for {what}")
         await asyncio.sleep(interval)  # the poll interval, not a synchronisation
@@ -132,3 +145,57 @@ async def running_bridge(config: BridgeConfig) -> AsyncIterator[BridgeServer]:
         yield server
     finally:
         await server.close()
+
+
+async def answers_ok(url: str, headers: dict[str, str] | None = None) -> bool:
+    """Whether a GET of ``url`` answers 200 now (refused or failing: not yet); a condition
+    for ``wait_for`` while a server starts."""
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                url, headers=headers, timeout=aiohttp.ClientTimeout(total=scaled(2))
+            ) as response,
+        ):
+            return response.status == 200
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        return False
+
+
+async def bot_output_after_attempts(
+    url: str,
+    source: str,
+    attempts: int,
+    *,
+    token: str | None = None,
+    configure_logging: bool = False,
+) -> str:
+    """Run the real bot client in a child process against ``url`` until it has tried to
+    connect ``attempts`` times (or 10 s passed) and closed; its stdout and stderr. Without
+    ``configure_logging`` it logs in structlog's default format, unredacted."""
+    token_argument = f"token={token!r}, " if token is not None else ""
+    logging_setup = (
+        "from monitoring.logging import configure_logging\nconfigure_logging()\n"
+        if configure_logging
+        else ""
+    )
+    script = logging_setup + textwrap.dedent(
+        f"""
+        import time
+        from bot_client import Publisher
+        publisher = Publisher(
+            url={url!r}, {token_argument}source_id={source!r},
+            retry_delay=0.05, heartbeat_interval=0,
+        )
+        publisher.publish("custom_event", {{"n": 1}})
+        deadline = time.monotonic() + 10
+        while publisher.status()["connect_attempts"] < {attempts} and time.monotonic() < deadline:
+            time.sleep(0.02)  # the poll interval of this wait, not a synchronisation
+        publisher.close(timeout=0.5)
+        """
+    )
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=PIPE, stderr=PIPE
+    )
+    out, err = await asyncio.wait_for(child.communicate(), scaled(30))
+    return (out + err).decode()

@@ -171,6 +171,7 @@ async def _resend_across_a_bridge_restart(proxy: Proxy, subscriber: BlockingSubs
         for n in range(1000, 1100):
             publisher.publish("custom_event", {"n": n})
         # the rule is about time: the old bridge's connection must have been silent that long
+        # (so this sleep is the thing under test, not a synchronisation)
         await asyncio.sleep(max(0.0, closed + proxy.config.owner_idle_s - time.monotonic()))
         server = await started_bridge(bridge_config(proxy, port))
         await wait_for(lambda: publisher.status()["sent"] == 1100, timeout=15)

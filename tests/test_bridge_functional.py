@@ -155,11 +155,12 @@ async def test_snapshot_then_live_without_gap_or_duplicate(
     await publisher.publish("ai_decision", {"action": "BUY"})
     # wait until the proxy's cache holds them: a snapshot of its own shows them
     watcher = await connect(server)
-    for _ in range(50):
-        _begin, cached = await subscribe(watcher, ["market_data"])
-        if len(cached) == 2 and cached[1]["data"] == {"price": 4}:
-            break
-        await asyncio.sleep(0.02)
+
+    async def cached() -> bool:
+        _begin, events = await subscribe(watcher, ["market_data"])
+        return len(events) == 2 and events[1]["data"] == {"price": 4}
+
+    await wait_for(cached, "the snapshot to show the last prices", interval=0.02)
     await watcher.close()
 
     client = await connect(server)
@@ -169,7 +170,7 @@ async def test_snapshot_then_live_without_gap_or_duplicate(
     async def keep_publishing() -> None:
         while not stop.is_set():
             await publisher.publish("market_data.BTC-USD", {"price": 100})
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.001)  # the feed's pace (about 1 kHz), not a synchronisation
 
     task = asyncio.create_task(keep_publishing())
     try:

@@ -293,7 +293,7 @@ async def test_a_stalled_slow_consumer_gets_4008_before_its_connection_is_cut(
                 await publisher.publish("trade_execution", {"blob": "x" * 2000, "n": number})
                 number += 1
                 if number % 20 == 0:
-                    await asyncio.sleep(0.001)
+                    await asyncio.sleep(0.001)  # lets the bridge run between bursts (pacing)
             # the scenario, not a synchronisation: the client keeps reading nothing for
             # longer than the bridge waits for a close reply (0.3 s + 0.5 s before this fix)
             await asyncio.sleep(scaled(1.5))

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import pytest_asyncio
 import zmq
@@ -30,6 +29,7 @@ from bridge.config import BridgeConfig
 from bus.envelope import encode_event
 from bus.proxy import Proxy
 from tests.conftest import scaled
+from tests.support import answers_ok, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -101,14 +101,7 @@ class Bridge:
         await self.wait_ready()
 
     async def wait_ready(self) -> None:
-        deadline = time.monotonic() + scaled(10)
-        async with aiohttp.ClientSession() as session:
-            while time.monotonic() < deadline:
-                async with session.get(f"{self.url}/ready") as response:
-                    if response.status == 200:
-                        return
-                await asyncio.sleep(0.05)
-        raise TimeoutError("the bridge never reported ready")
+        await wait_for(lambda: answers_ok(f"{self.url}/ready"), "the bridge ready", 10, 0.05)
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -290,10 +283,7 @@ async def test_bot_client_events_are_shown_within_one_second(
     bridge: Bridge, browser: BrowserContext, bot: Publisher
 ) -> None:
     page, _wire, console = await open_dashboard(browser, bridge.url + "/")
-    deadline = time.monotonic() + scaled(5)
-    while not bot.connected and time.monotonic() < deadline:  # noqa: ASYNC110 (a thread's flag)
-        await asyncio.sleep(0.02)
-    assert bot.connected, "the bot client did not connect to the proxy"
+    await wait_for(lambda: bot.connected, "the bot client to connect to the proxy")
     started = time.monotonic()
     bot.publish_market_data("BTC-USD", 45123.45)
     data = decision_data(1)
@@ -665,6 +655,7 @@ async def test_page_keeps_up_with_1000_events_per_second(
                 "ai_decision", {"action": "HOLD", "confidence": 0.5, "reasoning": "x"}
             )
             published += 1
+        # holds the feed to per_second (pacing, not a synchronisation)
         await asyncio.sleep(max(0.0, started + (tick + 1) * batch / per_second - time.monotonic()))
     elapsed = time.monotonic() - started
     await page.wait_for_function(

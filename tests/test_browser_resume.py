@@ -104,7 +104,7 @@ async def test_resumes_through_repeated_cuts_under_load_lose_nothing(
                         publisher.publish(topic, {"symbol": "BTC-USD", "n": n}, "BTC-USD")
                     else:
                         published[topic] = publisher.publish(topic, {"n": n})
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # RATE events a second (pacing, not a sync)
 
         load = asyncio.create_task(publish())
         try:

@@ -82,7 +82,7 @@ async def test_ready_reports_a_short_proxy_outage(tmp_path: Path) -> None:
             seen: set[int] = set()
             while time.monotonic() < deadline:
                 seen.add(await status())
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # samples the fixed 1 s window (not a sync)
             proxy = proxy_at(tmp_path)
             assert 503 in seen, "/ready never reported the outage"
             await wait_for(lambda: server.bridge.ready, "ready again after the outage")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import textwrap
 import time
 from asyncio.subprocess import PIPE
 from typing import Any
@@ -28,6 +27,7 @@ from bridge.config import BridgeConfig
 from bridge.errors import ConfigError
 from bus.proxy import Proxy
 from tests.conftest import scaled
+from tests.support import bot_output_after_attempts
 from tests.test_bridge_support import (
     BusPublisher,
     bridge_config,
@@ -362,26 +362,10 @@ async def test_the_bot_client_sends_its_token_in_a_header_not_the_url() -> None:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
-    script = textwrap.dedent(
-        f"""
-        import time
-        from bot_client import Publisher
-        publisher = Publisher(
-            url="ws://127.0.0.1:{port}/ws", token="{SECRET}", source_id="hdr-check",
-            retry_delay=0.05, heartbeat_interval=0,
-        )
-        publisher.publish("custom_event", {{"n": 1}})
-        deadline = time.monotonic() + 10
-        while publisher.status()["connect_attempts"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        publisher.close(timeout=0.5)
-        """
-    )
     try:
-        child = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", script, stdout=PIPE, stderr=PIPE
+        logged = await bot_output_after_attempts(
+            f"ws://127.0.0.1:{port}/ws", "hdr-check", 1, token=SECRET
         )
-        out, err = await asyncio.wait_for(child.communicate(), scaled(30))
         await asyncio.wait_for(arrived.wait(), scaled(5))
     finally:
         await runner.cleanup()
@@ -390,7 +374,6 @@ async def test_the_bot_client_sends_its_token_in_a_header_not_the_url() -> None:
     assert "token" not in first.query
     assert SECRET not in str(first.rel_url)
     # no configure_logging(): structlog's default output, with no redaction of its own
-    logged = (out + err).decode()
     assert "publisher_connect_failed" in logged, logged[-2000:]
     assert "401" in logged, logged[-2000:]
     assert SECRET not in logged
@@ -401,26 +384,9 @@ async def test_no_log_line_of_the_bot_client_quotes_a_token_put_in_its_url(
 ) -> None:
     config = bridge_config(proxy, tokens=("the-right-token",))
     async with running_bridge(config) as server:
-        script = textwrap.dedent(
-            f"""
-            import time
-            from bot_client import Publisher
-            publisher = Publisher(
-                url="ws://127.0.0.1:{server.port}/ws?token={SECRET}", source_id="url-check",
-                retry_delay=0.05, heartbeat_interval=0,
-            )
-            publisher.publish("custom_event", {{"n": 1}})
-            deadline = time.monotonic() + 10
-            while publisher.status()["connect_attempts"] < 2 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            publisher.close(timeout=0.5)
-            """
+        logged = await bot_output_after_attempts(
+            f"ws://127.0.0.1:{server.port}/ws?token={SECRET}", "url-check", 2
         )
-        child = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", script, stdout=PIPE, stderr=PIPE
-        )
-        out, err = await asyncio.wait_for(child.communicate(), scaled(30))
-    logged = (out + err).decode()
     assert "publisher_started" in logged, logged[-2000:]
     assert "publisher_connect_failed" in logged, logged[-2000:]
     assert SECRET not in logged

@@ -15,6 +15,7 @@ from bus.envelope import encode_event
 from bus.proxy import SNAPSHOT_COMMAND, STATUS_ERROR, Proxy, ProxyConfig
 from monitoring.metrics import ProxyCollector
 from tests.conftest import scaled
+from tests.support import wait_until
 from tests.test_bridge_support import (
     BusPublisher,
     connect,
@@ -190,9 +191,7 @@ def test_snapshot_requests_are_bounded(zmq_context: Context) -> None:
                 topic = f"market_data.S{n}"
                 data = {"pad": "x" * 200}
                 publisher.send_multipart(encode_event(topic, "market_data", data, "b", 1, 1))
-            deadline = time.monotonic() + scaled(5)
-            while proxy.cache.stats.events < 10 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: proxy.cache.stats.events >= 10, "the cache to see 10 events")
             assert proxy.cache.stats.events == 10
         finally:
             publisher.close(linger=0)

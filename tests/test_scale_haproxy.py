@@ -34,7 +34,7 @@ import websockets
 from bot_client import Publisher
 from bus.topics import Pattern
 from tests.conftest import scaled
-from tests.support import free_port, wait_for
+from tests.support import answers_ok, free_port, wait_for
 
 HAPROXY = shutil.which("haproxy")
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "compose" / "haproxy.cfg"
@@ -149,15 +149,8 @@ def tradebus() -> list[str]:
 
 
 async def ready(url: str, within: float = 15.0) -> None:
-    deadline = time.monotonic() + scaled(within)
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                async with session.get(url, headers={"Host": "tradebus"}) as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-    pytest.fail(f"{url} never answered 200")
+    headers = {"Host": "tradebus"}
+    await wait_for(lambda: answers_ok(url, headers), f"{url} to answer 200", within, 0.1)
 
 
 async def client_count(port: int) -> int:
@@ -196,7 +189,7 @@ class ResumingClient:
                     await connection.send(self._subscribe())
                     async for raw in connection:
                         self._on(orjson.loads(raw))
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the client's reconnect delay, not a synchronisation
 
     def _subscribe(self) -> str:
         request: dict[str, Any] = {"op": "subscribe", "topics": list(self.patterns)}
@@ -263,7 +256,7 @@ class Bot:
                 sent += 1
             ahead = sent / RATE - (time.monotonic() - start)
             if ahead > 0:
-                time.sleep(ahead)
+                time.sleep(ahead)  # holds the bot to RATE (pacing, not a synchronisation)
 
     def stop(self) -> dict[str, int]:
         self._stop.set()
@@ -372,13 +365,13 @@ async def test_a_killed_proxy_restarted_loses_only_what_clients_are_told(stack: 
         await wait_for(lambda: bot.publisher.connected, "the bot on the bus", 10)
         async with clients_through(stack) as (clients, _stop):
             bot.start()
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # traffic before the kill (load, not a sync)
             stack.kill("proxy")
             await wait_for(lambda: not bot.publisher.connected, "the bot to see the outage", 10)
             await asyncio.sleep(0.5)  # the outage (its length is the scenario)
             stack.start_proxy()
             await wait_for(lambda: bot.publisher.connected, "the bot back on the bus", 10)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # traffic after the outage (load, not a sync)
             published = bot.stop()
             await wait_for(
                 lambda: all(c.caught_up(published) for c in clients), "the last events", 30

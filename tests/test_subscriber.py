@@ -197,7 +197,7 @@ async def test_snapshot_racing_live_publishing_has_no_gap_and_no_duplicate(
             sub = subscriber(proxy, zmq_context, ["*"], snapshot=True)
             subs.append(sub)
             await sub.start()
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # spreads the joins over the stream (pacing)
         thread.join(scaled(20))
         last = total // len(topics)
         for sub in subs:
