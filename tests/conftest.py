@@ -28,6 +28,12 @@ from tests.support import scaled as scaled
 Context = zmq.Context[zmq.Socket[bytes]]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "bridge(**changes): BridgeConfig changes for the `server` fixture's bridge"
+    )
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """With TRADEBUS_FAIL_ON_SKIP=1 (set by .ci/run) a skipped test fails the run."""
     if os.environ.get("TRADEBUS_FAIL_ON_SKIP") != "1":
@@ -120,10 +126,11 @@ def publisher(zmq_context: Context, proxy: Proxy) -> Iterator[BusPublisher]:
 
 
 @pytest.fixture
-def bridge_options() -> dict[str, Any]:
-    """The BridgeConfig changes of the ``server`` fixture's bridge: a module (or a test,
-    through ``@pytest.mark.parametrize("bridge_options", ...)``) overrides it."""
-    return {}
+def bridge_options(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The BridgeConfig changes of the ``server`` fixture's bridge: a test's
+    ``@pytest.mark.bridge(**changes)``, else none; a module may override the fixture."""
+    marker = request.node.get_closest_marker("bridge")
+    return dict(marker.kwargs) if marker is not None else {}
 
 
 @pytest.fixture
