@@ -21,6 +21,7 @@ import zmq
 from bridge.app import BridgeServer
 from bus.proxy import Proxy, ProxyConfig
 from bus.subscriber import BlockingSubscriber
+from bus.transport import ACCELERATOR_OFF_VARIABLE
 from tests.support import TIMEOUT_FACTOR as TIMEOUT_FACTOR
 from tests.support import BusPublisher, bridge_config, running_bridge
 from tests.support import scaled as scaled
@@ -59,6 +60,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         limit = float(marker.args[0]) if marker is not None and marker.args else default
         if limit > 0:
             item.add_marker(pytest.mark.timeout(scaled(limit)), append=False)
+
+
+@pytest.fixture(params=[True, False], ids=["accelerated", "pure"])
+def accelerated(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """The one parametrisation of the differential tests: each runs once with the C
+    accelerators and once with the pure-Python code they must match. For ``False`` the
+    switch users have (TRADEBUS_NO_ACCELERATOR) is set for the test; code that chose at
+    import time is picked by the test itself from this flag."""
+    if not request.param:
+        monkeypatch.setenv(ACCELERATOR_OFF_VARIABLE, "1")
+    return bool(request.param)
 
 
 @pytest.fixture
