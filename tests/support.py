@@ -13,13 +13,16 @@ import contextlib
 import inspect
 import itertools
 import os
+import shutil
 import socket
+import subprocess
 import sys
 import textwrap
 import time
 from asyncio.subprocess import PIPE
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
@@ -30,6 +33,9 @@ from bridge.app import BridgeServer, start_bridge
 from bridge.config import BridgeConfig
 from bus.envelope import encode_event
 from bus.proxy import Proxy
+
+if TYPE_CHECKING:
+    from playwright.async_api import Browser
 
 # the helpers take a plain seconds argument and scale it themselves
 # ruff: noqa: ASYNC109
@@ -199,3 +205,46 @@ async def bot_output_after_attempts(
     )
     out, err = await asyncio.wait_for(child.communicate(), scaled(30))
     return (out + err).decode()
+
+
+def run_tradebus(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m tradebus ARGS`` to completion (scaled 30 s at most), output captured as
+    text, logging only warnings so stderr holds what the command itself says."""
+    return subprocess.run(
+        [sys.executable, "-m", "tradebus", *args],
+        capture_output=True,
+        text=True,
+        timeout=scaled(30),
+        cwd=cwd,
+        env={**os.environ, "TRADEBUS_LOG_LEVEL": "WARNING"},
+    )
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+def browser_module(timeout: float) -> list[pytest.MarkDecorator]:
+    """The ``pytestmark`` of a module of headless-Chromium tests: marked ``browser``, one
+    event loop for the module (its Chromium is launched once), skipped without Chromium."""
+    return [
+        pytest.mark.browser,
+        pytest.mark.timeout(timeout),
+        pytest.mark.asyncio(loop_scope="module"),
+        pytest.mark.skipif(
+            shutil.which(CHROMIUM) is None, reason="Debian chromium is not installed at /usr/bin"
+        ),
+    ]
+
+
+@contextlib.asynccontextmanager
+async def chromium_browser() -> AsyncIterator[Browser]:
+    """A launched headless Chromium (closed on exit), for a module-scoped fixture."""
+    from playwright.async_api import async_playwright  # only the browser modules pay for it
+
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            await launched.close()

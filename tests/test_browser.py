@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 import pytest_asyncio
 import zmq
 from aiohttp import web
-from playwright.async_api import Browser, BrowserContext, Page, WebSocket, async_playwright
+from playwright.async_api import Browser, BrowserContext, Page, WebSocket
 
 from bot_client import Publisher
 from bridge.app import BridgeServer, create_app
@@ -29,20 +28,11 @@ from bridge.config import BridgeConfig
 from bus.envelope import encode_event
 from bus.proxy import Proxy
 from tests.conftest import scaled
-from tests.support import answers_ok, wait_for
+from tests.support import answers_ok, browser_module, chromium_browser, wait_for
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "dashboard.md"
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.timeout(60),
-    pytest.mark.asyncio(loop_scope="module"),
-    pytest.mark.skipif(
-        shutil.which(CHROMIUM) is None, reason="Debian chromium is not installed at /usr/bin"
-    ),
-]
+pytestmark = browser_module(timeout=60)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -176,10 +166,8 @@ def publisher(proxy: Proxy, zmq_context: zmq.Context[zmq.Socket[bytes]]) -> Iter
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def chromium() -> AsyncIterator[Browser]:
     """One Chromium for the module (a launch costs about a second); tests get own contexts."""
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    async with chromium_browser() as launched:
         yield launched
-        await launched.close()
 
 
 @pytest_asyncio.fixture(loop_scope="module")

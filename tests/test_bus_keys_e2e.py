@@ -7,10 +7,7 @@ keys (BusAuthenticator); its gate lets a key publish only the sources its certif
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -34,7 +31,7 @@ from bus.keys import (
 from bus.proxy import Proxy, ProxyConfig
 from bus.subscriber import BlockingSubscriber
 from tests.conftest import scaled
-from tests.support import wait_until
+from tests.support import run_tradebus, wait_until
 from tests.test_bus_keys import make_keys
 from tests.test_up import start_up
 
@@ -140,23 +137,13 @@ def test_an_unauthorized_subscriber_is_refused_at_start_and_logged_once(
     assert [entry["fingerprint"] for entry in refusals] == [fingerprint(keys.public_key)]
 
 
-def run_tool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tradebus", *args],
-        capture_output=True,
-        text=True,
-        timeout=scaled(30),
-        env={**os.environ, "TRADEBUS_LOG_LEVEL": "WARNING"},
-    )
-
-
 def test_record_with_a_key_the_proxy_does_not_know_stops_with_one_line(
     keyed_proxy: Proxy, tmp_path: Path
 ) -> None:
     stranger_dir = tmp_path / "stranger"
     create_key(stranger_dir, "stranger")
     (stranger_dir / "proxy.key").write_bytes((tmp_path / "keys" / "proxy.key").read_bytes())
-    result = run_tool(
+    result = run_tradebus(
         "record",
         str(tmp_path / "out.jsonl"),
         "--backend",
