@@ -23,7 +23,7 @@ from bus.proxy import Proxy, ProxyConfig
 from bus.subscriber import BlockingSubscriber
 from bus.transport import ACCELERATOR_OFF_VARIABLE
 from tests.support import TIMEOUT_FACTOR as TIMEOUT_FACTOR
-from tests.support import BusPublisher, bridge_config, running_bridge
+from tests.support import BusPublisher, bridge_config, loopback_proxy_config, running_bridge
 from tests.support import scaled as scaled
 
 Context = zmq.Context[zmq.Socket[bytes]]
@@ -116,10 +116,7 @@ def proxy(zmq_context: Context) -> Iterator[Proxy]:
     """A running proxy on random loopback ports (see .frontend/.backend/.snapshot_endpoint).
     Its sockets are closed with linger 0 on stop; a socket it leaves open fails the test
     through ``zmq_context``'s teardown."""
-    config = ProxyConfig(
-        frontend="tcp://127.0.0.1:*",
-        backend="tcp://127.0.0.1:*",
-        snapshot="tcp://127.0.0.1:*",
+    config = loopback_proxy_config(
         heartbeat_ms=500,
     )
     running = Proxy(config, context=zmq_context)

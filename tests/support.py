@@ -32,7 +32,7 @@ import zmq.asyncio
 from bridge.app import BridgeServer, start_bridge
 from bridge.config import BridgeConfig
 from bus.envelope import encode_event
-from bus.proxy import Proxy
+from bus.proxy import Proxy, ProxyConfig
 
 if TYPE_CHECKING:
     from playwright.async_api import Browser
@@ -129,6 +129,16 @@ class BusPublisher:
 
     def close(self) -> None:
         self.socket.close(linger=0)
+
+
+def loopback_proxy_config(**changes: Any) -> ProxyConfig:
+    """A proxy's settings with its three sockets on random loopback TCP ports."""
+    return ProxyConfig(
+        frontend="tcp://127.0.0.1:*",
+        backend="tcp://127.0.0.1:*",
+        snapshot="tcp://127.0.0.1:*",
+        **changes,
+    )
 
 
 def bridge_config(proxy: Proxy, **changes: Any) -> BridgeConfig:

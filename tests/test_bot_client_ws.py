@@ -18,10 +18,10 @@ from bot_client import AsyncPublisher
 from bridge.app import BridgeServer, start_bridge
 from bridge.config import BridgeConfig
 from bus.envelope import Event
-from bus.proxy import Proxy, ProxyConfig
+from bus.proxy import Proxy
 from bus.subscriber import BlockingSubscriber, Gap
 from tests.conftest import scaled, staging_proxy, synced_subscriber
-from tests.support import free_port, wait_for
+from tests.support import free_port, loopback_proxy_config, wait_for
 
 Context = zmq.Context[zmq.Socket[bytes]]
 
@@ -144,10 +144,7 @@ async def test_ws_events_in_flight_at_a_disconnect_are_resent_once(
 ) -> None:
     # Without keys the proxy lets a second connection (the new bridge) publish a source only
     # once the first one has been silent for owner_idle_s: keep that short here.
-    config = ProxyConfig(
-        frontend="tcp://127.0.0.1:*",
-        backend="tcp://127.0.0.1:*",
-        snapshot="tcp://127.0.0.1:*",
+    config = loopback_proxy_config(
         owner_idle_s=0.2,
     )
     with Proxy(config, context=zmq_context) as proxy, synced_subscriber(proxy, zmq_context) as sub:

@@ -20,6 +20,7 @@ import pytest
 import pytest_asyncio
 import zmq
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from playwright.async_api import Browser, BrowserContext, Page, WebSocket
 
 from bot_client import Publisher
@@ -914,12 +915,8 @@ async def test_the_dashboard_connects_only_to_its_own_bridge(
 
     app = web.Application()
     app.router.add_get("/ws", elsewhere)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    other = runner.addresses[0][1]
-    try:
+    async with TestServer(app, host="127.0.0.1") as served:
+        other = served.port
         page = await browser.new_page()
         wire = Wire(page)
         await page.goto(f"{bridge.url}/?ws=ws://127.0.0.1:{other}/ws&token=s3cret")
@@ -938,8 +935,6 @@ async def test_the_dashboard_connects_only_to_its_own_bridge(
         page, wire, console = await open_dashboard(browser, f"{bridge.url}/?ws=/ws")
         assert wire.urls[0].startswith(f"ws://127.0.0.1:{bridge.port}/ws")
         assert console.errors == []
-    finally:
-        await runner.cleanup()
 
 
 async def test_malformed_bus_messages_never_reach_or_close_the_dashboard(

@@ -28,10 +28,10 @@ from bus.keys import (
     load_client_keys,
     load_server_keys,
 )
-from bus.proxy import Proxy, ProxyConfig
+from bus.proxy import Proxy
 from bus.subscriber import BlockingSubscriber
 from tests.conftest import scaled
-from tests.support import run_tradebus, wait_until
+from tests.support import loopback_proxy_config, run_tradebus, wait_until
 from tests.test_bus_keys import make_keys
 from tests.test_up import start_up
 
@@ -47,10 +47,7 @@ def key_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def keyed_proxy(key_dir: Path, zmq_context: Context) -> Iterator[Proxy]:
-    config = ProxyConfig(
-        frontend="tcp://127.0.0.1:*",
-        backend="tcp://127.0.0.1:*",
-        snapshot="tcp://127.0.0.1:*",
+    config = loopback_proxy_config(
         heartbeat_ms=500,
         keys=load_server_keys(key_dir),
     )

@@ -20,6 +20,7 @@ import orjson
 import pytest
 import websockets
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
 from bridge.app import BRIDGE_KEY, BridgeServer, create_app
@@ -332,18 +333,11 @@ async def test_the_bot_client_sends_its_token_in_a_header_not_the_url() -> None:
 
     app = web.Application()
     app.router.add_get("/ws", refuse)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    async with TestServer(app, host="127.0.0.1") as served:
         logged = await bot_output_after_attempts(
-            f"ws://127.0.0.1:{port}/ws", "hdr-check", 1, token=SECRET
+            f"ws://127.0.0.1:{served.port}/ws", "hdr-check", 1, token=SECRET
         )
         await asyncio.wait_for(arrived.wait(), scaled(5))
-    finally:
-        await runner.cleanup()
     first = seen[0]
     assert first.headers["Authorization"] == f"Bearer {SECRET}"
     assert "token" not in first.query

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from playwright.async_api import Page
 
 from bridge.config import STATIC_DIR
@@ -42,20 +43,13 @@ async def page() -> AsyncIterator[Page]:
     app = web.Application()
     app.router.add_get("/", harness)
     app.router.add_static("/static/", STATIC_DIR)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    async with chromium_browser() as browser:
+    errors: list[str] = []
+    async with TestServer(app, host="127.0.0.1") as served, chromium_browser() as browser:
         opened = await browser.new_page()
-        errors: list[str] = []
         opened.on("pageerror", lambda error: errors.append(str(error)))
-        await opened.goto(f"http://127.0.0.1:{port}/")
+        await opened.goto(f"http://127.0.0.1:{served.port}/")
         await opened.wait_for_function("window.ready === true", timeout=5000)
         yield opened
-        await browser.close()
-    await runner.cleanup()
     assert errors == []
 
 

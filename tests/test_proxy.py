@@ -21,7 +21,7 @@ from bus.proxy import LastValueCache, Proxy, ProxyConfig, drain_capture_python
 from bus.topics import Pattern
 from bus.transport import ACCELERATED, _python_recv_message, cache_drainer, send_event
 from tests.conftest import scaled
-from tests.support import wait_until
+from tests.support import loopback_proxy_config, wait_until
 
 Context = zmq.Context[zmq.Socket[bytes]]
 
@@ -119,10 +119,7 @@ def test_snapshot_waits_for_the_sync_marker(zmq_context: Context, proxy: Proxy) 
 
 
 def test_unseen_marker_gives_an_unsynced_snapshot(zmq_context: Context) -> None:
-    config = ProxyConfig(
-        frontend="tcp://127.0.0.1:*",
-        backend="tcp://127.0.0.1:*",
-        snapshot="tcp://127.0.0.1:*",
+    config = loopback_proxy_config(
         sync_timeout=0.2,
     )
     with Proxy(config, context=zmq_context) as proxy:

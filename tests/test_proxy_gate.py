@@ -12,10 +12,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from bridge.app import BridgeServer
 from bus.envelope import encode_event
-from bus.proxy import SNAPSHOT_COMMAND, STATUS_ERROR, Proxy, ProxyConfig
+from bus.proxy import SNAPSHOT_COMMAND, STATUS_ERROR, Proxy
 from monitoring.metrics import ProxyCollector
 from tests.conftest import scaled
-from tests.support import wait_until
+from tests.support import loopback_proxy_config, wait_until
 from tests.test_bridge_support import (
     BusPublisher,
     connect,
@@ -169,10 +169,7 @@ def snapshot_request(context: Context, proxy: Proxy, body: list[bytes]) -> list[
 
 
 def test_snapshot_requests_are_bounded(zmq_context: Context) -> None:
-    config = ProxyConfig(
-        frontend="tcp://127.0.0.1:*",
-        backend="tcp://127.0.0.1:*",
-        snapshot="tcp://127.0.0.1:*",
+    config = loopback_proxy_config(
         snapshot_max_patterns=3,
         snapshot_max_bytes=1_000,
     )

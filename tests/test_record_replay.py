@@ -18,9 +18,9 @@ import pytest
 import zmq
 
 from bus.envelope import Event, encode_event
-from bus.proxy import Proxy, ProxyConfig
+from bus.proxy import Proxy
 from tests.conftest import scaled, synced_subscriber
-from tests.support import run_tradebus
+from tests.support import loopback_proxy_config, run_tradebus
 from tradebus.record import (
     RecordedEvent,
     RecordingError,
@@ -124,11 +124,7 @@ def test_round_trip_is_lossless(proxy: Proxy, zmq_context: Ctx, tmp_path: Path) 
     # Backtesting replays into a fresh bus: one that saw these (source, epoch, seq)
     # positions drops them as duplicates (that is what `replay --source` is for).
     # A proxy answers its context's ZAP requests: the second one gets a context of its own.
-    with Proxy(
-        ProxyConfig(
-            frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*", snapshot="tcp://127.0.0.1:*"
-        )
-    ) as fresh:
+    with Proxy(loopback_proxy_config()) as fresh:
         second = Recorder(fresh, zmq_context, tmp_path / "second.jsonl", ["*"], wanted)
         replayer = connect_publisher(zmq_context, fresh.frontend_endpoint, scaled(5))
         try:

@@ -11,8 +11,9 @@ import zmq
 
 from bot_client import Publisher
 from bridge.app import BridgeServer
-from bus.proxy import Proxy, ProxyConfig
+from bus.proxy import Proxy
 from bus.resume import contiguous_from, follows
+from tests.support import loopback_proxy_config
 from tests.test_bridge_support import (
     BusPublisher,
     bridge_config,
@@ -178,10 +179,7 @@ async def test_without_the_proxys_history_a_restarted_bridge_says_not_recovered(
     """An old proxy, or history off: as before."""
     publisher.close()
     off = Proxy(
-        ProxyConfig(
-            frontend="tcp://127.0.0.1:*",
-            backend="tcp://127.0.0.1:*",
-            snapshot="tcp://127.0.0.1:*",
+        loopback_proxy_config(
             history_events=0,
         )
     )
