@@ -114,15 +114,20 @@ def zmq_socket(zmq_context: Context) -> Iterator[Callable[[int], zmq.Socket[byte
 @pytest.fixture
 def proxy(zmq_context: Context) -> Iterator[Proxy]:
     """A running proxy on random loopback ports (see .frontend/.backend/.snapshot_endpoint).
-    Its sockets are closed with linger 0 on stop; a socket it leaves open fails the test
-    through ``zmq_context``'s teardown."""
+    Its teardown is bounded and strict: a thread of the proxy still running after
+    ``stop`` fails the test, and so does a socket left open (``zmq_context``'s check)."""
     config = loopback_proxy_config(
         heartbeat_ms=500,
     )
     running = Proxy(config, context=zmq_context)
+    before = set(threading.enumerate())
     running.start()
+    threads = [t for t in set(threading.enumerate()) - before if t.name.startswith("tradebus-")]
     yield running
     running.stop(timeout=scaled(5))
+    stuck = [thread.name for thread in threads if thread.is_alive()]
+    if stuck:
+        pytest.fail(f"the proxy's threads did not stop within {scaled(5):g} s: {stuck}")
 
 
 @pytest.fixture
