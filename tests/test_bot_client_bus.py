@@ -25,6 +25,7 @@ from bot_client.encoding import DUMPS_OPTIONS, to_json_value
 from bus.envelope import Event, Meta, encode_payload
 from bus.proxy import Proxy, ProxyConfig
 from bus.subscriber import BlockingSubscriber, Gap
+from bus.transport import ACCELERATOR_OFF_VARIABLE
 from tests.conftest import scaled, staging_proxy, synced_subscriber
 from tests.support import wait_until
 
@@ -69,14 +70,18 @@ GUIDE_DATA = {
 }
 
 
-@pytest.fixture
-def path_publisher(accelerated: bool, zmq_context: Context) -> Callable[..., Publisher]:
+@pytest.fixture(params=["c", "python"])
+def path_publisher(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, zmq_context: Context
+) -> Callable[..., Publisher]:
     """Makes publishers (no heartbeat) whose publish() is the C path (bot_client/_publish.c)
     or the Python one it falls back to (its reference), and checks that it is."""
+    if request.param == "python":
+        monkeypatch.setenv(ACCELERATOR_OFF_VARIABLE, "1")
 
     def make(**settings: Any) -> Publisher:
         publisher = Publisher(context=zmq_context, heartbeat_interval=0, **settings)
-        assert publisher.fast_path == accelerated
+        assert publisher.fast_path == (request.param == "c")
         return publisher
 
     return make
