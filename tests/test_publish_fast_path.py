@@ -22,7 +22,6 @@ from bus.proxy import Proxy
 from bus.subscriber import Gap
 from bus.transport import libzmq_send_address
 from tests.conftest import scaled, synced_subscriber
-from tests.support import wait_until
 
 Context = zmq.Context[zmq.Socket[bytes]]
 LAST_INT64_NS = 2**63 - 1
@@ -224,7 +223,10 @@ def test_flat_out_publishing_arrives_whole_and_in_order(
     ):
         assert publisher.fast_path
         assert isinstance(publisher._fast, HandOff)  # the I/O thread sends, lock- and GIL-free
-        wait_until(lambda: publisher.connected, "the publisher to connect")
+        deadline = time.monotonic() + scaled(5)
+        while not publisher.connected:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
         for n in range(count):
             publisher.publish("flat", {"n": n})
             if n % 500 == 0:  # while the I/O thread sends: no event is in neither figure
