@@ -36,6 +36,7 @@ from tests.test_bridge_support import (
     connect,
     recv_until,
     request,
+    running_bridge,
     subscribe,
     wait_for,
     ws_url,
@@ -174,27 +175,31 @@ async def test_a_browser_never_publishes_without_a_token(server: BridgeServer) -
     assert server.bridge.hub.stats.publish_rejected["forbidden"] == 1
 
 
-@pytest.mark.bridge(publish_tokens=(f"bot-1={TOKEN}", f"bot-2={TOKEN}"))
-async def test_a_publish_token_publishes_only_its_source(server: BridgeServer) -> None:
+async def test_a_publish_token_publishes_only_its_source(
+    proxy: Proxy, publisher: BusPublisher
+) -> None:
+    await publisher.connected()
+    config = bridge_config(proxy, publish_tokens=(f"bot-1={TOKEN}", f"bot-2={TOKEN}"))
     bearer = {"Authorization": f"Bearer {TOKEN}"}
-    reader = await connect(server, additional_headers=bearer)
-    await subscribe(reader, ["custom_event"])
-    status = await handshake_status(
-        server, "role=publisher&source=bot-3", additional_headers=bearer
-    )
-    assert status == 403
-    assert server.bridge.rejected["source_forbidden"] == 1
-    for query, source in (
-        ("role=publisher&source=bot-2", "bot-2"),
-        ("role=publisher", "bot-1"),
-    ):
-        writer = await connect(server, query, additional_headers=bearer)
-        assert (await publish(writer, 7))["type"] == "ack"
-        (event,) = await collect_events(reader, 1)
-        assert event["source"] == source
-        await writer.close()
-        await wait_for(lambda: not server.bridge._publishing_sources, "source released")
-    await reader.close()
+    async with running_bridge(config) as server:
+        reader = await connect(server, additional_headers=bearer)
+        await subscribe(reader, ["custom_event"])
+        status = await handshake_status(
+            server, "role=publisher&source=bot-3", additional_headers=bearer
+        )
+        assert status == 403
+        assert server.bridge.rejected["source_forbidden"] == 1
+        for query, source in (
+            ("role=publisher&source=bot-2", "bot-2"),
+            ("role=publisher", "bot-1"),
+        ):
+            writer = await connect(server, query, additional_headers=bearer)
+            assert (await publish(writer, 7))["type"] == "ack"
+            (event,) = await collect_events(reader, 1)
+            assert event["source"] == source
+            await writer.close()
+            await wait_for(lambda: not server.bridge._publishing_sources, "source released")
+        await reader.close()
 
 
 @pytest.mark.bridge(jwt_secret=SECRET)
