@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -74,6 +75,7 @@ class Bridge:
         self.config = config
         self.extra_routes = extra_routes or []
         self.port = 0
+        self.reuse_port = False  # to take over a port a test holds (see the backoff test)
         self.server: BridgeServer | None = None
 
     @property
@@ -85,8 +87,12 @@ class Bridge:
         app.router.add_routes(self.extra_routes)
         runner = web.AppRunner(app, shutdown_timeout=self.config.close_timeout)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", self.port)
-        await site.start()
+        site = web.TCPSite(runner, "127.0.0.1", self.port, reuse_port=self.reuse_port or None)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()  # a bridge that never listened still holds its bus sockets
+            raise
         self.port = runner.addresses[0][1]
         self.server = BridgeServer(runner, app, self.port)
         await self.wait_ready()
@@ -668,13 +674,13 @@ async def test_reconnect_backs_off_with_jitter_until_the_bridge_appears(
     bridge_config: BridgeConfig, browser: BrowserContext
 ) -> None:
     # A port with nothing listening yet; a second bridge starts on it later. The page is
-    # served by the first (the dashboard itself connects only to its own origin).
-    probe = web.AppRunner(web.Application())
-    await probe.setup()
-    site = web.TCPSite(probe, "127.0.0.1", 0)
-    await site.start()
-    port = probe.addresses[0][1]
-    await probe.cleanup()
+    # served by the first (the dashboard itself connects only to its own origin). The port
+    # is held, bound but not listening (connects are refused), so no other process on the
+    # machine takes it meanwhile; the second bridge joins it through SO_REUSEPORT.
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
 
     async def client_page(_request: web.Request) -> web.Response:
         return web.Response(
@@ -700,12 +706,14 @@ async def test_reconnect_backs_off_with_jitter_until_the_bridge_appears(
         assert 2000 <= second <= 3000  # doubled
         late = Bridge(bridge_config.replace(origins=(bridge.url,)))
         late.port = port
+        late.reuse_port = True
         await late.start()
         await page.wait_for_function("window.tradebus.state === 'open'", timeout=scaled(6) * 1000)
     finally:
         if late is not None:
             await late.stop()
         await bridge.stop()
+        holder.close()
 
 
 class Relay:
