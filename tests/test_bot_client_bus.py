@@ -554,7 +554,7 @@ def test_log_lines_match_the_guides_troubleshooting_greps() -> None:
         "import time\n"
         "deadline = time.monotonic() + 20\n"
         "while p.status()['connect_attempts'] < 1 and time.monotonic() < deadline:\n"
-        "    time.sleep(0.01)\n"
+        "    time.sleep(0.01)  # the poll interval of this wait\n"
         "p.close(timeout=0.05)\n"
     )
     done = subprocess.run(
