@@ -1,23 +1,38 @@
 """Shared fixtures: real sockets on 127.0.0.1, random ports, bounded teardowns.
 
 Every wait in a test is scaled by TRADEBUS_TEST_TIMEOUT_FACTOR (default 1), so a slow
-machine raises one number instead of editing many tests.
+machine raises one number instead of editing many tests; that includes pytest-timeout's
+limit of every test. The plain helpers (``scaled``, ``free_port``, ``wait_until``,
+``wait_for``, ``BusPublisher``, ``bridge_config``, ``running_bridge``) live in
+tests/support.py; each fixture below says what it gives.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
 
+from bridge.app import BridgeServer
 from bus.proxy import Proxy, ProxyConfig
 from bus.subscriber import BlockingSubscriber
+from bus.transport import ACCELERATOR_OFF_VARIABLE
+from tests.support import TIMEOUT_FACTOR as TIMEOUT_FACTOR
+from tests.support import BusPublisher, bridge_config, loopback_proxy_config, running_bridge
+from tests.support import scaled as scaled
 
-TIMEOUT_FACTOR = float(os.environ.get("TRADEBUS_TEST_TIMEOUT_FACTOR", "1"))
+Context = zmq.Context[zmq.Socket[bytes]]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "bridge(**changes): BridgeConfig changes for the `server` fixture's bridge"
+    )
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -32,15 +47,36 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = 1
 
 
-def scaled(seconds: float) -> float:
-    """A test wait, scaled for the machine."""
-    return seconds * TIMEOUT_FACTOR
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Scale every test's pytest-timeout limit (its marker's, else the configured one) by
+    TRADEBUS_TEST_TIMEOUT_FACTOR, like every wait inside the tests."""
+    if TIMEOUT_FACTOR == 1:
+        return
+    option = config.getoption("timeout", None)
+    default = float(option if option is not None else config.getini("timeout") or 0)
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        limit = float(marker.args[0]) if marker is not None and marker.args else default
+        if limit > 0:
+            item.add_marker(pytest.mark.timeout(scaled(limit)), append=False)
+
+
+@pytest.fixture(params=[True, False], ids=["accelerated", "pure"])
+def accelerated(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """The one parametrisation of the differential tests: each runs once with the C
+    accelerators and once with the pure-Python code they must match. For ``False`` the
+    switch users have (TRADEBUS_NO_ACCELERATOR) is set for the test; code that chose at
+    import time is picked by the test itself from this flag."""
+    if not request.param:
+        monkeypatch.setenv(ACCELERATOR_OFF_VARIABLE, "1")
+    return bool(request.param)
 
 
 @pytest.fixture
-def zmq_context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
+def zmq_context() -> Iterator[Context]:
     """A fresh context whose teardown fails the test when sockets were left open."""
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    context: Context = zmq.Context()
     yield context
     leaked = [s for s in list(context._sockets) if not s.closed]  # type: ignore[attr-defined]
     for socket in leaked:
@@ -59,22 +95,71 @@ def zmq_context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
 
 
 @pytest.fixture
-def proxy(zmq_context: zmq.Context[zmq.Socket[bytes]]) -> Iterator[Proxy]:
-    """A running proxy on random loopback ports (see .frontend/.backend/.snapshot_endpoint)."""
-    config = ProxyConfig(
-        frontend="tcp://127.0.0.1:*",
-        backend="tcp://127.0.0.1:*",
-        snapshot="tcp://127.0.0.1:*",
+def zmq_socket(zmq_context: Context) -> Iterator[Callable[[int], zmq.Socket[bytes]]]:
+    """A factory of sockets on ``zmq_context`` with linger 0, all closed after the test
+    (before the context's leak check), like pyzmq's own tests' ``self.socket``."""
+    made: list[zmq.Socket[bytes]] = []
+
+    def make(kind: int) -> zmq.Socket[bytes]:
+        socket: zmq.Socket[bytes] = zmq_context.socket(kind)
+        socket.linger = 0
+        made.append(socket)
+        return socket
+
+    yield make
+    for socket in made:
+        socket.close(linger=0)
+
+
+@pytest.fixture
+def proxy(zmq_context: Context) -> Iterator[Proxy]:
+    """A running proxy on random loopback ports (see .frontend/.backend/.snapshot_endpoint).
+    Its teardown is bounded and strict: a thread of the proxy still running after
+    ``stop`` fails the test, and so does a socket left open (``zmq_context``'s check)."""
+    config = loopback_proxy_config(
         heartbeat_ms=500,
     )
     running = Proxy(config, context=zmq_context)
+    before = set(threading.enumerate())
     running.start()
+    threads = [t for t in set(threading.enumerate()) - before if t.name.startswith("tradebus-")]
     yield running
-    running.stop()
+    running.stop(timeout=scaled(5))
+    stuck = [thread.name for thread in threads if thread.is_alive()]
+    if stuck:
+        pytest.fail(f"the proxy's threads did not stop within {scaled(5):g} s: {stuck}")
+
+
+@pytest.fixture
+def publisher(zmq_context: Context, proxy: Proxy) -> Iterator[BusPublisher]:
+    """A raw publisher (source ``bot-1``) connected to ``proxy``'s frontend; await its
+    ``connected()`` before publishing (the ``server`` fixture does)."""
+    bus = BusPublisher(zmq_context, proxy.frontend_endpoint, "bot-1")
+    yield bus
+    bus.close()
+
+
+@pytest.fixture
+def bridge_options(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The BridgeConfig changes of the ``server`` fixture's bridge: a test's
+    ``@pytest.mark.bridge(**changes)``, else none; a module may override the fixture."""
+    marker = request.node.get_closest_marker("bridge")
+    return dict(marker.kwargs) if marker is not None else {}
+
+
+@pytest.fixture
+async def server(
+    proxy: Proxy, publisher: BusPublisher, bridge_options: dict[str, Any]
+) -> AsyncIterator[BridgeServer]:
+    """A bridge on a free loopback port reading ``proxy``, ready, with ``publisher``
+    already heard by the proxy; closed after the test."""
+    await publisher.connected()
+    async with running_bridge(bridge_config(proxy, **bridge_options)) as running:
+        yield running
 
 
 def synced_subscriber(
-    proxy: Proxy, context: zmq.Context[zmq.Socket[bytes]], patterns: Sequence[str] = ("*",)
+    proxy: Proxy, context: Context, patterns: Sequence[str] = ("*",)
 ) -> BlockingSubscriber:
     """A subscriber to ``proxy`` whose subscription is in force once its ``with`` is entered
     (the synced snapshot guarantees it), so nothing published afterwards is missed."""

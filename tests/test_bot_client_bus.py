@@ -26,6 +26,7 @@ from bus.envelope import Event, Meta, encode_payload
 from bus.proxy import Proxy, ProxyConfig
 from bus.subscriber import BlockingSubscriber, Gap
 from tests.conftest import scaled, staging_proxy, synced_subscriber
+from tests.support import wait_until
 
 Context = zmq.Context[zmq.Socket[bytes]]
 
@@ -95,13 +96,6 @@ def receive(sub: BlockingSubscriber, count: int, timeout: float = 5.0) -> list[E
         assert not isinstance(item, Gap), str(item)
         events.append(item)
     return events
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + scaled(timeout)
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
 
 
 def assert_iso_utc(text: object) -> None:
@@ -192,7 +186,7 @@ def test_events_held_while_proxy_down_arrive_in_order(tmp_path: Path, zmq_contex
         kind = kinds[n % len(kinds)]
         publisher.publish(kind, {"symbol": "ETH-USD", "n": n})
         sent.append((kind, n))
-    wait_for(lambda: publisher.status()["connect_attempts"] >= 2)
+    wait_until(lambda: publisher.status()["connect_attempts"] >= 2)
     status = publisher.status()
     assert status["connected"] is False
     assert status["queued"] == 300
@@ -275,7 +269,7 @@ def test_interval_delivers_first_and_last_of_a_burst(
         heartbeat_interval=0,
         context=zmq_context,
     ) as publisher:
-        wait_for(lambda: publisher.connected)
+        wait_until(lambda: publisher.connected)
         for price in range(100):
             publisher.publish_market_data("BTC-USD", float(price))
             publisher.publish_market_data("ETH-USD", float(1000 + price))
@@ -421,7 +415,7 @@ def test_threads_publishing_one_topic_keep_sequence_order(
         source_id="threads",
         queue_size=10_000,
     ) as publisher:
-        wait_for(lambda: publisher.connected)
+        wait_until(lambda: publisher.connected)
 
         def work(worker: int) -> None:
             for n in range(500):
@@ -521,9 +515,9 @@ def test_proxy_restart_disconnects_holds_and_reconnects(
     )
     second: Proxy | None = None
     try:
-        wait_for(lambda: publisher.connected)
+        wait_until(lambda: publisher.connected)
         first.stop()
-        wait_for(lambda: not publisher.connected)
+        wait_until(lambda: not publisher.connected)
         for n in range(20):
             publisher.publish("ai_decision", {"n": n})
         assert publisher.status()["queued"] == 20
@@ -560,7 +554,7 @@ def test_log_lines_match_the_guides_troubleshooting_greps() -> None:
         "import time\n"
         "deadline = time.monotonic() + 20\n"
         "while p.status()['connect_attempts'] < 1 and time.monotonic() < deadline:\n"
-        "    time.sleep(0.01)\n"
+        "    time.sleep(0.01)  # the poll interval of this wait\n"
         "p.close(timeout=0.05)\n"
     )
     done = subprocess.run(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -19,18 +18,12 @@ from bot_client import AsyncPublisher
 from bridge.app import BridgeServer, start_bridge
 from bridge.config import BridgeConfig
 from bus.envelope import Event
-from bus.proxy import Proxy, ProxyConfig
+from bus.proxy import Proxy
 from bus.subscriber import BlockingSubscriber, Gap
 from tests.conftest import scaled, staging_proxy, synced_subscriber
+from tests.support import free_port, loopback_proxy_config, wait_for
 
 Context = zmq.Context[zmq.Socket[bytes]]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def bridge_config(proxy: Proxy, port: int = 0, allow_publish: bool = True) -> BridgeConfig:
@@ -47,13 +40,6 @@ async def started_bridge(config: BridgeConfig) -> BridgeServer:
     server = await start_bridge(config)
     await wait_for(lambda: server.bridge.ready and server.bridge.publish_ready)
     return server
-
-
-async def wait_for(condition: Callable[[], object], within: float = 5.0) -> None:
-    deadline = time.monotonic() + scaled(within)
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def serve_ws(
@@ -158,10 +144,7 @@ async def test_ws_events_in_flight_at_a_disconnect_are_resent_once(
 ) -> None:
     # Without keys the proxy lets a second connection (the new bridge) publish a source only
     # once the first one has been silent for owner_idle_s: keep that short here.
-    config = ProxyConfig(
-        frontend="tcp://127.0.0.1:*",
-        backend="tcp://127.0.0.1:*",
-        snapshot="tcp://127.0.0.1:*",
+    config = loopback_proxy_config(
         owner_idle_s=0.2,
     )
     with Proxy(config, context=zmq_context) as proxy, synced_subscriber(proxy, zmq_context) as sub:
@@ -178,16 +161,17 @@ async def _resend_across_a_bridge_restart(proxy: Proxy, subscriber: BlockingSubs
         for n in range(1000):
             publisher.publish("custom_event", {"n": n})
         # drop the bridge while events are in flight, then bring a new one up on the port
-        await wait_for(lambda: publisher.status()["sent"] > 0, within=10)
+        await wait_for(lambda: publisher.status()["sent"] > 0, timeout=10)
         await server.close()
         await wait_for(lambda: not publisher.connected)
         closed = time.monotonic()
         for n in range(1000, 1100):
             publisher.publish("custom_event", {"n": n})
         # the rule is about time: the old bridge's connection must have been silent that long
+        # (so this sleep is the thing under test, not a synchronisation)
         await asyncio.sleep(max(0.0, closed + proxy.config.owner_idle_s - time.monotonic()))
         server = await started_bridge(bridge_config(proxy, port))
-        await wait_for(lambda: publisher.status()["sent"] == 1100, within=15)
+        await wait_for(lambda: publisher.status()["sent"] == 1100, timeout=15)
         # the subscriber's sequence tracker skips what the second bridge republished: every
         # event arrives exactly once, in order, with no gap
         events = await receive(subscriber, 1100, "resend")

@@ -11,11 +11,10 @@ import contextlib
 import socket
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import orjson
 import pytest
-import zmq
 
 from bridge.app import BridgeServer
 from bus.proxy import Proxy
@@ -29,13 +28,6 @@ from tests.test_bridge_support import (
     subscribe,
     wait_for,
 )
-
-
-@pytest.fixture
-def publisher(zmq_context: zmq.Context[zmq.Socket[bytes]], proxy: Proxy) -> Iterator[BusPublisher]:
-    bus = BusPublisher(zmq_context, proxy.frontend_endpoint, "bot-1")
-    yield bus
-    bus.close()
 
 
 async def open_socket(server: BridgeServer) -> socket.socket:

@@ -13,6 +13,7 @@ import urllib.request
 
 from bus.proxy import Proxy
 from tests.conftest import scaled
+from tests.support import wait_until
 
 
 def test_help_lists_the_settings() -> None:
@@ -70,14 +71,15 @@ def test_serves_reports_ready_and_stops_on_sigterm(proxy: Proxy) -> None:
             if record["event"] == "bridge.listening":
                 port = record["port"]
         assert port, lines
-        ready = False
-        while not ready and time.monotonic() < deadline:
+
+        def ready() -> bool:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as reply:
-                    ready = reply.status == 200
+                    return bool(reply.status == 200)
             except urllib.error.HTTPError:
-                time.sleep(0.05)
-        assert ready
+                return False
+
+        wait_until(ready, "/ready to answer 200", timeout=20, interval=0.05)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=scaled(10)) == 0
         rest = process.stderr.read()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import aiohttp
 import orjson
@@ -35,17 +35,9 @@ from tests.test_bridge_support import (
 
 
 @pytest.fixture
-def publisher(zmq_context: zmq.Context[zmq.Socket[bytes]], proxy: Proxy) -> Iterator[BusPublisher]:
-    bus = BusPublisher(zmq_context, proxy.frontend_endpoint, "bot-1")
-    yield bus
-    bus.close()
-
-
-@pytest.fixture
-async def server(proxy: Proxy, publisher: BusPublisher) -> AsyncIterator[BridgeServer]:
-    await publisher.connected()
-    async with running_bridge(bridge_config(proxy, allow_publish=True)) as running:
-        yield running
+def bridge_options() -> dict[str, Any]:
+    """The ``server`` fixture's bridge (tests/conftest.py) takes publishes from clients."""
+    return {"allow_publish": True}
 
 
 async def test_event_reaches_three_clients_each_by_its_patterns(
@@ -165,11 +157,12 @@ async def test_snapshot_then_live_without_gap_or_duplicate(
     await publisher.publish("ai_decision", {"action": "BUY"})
     # wait until the proxy's cache holds them: a snapshot of its own shows them
     watcher = await connect(server)
-    for _ in range(50):
-        _begin, cached = await subscribe(watcher, ["market_data"])
-        if len(cached) == 2 and cached[1]["data"] == {"price": 4}:
-            break
-        await asyncio.sleep(0.02)
+
+    async def cached() -> bool:
+        _begin, events = await subscribe(watcher, ["market_data"])
+        return len(events) == 2 and events[1]["data"] == {"price": 4}
+
+    await wait_for(cached, "the snapshot to show the last prices", interval=0.02)
     await watcher.close()
 
     client = await connect(server)
@@ -179,7 +172,7 @@ async def test_snapshot_then_live_without_gap_or_duplicate(
     async def keep_publishing() -> None:
         while not stop.is_set():
             await publisher.publish("market_data.BTC-USD", {"price": 100})
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.001)  # the feed's pace (about 1 kHz), not a synchronisation
 
     task = asyncio.create_task(keep_publishing())
     try:

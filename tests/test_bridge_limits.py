@@ -7,7 +7,6 @@ import shutil
 import ssl
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ import jwt
 import orjson
 import pytest
 import websockets
-import zmq
 from structlog.testing import capture_logs
 from websockets.asyncio.client import ClientConnection
 
@@ -37,13 +35,6 @@ from tests.test_bridge_support import (
 )
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
-
-
-@pytest.fixture
-def publisher(zmq_context: zmq.Context[zmq.Socket[bytes]], proxy: Proxy) -> Iterator[BusPublisher]:
-    bus = BusPublisher(zmq_context, proxy.frontend_endpoint, "bot-1")
-    yield bus
-    bus.close()
 
 
 async def expect_refused(server: BridgeServer, status: int, query: str = "", **kwargs: Any) -> None:
@@ -70,11 +61,9 @@ def make_jwt(**claims: Any) -> str:
 
 
 @pytest.fixture
-async def server(proxy: Proxy, publisher: BusPublisher) -> AsyncIterator[BridgeServer]:
-    await publisher.connected()
-    config = bridge_config(proxy, max_subscriptions=3, max_errors=4, rate_limit=20, rate_burst=20)
-    async with running_bridge(config) as running:
-        yield running
+def bridge_options() -> dict[str, Any]:
+    """The ``server`` fixture's bridge (tests/conftest.py), with low limits to reach."""
+    return {"max_subscriptions": 3, "max_errors": 4, "rate_limit": 20, "rate_burst": 20}
 
 
 # -- origin -----------------------------------------------------------------------------
@@ -345,7 +334,7 @@ async def test_server_pings_and_closes_a_dead_peer_within_two_intervals(proxy: P
     # a live client answers the pings and stays connected
     async with running_bridge(bridge_config(proxy, ping_interval=0.2)) as server:
         client = await connect(server)
-        await asyncio.sleep(0.7)
+        await asyncio.sleep(0.7)  # what is tested: staying connected through three pings
         assert await request(client, {"op": "ping", "id": 1}, "pong") == {"type": "pong", "id": 1}
         await client.close()
 

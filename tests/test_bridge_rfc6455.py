@@ -14,11 +14,11 @@ import os
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 import pytest
-import zmq
 
 from bridge.app import BridgeServer
 from bus.proxy import Proxy
@@ -190,17 +190,9 @@ def ping_request(size: int) -> bytes:
 
 
 @pytest.fixture
-def publisher(zmq_context: zmq.Context[zmq.Socket[bytes]], proxy: Proxy) -> Iterator[BusPublisher]:
-    bus = BusPublisher(zmq_context, proxy.frontend_endpoint, "bot-1")
-    yield bus
-    bus.close()
-
-
-@pytest.fixture
-async def server(proxy: Proxy) -> AsyncIterator[BridgeServer]:
-    config = bridge_config(proxy, max_message_bytes=MAX_MESSAGE, close_timeout=1.0)
-    async with running_bridge(config) as running:
-        yield running
+def bridge_options() -> dict[str, Any]:
+    """The ``server`` fixture's bridge (tests/conftest.py), with a small message limit."""
+    return {"max_message_bytes": MAX_MESSAGE, "close_timeout": 1.0}
 
 
 @pytest.fixture
@@ -301,7 +293,7 @@ async def test_a_stalled_slow_consumer_gets_4008_before_its_connection_is_cut(
                 await publisher.publish("trade_execution", {"blob": "x" * 2000, "n": number})
                 number += 1
                 if number % 20 == 0:
-                    await asyncio.sleep(0.001)
+                    await asyncio.sleep(0.001)  # lets the bridge run between bursts (pacing)
             # the scenario, not a synchronisation: the client keeps reading nothing for
             # longer than the bridge waits for a close reply (0.3 s + 0.5 s before this fix)
             await asyncio.sleep(scaled(1.5))

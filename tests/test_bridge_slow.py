@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import orjson
 import pytest
 import websockets
-import zmq
 from websockets.asyncio.client import ClientConnection
 
 from bridge.app import BridgeServer
@@ -32,18 +31,9 @@ BLOB = "x" * 2000  # makes each event big enough to fill socket buffers quickly
 
 
 @pytest.fixture
-def publisher(zmq_context: zmq.Context[zmq.Socket[bytes]], proxy: Proxy) -> Iterator[BusPublisher]:
-    bus = BusPublisher(zmq_context, proxy.frontend_endpoint, "bot-1")
-    yield bus
-    bus.close()
-
-
-@pytest.fixture
-async def server(proxy: Proxy, publisher: BusPublisher) -> AsyncIterator[BridgeServer]:
-    await publisher.connected()
-    config = bridge_config(proxy, max_queue_bytes=256 * 1024, write_buffer_high=32 * 1024)
-    async with running_bridge(config) as running:
-        yield running
+def bridge_options() -> dict[str, Any]:
+    """The ``server`` fixture's bridge (tests/conftest.py): small queues fill quickly."""
+    return {"max_queue_bytes": 256 * 1024, "write_buffer_high": 32 * 1024}
 
 
 async def stalled_client(server: BridgeServer) -> ClientConnection:
@@ -115,7 +105,6 @@ async def conflation_scenario(server: BridgeServer, publisher: BusPublisher) -> 
         seqs = received[topic]
         assert len(seqs) < total
         assert seqs == sorted(seqs)
-    await asyncio.sleep(0.1)
     for topic in topics:
         while received[topic][-1] != total:
             event = (await collect_events(slow, 1))[0]
@@ -137,7 +126,7 @@ async def test_slow_consumer_is_closed_with_code_and_reason(
         await publisher.publish("trade_execution", {"blob": BLOB, "n": n})
         n += 1
         if n % 20 == 0:
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.001)  # lets the bridge run between bursts (pacing)
 
     async def read_to_the_end() -> None:
         while True:
@@ -186,12 +175,12 @@ async def test_stalled_client_does_not_delay_the_others(
         await publisher.publish("trade_execution", {"blob": BLOB})
         filled += 1
         if filled % 20 == 0:
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.001)  # lets the bridge run between bursts (pacing)
     await wait_for(lambda: drained == filled, "the healthy client to read the fill events")
     # then the healthy client's latency is measured while the other stays stalled
     for n in range(measured):
         await publisher.publish("trade_execution", {"blob": BLOB, "n": n, "sent": time.time()})
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(0.002)  # a steady 500 events/s for the latency sample (pacing)
     await asyncio.wait_for(reader, scaled(20))
     assert hub.stats.slow_disconnects == 1 or any(c.behind for c in hub.clients)
     # a design that waits on each client in turn would hold every event behind the stalled

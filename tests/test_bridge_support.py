@@ -1,96 +1,32 @@
-"""Shared helpers for the bridge tests: a real bus publisher, a real bridge, WS clients.
+"""Helpers for the bridge tests: WebSocket clients of a real bridge.
 
-Imported by the tests/test_bridge_*.py modules (kept in a test module of the bridge's own,
-as tests/conftest.py belongs to the foundation). It holds no tests itself.
+Imported by the tests/test_bridge_*.py modules. It holds no tests itself. The bus
+publisher, the bridge and the waits come from tests/support.py (and are re-exported here
+for the modules that import them from this one); tests/conftest.py has them as fixtures.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import orjson
-import pytest
 import websockets
-import zmq
-import zmq.asyncio
 from websockets.asyncio.client import ClientConnection
 
-from bridge.app import BridgeServer, start_bridge
-from bridge.config import BridgeConfig
-from bus.envelope import encode_event
-from bus.proxy import Proxy
-from tests.conftest import scaled
+from bridge.app import BridgeServer
+from tests.support import BusPublisher as BusPublisher
+from tests.support import bridge_config as bridge_config
+from tests.support import running_bridge as running_bridge
+from tests.support import scaled
+from tests.support import wait_for as wait_for
 
 # the helpers take a plain seconds argument, scaled here, like the tests' own waits
 # ruff: noqa: ASYNC109
 
 Message = dict[str, Any]
-
-
-class BusPublisher:
-    """A publisher on the real bus (XPUB, so it knows when the proxy is listening)."""
-
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], endpoint: str, source: str):
-        self.context = zmq.asyncio.Context.shadow(context.underlying)
-        self.socket = self.context.socket(zmq.XPUB)
-        self.socket.linger = 0
-        self.socket.sndhwm = 1_000_000
-        self.socket.connect(endpoint)
-        self.source = source
-        self.epoch = time.time_ns()
-        self.seqs: dict[str, itertools.count[int]] = {}
-
-    async def connected(self) -> None:
-        """Wait for the proxy's subscribe-all: events sent before it would be dropped."""
-        message = await asyncio.wait_for(self.socket.recv(), scaled(5))
-        assert message[:1] == b"\x01"
-
-    async def publish(
-        self, topic: str, data: dict[str, Any] | None = None, *, seq: int | None = None
-    ) -> list[bytes]:
-        counter = self.seqs.setdefault(topic, itertools.count(1))
-        number = next(counter) if seq is None else seq
-        frames = encode_event(
-            topic, topic.partition(".")[0], data or {}, self.source, self.epoch, number
-        )
-        await self.socket.send_multipart(frames)
-        return frames
-
-    def close(self) -> None:
-        self.socket.close(linger=0)
-
-
-def bridge_config(proxy: Proxy, **changes: Any) -> BridgeConfig:
-    return BridgeConfig(
-        port=0,
-        bus=proxy.backend_endpoint,
-        snapshot=proxy.snapshot_endpoint,
-        publish_to=proxy.frontend_endpoint,
-        **changes,
-    )
-
-
-@contextlib.asynccontextmanager
-async def running_bridge(config: BridgeConfig) -> AsyncIterator[BridgeServer]:
-    server = await start_bridge(config)
-    try:
-        await wait_for(lambda: server.bridge.ready, "bridge ready")
-        yield server
-    finally:
-        await server.close()
-
-
-async def wait_for(condition: Callable[[], object], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + scaled(timeout)
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def ws_url(server: BridgeServer, query: str = "", scheme: str = "ws") -> str:

@@ -11,18 +11,18 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import pytest_asyncio
 import zmq
 from aiohttp import web
-from playwright.async_api import Browser, BrowserContext, Page, WebSocket, async_playwright
+from aiohttp.test_utils import TestServer
+from playwright.async_api import Browser, BrowserContext, Page, WebSocket
 
 from bot_client import Publisher
 from bridge.app import BridgeServer, create_app
@@ -30,19 +30,11 @@ from bridge.config import BridgeConfig
 from bus.envelope import encode_event
 from bus.proxy import Proxy
 from tests.conftest import scaled
+from tests.support import answers_ok, browser_module, chromium_browser, wait_for
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "dashboard.md"
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.timeout(60),
-    pytest.mark.asyncio(loop_scope="module"),
-    pytest.mark.skipif(
-        shutil.which(CHROMIUM) is None, reason="Debian chromium is not installed at /usr/bin"
-    ),
-]
+pytestmark = browser_module(timeout=60)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -83,6 +75,7 @@ class Bridge:
         self.config = config
         self.extra_routes = extra_routes or []
         self.port = 0
+        self.reuse_port = False  # to take over a port a test holds (see the backoff test)
         self.server: BridgeServer | None = None
 
     @property
@@ -94,21 +87,18 @@ class Bridge:
         app.router.add_routes(self.extra_routes)
         runner = web.AppRunner(app, shutdown_timeout=self.config.close_timeout)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", self.port)
-        await site.start()
+        site = web.TCPSite(runner, "127.0.0.1", self.port, reuse_port=self.reuse_port or None)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()  # a bridge that never listened still holds its bus sockets
+            raise
         self.port = runner.addresses[0][1]
         self.server = BridgeServer(runner, app, self.port)
         await self.wait_ready()
 
     async def wait_ready(self) -> None:
-        deadline = time.monotonic() + scaled(10)
-        async with aiohttp.ClientSession() as session:
-            while time.monotonic() < deadline:
-                async with session.get(f"{self.url}/ready") as response:
-                    if response.status == 200:
-                        return
-                await asyncio.sleep(0.05)
-        raise TimeoutError("the bridge never reported ready")
+        await wait_for(lambda: answers_ok(f"{self.url}/ready"), "the bridge ready", 10, 0.05)
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -183,10 +173,8 @@ def publisher(proxy: Proxy, zmq_context: zmq.Context[zmq.Socket[bytes]]) -> Iter
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def chromium() -> AsyncIterator[Browser]:
     """One Chromium for the module (a launch costs about a second); tests get own contexts."""
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    async with chromium_browser() as launched:
         yield launched
-        await launched.close()
 
 
 @pytest_asyncio.fixture(loop_scope="module")
@@ -290,10 +278,7 @@ async def test_bot_client_events_are_shown_within_one_second(
     bridge: Bridge, browser: BrowserContext, bot: Publisher
 ) -> None:
     page, _wire, console = await open_dashboard(browser, bridge.url + "/")
-    deadline = time.monotonic() + scaled(5)
-    while not bot.connected and time.monotonic() < deadline:  # noqa: ASYNC110 (a thread's flag)
-        await asyncio.sleep(0.02)
-    assert bot.connected, "the bot client did not connect to the proxy"
+    await wait_for(lambda: bot.connected, "the bot client to connect to the proxy")
     started = time.monotonic()
     bot.publish_market_data("BTC-USD", 45123.45)
     data = decision_data(1)
@@ -665,6 +650,7 @@ async def test_page_keeps_up_with_1000_events_per_second(
                 "ai_decision", {"action": "HOLD", "confidence": 0.5, "reasoning": "x"}
             )
             published += 1
+        # holds the feed to per_second (pacing, not a synchronisation)
         await asyncio.sleep(max(0.0, started + (tick + 1) * batch / per_second - time.monotonic()))
     elapsed = time.monotonic() - started
     await page.wait_for_function(
@@ -688,13 +674,13 @@ async def test_reconnect_backs_off_with_jitter_until_the_bridge_appears(
     bridge_config: BridgeConfig, browser: BrowserContext
 ) -> None:
     # A port with nothing listening yet; a second bridge starts on it later. The page is
-    # served by the first (the dashboard itself connects only to its own origin).
-    probe = web.AppRunner(web.Application())
-    await probe.setup()
-    site = web.TCPSite(probe, "127.0.0.1", 0)
-    await site.start()
-    port = probe.addresses[0][1]
-    await probe.cleanup()
+    # served by the first (the dashboard itself connects only to its own origin). The port
+    # is held, bound but not listening (connects are refused), so no other process on the
+    # machine takes it meanwhile; the second bridge joins it through SO_REUSEPORT.
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
 
     async def client_page(_request: web.Request) -> web.Response:
         return web.Response(
@@ -720,12 +706,14 @@ async def test_reconnect_backs_off_with_jitter_until_the_bridge_appears(
         assert 2000 <= second <= 3000  # doubled
         late = Bridge(bridge_config.replace(origins=(bridge.url,)))
         late.port = port
+        late.reuse_port = True
         await late.start()
         await page.wait_for_function("window.tradebus.state === 'open'", timeout=scaled(6) * 1000)
     finally:
         if late is not None:
             await late.stop()
         await bridge.stop()
+        holder.close()
 
 
 class Relay:
@@ -935,12 +923,8 @@ async def test_the_dashboard_connects_only_to_its_own_bridge(
 
     app = web.Application()
     app.router.add_get("/ws", elsewhere)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    other = runner.addresses[0][1]
-    try:
+    async with TestServer(app, host="127.0.0.1") as served:
+        other = served.port
         page = await browser.new_page()
         wire = Wire(page)
         await page.goto(f"{bridge.url}/?ws=ws://127.0.0.1:{other}/ws&token=s3cret")
@@ -959,8 +943,6 @@ async def test_the_dashboard_connects_only_to_its_own_bridge(
         page, wire, console = await open_dashboard(browser, f"{bridge.url}/?ws=/ws")
         assert wire.urls[0].startswith(f"ws://127.0.0.1:{bridge.port}/ws")
         assert console.errors == []
-    finally:
-        await runner.cleanup()
 
 
 async def test_malformed_bus_messages_never_reach_or_close_the_dashboard(

@@ -9,29 +9,22 @@ bridge/static/tradebus.js on a page the bridge serves; the bridge cuts every con
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
 import zmq
 from aiohttp import web
-from playwright.async_api import Browser, async_playwright
+from playwright.async_api import Browser
 
 from bridge.app import CLOSE_GOING_AWAY
 from bridge.config import BridgeConfig
 from bus.proxy import Proxy
 from tests.conftest import scaled
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, Bridge, BusPublisher
+from tests.support import browser_module, chromium_browser
+from tests.test_browser import Bridge, BusPublisher
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.timeout(90),
-    pytest.mark.asyncio(loop_scope="module"),
-    pytest.mark.skipif(
-        shutil.which(CHROMIUM) is None, reason="Debian chromium is not installed at /usr/bin"
-    ),
-]
+pytestmark = browser_module(timeout=90)
 
 SUBSCRIBED = ("trading_decision", "ai_decision")
 # the client keeps its backoff short and resets it at once: the cuts come every ~second
@@ -56,10 +49,8 @@ RATE = 600  # events per second, a third of them of a topic the page does not wa
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def chromium() -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    async with chromium_browser() as launched:
         yield launched
-        await launched.close()
 
 
 @pytest.mark.parametrize("how", ["cut", "restart"])
@@ -104,7 +95,7 @@ async def test_resumes_through_repeated_cuts_under_load_lose_nothing(
                         publisher.publish(topic, {"symbol": "BTC-USD", "n": n}, "BTC-USD")
                     else:
                         published[topic] = publisher.publish(topic, {"n": n})
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # RATE events a second (pacing, not a sync)
 
         load = asyncio.create_task(publish())
         try:

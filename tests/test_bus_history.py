@@ -10,18 +10,16 @@ import zmq
 
 from bus.envelope import encode_event
 from bus.history import BusHistory, HistoryPosition
-from bus.proxy import Proxy, ProxyConfig, history_request
-from tests.test_proxy import Context, connected_publisher, request, wait_until
+from bus.proxy import Proxy, history_request
+from tests.support import loopback_proxy_config, wait_until
+from tests.test_proxy import Context, connected_publisher, request
 
 pytestmark = pytest.mark.timeout(30)
 EPOCH = time.time_ns()
 
 
 def history_proxy(context: Context, **changes: object) -> Proxy:
-    config = ProxyConfig(
-        frontend="tcp://127.0.0.1:*",
-        backend="tcp://127.0.0.1:*",
-        snapshot="tcp://127.0.0.1:*",
+    config = loopback_proxy_config(
         **changes,  # type: ignore[arg-type]
     )
     proxy = Proxy(config, context=context)

@@ -7,10 +7,7 @@ keys (BusAuthenticator); its gate lets a key publish only the sources its certif
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -31,9 +28,10 @@ from bus.keys import (
     load_client_keys,
     load_server_keys,
 )
-from bus.proxy import Proxy, ProxyConfig
+from bus.proxy import Proxy
 from bus.subscriber import BlockingSubscriber
 from tests.conftest import scaled
+from tests.support import loopback_proxy_config, run_tradebus, wait_until
 from tests.test_bus_keys import make_keys
 from tests.test_up import start_up
 
@@ -49,10 +47,7 @@ def key_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def keyed_proxy(key_dir: Path, zmq_context: Context) -> Iterator[Proxy]:
-    config = ProxyConfig(
-        frontend="tcp://127.0.0.1:*",
-        backend="tcp://127.0.0.1:*",
-        snapshot="tcp://127.0.0.1:*",
+    config = loopback_proxy_config(
         heartbeat_ms=500,
         keys=load_server_keys(key_dir),
     )
@@ -114,10 +109,7 @@ def test_a_keyed_publisher_reaches_a_keyed_subscriber_and_anonymous_peers_get_no
             assert subscriber.stats.invalid == 0, "the anonymous publisher got something in"
         assert not anonymous_sub.poll(0), "the anonymous subscriber received events"
         # both anonymous peers' handshakes were refused, and counted
-        deadline = time.monotonic() + scaled(5)
-        while keyed_proxy.auth_refused < 2:
-            assert time.monotonic() < deadline, f"refusals counted: {keyed_proxy.auth_refused}"
-            time.sleep(0.01)
+        wait_until(lambda: keyed_proxy.auth_refused >= 2, "both refusals to be counted")
     finally:
         publisher.close(scaled(2))
         anonymous_sub.close(linger=0)
@@ -142,23 +134,13 @@ def test_an_unauthorized_subscriber_is_refused_at_start_and_logged_once(
     assert [entry["fingerprint"] for entry in refusals] == [fingerprint(keys.public_key)]
 
 
-def run_tool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tradebus", *args],
-        capture_output=True,
-        text=True,
-        timeout=scaled(30),
-        env={**os.environ, "TRADEBUS_LOG_LEVEL": "WARNING"},
-    )
-
-
 def test_record_with_a_key_the_proxy_does_not_know_stops_with_one_line(
     keyed_proxy: Proxy, tmp_path: Path
 ) -> None:
     stranger_dir = tmp_path / "stranger"
     create_key(stranger_dir, "stranger")
     (stranger_dir / "proxy.key").write_bytes((tmp_path / "keys" / "proxy.key").read_bytes())
-    result = run_tool(
+    result = run_tradebus(
         "record",
         str(tmp_path / "out.jsonl"),
         "--backend",
@@ -246,10 +228,10 @@ def test_a_key_cannot_publish_or_poison_a_source_its_certificate_does_not_name(
             # two connections: no order between them, only within each
             assert sorted(received) == [("bot-1", 1), ("bot-1", 2), ("mallory", 1)]
         assert proxy.gate.stats.rejected == {"not_owner": 1}
-        deadline = time.monotonic() + scaled(5)
-        while (proxy.cache.entries.get(topic.encode()) or ())[2:] != (b"bot-1", epoch, 2):
-            assert time.monotonic() < deadline, "the real bot's event is not the cached one"
-            time.sleep(0.01)
+        wait_until(
+            lambda: (proxy.cache.entries.get(topic.encode()) or ())[2:] == (b"bot-1", epoch, 2),
+            "the real bot's event to be the cached one",
+        )
     finally:
         bot.close(linger=0)
         mallory.close(linger=0)

@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from bus.envelope import encode_event
 from bus.proxy import Proxy
 from bus.transport import send_event
 from tests.conftest import scaled
+from tests.support import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "subscriber.md"
@@ -51,10 +51,7 @@ def test_doc_example_runs_as_written(
 
     publish("market_data.ETH-USD", 1, price=2500.0)
     publish("ai_decision", 1, action="hold")
-    deadline = time.monotonic() + scaled(5)
-    while proxy.cache.stats.events < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: proxy.cache.stats.events >= 2, "the proxy's cache to hold both")
 
     environment = dict(os.environ)
     environment.update(

@@ -9,19 +9,18 @@ tests/test_browser.py against a real bridge).
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from playwright.async_api import Page, async_playwright
+from aiohttp.test_utils import TestServer
+from playwright.async_api import Page
 
 from bridge.config import STATIC_DIR
+from tests.support import browser_module, chromium_browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 BIG_EPOCH = 1795610363681458841  # beyond 2^53: as a JS number it would round
 HARNESS = """<!doctype html><link rel="icon" href="data:,"><script type="module">
 import * as lib from "/static/tradebus.js";
@@ -33,14 +32,7 @@ window.frameOf = (topic, epoch, seq) =>
 window.ready = true;
 </script>"""
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.timeout(60),
-    pytest.mark.asyncio(loop_scope="module"),
-    pytest.mark.skipif(
-        shutil.which(CHROMIUM) is None, reason="Debian chromium is not installed at /usr/bin"
-    ),
-]
+pytestmark = browser_module(timeout=60)
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -51,21 +43,13 @@ async def page() -> AsyncIterator[Page]:
     app = web.Application()
     app.router.add_get("/", harness)
     app.router.add_static("/static/", STATIC_DIR)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    errors: list[str] = []
+    async with TestServer(app, host="127.0.0.1") as served, chromium_browser() as browser:
         opened = await browser.new_page()
-        errors: list[str] = []
         opened.on("pageerror", lambda error: errors.append(str(error)))
-        await opened.goto(f"http://127.0.0.1:{port}/")
+        await opened.goto(f"http://127.0.0.1:{served.port}/")
         await opened.wait_for_function("window.ready === true", timeout=5000)
         yield opened
-        await browser.close()
-    await runner.cleanup()
     assert errors == []
 
 

@@ -3,9 +3,6 @@ in the test from bus.keys (real loopback sockets), the command-line tools as sub
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +31,7 @@ from bus.keys import (
 from bus.proxy import SNAPSHOT_COMMAND, STATUS_OK
 from bus.subscriber import BlockingSubscriber, Subscriber
 from tests.conftest import scaled
+from tests.support import run_tradebus
 from tests.test_bus_keys import make_keys
 from tradebus.up import ensure_stack_keys
 
@@ -284,23 +282,14 @@ def test_up_creates_the_stack_keys_it_lacks_and_keeps_existing_ones(tmp_path: Pa
 
 
 # -- the command line ------------------------------------------------------------------------------
-def tradebus(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tradebus", *args],
-        capture_output=True,
-        text=True,
-        timeout=scaled(30),
-        cwd=cwd,
-        env={**os.environ, "TRADEBUS_LOG_LEVEL": "WARNING"},
-    )
 
 
 def test_keys_new_and_list_from_the_command_line(tmp_path: Path) -> None:
     for args in (["proxy"], ["bot-1", "--sources", "bot-1,bot-1.paper"], ["viewer"]):
-        created = tradebus("keys", "new", *args, cwd=tmp_path)
+        created = run_tradebus("keys", "new", *args, cwd=tmp_path)
         assert created.returncode == 0, created.stderr
     assert stat_mode(tmp_path / "tradebus-keys" / "bot-1.key_secret") == 0o600
-    listed = tradebus("keys", "list", cwd=tmp_path)
+    listed = run_tradebus("keys", "list", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     rows = [line.split() for line in listed.stdout.splitlines()]
     assert rows[0] == ["NAME", "ROLE", "FINGERPRINT", "SOURCES"]
@@ -309,11 +298,11 @@ def test_keys_new_and_list_from_the_command_line(tmp_path: Path) -> None:
         ("proxy", "proxy", "-"),
         ("viewer", "subscriber", "-"),
     ]
-    again = tradebus("keys", "new", "viewer", cwd=tmp_path)
+    again = run_tradebus("keys", "new", "viewer", cwd=tmp_path)
     assert again.returncode == 2
     assert again.stderr.count("\n") == 1
     assert "viewer.key: already exists; keys are never overwritten" in again.stderr
-    assert "--sources" in tradebus("keys", "--help").stdout
+    assert "--sources" in run_tradebus("keys", "--help").stdout
 
 
 def stat_mode(path: Path) -> int:
@@ -341,7 +330,7 @@ def test_a_group_readable_secret_stops_each_program_with_one_line(
     if command[0] == "replay":
         out.write_text('{"tradebus_recording": 1}\n')
     argv = [part.format(dir=directory, out=out) for part in command]
-    result = tradebus(*argv)
+    result = run_tradebus(*argv)
     assert result.returncode == 2, result
     assert result.stderr.count("\n") == 1, result.stderr
     assert f"{directory}/{name}.key_secret: secret key file is readable by group/others" in (
@@ -353,7 +342,7 @@ def test_a_group_readable_secret_stops_each_program_with_one_line(
 
 
 def test_a_missing_key_directory_is_one_line_too(tmp_path: Path) -> None:
-    result = tradebus("record", str(tmp_path / "out.jsonl"), "--keys", str(tmp_path / "none"))
+    result = run_tradebus("record", str(tmp_path / "out.jsonl"), "--keys", str(tmp_path / "none"))
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert f"{tmp_path / 'none'}: no such key directory" in result.stderr

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import socket
 import subprocess
 import sys
-import textwrap
-from asyncio.subprocess import PIPE
 
 import pytest
 
 from bus.proxy import Proxy
 from monitoring.logging import REDACTED, redact
 from tests.conftest import scaled
+from tests.support import bot_output_after_attempts, free_port
 from tests.test_bridge_support import bridge_config, running_bridge
 
 SECRET = "s3cret-T0ken.value"
@@ -41,46 +38,24 @@ def test_redact_keeps_ordinary_text() -> None:
     assert redact(text) == text
 
 
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
 async def test_a_publisher_refused_by_the_bridge_does_not_log_its_token(proxy: Proxy) -> None:
     # a real bridge refuses the handshake (wrong token); aiohttp's error quotes the URL
     config = bridge_config(proxy, publish_tokens=("leak-check=the-right-token",))
     async with running_bridge(config) as server:
-        script = textwrap.dedent(
-            f"""
-            import time
-            from bot_client import Publisher
-            from monitoring.logging import configure_logging
-            configure_logging()
-            publisher = Publisher(
-                url="ws://127.0.0.1:{server.port}/ws", token="{SECRET}",
-                source_id="leak-check", retry_delay=0.05, heartbeat_interval=0,
-            )
-            publisher.publish("custom_event", {{"n": 1}})
-            deadline = time.monotonic() + 10
-            while publisher.status()["connect_attempts"] < 2 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            publisher.close(timeout=0.5)
-            """
+        logged = await bot_output_after_attempts(
+            f"ws://127.0.0.1:{server.port}/ws",
+            "leak-check",
+            2,
+            token=SECRET,
+            configure_logging=True,
         )
-        child = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", script, stdout=PIPE, stderr=PIPE
-        )
-        out, err = await asyncio.wait_for(child.communicate(), scaled(30))
-    logged = (out + err).decode()
     assert "publisher_connect_failed" in logged, logged[-2000:]
     assert "401" in logged, logged[-2000:]
     assert SECRET not in logged
 
 
 def test_tap_does_not_print_the_token_of_its_url() -> None:
-    url = f"ws://127.0.0.1:{_closed_port()}/ws?token={SECRET}"
+    url = f"ws://127.0.0.1:{free_port()}/ws?token={SECRET}"
     done = subprocess.run(
         [sys.executable, "-m", "tradebus", "tap", "--url", url, "--duration", "1"],
         capture_output=True,

@@ -19,19 +19,17 @@ import itertools
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import orjson
 import pytest
-import zmq
 from websockets.asyncio.client import ClientConnection
 
 from bridge.app import BridgeServer
 from bus import Event, Gap, Subscriber
 from bus.proxy import Proxy
 from bus.topics import Pattern
-from tests.conftest import scaled
+from tests.support import wait_for
 from tests.test_bridge_slow import stalled_client
 from tests.test_bridge_support import (
     BusPublisher,
@@ -87,13 +85,6 @@ class Tally:
         return all(
             self.received[t][-1:] == [seq] for t, seq in last.items() if self.wants(t) and seq
         )
-
-
-@pytest.fixture
-def publisher(zmq_context: zmq.Context[zmq.Socket[bytes]], proxy: Proxy) -> Iterator[BusPublisher]:
-    bus = BusPublisher(zmq_context, proxy.frontend_endpoint, "bot-1")
-    yield bus
-    bus.close()
 
 
 async def read_client(client: ClientConnection, tally: Tally, stall_until: float) -> None:
@@ -158,10 +149,11 @@ async def scenario(server: BridgeServer, proxy: Proxy, publisher: BusPublisher) 
         bus_reader = asyncio.create_task(read_bus(subscriber, bus_tally))
         published = await publish_steadily(publisher)
         everyone = [*tallies, bus_tally]
-        deadline = time.monotonic() + scaled(30)
-        while not all(t.caught_up(published) for t in everyone):
-            assert time.monotonic() < deadline, "receivers never got the last events"
-            await asyncio.sleep(0.05)
+        await wait_for(
+            lambda: all(t.caught_up(published) for t in everyone),
+            "the receivers to get the last events",
+            timeout=30,
+        )
         bus_reader.cancel()
     hub = server.bridge.hub
     conflated_by_bridge = hub.stats.conflated + sum(c.conflated for c in hub.clients)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -27,6 +25,7 @@ from monitoring.metrics import (
     render,
 )
 from tests.conftest import scaled
+from tests.support import free_port, wait_until
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -62,10 +61,7 @@ def test_proxy_metrics_count_forwarded_events_by_type_and_gaps(
             encode_event("market_data.BTC-USD", "market_data", {"price": 1.0}, "bot", 1, 6)
         )
         publisher.send_multipart(encode_event("ai_decision", "ai_decision", {}, "bot", 1, 1))
-        deadline = time.monotonic() + scaled(5)
-        while proxy.cache.stats.events < 5:
-            assert time.monotonic() < deadline, "the proxy did not see the events"
-            time.sleep(0.01)
+        wait_until(lambda: proxy.cache.stats.events >= 5, "the proxy to see the events")
         found = scrape(server.url)
     finally:
         publisher.close(linger=0)
@@ -124,13 +120,6 @@ def test_the_metrics_port_has_health_and_nothing_else() -> None:
     finally:
         server.close()
     assert MetricsServer.ROUTES == ("/health", "/metrics")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def test_tradebus_proxy_serves_metrics_and_health() -> None:

@@ -22,16 +22,9 @@ from bus.proxy import CaptureQueue, LastValueCache, Proxy, ProxyConfig, drain_ca
 from bus.topics import Pattern
 from bus.transport import ACCELERATED, _python_recv_message, receiver, send_event
 from tests.conftest import scaled
+from tests.support import loopback_proxy_config, wait_until
 
 Context = zmq.Context[zmq.Socket[bytes]]
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + scaled(5)
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def connected_publisher(context: Context, proxy: Proxy) -> zmq.Socket[bytes]:
@@ -127,10 +120,7 @@ def test_snapshot_waits_for_the_sync_marker(zmq_context: Context, proxy: Proxy) 
 
 
 def test_unseen_marker_gives_an_unsynced_snapshot(zmq_context: Context) -> None:
-    config = ProxyConfig(
-        frontend="tcp://127.0.0.1:*",
-        backend="tcp://127.0.0.1:*",
-        snapshot="tcp://127.0.0.1:*",
+    config = loopback_proxy_config(
         sync_timeout=0.2,
     )
     with Proxy(config, context=zmq_context) as proxy:

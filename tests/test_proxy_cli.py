@@ -19,16 +19,10 @@ from bus import BlockingSubscriber, Event, Gap
 from bus.envelope import encode_event
 from bus.transport import send_event
 from tests.conftest import scaled
+from tests.support import free_port
 
 Context = zmq.Context[zmq.Socket[bytes]]
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class ProxyProcess:

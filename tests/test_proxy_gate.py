@@ -4,7 +4,6 @@ cache, a snapshot or a WebSocket client, and the good events around it all do.""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
 
 import orjson
 import pytest
@@ -13,15 +12,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from bridge.app import BridgeServer
 from bus.envelope import encode_event
-from bus.proxy import SNAPSHOT_COMMAND, STATUS_ERROR, Proxy, ProxyConfig
+from bus.proxy import SNAPSHOT_COMMAND, STATUS_ERROR, Proxy
 from monitoring.metrics import ProxyCollector
 from tests.conftest import scaled
+from tests.support import loopback_proxy_config, wait_until
 from tests.test_bridge_support import (
     BusPublisher,
-    bridge_config,
     connect,
     recv_until,
-    running_bridge,
     subscribe,
     wait_for,
 )
@@ -31,17 +29,9 @@ TOPIC = "trading_decision.BTC-USD"
 
 
 @pytest.fixture
-def bot(zmq_context: Context, proxy: Proxy) -> Iterator[BusPublisher]:
-    publisher = BusPublisher(zmq_context, proxy.frontend_endpoint, "bot-1")
-    yield publisher
-    publisher.close()
-
-
-@pytest.fixture
-async def server(proxy: Proxy, bot: BusPublisher) -> AsyncIterator[BridgeServer]:
-    await bot.connected()
-    async with running_bridge(bridge_config(proxy)) as running:
-        yield running
+def bot(publisher: BusPublisher) -> BusPublisher:
+    """The conftest ``publisher`` (the one the ``server`` fixture waits for), by its role."""
+    return publisher
 
 
 def malformed_messages(bot: BusPublisher) -> dict[str, list[bytes]]:
@@ -179,10 +169,7 @@ def snapshot_request(context: Context, proxy: Proxy, body: list[bytes]) -> list[
 
 
 def test_snapshot_requests_are_bounded(zmq_context: Context) -> None:
-    config = ProxyConfig(
-        frontend="tcp://127.0.0.1:*",
-        backend="tcp://127.0.0.1:*",
-        snapshot="tcp://127.0.0.1:*",
+    config = loopback_proxy_config(
         snapshot_max_patterns=3,
         snapshot_max_bytes=1_000,
     )
@@ -201,9 +188,7 @@ def test_snapshot_requests_are_bounded(zmq_context: Context) -> None:
                 topic = f"market_data.S{n}"
                 data = {"pad": "x" * 200}
                 publisher.send_multipart(encode_event(topic, "market_data", data, "b", 1, 1))
-            deadline = time.monotonic() + scaled(5)
-            while proxy.cache.stats.events < 10 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: proxy.cache.stats.events >= 10, "the cache to see 10 events")
             assert proxy.cache.stats.events == 10
         finally:
             publisher.close(linger=0)

@@ -18,8 +18,9 @@ import pytest
 import zmq
 
 from bus.envelope import Event, encode_event
-from bus.proxy import Proxy, ProxyConfig
+from bus.proxy import Proxy
 from tests.conftest import scaled, synced_subscriber
+from tests.support import loopback_proxy_config, run_tradebus
 from tradebus.record import (
     RecordedEvent,
     RecordingError,
@@ -123,11 +124,7 @@ def test_round_trip_is_lossless(proxy: Proxy, zmq_context: Ctx, tmp_path: Path) 
     # Backtesting replays into a fresh bus: one that saw these (source, epoch, seq)
     # positions drops them as duplicates (that is what `replay --source` is for).
     # A proxy answers its context's ZAP requests: the second one gets a context of its own.
-    with Proxy(
-        ProxyConfig(
-            frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*", snapshot="tcp://127.0.0.1:*"
-        )
-    ) as fresh:
+    with Proxy(loopback_proxy_config()) as fresh:
         second = Recorder(fresh, zmq_context, tmp_path / "second.jsonl", ["*"], wanted)
         replayer = connect_publisher(zmq_context, fresh.frontend_endpoint, scaled(5))
         try:
@@ -229,25 +226,15 @@ def test_restamper_keeps_each_source_by_default() -> None:
     ]
 
 
-def tradebus(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tradebus", *args],
-        capture_output=True,
-        text=True,
-        timeout=scaled(30),
-        env={**os.environ, "TRADEBUS_LOG_LEVEL": "WARNING"},
-    )
-
-
 def test_cli_replay_errors_are_one_line(tmp_path: Path) -> None:
-    missing = tradebus("replay", str(tmp_path / "nope.jsonl"))
+    missing = run_tradebus("replay", str(tmp_path / "nope.jsonl"))
     assert missing.returncode == 2
     assert missing.stderr.strip().count("\n") == 0
     assert "cannot read" in missing.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"tradebus_recording": 1}\nnot json\n')
     # a valid file but no proxy there: a clear error naming the endpoint
-    result = tradebus(
+    result = run_tradebus(
         "replay", str(bad), "--frontend", "tcp://127.0.0.1:1", "--connect-timeout", "0.3"
     )
     assert result.returncode == 2
@@ -310,7 +297,7 @@ def test_cli_record_then_replay_with_a_new_source(
 
     # replaying into the same bus needs a new identity, or every event is a duplicate
     again = Recorder(proxy, zmq_context, tmp_path / "again.jsonl", ["ai_decision"], 3)
-    result = tradebus(
+    result = run_tradebus(
         "replay",
         str(path),
         "--frontend",
@@ -408,7 +395,7 @@ def test_replay_onto_a_bus_that_saw_the_events_is_a_restart_not_gaps(
         seen = [watcher.recv(scaled(10)) for _ in originals]
         assert all(isinstance(item, Event) for item in seen)
 
-        result = tradebus(
+        result = run_tradebus(
             "replay", str(path), "--frontend", proxy.frontend_endpoint, "--as-fast-as-possible"
         )
         assert result.returncode == 0, result.stderr
@@ -433,7 +420,7 @@ def test_cli_record_with_no_proxy_says_so_at_once(tmp_path: Path) -> None:
     kept = tmp_path / "kept.jsonl"
     kept.write_bytes(b"an earlier recording\n")
     started = time.monotonic()
-    result = tradebus(
+    result = run_tradebus(
         "record",
         str(kept),
         "--backend",

@@ -3,7 +3,6 @@ from the `websockets` library."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import orjson
@@ -12,8 +11,9 @@ import zmq
 
 from bot_client import Publisher
 from bridge.app import BridgeServer
-from bus.proxy import Proxy, ProxyConfig
+from bus.proxy import Proxy
 from bus.resume import contiguous_from, follows
+from tests.support import loopback_proxy_config
 from tests.test_bridge_support import (
     BusPublisher,
     bridge_config,
@@ -28,20 +28,6 @@ from tests.test_bridge_support import (
 from tests.test_bus_outage import proxy_at
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def publisher(zmq_context: zmq.Context[zmq.Socket[bytes]], proxy: Proxy) -> Iterator[BusPublisher]:
-    bus = BusPublisher(zmq_context, proxy.frontend_endpoint, "bot-1")
-    yield bus
-    bus.close()
-
-
-@pytest.fixture
-async def server(proxy: Proxy, publisher: BusPublisher) -> AsyncIterator[BridgeServer]:
-    await publisher.connected()
-    async with running_bridge(bridge_config(proxy)) as running:
-        yield running
 
 
 def test_contiguity_rule() -> None:
@@ -193,10 +179,7 @@ async def test_without_the_proxys_history_a_restarted_bridge_says_not_recovered(
     """An old proxy, or history off: as before."""
     publisher.close()
     off = Proxy(
-        ProxyConfig(
-            frontend="tcp://127.0.0.1:*",
-            backend="tcp://127.0.0.1:*",
-            snapshot="tcp://127.0.0.1:*",
+        loopback_proxy_config(
             history_events=0,
         )
     )

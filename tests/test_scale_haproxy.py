@@ -15,14 +15,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import websockets
 from bot_client import Publisher
 from bus.topics import Pattern
 from tests.conftest import scaled
+from tests.support import answers_ok, free_port, wait_for
 
 HAPROXY = shutil.which("haproxy")
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "compose" / "haproxy.cfg"
@@ -63,12 +63,6 @@ def pattern_sets() -> Iterator[tuple[str, ...]]:
             ("*",),
         )[n % 6]
         n += 1
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def haproxy_config(front: int, bridges: list[int]) -> str:
@@ -154,24 +148,9 @@ def tradebus() -> list[str]:
     return [sys.executable, "-m", "tradebus"]
 
 
-async def wait_until(condition: Callable[[], bool], what: str, within: float) -> None:
-    deadline = time.monotonic() + scaled(within)
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def ready(url: str, within: float = 15.0) -> None:
-    deadline = time.monotonic() + scaled(within)
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                async with session.get(url, headers={"Host": "tradebus"}) as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-    pytest.fail(f"{url} never answered 200")
+    headers = {"Host": "tradebus"}
+    await wait_for(lambda: answers_ok(url, headers), f"{url} to answer 200", within, 0.1)
 
 
 async def client_count(port: int) -> int:
@@ -210,7 +189,7 @@ class ResumingClient:
                     await connection.send(self._subscribe())
                     async for raw in connection:
                         self._on(orjson.loads(raw))
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the client's reconnect delay, not a synchronisation
 
     def _subscribe(self) -> str:
         request: dict[str, Any] = {"op": "subscribe", "topics": list(self.patterns)}
@@ -277,7 +256,7 @@ class Bot:
                 sent += 1
             ahead = sent / RATE - (time.monotonic() - start)
             if ahead > 0:
-                time.sleep(ahead)
+                time.sleep(ahead)  # holds the bot to RATE (pacing, not a synchronisation)
 
     def stop(self) -> dict[str, int]:
         self._stop.set()
@@ -311,7 +290,7 @@ async def clients_through(
     clients = [ResumingClient(url, next(patterns)) for _ in range(CLIENTS)]
     tasks = [asyncio.create_task(client.run(stop)) for client in clients]
     try:
-        await wait_until(
+        await wait_for(
             lambda: all(client.resumes for client in clients), "every client subscribed", 20
         )
         yield clients, stop
@@ -336,7 +315,7 @@ async def test_a_killed_bridge_is_a_non_event_for_browsers(stack: Stack) -> None
     await start_stack(stack)
     bot = Bot(stack.endpoint("in"))
     try:
-        await wait_until(lambda: bot.publisher.connected, "the bot on the bus", 10)
+        await wait_for(lambda: bot.publisher.connected, "the bot on the bus", 10)
         async with clients_through(stack) as (clients, _stop):
             bot.start()
             await asyncio.sleep(1.5)  # traffic before the kill (load, not a sync)
@@ -351,7 +330,7 @@ async def test_a_killed_bridge_is_a_non_event_for_browsers(stack: Stack) -> None
                     if c.resumes[-1][2] > killed_at
                 ]
 
-            await wait_until(
+            await wait_for(
                 lambda: len(resumed()) >= on_killed, "every client of the killed bridge", 30
             )
             reconnected = [c for c in clients if c.connections > 1]
@@ -359,7 +338,7 @@ async def test_a_killed_bridge_is_a_non_event_for_browsers(stack: Stack) -> None
             print(f"\nkill -> last of {len(reconnected)} clients resumed: {took:.2f} s")
             await asyncio.sleep(1.0)  # traffic after the resumes
             published = bot.stop()
-            await wait_until(
+            await wait_for(
                 lambda: all(c.caught_up(published) for c in clients), "the last events", 30
             )
         assert on_killed > 0, "nobody was on the killed bridge"
@@ -383,18 +362,18 @@ async def test_a_killed_proxy_restarted_loses_only_what_clients_are_told(stack: 
     await start_stack(stack)
     bot = Bot(stack.endpoint("in"))
     try:
-        await wait_until(lambda: bot.publisher.connected, "the bot on the bus", 10)
+        await wait_for(lambda: bot.publisher.connected, "the bot on the bus", 10)
         async with clients_through(stack) as (clients, _stop):
             bot.start()
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # traffic before the kill (load, not a sync)
             stack.kill("proxy")
-            await wait_until(lambda: not bot.publisher.connected, "the bot to see the outage", 10)
+            await wait_for(lambda: not bot.publisher.connected, "the bot to see the outage", 10)
             await asyncio.sleep(0.5)  # the outage (its length is the scenario)
             stack.start_proxy()
-            await wait_until(lambda: bot.publisher.connected, "the bot back on the bus", 10)
-            await asyncio.sleep(1.0)
+            await wait_for(lambda: bot.publisher.connected, "the bot back on the bus", 10)
+            await asyncio.sleep(1.0)  # traffic after the outage (load, not a sync)
             published = bot.stop()
-            await wait_until(
+            await wait_for(
                 lambda: all(c.caught_up(published) for c in clients), "the last events", 30
             )
         status = bot.publisher.status()

@@ -19,6 +19,7 @@ from bus.subscriber import SubscriptionState
 from bus.topics import Pattern
 from bus.transport import send_event
 from tests.conftest import scaled, synced_subscriber
+from tests.support import wait_until
 
 Context = zmq.Context[zmq.Socket[bytes]]
 
@@ -94,14 +95,6 @@ async def collect(sub: Subscriber, count: int) -> list[Event | Gap]:
     except TimeoutError:
         pytest.fail(f"received {len(items)} of {count} items; stats {sub.stats}")
     return items
-
-
-def wait_until(condition: object, what: str, timeout: float = 5) -> None:
-    deadline = time.monotonic() + scaled(timeout)
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 # -- the functional test the issue asks for ----------------------------------------------
@@ -204,7 +197,7 @@ async def test_snapshot_racing_live_publishing_has_no_gap_and_no_duplicate(
             sub = subscriber(proxy, zmq_context, ["*"], snapshot=True)
             subs.append(sub)
             await sub.start()
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # spreads the joins over the stream (pacing)
         thread.join(scaled(20))
         last = total // len(topics)
         for sub in subs:

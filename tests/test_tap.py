@@ -17,6 +17,7 @@ from bridge.app import start_bridge
 from bridge.config import BridgeConfig
 from bus.proxy import Proxy
 from tests.conftest import scaled
+from tests.support import wait_for
 from tradebus.tap import (
     SEND_CHOICES,
     TapOptions,
@@ -335,15 +336,16 @@ async def tap_cli(*args: str, **environment: str) -> Finished:
 async def wait_listening(url: str, subscribers: int = 1) -> None:
     """Wait until the bridge counts the listening tap(s) among its clients."""
     port = url.split(":")[2].split("/")[0]
-    deadline = asyncio.get_running_loop().time() + scaled(20)
-    async with aiohttp.ClientSession() as session:
-        while True:
-            async with session.get(f"http://127.0.0.1:{port}/ready") as reply:
-                body = await reply.json()
-            if body.get("clients", 0) >= subscribers:
-                return
-            assert asyncio.get_running_loop().time() < deadline, "the tap never connected"
-            await asyncio.sleep(0.02)
+
+    async def counted() -> bool:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/ready") as reply,
+        ):
+            body = await reply.json()
+        return bool(body.get("clients", 0) >= subscribers)
+
+    await wait_for(counted, "the tap to connect", timeout=20, interval=0.02)
 
 
 async def test_the_snapshot_is_shown_but_not_counted_as_live(bridge_url: str) -> None:

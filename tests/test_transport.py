@@ -30,9 +30,9 @@ def _python_receiver(socket: zmq.Socket[bytes]) -> transport.Receiver:
     return functools.partial(transport._python_recv_message, socket)
 
 
-@pytest.fixture(params=["accelerated", "pyzmq"])
-def implementation(request: pytest.FixtureRequest) -> Implementation:
-    if request.param == "pyzmq":
+@pytest.fixture
+def implementation(accelerated: bool) -> Implementation:
+    if not accelerated:
         return _python_sender, _python_receiver
     return transport.sender, transport.receiver
 
@@ -198,7 +198,6 @@ def test_frames_must_be_bytes(pair: tuple[zmq.Socket[bytes], zmq.Socket[bytes]])
         transport.sender(push)(b"t", "meta", b"p")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("accelerated", [True, False], ids=["accelerated", "pyzmq"])
 def test_identified_receive_returns_the_zap_user_id_with_the_frames(
     zmq_context: Context, accelerated: bool
 ) -> None:
