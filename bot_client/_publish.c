@@ -201,6 +201,11 @@ typedef struct {
      * from the ring (len) afterwards sees it counted here */
     _Atomic unsigned long long sent;
     size_t released;     /* entries before this have had their references dropped */
+    /* While a drain logs what it sends (drain's `log`), entries from keep_from on are
+     * kept, sent or not: a caller's push (under the GIL) would otherwise release them
+     * before the drain, back under the GIL, has put them into the log. GIL-protected. */
+    size_t keep_from;
+    int keeping;
     _Atomic int draining;
     Py_ssize_t topic_offset; /* _Slot.topic_bytes */
     PyObject *slot_type;
@@ -208,7 +213,8 @@ typedef struct {
 } HandOff;
 
 static void handoff_release_sent(HandOff *self) {
-    size_t tail = atomic_load_explicit(&self->tail, memory_order_acquire);
+    size_t tail = self->keeping ? self->keep_from
+                                : atomic_load_explicit(&self->tail, memory_order_acquire);
     while (self->released != tail) {
         PyObject **entry = &self->entries[ENTRY_SIZE * (self->released & self->mask)];
         Py_CLEAR(entry[0]);
@@ -231,6 +237,8 @@ static int handoff_push(HandOff *self, PyObject *slot, PyObject *meta, PyObject 
     handoff_release_sent(self);
     size_t head = atomic_load_explicit(&self->head, memory_order_relaxed);
     if (head - atomic_load_explicit(&self->tail, memory_order_acquire) >= self->limit)
+        return 0;
+    if (head - self->released > self->mask) /* kept entries (see keeping) fill the ring */
         return 0;
     PyObject **entry = &self->entries[ENTRY_SIZE * (head & self->mask)];
     entry[0] = Py_NewRef(slot);
@@ -360,15 +368,32 @@ static PyObject *HandOff_clear_method(HandOff *self, PyObject *unused) {
 }
 
 PyDoc_STRVAR(drain_doc,
-    "drain(socket, limit) -> (sent, blocked)\n"
+    "drain(socket, limit, log=None) -> (sent, blocked)\n"
     "Send up to `limit` waiting events on the pyzmq `socket`, in order, with the GIL\n"
-    "released; blocked: the pipe is full and the rest waits. One thread at a time.");
+    "released; blocked: the pipe is full and the rest waits. One thread at a time.\n"
+    "`log`, a list: the frames of each event sent are appended to it (topic, meta,\n"
+    "payload, ...), for the publisher's resend window (bot_client/resend.py).");
+
+/* the frames of entries first..first+count-1 onto `log`; 0, or -1 with an error set */
+static int handoff_log_sent(HandOff *self, PyObject *log, size_t first, Py_ssize_t count) {
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject **entry = &self->entries[ENTRY_SIZE * ((first + (size_t)i) & self->mask)];
+        if (PyList_Append(log, entry[3]) < 0 || PyList_Append(log, entry[1]) < 0 ||
+            PyList_Append(log, entry[2]) < 0)
+            return -1;
+    }
+    return 0;
+}
 
 static PyObject *HandOff_drain(HandOff *self, PyObject *args) {
-    PyObject *socket_object;
+    PyObject *socket_object, *log = Py_None;
     Py_ssize_t limit;
-    if (!PyArg_ParseTuple(args, "On:drain", &socket_object, &limit))
+    if (!PyArg_ParseTuple(args, "On|O:drain", &socket_object, &limit, &log))
         return NULL;
+    if (log != Py_None && !PyList_CheckExact(log)) {
+        PyErr_SetString(PyExc_TypeError, "HandOff.drain: log must be a list or None");
+        return NULL;
+    }
     void *socket = socket_handle(socket_object);
     if (socket == NULL) {
         if (PyErr_Occurred())
@@ -382,8 +407,13 @@ static PyObject *HandOff_drain(HandOff *self, PyObject *args) {
     }
     Py_ssize_t sent = 0;
     int blocked = 0, failure = 0;
+    size_t first = atomic_load_explicit(&self->tail, memory_order_relaxed);
+    if (log != Py_None) {
+        self->keep_from = first;
+        self->keeping = 1;
+    }
     Py_BEGIN_ALLOW_THREADS
-    size_t tail = atomic_load_explicit(&self->tail, memory_order_relaxed);
+    size_t tail = first;
     while (sent < limit) {
         if (tail == atomic_load_explicit(&self->head, memory_order_acquire))
             break;
@@ -406,7 +436,11 @@ static PyObject *HandOff_drain(HandOff *self, PyObject *args) {
     }
     Py_END_ALLOW_THREADS
     atomic_store(&self->draining, 0);
+    int logged = log == Py_None ? 0 : handoff_log_sent(self, log, first, sent);
+    self->keeping = 0;
     handoff_release_sent(self);
+    if (logged < 0)
+        return NULL;
     if (failure) {
         PyErr_Format(PyExc_OSError, "HandOff.drain: zmq_send failed, errno %d (%s)", failure,
                      strerror(failure));
@@ -467,6 +501,7 @@ typedef struct {
     PyObject *hand_over;    /* publisher method (slot, meta, payload), lock held */
     PyObject *slot_type;    /* _Slot: slots of another type go to Python */
     PyObject *handoff;      /* the I/O thread's HandOff (no socket), or None */
+    PyObject *sent_log;     /* a list: frames of what this path sent go onto it, or None */
     Py_ssize_t field_offset[FIELD_COUNT];
     send_fn send;
     uint64_t epoch;
@@ -701,6 +736,12 @@ static PyObject *stamp_and_send(FastPath *self, PyObject *slot, PyObject *data_j
             if (sent) {
                 self->sent += 1;
                 done = 1;
+                /* for the resend window, as HandOff.drain logs (bot_client/resend.py) */
+                if (self->sent_log != Py_None &&
+                    (PyList_Append(self->sent_log, topic) < 0 ||
+                     PyList_Append(self->sent_log, meta) < 0 ||
+                     PyList_Append(self->sent_log, payload) < 0))
+                    goto finish;
             }
         } else if (open) {
             /* to the I/O thread, as Publisher._send_or_hold hands over; when that thread
@@ -811,6 +852,7 @@ static int FastPath_traverse(FastPath *self, visitproc visit, void *arg) {
     Py_VISIT(self->hand_over);
     Py_VISIT(self->slot_type);
     Py_VISIT(self->handoff);
+    Py_VISIT(self->sent_log);
     return 0;
 }
 
@@ -828,6 +870,7 @@ static int FastPath_clear(FastPath *self) {
     Py_CLEAR(self->hand_over);
     Py_CLEAR(self->slot_type);
     Py_CLEAR(self->handoff);
+    Py_CLEAR(self->sent_log);
     return 0;
 }
 
@@ -847,18 +890,24 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwargs) {
                                "socket",    "send_address", "handoff",
                                "dumps",   "default",      "option",
                                "symbol_keyed", "source",   "epoch",        "max_payload",
-                               "fallback",    "hand_over", NULL};
+                               "fallback",    "hand_over", "sent_log", NULL};
     PyObject *owner, *slots, *slot_type, *lock, *socket, *handoff, *dumps,
         *dumps_default, *dumps_option, *symbol_keyed, *fallback, *hand_over;
+    PyObject *sent_log = Py_None;
     unsigned long long send_address, epoch;
     const char *source;
     Py_ssize_t source_size, max_payload;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "OO!O!O!OKOOOOO!y#KnOO:FastPath", keywords, &owner, &PyDict_Type,
+            args, kwargs, "OO!O!O!OKOOOOO!y#KnOO|O:FastPath", keywords, &owner, &PyDict_Type,
             &slots, &PyType_Type, &slot_type, &LockType, &lock, &socket, &send_address,
             &handoff, &dumps, &dumps_default, &dumps_option, &PyFrozenSet_Type,
-            &symbol_keyed, &source, &source_size, &epoch, &max_payload, &fallback, &hand_over))
+            &symbol_keyed, &source, &source_size, &epoch, &max_payload, &fallback, &hand_over,
+            &sent_log))
         return -1;
+    if (sent_log != Py_None && !PyList_CheckExact(sent_log)) {
+        PyErr_SetString(PyExc_TypeError, "FastPath: sent_log must be a list or None");
+        return -1;
+    }
     if (socket != Py_None && send_address == 0) {
         PyErr_SetString(PyExc_ValueError, "FastPath: a socket needs zmq_send's address");
         return -1;
@@ -895,6 +944,7 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwargs) {
     self->symbol_keyed = Py_NewRef(symbol_keyed);
     self->fallback = Py_NewRef(fallback);
     self->hand_over = Py_NewRef(hand_over);
+    self->sent_log = Py_NewRef(sent_log);
     self->send = (send_fn)(uintptr_t)send_address;
     self->epoch = epoch;
     self->max_payload = max_payload;
@@ -925,7 +975,7 @@ static PyTypeObject FastPathType = {
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "FastPath(*, owner, slots, slot_type, lock, socket, send_address, "
               "handoff, dumps, default, option, symbol_keyed, source, epoch, "
-              "max_payload, fallback, hand_over)\n"
+              "max_payload, fallback, hand_over, sent_log=None)\n"
               "Publisher.publish()'s common path (bot_client/_publish.c).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)FastPath_init,

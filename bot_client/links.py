@@ -25,6 +25,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from bot_client.core import Entry, backoff_delay
 from bot_client.errors import SettingsError
+from bot_client.zmq_resend import ZmqResend
 from bus.errors import AuthError, KeyFileError
 from bus.keys import ClientKeys, configure_client, judge_handshake, load_client_keys
 from bus.transport import sender
@@ -179,6 +180,12 @@ class ZmqLink:
         self._send = sender(xpub)
         if publisher.caller_sends:
             publisher._caller_send = self._send
+        # resend: what was sent shortly before losing the proxy goes again (None: off).
+        # With it, ZMQ_IMMEDIATE: libzmq discards what it still held for a lost connection
+        # instead of sending it on the next one ahead of the older events sent again.
+        self._resend = ZmqResend.of(publisher)
+        if self._resend is not None:
+            xpub.setsockopt(zmq.IMMEDIATE, 1)
         xpub.connect(settings.url)
 
     def start(self) -> None:
@@ -199,14 +206,14 @@ class ZmqLink:
             self._wake_w.send(b"\x00")
 
     def in_flight(self) -> int:
-        return 0
+        return 0 if self._resend is None else self._resend.in_flight()  # resend
 
     def caller_socket(self) -> zmq.Socket[bytes] | None:
         """The socket callers send on under the publisher's lock (caller_sends), or None."""
         return self._xpub if self.publisher.caller_sends else None
 
     def abandoned(self) -> list[Entry]:
-        return []
+        return [] if self._resend is None else self._resend.abandoned()  # resend
 
     # -- the thread -------------------------------------------------------------------------
     def _run(self) -> None:
@@ -232,6 +239,8 @@ class ZmqLink:
                     self._read_monitor()
                     with publisher._lock:  # callers may be sending (caller_sends)
                         self._read_subscriptions()
+                    if self._resend is not None:  # resend
+                        self._resend.collect(now)
                 sent, blocked = self._drain()
                 if sent:
                     last_busy = now
@@ -276,7 +285,7 @@ class ZmqLink:
 
     def _idle(self) -> bool:
         publisher = self.publisher
-        return not publisher._fast and not publisher._outbox
+        return not publisher._fast and not publisher._outbox and not self.in_flight()
 
     def _read_monitor(self) -> None:
         publisher = self.publisher
@@ -296,6 +305,8 @@ class ZmqLink:
                 self._ever_up = True
             elif kind == zmq.EVENT_DISCONNECTED:
                 self._link_up = False
+                if self._resend is not None:  # resend
+                    self._resend.lost(time.monotonic())
             elif kind == zmq.EVENT_CONNECT_RETRIED:
                 attempts = publisher.counters.connect_attempts = (
                     publisher.counters.connect_attempts + 1
@@ -341,6 +352,8 @@ class ZmqLink:
                 message = self._xpub.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
+            if self._resend is not None:  # resend
+                self._resend.observe(message)
             # only the proxy's subscribe-all counts; it also forwards subscribers' own
             # (un)subscriptions, such as snapshot sync markers, which say nothing about us
             if message == b"\x01":
@@ -356,6 +369,8 @@ class ZmqLink:
         publisher = self.publisher
         self.connected = connected
         if connected:
+            if self._resend is not None:  # resend
+                self._resend.reconnected(time.monotonic())
             publisher._log.info(
                 "websocket.publisher_connected",
                 message="WebSocket publisher connected to the bus",
@@ -377,6 +392,11 @@ class ZmqLink:
         """Send what is handed over, then the outbox, in order: (sent, pipe full)."""
         if not self.connected:
             return 0, False
+        resend = self._resend
+        if resend is not None:  # resend: in-doubt events go first
+            resent, blocked, hold = resend.drain(self._send, time.monotonic())
+            if hold:
+                return resent, blocked
         publisher = self.publisher
         fast = publisher._fast
         if isinstance(fast, deque):
@@ -384,7 +404,11 @@ class ZmqLink:
         handed_sent = 0
         if fast:  # bot_client._publish.HandOff: sends with the GIL released, and counts
             # what it sent itself (Publisher._sent)
-            handed_sent, blocked = fast.drain(self._xpub, HANDOFF_DRAIN_BATCH)
+            handed_sent, blocked = fast.drain(
+                self._xpub,
+                HANDOFF_DRAIN_BATCH,
+                publisher._sent_log,  # resend
+            )
             if blocked or fast:
                 return handed_sent, blocked
         sent, blocked = self._drain_outbox(0)
@@ -393,6 +417,7 @@ class ZmqLink:
     def _drain_python(self, fast: deque[Any]) -> tuple[int, bool]:
         """The hand-off deque, then the outbox (publish() without its C path)."""
         send = self._send
+        log = self.publisher._sent_log
         sent = 0
         try:
             # popleft is atomic; callers only append, so no lock is needed here
@@ -400,6 +425,8 @@ class ZmqLink:
                 slot, meta, payload = fast[0]
                 if not send(slot.topic_bytes, meta, payload):
                     return sent, True
+                if log is not None:  # resend
+                    log += (slot.topic_bytes, meta, payload)
                 fast.popleft()
                 sent += 1
                 if sent >= DRAIN_BATCH:
@@ -423,10 +450,14 @@ class ZmqLink:
         try:
             with publisher._lock:
                 outbox = publisher._outbox
+                log = publisher._sent_log
                 while outbox and sent + from_outbox < DRAIN_BATCH:
-                    if not send(*outbox.peek().frames):
+                    frames = outbox.peek().frames
+                    if not send(*frames):
                         blocked = True
                         break
+                    if log is not None:  # resend
+                        log += frames
                     outbox.pop()
                     from_outbox += 1
                 publisher._fast_ok = not outbox and not publisher._fast and not publisher._closed

@@ -348,6 +348,11 @@ class Publisher(EventHelpers):
         self._stopped = False
         self._started = False
         self._link: Link | None = None
+        # resend: every send path on a ZeroMQ socket appends the frames it sent here, for
+        # the link's resend window (bot_client/resend.py); None: resending is off
+        self._sent_log: list[bytes] | None = (
+            [] if settings.transport == "zmq" and settings.resend_events > 0 else None
+        )
         if not settings.enabled:
             self.publish = self._discard  # type: ignore[method-assign]
             if autostart:
@@ -391,6 +396,7 @@ class Publisher(EventHelpers):
             max_payload=MAX_PAYLOAD_BYTES,
             fallback=Publisher.publish.__get__(self),
             hand_over=self._hold if socket is not None else self._send_or_hold,
+            sent_log=self._sent_log,  # resend
         )
         self._fast_path = path
         self.publish = path.publish  # type: ignore[method-assign]
@@ -725,6 +731,8 @@ class Publisher(EventHelpers):
             if caller_send is not None:
                 if caller_send(slot.topic_bytes, meta, payload):
                     self.counters.sent += 1
+                    if self._sent_log is not None:  # resend
+                        self._sent_log += (slot.topic_bytes, meta, payload)
                     return
             elif len(self._fast) < self._fast_limit:
                 self._fast.append((slot, meta, payload))

@@ -76,6 +76,12 @@ class PublisherSettings:
     token: str | None = field(default=None, repr=False)
     keys: str | None = None  # CURVE key directory for the bus (see bus.keys)
     key_name: str | None = None  # which pair in it; None: the only one
+    # ZeroMQ only: recently sent events kept to send again after losing the proxy
+    # (bot_client/resend.py); 0 events turns it off
+    resend_events: int = 100_000
+    resend_bytes: int = 32 * 1024 * 1024
+    resend_seconds: float = 10.0
+    resend_settle: float = 1.0
 
     def __post_init__(self) -> None:
         for spec in SPECS:
@@ -359,6 +365,34 @@ SPECS: Final = (
         str,
         _key_name_ok,
         optional=True,
+    ),
+    _Spec(
+        "resend_events",
+        "SYSTEM__TRADEBUS_RESEND_EVENTS",
+        "a whole number >= 0 (0 = no resending)",
+        int,
+        lambda v: _is_whole(v, 0),
+    ),
+    _Spec(
+        "resend_bytes",
+        "SYSTEM__TRADEBUS_RESEND_BYTES",
+        "a whole number of bytes >= 1",
+        int,
+        lambda v: _is_whole(v, 1),
+    ),
+    _Spec(
+        "resend_seconds",
+        "SYSTEM__TRADEBUS_RESEND_SECONDS",
+        "seconds > 0",
+        _number,
+        lambda v: _is_number(v, 0, low_open=True),
+    ),
+    _Spec(
+        "resend_settle",
+        "SYSTEM__TRADEBUS_RESEND_SETTLE",
+        "seconds >= 0",
+        _number,
+        lambda v: _is_number(v, 0),
     ),
 )
 SPEC_BY_FIELD: Final = {spec.field: spec for spec in SPECS}
