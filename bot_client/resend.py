@@ -39,19 +39,18 @@ def type_of(topic: bytes) -> str:
 
 
 class _Batch:
-    """Events sent together (one I/O round): their frames from ``start`` on are held."""
+    """Events sent together (one I/O round), held or evicted together."""
 
-    __slots__ = ("at", "frames", "size", "start")
+    __slots__ = ("at", "frames", "size")
 
     def __init__(self, at: float, frames: list[bytes], size: int) -> None:
         self.at = at
         self.frames = frames
-        self.start = 0
         self.size = size  # bytes of the frames held
 
     @property
     def events(self) -> int:
-        return (len(self.frames) - self.start) // FRAMES
+        return len(self.frames) // FRAMES
 
 
 class ResendWindow:
@@ -114,7 +113,7 @@ class ResendWindow:
         self.expire(now)
         frames: list[bytes] = []
         for batch in self._batches:
-            frames += batch.frames[batch.start :] if batch.start else batch.frames
+            frames += batch.frames
         lost: dict[str, int] = {}
         for _at, topics in self._evicted:
             for topic, count in topics.items():
@@ -126,30 +125,14 @@ class ResendWindow:
         return frames, lost
 
     def _evict_over_bounds(self, now: float) -> None:
+        """Whole batches, oldest first, until both bounds hold: a little more than needed
+        can go, never per-event work (a batch is what one I/O round sent)."""
         batches = self._batches
         while self._events > self.max_events or self._bytes > self.max_bytes:
-            oldest = batches[0]
-            frames, start = oldest.frames, oldest.start
-            if (
-                self._events - oldest.events >= self.max_events
-                or self._bytes - oldest.size >= self.max_bytes
-            ):  # the bounds need all of it gone
-                end, size = len(frames), oldest.size
-                batches.popleft()
-            else:  # part of it, event by event: only ever in this one batch
-                end, size = start, 0
-                events, total = self._events, self._bytes
-                while events > self.max_events or total > self.max_bytes:
-                    event_size = len(frames[end]) + len(frames[end + 1]) + len(frames[end + 2])
-                    size += event_size
-                    total -= event_size
-                    events -= 1
-                    end += FRAMES
-                oldest.start = end
-                oldest.size -= size
-            self._events -= (end - start) // FRAMES
-            self._bytes -= size
-            self._evicted.append((now, Counter(frames[start:end:FRAMES])))
+            oldest = batches.popleft()
+            self._events -= oldest.events
+            self._bytes -= oldest.size
+            self._evicted.append((now, Counter(oldest.frames[::FRAMES])))
 
 
 class SubscriptionWatch:

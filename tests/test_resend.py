@@ -62,19 +62,26 @@ class TestWindow:
         frames, lost = window.take(2.0)
         assert topics(frames) == ["b", "a.3", "c"]
         assert lost == {"a": 2}
+        window.record(events("d"), 3.0)
+        window.record(events("e"), 3.0)
+        window.record(events("f", "g"), 3.0)
+        assert topics(window.take(4.0)[0]) == ["e", "f", "g"]
 
-    def test_part_of_a_batch_goes_when_the_bound_needs_only_part(self) -> None:
+    def test_events_sent_together_leave_together(self) -> None:
+        """No per-event work: the oldest batch goes whole, even if part would do."""
         window = ResendWindow(4, 10_000, 10.0)
         window.record(events("a", "b", "c"), 0.0)
         window.record(events("d", "e"), 1.0)
         frames, lost = window.take(2.0)
-        assert topics(frames) == ["b", "c", "d", "e"]
-        assert lost == {"a": 1}
+        assert topics(frames) == ["d", "e"]
+        assert lost == {"a": 1, "b": 1, "c": 1}
 
     def test_the_byte_bound(self) -> None:
         # each event: topic (1) + meta (1) + payload (20) = 22 bytes
         window = ResendWindow(100, 50, 10.0)
-        window.record(events("a", "b", size=20), 0.0)
+        window.record(events("a", size=20), 0.0)
+        window.record(events("b", size=20), 0.5)
+        assert window.size == 44
         window.record(events("c", size=20), 1.0)
         assert window.size == 44
         frames, lost = window.take(2.0)
@@ -82,12 +89,14 @@ class TestWindow:
         assert lost == {"a": 1}
 
     def test_pushed_out_events_stop_counting_once_older_than_the_span(self) -> None:
-        window = ResendWindow(1, 10_000, 10.0)
-        window.record(events("a", "b"), 0.0)
-        window.record(events("c"), 9.0)
-        frames, lost = window.take(10.5)  # "a" (pushed out at 0.0) is past the span
-        assert topics(frames) == ["c"]
-        assert lost == {"b": 1}
+        for at, expected in ((9.5, {"a": 1}), (10.5, {})):
+            window = ResendWindow(1, 10_000, 10.0)
+            window.record(events("a"), 0.0)
+            window.record(events("b"), 0.0)  # "a" pushed out at 0.0
+            window.record(events("c"), 9.0)  # "b" pushed out at 9.0
+            frames, lost = window.take(at)
+            assert topics(frames) == ["c"]
+            assert lost == {**expected, "b": 1}
 
     def test_bounds_must_be_positive(self) -> None:
         with pytest.raises(ValueError, match="positive"):
@@ -211,7 +220,8 @@ class TestResend:
 
     def test_what_the_window_could_not_keep_is_reported_lost(self) -> None:
         resend = self.make(max_events=2)
-        resend.sent(events("a.1", "a.2", "b.1"), 1.0)
+        resend.sent(events("a.1"), 1.0)
+        resend.sent(events("a.2", "b.1"), 1.0)
         assert resend.lost(2.0) == {"a": 1}
         assert resend.in_doubt == 2
 
