@@ -13,37 +13,27 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
-from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections import defaultdict
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bot_client import Publisher
 from bus import Event, Gap, Subscriber
 from tests.conftest import scaled
+from tests.test_scale_haproxy import RATE, Bot, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
 TOPICS = ("trading_decision", "ai_decision", "trade_execution.BTC-USD", "market_data.ETH-USD")
-RATE = 1000  # events per second, spread over TOPICS
 BEFORE = 0.5  # seconds of traffic before the proxy hangs
 HUNG = 0.3  # seconds the proxy is stopped before the SIGKILL: events certainly inside it
 OUTAGE = 0.3  # seconds without a proxy
 AFTER = 0.5  # seconds of traffic once the bot is back on the bus
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class ProxyProcess:
@@ -82,52 +72,6 @@ class ProxyProcess:
             self.process.wait(timeout=10)
 
 
-class Bot:
-    """A Publisher at RATE events/s in a thread, cycling over TOPICS; counts what it published."""
-
-    def __init__(self, url: str, **settings: Any) -> None:
-        self.publisher = Publisher(
-            url=url,
-            source_id="bot-restart",
-            publish_interval=0,
-            queue_size=20_000,
-            heartbeat_interval=0,
-            **settings,
-        )
-        self.published: Counter[str] = Counter()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._n = 0
-
-    def publish_next(self) -> None:
-        topic = TOPICS[self._n % len(TOPICS)]
-        kind, _, symbol = topic.partition(".")
-        data: dict[str, Any] = {"n": self._n}
-        if symbol:
-            data["symbol"] = symbol
-        self.publisher.publish(kind, data)
-        self.published[topic] += 1
-        self._n += 1
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        start, first = time.monotonic(), self._n
-        while not self._stop.is_set():
-            for _ in range(RATE // 100):
-                self.publish_next()
-            ahead = (self._n - first) / RATE - (time.monotonic() - start)
-            if ahead > 0:
-                time.sleep(ahead)
-
-    def stop(self) -> dict[str, int]:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(10)
-        return dict(self.published)
-
-
 class Recorder:
     """Every seq a bus.Subscriber delivered per topic, and the seqs its gaps stood for."""
 
@@ -146,14 +90,6 @@ class Recorder:
         """``seq`` of ``topic`` or a later one arrived, or a gap said it never will."""
         seqs = self.received[topic]
         return (bool(seqs) and seqs[-1] >= seq) or seq in self.gap_seqs[topic]
-
-
-async def wait_until(condition: Callable[[], bool], what: str, within: float) -> None:
-    deadline = time.monotonic() + scaled(within)
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @asynccontextmanager
@@ -175,7 +111,7 @@ async def kill_and_restart_under_load(tmp_path: Path, **settings: Any) -> dict[s
     what the subscriber received and was told."""
     proxy = ProxyProcess(tmp_path)
     proxy.start()
-    bot = Bot(proxy.frontend, **settings)
+    bot = Bot(proxy.frontend, TOPICS, "bot-restart", **settings)
     try:
         async with recording(proxy.backend) as recorder:
             await wait_until(lambda: bot.publisher.connected, "the bot on the bus", 20)
@@ -207,7 +143,7 @@ async def kill_and_restart_under_load(tmp_path: Path, **settings: Any) -> dict[s
         status = bot.publisher.status()
     finally:
         bot.stop()
-        bot.publisher.close(timeout=1)
+        bot.close()
         proxy.kill()
     return {"status": status, "published": published, "recorder": recorder}
 
