@@ -238,7 +238,7 @@ static int handoff_push(HandOff *self, PyObject *slot, PyObject *meta, PyObject 
     size_t head = atomic_load_explicit(&self->head, memory_order_relaxed);
     if (head - atomic_load_explicit(&self->tail, memory_order_acquire) >= self->limit)
         return 0;
-    if (head - self->released > self->mask) /* kept entries (see keeping) fill the ring */
+    if (head - self->released > self->mask) /* cannot happen: the ring is 2 * limit */
         return 0;
     PyObject **entry = &self->entries[ENTRY_SIZE * (head & self->mask)];
     entry[0] = Py_NewRef(slot);
@@ -264,8 +264,11 @@ static PyObject *HandOff_new(PyTypeObject *type, PyObject *args, PyObject *kwarg
     Py_ssize_t topic_offset;
     if (field_offset_of(slot_type, "topic_bytes", &topic_offset) < 0)
         return NULL;
+    /* twice the limit: a drain that logs what it sends keeps up to `limit` sent entries
+     * (see keeping) while callers fill up to `limit` more, so a push that len() allows
+     * always finds room */
     size_t size = 1;
-    while (size < (size_t)limit)
+    while (size < 2 * (size_t)limit)
         size <<= 1;
     HandOff *self = (HandOff *)type->tp_alloc(type, 0);
     if (self == NULL)
