@@ -12,14 +12,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
 
-# Symbol-keyed types: published under "<type>.<symbol>" (docs/protocol.md).
-SYMBOL_KEYED_TYPES: Final = frozenset(
-    {"market_data", "position_update", "indicator_update", "trading_loop", "trade_execution"}
-)
+# symbol-keyed types go under "<type>.<symbol>"; a newer event of a conflatable type
+# makes an older queued one of the same topic redundant (the lists: bus/event_types.py)
+from bus.event_types import CONFLATABLE_TYPES as CONFLATABLE_TYPES
+from bus.event_types import SYMBOL_KEYED_TYPES as SYMBOL_KEYED_TYPES
+
 # The last to be dropped when the outbox overflows.
 CRITICAL_TYPES: Final = frozenset({"trading_decision", "trade_execution", "error"})
-# State snapshots: a newer event of the same topic makes an older queued one redundant.
-CONFLATABLE_TYPES: Final = frozenset({"market_data", "position_update"})
 # Rate-limited by the publish interval (one per symbol per interval, latest value kept).
 INTERVAL_TYPES: Final = frozenset({"market_data"})
 

@@ -1,4 +1,4 @@
-"""The bot_client package's exception tree.
+"""The bot_client package's exception tree (below common.errors.TradebusError).
 
 PublisherError
 ├── SettingsError        a setting (environment variable or keyword) has a bad value
@@ -11,8 +11,10 @@ counted and reported through ``status()`` and the log, never raised into the tra
 
 from __future__ import annotations
 
+from common.errors import TradebusError
 
-class PublisherError(Exception):
+
+class PublisherError(TradebusError):
     """Root of every error raised by the bot_client package."""
 
 

@@ -1,14 +1,14 @@
 """Publisher settings: the guide's ``SYSTEM__*`` variables plus tradebus's own, parsed strictly.
 
-Every variable is documented in docs/publisher.md (one table). A bad value raises
-SettingsError at start-up with one line naming the variable, the value and the expected
-form; nothing is silently replaced by a default.
+Every variable is documented in docs/publisher.md (one table). ``SPECS`` is their table
+(bus.settings, as the proxy's and the bridge's): a bad value raises SettingsError at
+start-up with one line naming the variable, the value and the expected form; nothing is
+silently replaced by a default.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import socket
@@ -18,16 +18,15 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from bot_client.errors import SettingsError
+from bus.endpoints import DEFAULT_BRIDGE_URL
 from bus.errors import KeyFileError, TopicError
 from bus.keys import validate_key_name
-from bus.settings import bad_value
+from bus.settings import Form, Setting, boolean, number, read, text, whole_number
 from bus.topics import SOURCE_MAX_LEN, validate_source
 from monitoring.logging import redact
 
 BUS_SCHEMES: Final = ("tcp", "ipc")
 WS_SCHEMES: Final = ("ws", "wss")
-_TRUE: Final = frozenset({"1", "true", "yes", "on"})
-_FALSE: Final = frozenset({"0", "false", "no", "off", ""})
 # Backoff never waits longer than this, however large RETRY_DELAY * 2**MAX_RETRIES gets.
 MAX_BACKOFF_SECONDS: Final = 300.0
 
@@ -63,7 +62,7 @@ class PublisherSettings:
     """
 
     enabled: bool = True
-    dashboard_url: str = "ws://localhost:8000/ws"
+    dashboard_url: str = DEFAULT_BRIDGE_URL
     bus_url: str | None = None
     publish_interval: float = 1.0
     max_retries: int = 3
@@ -84,11 +83,8 @@ class PublisherSettings:
     resend_settle: float = 1.0
 
     def __post_init__(self) -> None:
-        for spec in SPECS:
-            value = getattr(self, spec.field)
-            if value is None and spec.optional:
-                continue
-            spec.check(value)
+        for setting in SPECS:
+            setting.check(getattr(self, setting.field), SettingsError)
         if self.keys and self.transport == "ws":
             raise SettingsError(
                 f"SYSTEM__TRADEBUS_KEYS is set but events go to {self.url}: CURVE keys are for "
@@ -124,10 +120,7 @@ class PublisherSettings:
         working directory's ``.env``); kwargs win."""
         source = environment() if env is None else env
         values: dict[str, Any] = {"enabled": False}
-        for spec in SPECS:
-            raw = source.get(spec.variable)
-            if raw is not None:
-                values[spec.field] = spec.parse(raw)
+        values.update(read(SPECS, source, SettingsError))
         return cls.with_overrides(values, overrides)
 
     @classmethod
@@ -140,12 +133,12 @@ class PublisherSettings:
         holder = getattr(settings, "system", settings)
         env = environment()
         values: dict[str, Any] = {"enabled": False}
-        for spec in SPECS:
-            raw = getattr(holder, spec.variable.removeprefix("SYSTEM__").lower(), None)
+        for setting in SPECS:
+            raw = getattr(holder, setting.variable.removeprefix("SYSTEM__").lower(), None)
             if raw is None:
-                raw = env.get(spec.variable)
+                raw = env.get(setting.variable)
             if raw is not None:
-                values[spec.field] = spec.parse(str(raw))
+                values[setting.field] = setting.parse(str(raw), SettingsError)
         return cls.with_overrides(values, overrides)
 
     @classmethod
@@ -165,205 +158,111 @@ class PublisherSettings:
         return PublisherSettings.with_overrides(dataclasses.asdict(self), overrides)
 
 
-@dataclass(frozen=True)
-class _Spec:
-    field: str
-    variable: str
-    expected: str
-    convert: Callable[[str], Any]
-    valid: Callable[[Any], bool]
-    optional: bool = False
+def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
+    """A converter: the text when it is a URL of one of ``schemes`` a publisher can use."""
 
-    def parse(self, raw: str) -> Any:
-        try:
-            value = self.convert(raw.strip())
-        except (ValueError, TypeError):
-            raise self.error(raw) from None
-        self.check(value, raw)
+    def convert(value: str) -> str:
+        parts = urlsplit(value)
+        port = parts.port  # ValueError when it is not a number
+        if parts.scheme not in schemes:
+            raise ValueError(value)
+        if parts.scheme == "ipc":
+            ok = len(value) > len("ipc://")
+        elif parts.scheme == "tcp":
+            ok = bool(parts.hostname) and port is not None
+        else:
+            ok = bool(parts.hostname)
+        if not ok:
+            raise ValueError(value)
         return value
 
-    def check(self, value: Any, raw: object = None) -> None:
-        try:
-            ok = self.valid(value)
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise self.error(value if raw is None else raw)
-
-    def error(self, value: object, name: str | None = None) -> SettingsError:
-        return SettingsError(
-            bad_value(name or self.variable, value, self.expected, secret=self.field == "token")
-        )
+    return convert
 
 
-def _bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise ValueError(text)
-
-
-def _number(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(text)
-    return value
-
-
-def _is_number(value: Any, low: float, high: float = math.inf, *, low_open: bool = False) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return False
-    return (value > low if low_open else value >= low) and value <= high
-
-
-def _is_whole(value: Any, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def _url_ok(value: Any, schemes: tuple[str, ...]) -> bool:
-    if not isinstance(value, str):
-        return False
+def _key_name(value: str) -> str:
     try:
-        parts = urlsplit(value)
-        port = parts.port
-    except ValueError:
-        return False
-    if parts.scheme not in schemes:
-        return False
-    if parts.scheme == "ipc":
-        return len(value) > len("ipc://")
-    if parts.scheme == "tcp":
-        return bool(parts.hostname) and port is not None
-    return bool(parts.hostname)
+        return validate_key_name(value)
+    except KeyFileError:
+        raise ValueError(value) from None
 
 
-def _key_name_ok(value: Any) -> bool:
+def _source(value: str) -> str:
     try:
-        validate_key_name(value)
-    except (KeyFileError, TypeError):
-        return False
-    return True
-
-
-def _source_ok(value: Any) -> bool:
-    try:
-        validate_source(value)
+        return validate_source(value)
     except TopicError:
-        return False
-    return True
+        raise ValueError(value) from None
 
 
 def check_url(name: str, url: str) -> str:
     """``url`` if a publisher can send there, else SettingsError naming ``name`` (a flag)."""
-    spec = SPEC_BY_FIELD["dashboard_url"]
-    if not _url_ok(url, WS_SCHEMES + BUS_SCHEMES):
-        raise spec.error(url, name)
+    setting = SPEC_BY_FIELD["dashboard_url"]
+    setting.check(url, SettingsError, name)
     return url
 
 
+_ANY_URL: Final = "a ws://, wss://, tcp://host:port or ipc://path URL"
+# field -> its SYSTEM__* variable (the guide's names, and tradebus's own) and its form
 SPECS: Final = (
-    _Spec(
-        "enabled",
-        "SYSTEM__ENABLE_WEBSOCKET_PUBLISHING",
-        "true or false",
-        _bool,
-        lambda v: isinstance(v, bool),
-    ),
-    _Spec(
+    Setting("enabled", "SYSTEM__ENABLE_WEBSOCKET_PUBLISHING", boolean()),
+    Setting(
         "dashboard_url",
         "SYSTEM__WEBSOCKET_DASHBOARD_URL",
-        "a ws://, wss://, tcp://host:port or ipc://path URL",
-        str,
-        lambda v: _url_ok(v, WS_SCHEMES + BUS_SCHEMES),
+        Form(_ANY_URL, _url(WS_SCHEMES + BUS_SCHEMES)),
     ),
-    _Spec(
+    Setting(
         "bus_url",
         "SYSTEM__TRADEBUS_BUS_URL",
-        "a tcp://host:port or ipc://path URL",
-        str,
-        lambda v: _url_ok(v, BUS_SCHEMES),
+        Form("a tcp://host:port or ipc://path URL", _url(BUS_SCHEMES)),
         optional=True,
     ),
-    _Spec(
+    Setting(
         "publish_interval",
         "SYSTEM__WEBSOCKET_PUBLISH_INTERVAL",
-        "seconds >= 0 (0 = every market data event)",
-        _number,
-        lambda v: _is_number(v, 0),
+        number(0, above=False, expected="seconds >= 0 (0 = every market data event)"),
     ),
-    _Spec(
-        "max_retries",
-        "SYSTEM__WEBSOCKET_MAX_RETRIES",
-        "a whole number >= 0",
-        int,
-        lambda v: _is_whole(v, 0),
-    ),
-    _Spec(
-        "retry_delay",
-        "SYSTEM__WEBSOCKET_RETRY_DELAY",
-        "seconds > 0",
-        _number,
-        lambda v: _is_number(v, 0, low_open=True),
-    ),
-    _Spec(
-        "timeout",
-        "SYSTEM__WEBSOCKET_TIMEOUT",
-        "seconds > 0",
-        _number,
-        lambda v: _is_number(v, 0, low_open=True),
-    ),
-    _Spec(
+    Setting("max_retries", "SYSTEM__WEBSOCKET_MAX_RETRIES", whole_number(0)),
+    Setting("retry_delay", "SYSTEM__WEBSOCKET_RETRY_DELAY", number(0, expected="seconds > 0")),
+    Setting("timeout", "SYSTEM__WEBSOCKET_TIMEOUT", number(0, expected="seconds > 0")),
+    Setting(
         "queue_size",
         "SYSTEM__WEBSOCKET_QUEUE_SIZE",
-        "a whole number >= 1",
-        int,
-        lambda v: _is_whole(v, 1),
+        whole_number(1, expected="a whole number >= 1"),
     ),
-    _Spec(
+    Setting(
         "source_id",
         "SYSTEM__TRADEBUS_SOURCE_ID",
-        f"1..{SOURCE_MAX_LEN} characters: a letter or digit, then letters, digits, _ . : -",
-        str,
-        _source_ok,
+        Form(
+            f"1..{SOURCE_MAX_LEN} characters: a letter or digit, then letters, digits, _ . : -",
+            _source,
+        ),
     ),
-    _Spec(
+    Setting(
         "significance_filter",
         "SYSTEM__WEBSOCKET_SIGNIFICANCE_FILTER",
-        "a fraction 0 <= x < 1 (0.001 = 0.1%; 0 = off)",
-        _number,
-        lambda v: _is_number(v, 0) and v < 1,
+        number(0, above=False, below=1, expected="a fraction 0 <= x < 1 (0.001 = 0.1%; 0 = off)"),
     ),
-    _Spec(
+    Setting(
         "heartbeat_interval",
         "SYSTEM__WEBSOCKET_HEARTBEAT_INTERVAL",
-        "seconds >= 0 (0 = no heartbeat)",
-        _number,
-        lambda v: _is_number(v, 0),
+        number(0, above=False, expected="seconds >= 0 (0 = no heartbeat)"),
     ),
-    _Spec(
+    Setting(
         "token",
         "SYSTEM__TRADEBUS_TOKEN",
-        "a non-empty bridge token",
-        str,
-        lambda v: isinstance(v, str) and bool(v),
+        text("a non-empty bridge token", required=True),
+        secret=True,
         optional=True,
     ),
-    _Spec(
+    Setting(
         "keys",
         "SYSTEM__TRADEBUS_KEYS",
-        "a directory holding this bot's key pair and the proxy's proxy.key",
-        str,
-        lambda v: isinstance(v, str) and bool(v),
+        text("a directory holding this bot's key pair and the proxy's proxy.key", required=True),
         optional=True,
     ),
-    _Spec(
+    Setting(
         "key_name",
         "SYSTEM__TRADEBUS_KEY_NAME",
-        "a key name: letters, digits, _ . - (the NAME of NAME.key_secret)",
-        str,
-        _key_name_ok,
+        Form("a key name: letters, digits, _ . - (the NAME of NAME.key_secret)", _key_name),
         optional=True,
     ),
     _Spec(
@@ -395,4 +294,4 @@ SPECS: Final = (
         lambda v: _is_number(v, 0),
     ),
 )
-SPEC_BY_FIELD: Final = {spec.field: spec for spec in SPECS}
+SPEC_BY_FIELD: Final = {setting.field: setting for setting in SPECS}

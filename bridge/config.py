@@ -1,4 +1,8 @@
-"""Bridge settings: one dataclass, filled from defaults, TRADEBUS__BRIDGE_* variables, flags."""
+"""Bridge settings: one dataclass, filled from defaults, TRADEBUS__BRIDGE_* variables, flags.
+
+``SETTINGS`` is its table (bus.settings): variable TRADEBUS__BRIDGE_<FIELD>, flag --<field>,
+the form of each value; ``tradebus bridge`` turns it into its flags.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,22 @@ import dataclasses
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from bridge.admission import ServerName, parse_origin
 from bridge.errors import ConfigError
 from bus import settings
+from bus.endpoints import (
+    DEFAULT_BACKEND,
+    DEFAULT_BRIDGE_HOST,
+    DEFAULT_BRIDGE_PORT,
+    DEFAULT_FRONTEND,
+    DEFAULT_SNAPSHOT,
+)
 from bus.errors import KeyFileError, TopicError
+from bus.event_types import CONFLATABLE_TYPES
 from bus.keys import validate_key_name
 from bus.topics import validate_source, validate_type
 
@@ -23,11 +35,11 @@ STATIC_DIR: Final = Path(__file__).resolve().parent / "static"
 
 @dataclass(frozen=True)
 class BridgeConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    bus: str = "tcp://127.0.0.1:5556"  # the proxy's XPUB
-    snapshot: str = "tcp://127.0.0.1:5557"  # the proxy's snapshot service; "" = none
-    publish_to: str = "tcp://127.0.0.1:5555"  # the proxy's XSUB, for WebSocket publishers
+    host: str = DEFAULT_BRIDGE_HOST
+    port: int = DEFAULT_BRIDGE_PORT
+    bus: str = DEFAULT_BACKEND  # the proxy's XPUB
+    snapshot: str = DEFAULT_SNAPSHOT  # the proxy's snapshot service; "" = none
+    publish_to: str = DEFAULT_FRONTEND  # the proxy's XSUB, for WebSocket publishers
     allow_publish: bool = False  # loopback connections may publish without a token
     publish_networks: tuple[str, ...] = ()  # trusted networks (CIDR) that may publish too
     origins: tuple[str, ...] = ()  # extra allowed Origin values; "*" allows any
@@ -41,7 +53,7 @@ class BridgeConfig:
     cert: str | None = None  # TLS certificate (PEM) for wss://
     key: str | None = None  # TLS private key (PEM)
     max_queue_bytes: int = 1024 * 1024  # per client: bytes waiting to be sent
-    conflate_types: tuple[str, ...] = ("market_data", "position_update")
+    conflate_types: tuple[str, ...] = tuple(sorted(CONFLATABLE_TYPES))
     history_events: int = 1000  # resume window per topic, in events ...
     history_seconds: float = 300.0  # ... and in time
     max_message_bytes: int = 64 * 1024  # inbound message size (close 1009)
@@ -170,29 +182,10 @@ class BridgeConfig:
         **overrides: Any,
     ) -> BridgeConfig:
         """Defaults, then ``TRADEBUS__BRIDGE_<FIELD>`` variables, then ``flags`` (command-line
-        text, parsed here), then ``overrides`` (values); a bad value names the one given."""
+        text by field, parsed here), then ``overrides`` (values); a bad value names the one
+        given. An override's variable is not read at all: the caller decided."""
         env = os.environ if environ is None else environ
-        typed = flags or {}
-        values: dict[str, Any] = {}
-        for field in fields(cls):
-            name = field.name
-            if overrides.get(name) is not None:
-                continue  # a value the caller decided: its variable is not read at all
-            given = settings.pick(
-                flag_name(name),
-                typed.get(name),
-                ENV_PREFIX + name.upper(),
-                env,
-                secret=name in SECRET_FIELDS,
-            )
-            if given is not None:
-                values[name] = field_form(name, str(field.type)).parse(given, ConfigError)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
-
-
-def flag_name(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
+        return cls(**settings.read(SETTINGS, env, ConfigError, flags=flags, overrides=overrides))
 
 
 SECRET_FIELDS: Final = frozenset({"tokens", "publish_tokens", "jwt_secret"})
@@ -322,20 +315,83 @@ _FORMS: Final[dict[str, settings.Form[Any]]] = {
 }
 
 
-def field_form(name: str, annotation: str) -> settings.Form[Any]:
-    """How the text of setting ``name`` becomes its value (or the one-line error)."""
+def field_form(name: str, annotation: Any) -> settings.Form[Any]:
+    """How the text of setting ``name`` (of type ``annotation``) becomes its value."""
     if name in _FORMS:
         return _FORMS[name]
-    if annotation == "bool":
+    if annotation is bool:
         return settings.boolean()
-    if annotation == "int":
+    if annotation is int:
         return settings.whole_number(1 if name in ABOVE_ZERO else 0)
-    if annotation == "float":
+    if annotation is float:
         if name in ABOVE_ZERO:
             return settings.number(0)
         return settings.number(0, above=False)
-    if annotation.startswith("tuple"):
-        return settings.Form("values, comma-separated", _items)
-    if annotation == "str | None":
+    if annotation == tuple[str, ...]:
+        return settings.Form("values, comma-separated", _items, tuple)
+    if annotation == str | None:
         return settings.Form("a value", lambda text: text or None)
-    return settings.Form("a value", str)
+    return settings.text()
+
+
+HELP: Final = {
+    "host": "address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)",
+    "port": "port to listen on (default 8000)",
+    "bus": "the proxy's XPUB endpoint to subscribe to",
+    "snapshot": "the proxy's snapshot service ('' for none)",
+    "publish_to": "the proxy's XSUB endpoint WebSocket publishers' events go to",
+    "allow_publish": "let loopback connections publish without a token",
+    "publish_networks": "trusted networks (CIDR, comma-separated) that may publish without a token",
+    "origins": "extra allowed Origin values (scheme://host[:port]), comma-separated ('*': any)",
+    "server_names": "Host names served besides the bind address (name or name:port), "
+    "comma-separated; other Hosts get 421",
+    "tokens": "static tokens that may subscribe, comma-separated (enables auth)",
+    "publish_tokens": "SOURCE=TOKEN pairs: TOKEN subscribes and publishes as SOURCE (enables auth)",
+    "jwt_secret": "HS256 secret for JWTs with exp, topics, publish, sources claims (enables auth)",
+    "jwt_audience": "when set, a JWT's aud claim must name it",
+    "jwt_issuer": "when set, a JWT's iss claim must be it",
+    "jwt_max_lifetime": "seconds: a JWT whose exp is further ahead is refused",
+    "cert": "TLS certificate (PEM) to serve wss://",
+    "key": "TLS private key (PEM) for --cert",
+    "max_queue_bytes": "bytes queued per client before it is closed as a slow consumer",
+    "conflate_types": "event types whose queued events a newer one replaces, comma-separated",
+    "history_events": "events kept per topic for resume",
+    "history_seconds": "seconds of events kept per topic for resume",
+    "max_message_bytes": "largest client message (bigger: close 1009)",
+    "rate_limit": "client messages per second (above: close 1008)",
+    "rate_burst": "client messages allowed in a burst",
+    "publish_rate_limit": "messages per second for connections allowed to publish",
+    "publish_rate_burst": "burst for connections allowed to publish",
+    "max_subscriptions": "patterns per connection",
+    "max_resume_positions": "positions ('since' entries) per resume request",
+    "max_connections": "open connections in total",
+    "max_connections_per_ip": "open connections per client address",
+    "max_handshakes_per_ip": "open sockets per address that are not WebSockets (above: 429)",
+    "max_handshakes": "open sockets in total that are not WebSockets (above: 503)",
+    "handshake_timeout": "seconds a new socket has to send its request line and headers (408)",
+    "keepalive_timeout": "seconds an idle plain-HTTP keep-alive socket stays open",
+    "max_errors": "invalid messages tolerated per connection (then close 1008)",
+    "ping_interval": "seconds between server pings; a silent peer is closed within two",
+    "stale_after": "seconds without an event before a source is reported stale",
+    "upstream_linger": "seconds a bus subscription no client needs is kept (resume history)",
+    "max_lingering": "lingering bus subscriptions in all (per client: max_subscriptions)",
+    "max_topics": "topics whose history and latest event the bridge keeps",
+    "max_sources": "sources known at once; events of further sources are dropped (counted)",
+    "forget_sources_after": "seconds after which a stale source is forgotten",
+    "snapshot_timeout": "seconds to wait for the proxy's snapshot service",
+    "write_buffer_high": "socket buffer bytes above which a client counts as behind",
+    "close_timeout": "seconds to wait for a client's close reply",
+    "track_sources": "subscribe to system_status to report source liveness",
+    "static_dir": "directory served at / and /static/",
+    "keys": "CURVE key directory for a proxy started with --keys: the bridge's "
+    "NAME.key_secret and the proxy's proxy.key (see `tradebus keys --help`)",
+    "key_name": "which key pair in --keys the bridge uses",
+}
+# field -> TRADEBUS__BRIDGE_<FIELD> and --<field>; tokens also --token
+SETTINGS: Final = tuple(
+    dataclasses.replace(setting, aliases=("--token",)) if setting.field == "tokens" else setting
+    for setting in settings.fields_of(
+        BridgeConfig, ENV_PREFIX, field_form, secret=SECRET_FIELDS, help=HELP
+    )
+)
+SETTING: Final = {setting.field: setting for setting in SETTINGS}

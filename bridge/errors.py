@@ -1,4 +1,4 @@
-"""The root of every error raised by the bridge package.
+"""The root of every error raised by the bridge package (below common.errors.TradebusError).
 
 BridgeError
 ├── ConfigError    a bridge setting (flag or environment variable) is invalid
@@ -7,8 +7,10 @@ BridgeError
 
 from __future__ import annotations
 
+from common.errors import TradebusError
 
-class BridgeError(Exception):
+
+class BridgeError(TradebusError):
     """Root of every error raised by the bridge package."""
 
 

@@ -34,13 +34,10 @@ from bridge.protocol import (
 )
 from bus.envelope import META_HEADER, META_HEADER_SIZE, encode_event
 from bus.errors import TopicError
+from bus.event_types import CONFLATABLE_TYPES, SYMBOL_KEYED_TYPES
 from bus.sequence import SeqStatus, SequenceTracker
 from bus.topics import Pattern, PatternIndex, make_topic, validate_topic
 
-# types the bot client keys by symbol (docs/protocol.md, "Topics")
-SYMBOL_KEYED_TYPES: Final = frozenset(
-    {"market_data", "position_update", "indicator_update", "trading_loop", "trade_execution"}
-)
 SOURCE_STATUS_TYPE: Final = "system_status"
 EVERYTHING: Final = Pattern("*")
 LATENCY_BUCKETS: Final = (
@@ -430,7 +427,7 @@ class Hub:
     def __init__(
         self,
         *,
-        conflate_types: Iterable[str] = ("market_data", "position_update"),
+        conflate_types: Iterable[str] = CONFLATABLE_TYPES,
         history_events: int = 1000,
         history_seconds: float = 300.0,
         max_subscriptions: int = 100,

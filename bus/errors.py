@@ -1,4 +1,4 @@
-"""The bus package's exception tree.
+"""The bus package's exception tree (below common.errors.TradebusError).
 
 BusError
 ├── TopicError        a topic or pattern breaks the grammar (also a ValueError)
@@ -12,8 +12,10 @@ BusError
 
 from __future__ import annotations
 
+from common.errors import TradebusError
 
-class BusError(Exception):
+
+class BusError(TradebusError):
     """Root of every error raised by the bus package."""
 
 

@@ -41,16 +41,11 @@ from zmq.utils.monitor import recv_monitor_message
 
 from bus.envelope import MAX_PAYLOAD_BYTES, META_HEADER_SIZE, WIRE_VERSION
 from bus.errors import EndpointError, TopicError
-from bus.gate import (
-    DEFAULT_EPOCH_SKEW_S,
-    DEFAULT_OWNER_IDLE_S,
-    Gate,
-    Refusal,
-    RefusalLog,
-)
+from bus.gate import Gate, Refusal, RefusalLog
 from bus.history import BusHistory, HistoryPosition
 from bus.keys import ZAP_DOMAIN as KEYS_ZAP_DOMAIN
-from bus.keys import BusAuthenticator, ServerKeys, configure_server
+from bus.keys import BusAuthenticator, configure_server
+from bus.proxy_config import ProxyConfig as ProxyConfig  # its home before bus.proxy_config
 from bus.topics import Pattern
 from bus.transport import (
     IdentifiedReceiver,
@@ -64,9 +59,6 @@ from monitoring.logging import get_logger
 
 log = get_logger("bus.proxy")
 
-DEFAULT_FRONTEND: Final = "tcp://127.0.0.1:5555"
-DEFAULT_BACKEND: Final = "tcp://127.0.0.1:5556"
-DEFAULT_SNAPSHOT: Final = "tcp://127.0.0.1:5557"
 
 SNAPSHOT_COMMAND: Final = b"SNAPSHOT"
 HISTORY_COMMAND: Final = b"HISTORY"
@@ -104,43 +96,6 @@ _SYNC_SUBSCRIPTION: Final = bytes([_SUBSCRIBE]) + SYNC_PREFIX
 # epoch and seq: the two u64 after the meta frame's version and flags bytes
 _unpack_position = struct.Struct(">QQ").unpack_from
 _POSITION_OFFSET: Final = 2
-
-
-@dataclass(frozen=True)
-class ProxyConfig:
-    frontend: str = DEFAULT_FRONTEND
-    backend: str = DEFAULT_BACKEND
-    snapshot: str = DEFAULT_SNAPSHOT
-    # Per-peer queues, in messages. At the frontend a full queue makes libzmq stop reading
-    # that publisher (its own send queue then fills); at the backend a full subscriber
-    # queue drops that subscriber's messages, which its sequence tracker reports as a gap.
-    frontend_hwm: int = 100_000
-    backend_hwm: int = 100_000
-    # Capture queue to the cache thread; overflowing it drops cache updates (counted as
-    # cache gaps), never forwarded messages.
-    capture_hwm: int = 200_000
-    cache: bool = True
-    # niceness of the cache thread (0 = same priority as forwarding)
-    cache_nice: int = 10
-    cache_max_topics: int = 100_000
-    sync_timeout: float = 2.0
-    heartbeat_ms: int = 2_000
-    keys: ServerKeys | None = None  # CURVE: the proxy's pair and the keys it admits
-    # The gate (bus/gate.py). Off only in benchmarks, to measure what it costs: without it
-    # forwarding is libzmq's proxy loop and anything a publisher sends reaches everyone.
-    gate: bool = True
-    owner_idle_s: float = DEFAULT_OWNER_IDLE_S
-    epoch_skew_s: float = DEFAULT_EPOCH_SKEW_S
-    # Snapshot service bounds: patterns per request, bytes per reply, and replies queued
-    # per requester before further replies to it are dropped (counted).
-    snapshot_max_patterns: int = 100
-    snapshot_max_bytes: int = 64 * 1024 * 1024
-    snapshot_hwm: int = 16
-    # The history (bus/history.py): per topic the last history_events events, none older
-    # than history_seconds, history_max_bytes in all. history_events=0 turns it off.
-    history_events: int = 1000
-    history_seconds: float = 300.0
-    history_max_bytes: int = 256 * 1024 * 1024
 
 
 @dataclass

@@ -24,12 +24,16 @@ import zmq
 import zmq.asyncio
 
 from bus import settings
+from bus.endpoints import (
+    BACKEND_VARIABLE,
+    DEFAULT_BACKEND,
+    DEFAULT_SNAPSHOT,
+    SNAPSHOT_VARIABLE,
+)
 from bus.envelope import Event, decode_event
 from bus.errors import EnvelopeError, SettingError, SnapshotError
 from bus.keys import ClientKeys, configure_client, connect_checked, connect_checked_async
 from bus.proxy import (
-    DEFAULT_BACKEND,
-    DEFAULT_SNAPSHOT,
     SNAPSHOT_COMMAND,
     STATUS_ERROR,
     STATUS_OK,
@@ -42,8 +46,6 @@ from bus.topics import Pattern, minimal_prefixes
 from bus.transport import recv_event
 from monitoring.logging import get_logger
 
-BACKEND_VARIABLE: Final = "TRADEBUS__PROXY_BACKEND"
-SNAPSHOT_VARIABLE: Final = "TRADEBUS__PROXY_SNAPSHOT"
 DEFAULT_RCVHWM: Final = 100_000
 DEFAULT_SNAPSHOT_TIMEOUT: Final = 5.0
 # Detects a proxy that vanished without closing TCP (host down, cable): ZeroMQ then

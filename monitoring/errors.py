@@ -1,11 +1,9 @@
-"""The root of every error raised by the monitoring package."""
+"""The root of every error raised by the monitoring package (below common.errors.TradebusError)."""
 
 from __future__ import annotations
 
+from common.errors import TradebusError
 
-class MonitoringError(Exception):
+
+class MonitoringError(TradebusError):
     """Root of every error raised by the monitoring package."""
-
-
-class ToolError(MonitoringError):
-    """An operations tool (up, demo, tap, record, replay) could not do its job."""

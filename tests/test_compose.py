@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -27,16 +28,16 @@ from bot_client.settings import SPECS, PublisherSettings
 from bridge.admission import HostPolicy
 from bridge.app import create_app
 from bridge.auth import Authenticator
-from bridge.cli import config_from_args
 from bridge.config import ENV_PREFIX, BridgeConfig
 from bridge.errors import AuthError
-from bus import cli as proxy_cli
 from bus.errors import SettingError
-from bus.settings import resolve_options
+from bus.settings import resolve
 from monitoring.logging import LEVEL_VARIABLES
 from monitoring.metrics import MetricsServer
 from tests.conftest import scaled
+from tradebus import proxy as proxy_cli
 from tradebus import up
+from tradebus.bridge import config_from_args
 from tradebus.cli import COMMANDS, build_parser
 
 COMPOSE = Path(__file__).resolve().parent.parent / "compose"
@@ -151,15 +152,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
         raise AssertionError(f"tradebus rejects {argv}") from exit_
 
 
-OPTIONS_OF = {"proxy": proxy_cli.OPTIONS, "up": up.OPTIONS}
+SETTINGS_OF = {"proxy": proxy_cli.SETTINGS, "up": up.SETTINGS}
 
 
 def resolved(argv: list[str]) -> argparse.Namespace:
     """The command's arguments as its run() uses them."""
     args = parse(argv)
-    if argv[0] in OPTIONS_OF:
+    if argv[0] in SETTINGS_OF:
         # these commands keep their flags as text until run() resolves flag, variable, default
-        resolve_options(args, OPTIONS_OF[argv[0]], os.environ, SettingError)
+        resolve(args, SETTINGS_OF[argv[0]], os.environ, SettingError)
     return args
 
 
@@ -192,6 +193,7 @@ def settings_read_by(command: str, monkeypatch: pytest.MonkeyPatch) -> set[str]:
         for part in ("PROXY", "BRIDGE", "UP")
         if a.dest != "help"
     }
+    candidates |= {setting.variable for setting in SETTINGS_OF.get(command, ())}
     argv = [command, *REQUIRED_ARGUMENTS.get(command, [])]
     clean_environment(monkeypatch, {})
     baseline = vars(resolved(argv))
@@ -271,7 +273,7 @@ def test_every_variable_is_a_setting_the_service_reads_with_a_valid_value(
                 # only acceptable when the value restates the default (the guide's table)
                 spec = next((s for s in SPECS if s.variable == variable), None)
                 assert spec is not None, f"{stack}/{name}: {variable}={value} has no effect"
-                assert spec.parse(value) == getattr(PublisherSettings(), spec.field)
+                assert spec.parse(value, SettingError) == getattr(PublisherSettings(), spec.field)
 
 
 def listening_ports(name: str, service: dict[str, Any], stack: str) -> set[int]:
@@ -453,6 +455,14 @@ def test_the_base_image_is_pinned_by_version() -> None:
     base = re.search(r"^FROM (\S+)", dockerfile, re.MULTILINE)
     assert base is not None
     assert re.fullmatch(r"python:3\.11\.\d+-slim(-bookworm)?", base.group(1)), base.group(1)
+
+
+def test_the_image_holds_every_package_the_project_installs() -> None:
+    dockerfile = (COMPOSE / "Dockerfile").read_text()
+    pyproject = tomllib.loads((COMPOSE.parent / "pyproject.toml").read_text())
+    packages = {name.partition(".")[0] for name in pyproject["tool"]["setuptools"]["packages"]}
+    copied = set(re.findall(r"^COPY (\w+) \./\1$", dockerfile, re.MULTILINE))
+    assert packages <= copied, sorted(packages - copied)
 
 
 def test_ci_runs_the_compose_stack_for_real_after_the_tests() -> None:

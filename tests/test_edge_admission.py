@@ -484,8 +484,8 @@ async def test_tap_sends_as_its_publish_tokens_source(
 def test_compose_clients_reach_the_bridge_by_its_service_name(stack: str) -> None:
     # the bot of the WebSocket override and `tap --docker-url` use ws://dashboard-backend:8000
     from bridge.admission import HostPolicy
-    from bridge.cli import config_from_args
     from tests.test_compose import clean_environment, command_of, environment_of, parse, services
+    from tradebus.bridge import config_from_args
 
     backend = services(stack)["dashboard-backend"]
     with pytest.MonkeyPatch.context() as patch:

@@ -10,12 +10,19 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import bus
-from bus import settings
+from bot_client import settings as publisher_settings
+from bot_client.settings import PublisherSettings
+from bridge import config as bridge_config
+from bridge.config import BridgeConfig
+from bus import proxy_config, settings
 from bus.errors import SettingError
+from bus.proxy_config import ProxyConfig
+from common.errors import TradebusError
 from tests.conftest import scaled
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,6 +116,13 @@ CASES = [
         id="tap --url without ws://",
     ),
     pytest.param(
+        ["replay", "in.jsonl", "--speed", "0"],
+        {},
+        "tradebus replay: error: argument --speed: expected a speed factor (e.g. 2 or 0.5) "
+        "above 0, got '0' (see --help)",
+        id="a flag without a variable: the same forms, worded by argparse",
+    ),
+    pytest.param(
         ["up", "--no-demo", "--no-metrics", "--port", "x"],
         {"TRADEBUS__BRIDGE_PORT": "8000"},
         "tradebus up: error: --port='x': expected a port number 0..65535",
@@ -169,3 +183,105 @@ def test_pick_prefers_the_flag_then_the_variable() -> None:
     assert settings.pick("--port", "2", "X_PORT", environ) == settings.Given("--port", "2")
     assert settings.pick("--port", None, "X_PORT", environ) == settings.Given("X_PORT", "1")
     assert settings.pick("--port", None, "Y_PORT", environ) is None
+
+
+# -- the settings helper behind the proxy's, the bridge's and the publisher's settings --------
+def read_proxy(environ: dict[str, str], flags: dict[str, str | None]) -> object:
+    return ProxyConfig.from_env(environ, flags=flags)
+
+
+def read_bridge(environ: dict[str, str], flags: dict[str, str | None]) -> object:
+    return BridgeConfig.from_env(environ, flags=flags)
+
+
+def read_publisher(environ: dict[str, str], flags: dict[str, str | None]) -> object:
+    assert not flags  # the publisher's settings have variables and keywords only
+    return PublisherSettings.from_env(environ)
+
+
+SYSTEMS = [
+    pytest.param(proxy_config.SETTINGS, read_proxy, id="proxy"),
+    pytest.param(bridge_config.SETTINGS, read_bridge, id="bridge"),
+    pytest.param(publisher_settings.SPECS, read_publisher, id="publisher"),
+]
+JUNK = "not:a/value!"
+
+
+def refusing(table: tuple[settings.Setting, ...]) -> list[settings.Setting]:
+    """The settings whose form refuses JUNK (text settings take anything)."""
+    refused = []
+    for setting in table:
+        try:
+            setting.form.convert(JUNK)
+        except ValueError:
+            refused.append(setting)
+    return refused
+
+
+@pytest.mark.parametrize(("table", "read"), SYSTEMS)
+def test_every_variable_of_every_settings_system_gets_the_one_line(
+    table: tuple[settings.Setting, ...], read: Any
+) -> None:
+    checked = refusing(table)
+    assert len(checked) >= 5
+    for setting in checked:
+        with pytest.raises(TradebusError) as raised:
+            read({setting.variable: JUNK}, {})
+        shown = "<hidden>" if setting.secret else repr(JUNK)
+        line = f"{setting.variable}={shown}: expected {setting.form.expected}"
+        assert str(raised.value).startswith(line), setting
+        assert "\n" not in str(raised.value)
+        assert isinstance(raised.value, ValueError)
+
+
+@pytest.mark.parametrize(("table", "read"), SYSTEMS[:2])
+def test_the_flag_wins_over_the_variable_and_is_the_one_named(
+    table: tuple[settings.Setting, ...], read: Any
+) -> None:
+    for setting in refusing(table):
+        assert setting.flag is not None
+        with pytest.raises(TradebusError) as raised:
+            read({setting.variable: JUNK}, {setting.field: "-" + JUNK})
+        assert str(raised.value).startswith(f"{setting.flag}="), setting
+
+
+@pytest.mark.parametrize(
+    ("read", "variable", "secret"),
+    [
+        (read_bridge, "TRADEBUS__BRIDGE_JWT_SECRET", "short-secret-0123"),
+        (read_bridge, "TRADEBUS__BRIDGE_PUBLISH_TOKENS", "bot-1=fine,short-secret-0123"),
+        (read_publisher, "SYSTEM__TRADEBUS_TOKEN", " "),
+    ],
+)
+def test_a_secret_is_named_and_never_shown(read: Any, variable: str, secret: str) -> None:
+    with pytest.raises(TradebusError, match=rf"^{variable}=<hidden>: expected ") as raised:
+        read({variable: secret}, {})
+    assert repr(secret) not in str(raised.value)
+    assert "short-secret" not in str(raised.value)
+
+
+def test_the_proxy_reads_its_variables_and_flags() -> None:
+    config = ProxyConfig.from_env(
+        {"TRADEBUS__PROXY_OWNER_IDLE": "5", "TRADEBUS__PROXY_FRONTEND_HWM": "7"},
+        flags={"owner_idle_s": "9", "backend": "tcp://127.0.0.1:6000"},
+        cache=False,
+    )
+    assert (config.owner_idle_s, config.frontend_hwm) == (9.0, 7)
+    assert (config.backend, config.cache) == ("tcp://127.0.0.1:6000", False)
+    with pytest.raises(SettingError, match=r"^TRADEBUS__PROXY_EPOCH_SKEW='0': expected seconds"):
+        ProxyConfig.from_env({"TRADEBUS__PROXY_EPOCH_SKEW": "0"})
+
+
+def test_booleans_and_numbers_read_alike_everywhere() -> None:
+    for word, value in [("yes", True), ("ON", True), ("0", False), ("off", False)]:
+        bridge = BridgeConfig.from_env({"TRADEBUS__BRIDGE_ALLOW_PUBLISH": word})
+        publisher = PublisherSettings.from_env({"SYSTEM__ENABLE_WEBSOCKET_PUBLISHING": word})
+        assert bridge.allow_publish is value is publisher.enabled
+    for text in ("nan", "inf", "-1"):
+        for read in (
+            lambda t: ProxyConfig.from_env({"TRADEBUS__PROXY_HISTORY_SECONDS": t}),
+            lambda t: BridgeConfig.from_env({"TRADEBUS__BRIDGE_HISTORY_SECONDS": t}),
+            lambda t: PublisherSettings.from_env({"SYSTEM__WEBSOCKET_TIMEOUT": t}),
+        ):
+            with pytest.raises(TradebusError, match=f"={text!r}: expected"):
+                read(text)

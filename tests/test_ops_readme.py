@@ -17,16 +17,15 @@ from bot_client.publisher import Publisher
 from bot_client.settings import SPECS
 from bridge.app import BRIDGE_KEY, create_app
 from bridge.config import ENV_PREFIX, BridgeConfig
+from bus.endpoints import BACKEND_VARIABLE, FRONTEND_VARIABLE, SNAPSHOT_VARIABLE
 from bus.gate import GateStats
 from bus.proxy import CacheStats
-from bus.subscriber import BACKEND_VARIABLE, SNAPSHOT_VARIABLE
 from bus.transport import ACCELERATOR_OFF_VARIABLE
 from monitoring.logging import LEVEL_VARIABLES
 from monitoring.metrics import ProxyCollector, PublisherCollector
 from tests.conftest import scaled
 from tests.test_compose import settings_read_by
 from tradebus.cli import COMMANDS
-from tradebus.replay import FRONTEND_VARIABLE
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

@@ -1,7 +1,8 @@
-"""``tradebus <command>``: each command lives in its own package's ``cli`` module.
+"""``tradebus <command>``: each command is a module of this package, on top of the others.
 
 A command module exposes ``HELP`` (one line), ``configure(parser)`` and ``run(args) -> int``.
-Errors from the packages' exception roots become one line on stderr and exit status 2.
+A TradebusError (common.errors, the root of every package's errors) becomes one line on
+stderr and exit status 2. bus, bridge, bot_client and monitoring import nothing from here.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn, Protocol
 
+from common.errors import TradebusError
 from tradebus import __version__
 
 # command name -> module; modules are imported only when their command runs
 COMMANDS: dict[str, str] = {
-    "proxy": "bus.cli",
-    "bridge": "bridge.cli",
+    "proxy": "tradebus.proxy",
+    "bridge": "tradebus.bridge",
     "up": "tradebus.up",
     "demo": "tradebus.demo",
     "tap": "tradebus.tap",
@@ -68,14 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from bot_client.errors import PublisherError
-    from bridge.errors import BridgeError
-    from bus.errors import BusError
-    from monitoring.errors import MonitoringError
-
     try:
         return _load(args.command).run(args)
-    except (BusError, BridgeError, PublisherError, MonitoringError) as error:
+    except TradebusError as error:
         print(f"tradebus {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -25,10 +25,10 @@ from typing import Any, Protocol
 
 from bus.envelope import format_timestamp
 from bus.errors import TopicError
+from bus.settings import argument, number, port_number
 from bus.topics import validate_key
-from monitoring.errors import ToolError
 from monitoring.logging import configure_logging, get_logger
-from tradebus.arguments import port_number, positive_number
+from tradebus.errors import ToolError
 
 HELP = "run a simulated trading bot that publishes to a bus (tcp://, ipc://) or bridge (ws://)"
 
@@ -485,7 +485,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> Non
     )
     parser.add_argument(
         f"--{prefix}speed",
-        type=positive_number(),
+        type=argument(number(0)),
         default=1.0,
         help="simulated seconds per real second (default 1)",
     )
@@ -573,12 +573,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_demo_arguments(parser)
     parser.add_argument(
         "--duration",
-        type=positive_number(),
+        type=argument(number(0)),
         help="simulated seconds to run (default: until Ctrl-C)",
     )
     parser.add_argument(
         "--metrics-port",
-        type=port_number,
+        type=argument(port_number()),
         help="serve the publisher's Prometheus metrics (/metrics) and /health on this port",
     )
     parser.add_argument(

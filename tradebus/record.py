@@ -38,15 +38,15 @@ import orjson
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from bus import settings
+from bus.endpoints import DEFAULT_BACKEND, DEFAULT_SNAPSHOT
 from bus.envelope import encode_meta, encode_payload, format_timestamp
 from bus.errors import BusError, EnvelopeError, SnapshotError
 from bus.keys import ClientKeys, configure_client, connect_checked, judge_handshake
-from bus.proxy import DEFAULT_BACKEND, DEFAULT_SNAPSHOT
 from bus.subscriber import BlockingSubscriber, Gap, resolve_backend, resolve_snapshot
 from bus.topics import validate_source, validate_topic
-from monitoring.errors import ToolError
 from monitoring.logging import configure_logging, get_logger
-from tradebus.arguments import positive_int, positive_number
+from tradebus.errors import ToolError
 from tradebus.keys import add_client_key_arguments, client_keys
 
 HELP = "record bus topics to a JSON-lines file (see `tradebus replay`)"
@@ -476,14 +476,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="start the recording with the latest event of every matching topic",
     )
-    parser.add_argument("--duration", type=positive_number(), help="stop after this many seconds")
-    parser.add_argument("--count", type=positive_int, help="stop after this many events")
+    parser.add_argument(
+        "--duration",
+        type=settings.argument(settings.number(0)),
+        help="stop after this many seconds",
+    )
+    parser.add_argument(
+        "--count",
+        type=settings.argument(settings.whole_number(1)),
+        help="stop after this many events",
+    )
     parser.add_argument(
         "--append", action="store_true", help="append to the file instead of replacing it"
     )
     parser.add_argument(
         "--connect-timeout",
-        type=positive_number("seconds"),
+        type=settings.argument(settings.number(0, what="seconds")),
         default=DEFAULT_CONNECT_TIMEOUT,
         help="seconds to wait for the proxy (default %(default)s; nothing listening fails at once)",
     )

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import zmq
 
-from bus.proxy import DEFAULT_FRONTEND
+from bus.endpoints import DEFAULT_FRONTEND, FRONTEND_VARIABLE
+from bus.settings import argument, number
 from bus.subscriber import resolve_endpoint
 from monitoring.logging import configure_logging, get_logger
-from tradebus.arguments import positive_number
 from tradebus.keys import add_client_key_arguments, client_keys
 from tradebus.record import (
     RecordingError,
@@ -25,7 +25,6 @@ from tradebus.record import (
 )
 
 HELP = "publish a recording back onto the bus (as a new run of its sources) at its pace"
-FRONTEND_VARIABLE = "TRADEBUS__PROXY_FRONTEND"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     pace = parser.add_mutually_exclusive_group()
     pace.add_argument(
         "--speed",
-        type=positive_number("a speed factor (e.g. 2 or 0.5)"),
+        type=argument(number(0, what="a speed factor (e.g. 2 or 0.5)")),
         default=1.0,
         help="pace factor: 2 plays twice as fast, 0.5 half as fast (default 1: original pace)",
     )
@@ -61,7 +60,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--connect-timeout",
-        type=positive_number("seconds"),
+        type=argument(number(0, what="seconds")),
         default=5.0,
         help="seconds to wait for the proxy (default %(default)s)",
     )

@@ -34,16 +34,16 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import aiohttp
 import orjson
 
+from bus.endpoints import DEFAULT_BRIDGE_URL
 from bus.envelope import format_timestamp
 from bus.sequence import SeqStatus, SequenceTracker
-from bus.settings import bad_value
-from monitoring.errors import ToolError
+from bus.settings import argument, bad_value, number, whole_number
 from monitoring.logging import configure_logging, get_logger, redact
-from tradebus.arguments import positive_number, whole_number
+from tradebus.errors import ToolError
 
 HELP = "watch a bridge's WebSocket (or --send test events to it) and summarise what arrived"
 
-DEFAULT_URL: Final = "ws://localhost:8000/ws"
+DEFAULT_URL: Final = DEFAULT_BRIDGE_URL
 DOCKER_URL: Final = "ws://dashboard-backend:8000/ws"
 SEND_CHOICES: Final = (
     "market_data",
@@ -505,7 +505,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--duration",
-        type=positive_number("seconds"),
+        type=argument(number(0, what="seconds")),
         help="seconds to listen (default: until Ctrl-C; 30 with --expect)",
     )
     parser.add_argument(
@@ -521,7 +521,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--expect",
-        type=whole_number(0),
+        type=argument(whole_number(0)),
         help="stop once N live events arrived; exit status 1 if fewer arrived in time "
         "(it is 1 too when the bridge reports an error or closes the connection)",
     )
@@ -530,7 +530,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--repeat",
-        type=whole_number(0),
+        type=argument(whole_number(0)),
         default=1,
         help="with --send, rounds of events (default 1)",
     )

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -22,13 +23,14 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from bridge import config as bridge_config
-from bus import settings
+from bus import proxy_config, settings
 from bus.errors import SettingError
 from bus.keys import PROXY_KEY_NAME, SECRET_SUFFIX, create_key, load_server_keys
-from bus.proxy import DEFAULT_BACKEND, DEFAULT_FRONTEND, DEFAULT_SNAPSHOT, Proxy, ProxyConfig
+from bus.proxy import Proxy, ProxyConfig
 from monitoring.logging import configure_logging, get_logger
-from monitoring.metrics import MetricsServer, ProxyCollector, PublisherCollector
+from monitoring.metrics import MetricsServer, PublisherCollector
 from tradebus.demo import add_demo_arguments, demo_settings, make_publisher, run_demo
+from tradebus.proxy import proxy_collector
 
 HELP = "run proxy + bridge + demo bot in one process and print the dashboard URL"
 
@@ -55,50 +57,33 @@ class RegistryCollector(Collector):
         return self._registry.collect()
 
 
-# flag -> (its variable, its form, its default, help); read as text and parsed in ``run``
-# (settings.resolve_options), so an error names the flag or the variable actually set
-OPTIONS: dict[str, settings.Option] = {
-    "--host": settings.Option(
-        "TRADEBUS__BRIDGE_HOST",
-        settings.Form("an address", str),
-        "127.0.0.1",
-        "address the bridge and metrics listen on",
+# the proxy's and the bridge's settings that ``up`` takes too, with its own help; read as
+# text and parsed in ``run`` (settings.resolve), so an error names the flag or the variable
+SETTINGS: tuple[settings.Setting, ...] = (
+    replace(bridge_config.SETTING["host"], help="address the bridge and metrics listen on"),
+    replace(
+        bridge_config.SETTING["port"],
+        help="the bridge's HTTP/WebSocket port; 0 picks a free one",
     ),
-    "--port": settings.Option(
-        "TRADEBUS__BRIDGE_PORT",
-        bridge_config.field_form("port", "int"),
-        8000,
-        "the bridge's HTTP/WebSocket port; 0 picks a free one",
+    replace(
+        proxy_config.FRONTEND,
+        help="the proxy's publisher endpoint (tcp://127.0.0.1:* = any port)",
     ),
-    "--frontend": settings.Option(
-        "TRADEBUS__PROXY_FRONTEND",
-        settings.endpoint(bind=True),
-        DEFAULT_FRONTEND,
-        "the proxy's publisher endpoint (tcp://127.0.0.1:* = any port)",
-    ),
-    "--backend": settings.Option(
-        "TRADEBUS__PROXY_BACKEND",
-        settings.endpoint(bind=True),
-        DEFAULT_BACKEND,
-        "the proxy's subscriber endpoint",
-    ),
-    "--snapshot": settings.Option(
-        "TRADEBUS__PROXY_SNAPSHOT",
-        settings.endpoint(bind=True),
-        DEFAULT_SNAPSHOT,
-        "the proxy's snapshot endpoint",
-    ),
-    "--metrics-port": settings.Option(
+    replace(proxy_config.BACKEND, help="the proxy's subscriber endpoint"),
+    replace(proxy_config.SNAPSHOT, help="the proxy's snapshot endpoint"),
+    settings.Setting(
+        "metrics_port",
         "TRADEBUS__UP_METRICS_PORT",
-        settings.whole_number(0, 65535, "a port number"),
+        settings.port_number(),
+        "--metrics-port",
         DEFAULT_METRICS_PORT,
         "Prometheus metrics of proxy, bridge and demo bot; 0 picks a free port",
     ),
-}
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    settings.add_options(parser, OPTIONS)
+    settings.add_arguments(parser, SETTINGS)
     parser.add_argument("--no-metrics", action="store_true", help="serve no metrics port")
     parser.add_argument(
         "--keys",
@@ -132,7 +117,7 @@ def _dashboard_url(host: str, port: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     configure_logging()
-    settings.resolve_options(args, OPTIONS, os.environ, SettingError)
+    settings.resolve(args, SETTINGS, os.environ, SettingError)
     return asyncio.run(serve(args))
 
 
@@ -173,14 +158,7 @@ async def serve(args: argparse.Namespace) -> int:
         server = await start_bridge(config)
         cleanups.append(server.close)
         registry = CollectorRegistry()
-        registry.register(
-            ProxyCollector(
-                lambda: proxy.cache.stats,
-                lambda: proxy.gate.stats,
-                lambda: proxy.auth_refused,
-                history=lambda: proxy.history.stats if proxy.history is not None else None,
-            )
-        )
+        registry.register(proxy_collector(proxy))
         registry.register(RegistryCollector(server.bridge.registry))
         dashboard = _dashboard_url(args.host, server.port)
         publisher = None

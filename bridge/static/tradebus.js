@@ -23,8 +23,11 @@ const DEFAULTS = Object.freeze({
 // Characters a WebSocket subprotocol may hold (RFC 6455 / RFC 7230 token).
 const SUBPROTOCOL_SAFE = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 
-// Types whose latest event is their whole state: a resume may fall back to a snapshot.
-const CONFLATABLE = new Set(["market_data", "position_update", "indicator_update"]);
+// BEGIN event types: generated from bus/event_types.py, do not edit
+// Types whose latest event is their whole state: a resume may fall back to a
+// snapshot for them.
+const CONFLATABLE = new Set(["market_data", "position_update"]);
+// END event types
 
 /** True when `pattern` (e.g. "market_data", "*.BTC-USD") matches `topic` (bus rules). */
 export function patternMatches(pattern, topic) {

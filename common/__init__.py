@@ -1,0 +1,1 @@
+"""What every tradebus package shares and that depends on nothing: the root of its errors."""
