@@ -265,33 +265,21 @@ SPECS: Final = (
         Form("a key name: letters, digits, _ . - (the NAME of NAME.key_secret)", _key_name),
         optional=True,
     ),
-    _Spec(
+    Setting(
         "resend_events",
         "SYSTEM__TRADEBUS_RESEND_EVENTS",
-        "a whole number >= 0 (0 = no resending)",
-        int,
-        lambda v: _is_whole(v, 0),
+        whole_number(0, expected="a whole number >= 0 (0 = no resending)"),
     ),
-    _Spec(
+    Setting(
         "resend_bytes",
         "SYSTEM__TRADEBUS_RESEND_BYTES",
-        "a whole number of bytes >= 1",
-        int,
-        lambda v: _is_whole(v, 1),
+        whole_number(1, expected="a whole number of bytes >= 1"),
     ),
-    _Spec(
-        "resend_seconds",
-        "SYSTEM__TRADEBUS_RESEND_SECONDS",
-        "seconds > 0",
-        _number,
-        lambda v: _is_number(v, 0, low_open=True),
-    ),
-    _Spec(
+    Setting("resend_seconds", "SYSTEM__TRADEBUS_RESEND_SECONDS", number(0, expected="seconds > 0")),
+    Setting(
         "resend_settle",
         "SYSTEM__TRADEBUS_RESEND_SETTLE",
-        "seconds >= 0",
-        _number,
-        lambda v: _is_number(v, 0),
+        number(0, above=False, expected="seconds >= 0"),
     ),
 )
 SPEC_BY_FIELD: Final = {setting.field: setting for setting in SPECS}
