@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # toolchain (playwright, mypy, ruff, numpy...: about 420 MB).
 RUN_STAMP := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
-SOURCES := pyproject.toml bus/_wire.c bot_client/_publish.c
+SOURCES := pyproject.toml bus/_wire.c
 # setuptools' generic notices (an editable install; the ext-modules table is "experimental")
 # print as boxed warnings a newcomer takes for a failure; real errors still show
 QUIET_SETUPTOOLS := PYTHONWARNINGS='ignore:Editable installation,ignore:`[tool.setuptools.ext-modules]`'

@@ -1,23 +1,20 @@
 """``Publisher``: hands a trading bot's events to the bus (tcp://, ipc://) or the bridge (ws://).
 
 The call path never waits for the network. ``publish`` validates and encodes the event
-once, in the caller's thread, then either sends it straight to the ZeroMQ socket
-(connected, nothing queued: one non-blocking C call for its three frames, under a lock) or
-puts it in the bounded outbox that the publisher's I/O thread delivers, in order, when the
-connection allows. Anything the outbox must drop is counted by type, logged (rate-limited)
-and shown by ``status()``.
+once, in the caller's thread, stamps it under the lock (seq, timestamp, the payload from
+``bus.envelope``) and hands it to the publisher's ``Delivery`` (bot_client.delivery): to
+the I/O thread of its link while the link is up and nothing is held, otherwise into the
+bounded outbox that the link delivers, in order, when the connection allows. Anything the
+outbox must drop is counted by type, logged (rate-limited) and shown by ``status()``.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import math
-import os
+import functools
 import struct
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -25,93 +22,44 @@ import orjson
 import zmq
 
 from bot_client.core import (
-    CONFLATABLE_TYPES,
-    CRITICAL_TYPES,
     INTERVAL_TYPES,
     SYMBOL_KEYED_TYPES,
     Counters,
-    DropLog,
-    Entry,
     IntervalGate,
-    Outbox,
     SignificanceFilter,
 )
+from bot_client.delivery import Delivery, TopicSlot
 from bot_client.encoding import DUMPS_OPTIONS, dumps_data, event_data, to_json_value, unencodable
 from bot_client.errors import AuthRefusedError, InvalidEventError
-from bot_client.links import Link, ZmqLink, make_link
+from bot_client.links import Link, LinkHost
 from bot_client.settings import PublisherSettings
+from bot_client.ws_link import WebSocketLink
+from bot_client.zmq_link import ZmqLink
 from bus.envelope import (
+    LONGEST_STAMP_AND_SEQ,
     MAX_PAYLOAD_BYTES,
     META_HEADER,
     TIMESTAMP_FIELD,
     WIRE_VERSION,
+    assemble_payload,
     payload_parts,
     timestamp_bytes,
     with_timestamp,
 )
 from bus.errors import TopicError
 from bus.topics import make_topic, validate_key
-from bus.transport import ACCELERATOR_OFF_VARIABLE, libzmq_send_address
 from monitoring.logging import get_logger
 
-DROP_REPORT_SECONDS: Final = 5.0
 AT_EXIT_SECONDS: Final = 2.0
 HEARTBEAT_TOPIC_KEY: Final = "heartbeat"
+# A "websocket.publish_summary" log line this often.
+SUMMARY_SECONDS: Final = 60.0
 _time_ns = time.time_ns
 _timestamp_bytes = timestamp_bytes
+_assemble = assemble_payload
 _dumps = orjson.dumps
-
-
-def _c_path_module() -> Any:
-    """bot_client._publish (bot_client/_publish.c), or None where it was not built."""
-    try:
-        from bot_client import _publish
-    except ImportError:  # built without a C compiler: publish() stays all Python
-        return None
-    return _publish
-
-
-_C_PATH: Final[Any] = _c_path_module()
-C_PATH_BUILT: Final = _C_PATH is not None
-# the data object's own timestamp (added when it has none), then the envelope's field
-_DATA_TIMESTAMP_FIRST: Final = b'"timestamp":"'
-_DATA_END_AND_TIMESTAMP: Final = b'"}' + TIMESTAMP_FIELD
-# what a payload adds to its parts at most: the timestamp and the largest seq with "}"
-_LONGEST_STAMP_AND_SEQ: Final = len(b"2024-01-20T10:30:00.123456Z") + len(b"%d}" % (2**64 - 1))
-# Events on the fast path at most; beyond it the outbox (and its drop policy) takes over.
-FAST_LIMIT: Final = 8192
-# The same for the C hand-off (bot_client/_publish.c), whose sender holds no lock: room for
-# the 5 ms the I/O thread can wait for the interpreter while a caller publishes flat out.
-HANDOFF_LIMIT: Final = 65_536
 # Held market data whose data object is already encoded (validated) at call time.
-_Held = tuple["_Slot", bytes]
-
-
-class _Slot:
-    """Per-topic state: the topic in both forms, its sequence counter and its policies."""
-
-    __slots__ = (
-        "conflatable",
-        "critical",
-        "gated",
-        "head",
-        "seq",
-        "tail",
-        "topic",
-        "topic_bytes",
-        "type_name",
-    )
-
-    def __init__(self, type_name: str, topic: str, gated: bool, source: str, epoch: int) -> None:
-        self.type_name = type_name
-        self.topic = topic
-        self.topic_bytes = topic.encode()
-        self.seq = 0
-        self.critical = type_name in CRITICAL_TYPES
-        self.conflatable = type_name in CONFLATABLE_TYPES
-        self.gated = gated
-        # this topic's payload bytes around the data, timestamp and seq (bus.envelope)
-        self.head, self.tail = payload_parts(type_name, topic, source, epoch)
+_Held = tuple[TopicSlot, bytes]
 
 
 class EventHelpers:
@@ -289,6 +237,8 @@ class Publisher(EventHelpers):
 
     ``Publisher(url="tcp://127.0.0.1:5555", source_id="bot-1")`` takes PublisherSettings
     fields as keywords; ``Publisher.from_env()`` reads the ``SYSTEM__*`` variables.
+    ``caller_sends`` is accepted for compatibility and changes nothing: events always go
+    out through the I/O thread (the hand-off the benchmark favours, docs/performance.md).
     """
 
     def __init__(
@@ -311,15 +261,21 @@ class Publisher(EventHelpers):
         self.source: str = settings.source_id
         self.epoch: int = time.time_ns()
         self._source_bytes = self.source.encode()
-        self._pack_meta = struct.Struct(f"{META_HEADER.format}{len(self._source_bytes)}s").pack
+        # the meta frame of this publisher's events from (seq, publish_ns)
+        self._meta = functools.partial(
+            struct.Struct(f"{META_HEADER.format}{len(self._source_bytes)}s").pack,
+            WIRE_VERSION,
+            0,
+            self.epoch,
+        )
         self._log = get_logger("WebSocket publisher", source=self.source)
-        # the C path's lock where it is built: it takes it without a Python call
-        self._lock: Any = _C_PATH.Lock() if _C_PATH is not None else threading.Lock()
-        self._fast_path: Any = None
+        self.counters = Counters()
+        self._delivery = Delivery(settings.queue_size, self.counters, clock, self._warn_drops)
+        self._lock = self._delivery.lock
+        self._hand_over = self._delivery.hand_over
         # (type, key), (type, symbol) or type -> its topic's slot
-        self._slots: dict[Any, _Slot] = {}
-        self._topics: dict[str, _Slot] = {}
-        self._outbox = Outbox(settings.queue_size)
+        self._slots: dict[Any, TopicSlot] = {}
+        self._topics: dict[str, TopicSlot] = {}
         self._gate: IntervalGate[_Held] | None = (
             IntervalGate(settings.publish_interval) if settings.publish_interval > 0 else None
         )
@@ -328,79 +284,32 @@ class Publisher(EventHelpers):
             if settings.significance_filter > 0
             else None
         )
-        self._drop_log = DropLog(DROP_REPORT_SECONDS)
-        self.counters = Counters()
-        # Events handed to the I/O thread on the fast path: (slot, meta, payload), in order,
-        # used while the link is up and the outbox empty (``_fast_ok``).
-        # (a bot_client._publish.HandOff instead where the C path is built: see
-        # _install_fast_path)
-        self._fast: Any = deque()
-        self._fast_ok = False
-        # no more than the queue size waits in the deque, so what is held stays within
-        # twice it (the C hand-off holds up to HANDOFF_LIMIT in flight: _install_fast_path)
-        self._fast_limit = min(FAST_LIMIT, settings.queue_size)
-        self._io_sleeping = False
-        # ZeroMQ with caller_sends: bus.transport's sender, used under the lock instead
-        # of the hand-off deque (see docs/performance.md for the measured difference)
-        self._caller_send: Any = None
-        self.caller_sends = caller_sends
         self._closed = False
-        self._stopped = False
         self._started = False
+        heartbeat = settings.heartbeat_interval
+        self._heartbeat_interval = heartbeat
+        self._next_heartbeat = float("inf")
+        self._next_summary = float("inf")
         self._link: Link | None = None
-        # resend: every send path on a ZeroMQ socket appends the frames it sent here, for
-        # the link's resend window (bot_client/resend.py); None: resending is off
-        self._sent_log: list[bytes] | None = (
-            [] if settings.transport == "zmq" and settings.resend_events > 0 else None
-        )
         if not settings.enabled:
             self.publish = self._discard  # type: ignore[method-assign]
             if autostart:
                 self.start()
             return
-        self._link = make_link(self, context)
-        self.fast_path = self._install_fast_path()
+        host = LinkHost(
+            settings=settings,
+            source=self.source,
+            epoch=self.epoch,
+            delivery=self._delivery,
+            counters=self.counters,
+            run_timers=self._run_timers,
+            queued=self.queued,
+            log=self._log,
+        )
+        self._link = WebSocketLink(host) if settings.transport == "ws" else ZmqLink(host, context)
+        self._delivery.set_waker(self._link.wake)
         if autostart:
             self.start()
-
-    def _install_fast_path(self) -> bool:
-        """Route publish() through bot_client/_publish.c where it is built and bound.
-
-        The C path does what ``Publisher.publish`` does for the common event and calls it
-        for everything else; with caller_sends it sends on the link's socket itself.
-        """
-        if _C_PATH is None or os.environ.get(ACCELERATOR_OFF_VARIABLE):
-            return False
-        socket = self._link.caller_socket() if self._link is not None else None
-        send_address = libzmq_send_address()
-        if send_address is None and (socket is not None or isinstance(self._link, ZmqLink)):
-            return False
-        if socket is None and isinstance(self._link, ZmqLink):
-            assert send_address is not None
-            self._fast_limit = HANDOFF_LIMIT
-            self._fast = _C_PATH.HandOff(HANDOFF_LIMIT, _Slot, send_address)
-        path = _C_PATH.FastPath(
-            owner=self,
-            slots=self._slots,
-            slot_type=_Slot,
-            lock=self._lock,
-            socket=socket,
-            send_address=send_address or 0,
-            handoff=self._fast if isinstance(self._fast, _C_PATH.HandOff) else None,
-            dumps=_dumps,
-            default=to_json_value,
-            option=DUMPS_OPTIONS,
-            symbol_keyed=SYMBOL_KEYED_TYPES,
-            source=self._source_bytes,
-            epoch=self.epoch,
-            max_payload=MAX_PAYLOAD_BYTES,
-            fallback=Publisher.publish.__get__(self),
-            hand_over=self._hold if socket is not None else self._send_or_hold,
-            sent_log=self._sent_log,  # resend
-        )
-        self._fast_path = path
-        self.publish = path.publish  # type: ignore[method-assign]
-        return True
 
     @classmethod
     def from_env(
@@ -430,6 +339,10 @@ class Publisher(EventHelpers):
                 enable_with="SYSTEM__ENABLE_WEBSOCKET_PUBLISHING=true",
             )
             return
+        now = time.monotonic()
+        interval = self._heartbeat_interval
+        self._next_heartbeat = now + interval if interval > 0 else float("inf")
+        self._next_summary = now + SUMMARY_SECONDS
         self._link.start()
         # a bot that exits without close() still gets its held events out (or counted)
         atexit.register(self._close_at_exit)
@@ -446,11 +359,12 @@ class Publisher(EventHelpers):
     def close(self, timeout: float | None = None) -> None:
         """Deliver what is held for up to ``timeout`` s (default: SYSTEM__WEBSOCKET_TIMEOUT,
         at most 5 s), then stop; what is still undelivered is counted as dropped."""
+        delivery = self._delivery
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._fast_ok = False
+            delivery.close()
             if self._gate is not None:
                 for held in self._gate.release_all():
                     self._emit_held(held)
@@ -460,12 +374,9 @@ class Publisher(EventHelpers):
         atexit.unregister(self._close_at_exit)
         self._link.stop(min(self.settings.timeout, 5.0) if timeout is None else timeout)
         with self._lock:
-            self._stopped = True
-            lost = [_entry(*held) for held in self._fast] + self._outbox.drain()
-            self._fast.clear()
+            lost, report = delivery.stop()
             if self._gate is not None:  # market data published while closing
-                lost += [_entry(slot, b"", b"") for slot, _data in self._gate.release_all()]
-            report = self._drop_log.take(math.inf) or {}
+                lost += [slot.entry(b"", b"") for slot, _data in self._gate.release_all()]
         lost += self._link.abandoned()
         with self._lock:
             counted = self.counters.count_drops(lost)
@@ -528,7 +439,7 @@ class Publisher(EventHelpers):
     def queued(self) -> int:
         held = len(self._gate) if self._gate is not None else 0
         in_flight = self._link.in_flight() if self._link is not None else 0
-        return len(self._fast) + len(self._outbox) + held + in_flight
+        return self._delivery.waiting() + held + in_flight
 
     def status(self) -> dict[str, Any]:
         """connected, sent, queued, dropped (by type), reconnects and the other counters."""
@@ -543,23 +454,16 @@ class Publisher(EventHelpers):
                 **self._figures(),
             }
 
-    def _sent(self) -> int:
-        """Events handed to the transport: the Python paths' count and the C path's (sent
-        from callers, or by the I/O thread from the C hand-off)."""
-        path = self._fast_path
-        sent = self.counters.sent + (path.sent if path is not None else 0)
-        return sent + (0 if isinstance(self._fast, deque) else self._fast.sent)
-
     def _figures(self) -> dict[str, Any]:
         counters = self.counters
         # queued before sent: an event that goes out in between shows in both, never in
-        # neither (the hand-off counts an event sent before it leaves the queue)
+        # neither (the I/O thread counts an event sent before it leaves the hand-off)
         queued = self.queued()
         return {
             "connected": self.connected,
             "published": counters.interval_accepted
             + sum(slot.seq for slot in list(self._topics.values()) if not slot.gated),
-            "sent": self._sent(),
+            "sent": counters.sent,
             "queued": queued,
             "dropped": dict(counters.dropped),
             "dropped_total": sum(counters.dropped.values()),
@@ -604,47 +508,27 @@ class Publisher(EventHelpers):
             data_json = _dumps(data, default=to_json_value, option=DUMPS_OPTIONS)
         except TypeError as error:
             raise unencodable(type_name, error) from None
-        lock = self._lock
-        lock.acquire()
-        try:
+        # after the encoding: a default= callback may have changed the dict
+        data_stamped = "timestamp" in data
+        with self._lock:
             # stamped under the lock: timestamps follow seq order, whichever thread calls
             now_ns = _time_ns()
-            stamp = _timestamp_bytes(now_ns)
             seq = slot.seq + 1
-            # the payload as bus.envelope.encode_payload writes it, from pre-encoded parts
-            if "timestamp" in data:
-                payload = b"".join(
-                    (slot.head, data_json, TIMESTAMP_FIELD, stamp, slot.tail, b"%d}" % seq)
-                )
-            else:
-                payload = b"".join(
-                    (
-                        slot.head,
-                        data_json[:-1],
-                        # from the encoding: a default= callback may have changed the dict
-                        _DATA_TIMESTAMP_FIRST if data_json == b"{}" else TIMESTAMP_FIELD,
-                        stamp,
-                        _DATA_END_AND_TIMESTAMP,
-                        stamp,
-                        slot.tail,
-                        b"%d}" % seq,
-                    )
-                )
+            payload = _assemble(
+                slot.head, data_json, _timestamp_bytes(now_ns), slot.tail, seq, data_stamped
+            )
             if len(payload) > MAX_PAYLOAD_BYTES:
                 raise InvalidEventError(
                     f"event {type_name!r} encodes to {len(payload)} bytes; the bus limit is "
                     f"{MAX_PAYLOAD_BYTES}"
                 )
             slot.seq = seq  # also the count of this topic's published events
-            meta = self._pack_meta(WIRE_VERSION, 0, self.epoch, seq, now_ns, self._source_bytes)
-            self._send_or_hold(slot, meta, payload)
-        finally:
-            lock.release()
+            self._hand_over(slot, self._meta(seq, now_ns, self._source_bytes), payload)
 
     def _discard(self, type_name: str, data: Any, key: str | None = None) -> None:
         """publish() of a disabled publisher: the guide's default, costs nothing."""
 
-    def _new_slot(self, type_name: Any, key: Any, symbol: Any, slot_key: Any) -> _Slot:
+    def _new_slot(self, type_name: Any, key: Any, symbol: Any, slot_key: Any) -> TopicSlot:
         try:
             if key is not None:
                 topic = make_topic(type_name, key)
@@ -661,12 +545,13 @@ class Publisher(EventHelpers):
             slot = self._topics.get(topic)
             if slot is None:
                 gated = self._gate is not None and type_name in INTERVAL_TYPES
-                slot = self._topics[topic] = _Slot(type_name, topic, gated, self.source, self.epoch)
+                head, tail = payload_parts(type_name, topic, self.source, self.epoch)
+                slot = self._topics[topic] = TopicSlot(type_name, topic, gated, head, tail)
             with contextlib.suppress(TypeError):
                 self._slots[slot_key] = slot
             return slot
 
-    def _publish_gated(self, slot: _Slot, data: dict[Any, Any]) -> None:
+    def _publish_gated(self, slot: TopicSlot, data: dict[Any, Any]) -> None:
         """Market data: significance filter, then at most one per symbol per interval."""
         gate = self._gate
         assert gate is not None
@@ -676,16 +561,17 @@ class Publisher(EventHelpers):
             data_json = with_timestamp(data_json, _timestamp_bytes(_time_ns()))
         # the payload it becomes, with the longest timestamp and seq, must fit the bus
         parts = len(slot.head) + len(data_json) + len(TIMESTAMP_FIELD) + len(slot.tail)
-        largest = parts + _LONGEST_STAMP_AND_SEQ
+        largest = parts + LONGEST_STAMP_AND_SEQ
         if largest > MAX_PAYLOAD_BYTES:
             raise InvalidEventError(
                 f"event {slot.type_name!r} encodes to up to {largest} bytes; the bus limit is "
                 f"{MAX_PAYLOAD_BYTES}"
             )
         now = self._clock()
+        delivery = self._delivery
         with self._lock:
-            if self._stopped:  # nothing would ever release it
-                self._dropped(slot.type_name)
+            if delivery.stopped:  # nothing would ever release it
+                delivery.drop(slot.type_name)
                 return
             if self._filter is not None and not self._filter.significant(
                 slot.topic, data.get("price")
@@ -703,74 +589,14 @@ class Publisher(EventHelpers):
             self._link.wake()
 
     def _emit_held(self, held: _Held) -> None:
-        """Build and send (or queue) an event whose data was encoded earlier. Lock held."""
+        """Stamp and hand over an event whose data was encoded (and stamped) earlier. Lock
+        held."""
         slot, data_json = held
         now_ns = _time_ns()
         seq = slot.seq + 1
         slot.seq = seq
-        payload = b"".join(
-            (
-                slot.head,
-                data_json,
-                TIMESTAMP_FIELD,
-                _timestamp_bytes(now_ns),
-                slot.tail,
-                b"%d}" % seq,
-            )
-        )
-        meta = self._pack_meta(WIRE_VERSION, 0, self.epoch, seq, now_ns, self._source_bytes)
-        self._send_or_hold(slot, meta, payload)
-
-    def _send_or_hold(self, slot: _Slot, meta: bytes, payload: bytes) -> None:
-        """Send now (caller_sends), hand to the I/O thread, or queue in the outbox. Lock held.
-
-        The fast ways are open only while nothing waits in the outbox, so order is kept.
-        """
-        if self._fast_ok:
-            caller_send = self._caller_send
-            if caller_send is not None:
-                if caller_send(slot.topic_bytes, meta, payload):
-                    self.counters.sent += 1
-                    if self._sent_log is not None:  # resend
-                        self._sent_log += (slot.topic_bytes, meta, payload)
-                    return
-            elif len(self._fast) < self._fast_limit:
-                self._fast.append((slot, meta, payload))
-                if self._io_sleeping:
-                    self._io_sleeping = False
-                    self._wake()
-                return
-        self._hold(slot, meta, payload)
-
-    def _hold(self, slot: _Slot, meta: bytes, payload: bytes) -> None:
-        """Queue an event in the outbox and close the fast ways until it is empty, so that
-        order is kept (also the C path's way when a caller's own send fails). Lock held."""
-        self._fast_ok = False
-        self._enqueue(_entry(slot, meta, payload))
-
-    def _wake(self) -> None:
-        if self._link is not None:
-            self._link.wake()
-
-    def _enqueue(self, entry: Entry) -> None:
-        """Put an encoded event in the outbox, counting what overflow drops. Lock held."""
-        if self._stopped:
-            self._dropped(entry.type_name)
-            return
-        was_empty = not self._outbox
-        dropped = self._outbox.push(entry)
-        if dropped is not None:
-            self._dropped(dropped.type_name)
-        if was_empty:
-            self._wake()
-
-    def _dropped(self, type_name: str) -> None:
-        """Count one lost event of ``type_name`` and report it (rate-limited). Lock held."""
-        counters = self.counters
-        counters.dropped[type_name] = counters.dropped.get(type_name, 0) + 1
-        report = self._drop_log.record(type_name, self._clock())
-        if report is not None:
-            self._warn_drops(report)
+        payload = _assemble(slot.head, data_json, _timestamp_bytes(now_ns), slot.tail, seq, True)
+        self._hand_over(slot, self._meta(seq, now_ns, self._source_bytes), payload)
 
     def _warn_drops(self, report: dict[str, int]) -> None:
         self._log.warning(
@@ -783,19 +609,30 @@ class Publisher(EventHelpers):
         )
 
     # -- for the I/O thread -----------------------------------------------------------------
-    def _tick(self, now: float) -> float | None:
-        """Release due market data and overdue drop reports; returns the next due time."""
-        report = None
+    def _run_timers(self, now: float, connected: bool) -> float:
+        """Release due market data, then drop reports, heartbeat and summary when due;
+        returns the next time anything is due (the link's thread calls it)."""
         with self._lock:
             if self._gate is not None:
                 for held in self._gate.due(now):
                     self._emit_held(held)
-            if self._drop_log.due(now):
-                report = self._drop_log.take(now)
+            report = self._delivery.due_report(now)
             next_due = self._gate.next_due() if self._gate is not None else None
         if report:
             self._warn_drops(report)
-        return next_due
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + self._heartbeat_interval
+            if connected and not self._closed:
+                self._heartbeat()
+        if now >= self._next_summary:
+            self._next_summary = now + SUMMARY_SECONDS
+            self._log.info(
+                "websocket.publish_summary", message="WebSocket publish summary", **self._figures()
+            )
+        candidates = [self._next_heartbeat, self._next_summary]
+        if next_due is not None:
+            candidates.append(next_due)
+        return min(candidates)
 
     def _heartbeat(self) -> None:
         self.counters.heartbeats += 1
@@ -807,28 +644,13 @@ class Publisher(EventHelpers):
                 "errors": [],
                 "heartbeat": True,
                 "publisher": {
-                    "sent": self._sent(),
+                    "sent": self.counters.sent,
                     "queued": self.queued(),
                     "dropped": sum(self.counters.dropped.values()),
                 },
             },
             HEARTBEAT_TOPIC_KEY,
         )
-
-    def _summary(self) -> None:
-        self._log.info(
-            "websocket.publish_summary", message="WebSocket publish summary", **self._figures()
-        )
-
-
-def _entry(slot: _Slot, meta: bytes, payload: bytes) -> Entry:
-    return Entry(
-        slot.type_name,
-        slot.topic,
-        slot.critical,
-        slot.conflatable,
-        (slot.topic_bytes, meta, payload),
-    )
 
 
 def _is_bus_url(url: str) -> bool:

@@ -1,11 +1,11 @@
 """The ZeroMQ link's resend hooks: bot_client/resend.py's state, fed and counted.
 
-The link's I/O thread calls these at a few points (bot_client/links.py, ZmqLink: marked
-``resend:``): what was sent is collected from the publisher's sent log (every send path
-appends to it, the C ones too), a monitor "disconnected" puts the window in doubt, the
+The link's I/O thread calls these at a few points (bot_client/zmq_link.py, ZmqLink: marked
+``resend``): what was sent is collected from the delivery's sent log (``Delivery.drain``
+appends every event it sends), a monitor "disconnected" puts the window in doubt, the
 proxy's subscriptions are watched, and before anything else is sent the in-doubt events
 go again. Losses it cannot repair are counted where every other drop is (status(),
-metrics) and logged as ``websocket.publish_unresendable``.
+metrics) and logged as ``bus.publish_unresendable``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from bot_client.core import CONFLATABLE_TYPES, CRITICAL_TYPES, Entry
 from bot_client.resend import Resend, ResendWindow, Send, SubscriptionWatch, type_of
 
 if TYPE_CHECKING:
-    from bot_client.publisher import Publisher
+    from bot_client.links import LinkHost
 
 # In-doubt events sent in one go before the link looks at its state and timers again.
 RESEND_BATCH: Final = 1024
@@ -25,10 +25,11 @@ RESEND_BATCH: Final = 1024
 class ZmqResend:
     """One ZmqLink's resend state; used by the link's I/O thread only."""
 
-    def __init__(self, publisher: Publisher, sent_log: list[bytes]) -> None:
-        settings = publisher.settings
-        self.publisher = publisher
-        self._sent_log = sent_log
+    def __init__(self, host: LinkHost) -> None:
+        settings = host.settings
+        self.host = host
+        self._sent_log: list[bytes] = []
+        host.delivery.sent_log = self._sent_log
         self.state = Resend(
             ResendWindow(settings.resend_events, settings.resend_bytes, settings.resend_seconds),
             SubscriptionWatch(settings.resend_settle),
@@ -36,19 +37,17 @@ class ZmqResend:
         self._resent = 0  # since the last loss
 
     @classmethod
-    def of(cls, publisher: Publisher) -> ZmqResend | None:
-        """The hooks for ``publisher``, or None when its resend window is off."""
-        log = publisher._sent_log
-        return None if log is None else cls(publisher, log)
+    def of(cls, host: LinkHost) -> ZmqResend | None:
+        """The hooks for a link of ``host``, or None when its resend window is off."""
+        return cls(host) if host.settings.resend_events > 0 else None
 
     def collect(self, now: float) -> None:
-        """Take what the send paths logged since the last call. Not under the lock."""
+        """Take what was sent since the last call (the log is this thread's own)."""
         log = self._sent_log
         if not log:
             return
-        with self.publisher._lock:  # callers append under it (caller_sends)
-            frames = log[:]
-            del log[:]
+        frames = log[:]
+        del log[:]
         self.state.sent(frames, now)
 
     def lost(self, now: float) -> None:
@@ -56,35 +55,35 @@ class ZmqResend:
         self.collect(now)
         unresendable = self.state.lost(now)
         self._resent = 0
-        publisher = self.publisher
+        host = self.host
         if unresendable:
-            with publisher._lock:
-                dropped = publisher.counters.dropped
+            with host.delivery.lock:  # status() reads the counters under it
+                dropped = host.counters.dropped
                 for type_name, count in unresendable.items():
                     dropped[type_name] = dropped.get(type_name, 0) + count
-            publisher._log.warning(
-                "websocket.publish_unresendable",
-                message="WebSocket publisher lost the bus; events sent shortly before "
+            host.log.warning(
+                "bus.publish_unresendable",
+                message="bus publisher lost the bus; events sent shortly before "
                 "could not be kept for sending again and are counted as dropped",
                 dropped=unresendable,
-                window_events=publisher.settings.resend_events,
-                window_bytes=publisher.settings.resend_bytes,
+                window_events=host.settings.resend_events,
+                window_bytes=host.settings.resend_bytes,
             )
         in_doubt = self.state.in_doubt
         if in_doubt:
-            publisher._log.info(
-                "websocket.publish_in_doubt",
-                message="WebSocket publisher lost the bus; recently sent events will be "
+            host.log.info(
+                "bus.publish_in_doubt",
+                message="bus publisher lost the bus; recently sent events will be "
                 "sent again when it is back",
                 in_doubt=in_doubt,
             )
 
     def reconnected(self, now: float) -> None:
-        """The link is connected again (may run under the publisher's lock)."""
+        """The link is connected again."""
         self.state.reconnected(now)
 
     def observe(self, message: bytes) -> None:
-        """A subscription message the proxy forwarded (may run under the lock)."""
+        """A subscription message the proxy forwarded."""
         self.state.watch.observe(message)
 
     def drain(self, send: Send, now: float) -> tuple[int, bool, bool]:
@@ -98,11 +97,11 @@ class ZmqResend:
         sent, blocked = state.resend(send, now, RESEND_BATCH)
         if sent:
             self._resent += sent
-            self.publisher.counters.resent += sent
+            self.host.counters.resent += sent
         if not state.in_doubt and self._resent:
-            self.publisher._log.info(
-                "websocket.publish_resent",
-                message="WebSocket publisher sent again the events in doubt after losing the bus",
+            self.host.log.info(
+                "bus.publish_resent",
+                message="bus publisher sent again the events in doubt after losing the bus",
                 resent=self._resent,
             )
             self._resent = 0

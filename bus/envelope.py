@@ -128,10 +128,12 @@ def format_timestamp(ns: int) -> str:
     return timestamp_bytes(ns).decode()
 
 
-# Payloads built from pre-encoded parts, for publishers: byte for byte what
-# encode_payload gives (tested), without building and encoding the envelope dict per event:
+# Payloads are built from pre-encoded parts, here only (publishers build one per event, so
+# the envelope is not a dict encoded per event):
 #   head + data JSON + TIMESTAMP_FIELD + timestamp + tail + seq + b"}"
 TIMESTAMP_FIELD: Final = b',"timestamp":"'
+# the longest timestamp and seq with its "}": what a payload adds to its parts at most
+LONGEST_STAMP_AND_SEQ: Final = len(b"2024-01-20T10:30:00.123456Z") + len(b"%d}" % (2**64 - 1))
 
 
 def payload_parts(type_name: str, topic: str, source: str, epoch: int) -> tuple[bytes, bytes]:
@@ -145,11 +147,42 @@ def payload_parts(type_name: str, topic: str, source: str, epoch: int) -> tuple[
     return head, tail
 
 
+# a timestamp added to a data object: as its only field, or after the others
+_FIRST_FIELD: Final = b'"timestamp":"'
+_END_OF_STAMP: Final = b'"}'
+
+
+def _timestamp_opening(data_json: bytes) -> bytes:
+    return _FIRST_FIELD if data_json == b"{}" else TIMESTAMP_FIELD
+
+
 def with_timestamp(data_json: bytes, stamp: bytes) -> bytes:
     """A JSON object's bytes with ``"timestamp": stamp`` added as its last field."""
-    if data_json == b"{}":
-        return b'{"timestamp":"%s"}' % stamp
-    return b'%s%s%s"}' % (data_json[:-1], TIMESTAMP_FIELD, stamp)
+    return b"".join((data_json[:-1], _timestamp_opening(data_json), stamp, _END_OF_STAMP))
+
+
+def assemble_payload(
+    head: bytes, data_json: bytes, stamp: bytes, tail: bytes, seq: int, data_stamped: bool
+) -> bytes:
+    """One payload from its parts (``payload_parts``), the encoded data object, the
+    timestamp text (JSON-escaped, without quotes) and the seq. ``data_stamped``: the data
+    has its own ``timestamp``; otherwise ``stamp`` is added to it (``with_timestamp``, in
+    the same join: this runs for every event), as the guide's bot did."""
+    if data_stamped:
+        return b"".join((head, data_json, TIMESTAMP_FIELD, stamp, tail, b"%d}" % seq))
+    return b"".join(
+        (
+            head,
+            data_json[:-1],
+            _timestamp_opening(data_json),
+            stamp,
+            _END_OF_STAMP,
+            TIMESTAMP_FIELD,
+            stamp,
+            tail,
+            b"%d}" % seq,
+        )
+    )
 
 
 def encode_payload(
@@ -165,26 +198,18 @@ def encode_payload(
 ) -> bytes:
     """The payload JSON, field order fixed: type, data, timestamp, topic, source, epoch, seq.
 
-    ``option`` lets publishers add orjson options (numpy, datetime handling) to the encoding.
+    ``option`` lets publishers add orjson options (numpy, datetime handling) to the data's
+    encoding. The data is taken as it is (no timestamp is added to it).
     """
     try:
-        return orjson.dumps(
-            {
-                "type": type_name,
-                "data": data,
-                "timestamp": timestamp,
-                "topic": topic,
-                "source": source,
-                "epoch": epoch,
-                "seq": seq,
-            },
-            default=default,
-            option=option,
-        )
+        data_json = orjson.dumps(data, default=default, option=option)
     except TypeError as error:
         raise EnvelopeError(
             f"event data of type {type_name!r} is not JSON-encodable: {error}"
         ) from None
+    head, tail = payload_parts(type_name, topic, source, epoch)
+    stamp = orjson.dumps(timestamp)[1:-1]
+    return assemble_payload(head, data_json, stamp, tail, seq, data_stamped=True)
 
 
 def encode_event(

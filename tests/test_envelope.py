@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from bus.envelope import (
     META_HEADER_SIZE,
-    TIMESTAMP_FIELD,
     Event,
+    assemble_payload,
     decode_event,
     decode_meta,
     encode_event,
@@ -137,8 +137,7 @@ def test_payload_parts_rebuild_encode_payload(
     data_object = {"value": data}
     head, tail = payload_parts("custom", "custom.k", source, epoch)
     stamp = b"2024-01-20T10:30:00.123456Z"
-    data_json = with_timestamp(orjson.dumps(data_object), stamp)
-    built = b"".join((head, data_json, TIMESTAMP_FIELD, stamp, tail, b"%d}" % seq))
+    built = assemble_payload(head, orjson.dumps(data_object), stamp, tail, seq, False)
     expected = encode_payload(
         "custom",
         {**data_object, "timestamp": stamp.decode()},
@@ -150,6 +149,31 @@ def test_payload_parts_rebuild_encode_payload(
     )
     assert built == expected
     assert with_timestamp(b"{}", stamp) == b'{"timestamp":"2024-01-20T10:30:00.123456Z"}'
+    assert assemble_payload(head, b"{}", stamp, tail, seq, False) == encode_payload(
+        "custom", {"timestamp": stamp.decode()}, stamp.decode(), "custom.k", source, epoch, seq
+    )
+    # the envelope built from parts equals the envelope encoded as one JSON object, whatever
+    # the timestamp text holds (quotes, backslashes, control characters escape alike)
+    for text in ("2024-01-20T10:30:00Z", 'quote " backslash \\ \n é'):
+        assert encode_payload(
+            "custom", data_object, text, "custom.k", source, epoch, seq
+        ) == orjson.dumps(
+            {
+                "type": "custom",
+                "data": data_object,
+                "timestamp": text,
+                "topic": "custom.k",
+                "source": source,
+                "epoch": epoch,
+                "seq": seq,
+            },
+            option=orjson.OPT_NON_STR_KEYS,
+        )
+    # data with its own timestamp is taken as it is
+    stamped = orjson.dumps({"timestamp": "earlier", **data_object})
+    assert assemble_payload(head, stamped, stamp, tail, seq, True) == encode_payload(
+        "custom", orjson.loads(stamped), stamp.decode(), "custom.k", source, epoch, seq
+    )
 
 
 def test_unencodable_data_is_an_envelope_error() -> None:

@@ -214,7 +214,7 @@ def test_a_refused_publisher_says_so_once_counts_it_and_sends_nothing(
         finally:
             publisher.close(0.1)
     assert publisher.status()["auth_refusals"] >= 1
-    refusals = [entry for entry in logs if entry["event"] == "websocket.publisher_refused"]
+    refusals = [entry for entry in logs if entry["event"] == "bus.publisher_refused"]
     assert len(refusals) == 1
     assert refusals[0]["key"] == "stranger"
     assert not bus.xsub.poll(0)

@@ -1,63 +1,26 @@
-"""bot_client/_publish.c on its own: its lock, its hand-off ring (on real sockets), its clock
-text, and a publisher driven flat out through it. End-to-end equality with the Python
-publish() is in test_bot_client_bus.py (the ``publish_path`` fixture)."""
+"""The publish path's delivery: ``bot_client.delivery.Delivery`` on real sockets (order,
+a full pipe, holding while the link is down, waking the I/O thread), and a publisher
+driven flat out and with hostile keys."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import zmq
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from bot_client import Publisher
-from bot_client._publish import FastPath, HandOff, Lock
-from bot_client.publisher import _Slot
-from bus.envelope import timestamp_bytes
+from bot_client.core import Counters
+from bot_client.delivery import Delivery, TopicSlot
+from bus.envelope import payload_parts
 from bus.proxy import Proxy
 from bus.subscriber import Gap
-from bus.transport import libzmq_send_address
+from bus.transport import sender
 from tests.conftest import scaled, synced_subscriber
 
 Context = zmq.Context[zmq.Socket[bytes]]
-LAST_INT64_NS = 2**63 - 1
-
-
-def send_address() -> int:
-    address = libzmq_send_address()
-    assert address is not None, "the C accelerator is not bound (bus.transport.ACCELERATED)"
-    return address
-
-
-def test_lock_excludes_other_threads() -> None:
-    lock = Lock()
-    assert lock.acquire() is True
-    assert lock.locked()
-    lock.release()
-    assert not lock.locked()
-    with pytest.raises(RuntimeError, match="release unlocked lock"):
-        lock.release()
-    with pytest.raises(TypeError, match="takes no arguments"):
-        Lock(1)  # type: ignore[call-arg]
-    total = [0]
-
-    def work() -> None:
-        for _ in range(300):
-            with lock:
-                value = total[0]
-                time.sleep(0)  # lets the other threads run inside the critical section
-                total[0] = value + 1
-
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(scaled(20))
-    assert total[0] == 1200
 
 
 @pytest.fixture
@@ -85,84 +48,89 @@ def receive_all(sub: zmq.Socket[bytes]) -> list[list[bytes]]:
     return messages
 
 
-def test_handoff_sends_in_order_and_waits_on_a_full_pipe(
+def open_delivery(queue_size: int = 100) -> tuple[Delivery, Counters]:
+    """A Delivery whose hand-off is open (an empty drain opens it, as a link's does)."""
+    counters = Counters()
+    delivery = Delivery(queue_size, counters, time.monotonic, lambda _report: None)
+    assert delivery.drain(lambda *_frames: True) == (0, False)
+    return delivery, counters
+
+
+def slot(topic: str) -> TopicSlot:
+    head, tail = payload_parts("custom", topic, "src", 1)
+    return TopicSlot("custom", topic, False, head, tail)
+
+
+def test_delivery_sends_in_order_and_waits_on_a_full_pipe(
     pipe: tuple[zmq.Socket[bytes], zmq.Socket[bytes]],
 ) -> None:
     xpub, sub = pipe
-    handoff = HandOff(100, _Slot, send_address())
-    slot = _Slot("custom", "custom.k", False, "src", 1)
-    for n in range(30):
-        handoff.append((slot, b"meta%d" % n, b"payload%d" % n))
-    assert len(handoff) == 30
-    assert [meta for _slot, meta, _payload in handoff][:2] == [b"meta0", b"meta1"]
-    assert handoff.drain(xpub, 3) == (3, False)
-    sent, blocked = handoff.drain(xpub, 100)
+    send = sender(xpub)
+    delivery, counters = open_delivery()
+    custom = slot("custom.k")
+    with delivery.lock:
+        for n in range(30):
+            delivery.hand_over(custom, b"meta%d" % n, b"payload%d" % n)
+    assert (delivery.waiting(), delivery.held()) == (30, 0)  # all handed over, none held
+    sent, blocked = delivery.drain(send)
     assert blocked, "the pipe holds a few messages only"
-    assert len(handoff) == 27 - sent
+    assert delivery.waiting() == 30 - sent
     received: list[list[bytes]] = []
     deadline = time.monotonic() + scaled(5)
     while len(received) < 30:
         assert time.monotonic() < deadline, f"received {len(received)} of 30"
         received += receive_all(sub)
-        handoff.drain(xpub, 100)
+        delivery.drain(send)
     assert received == [[b"custom.k", b"meta%d" % n, b"payload%d" % n] for n in range(30)]
-    assert len(handoff) == 0
-    xpub.close(linger=0)
-    handoff.append((slot, b"m", b"p"))
-    assert handoff.drain(xpub, 100) == (0, True)  # closed: nothing goes, nothing is lost
-    assert len(handoff) == 1
-    handoff.clear()
-    assert len(handoff) == 0
+    assert (delivery.waiting(), counters.sent) == (0, 30)
 
 
-def test_handoff_ring_wraps_and_refuses_beyond_its_limit(
+def test_delivery_holds_while_shut_and_sends_the_held_first(
     pipe: tuple[zmq.Socket[bytes], zmq.Socket[bytes]],
 ) -> None:
     xpub, sub = pipe
-    handoff = HandOff(3, _Slot, send_address())
-    slot = _Slot("custom", "custom", False, "src", 1)
+    delivery, counters = open_delivery()
+    custom = slot("custom")
+    with delivery.lock:
+        delivery.hand_over(custom, b"m", b"0")
+    delivery.shut()  # the link went down: what comes now is held, in order
+    with delivery.lock:
+        delivery.hand_over(custom, b"m", b"1")
+        delivery.hand_over(custom, b"m", b"2")
+    assert (delivery.waiting(), delivery.held()) == (3, 2)
     received: list[list[bytes]] = []
-    for round_ in range(20):  # the ring's 4 places are reused again and again
-        for n in range(3):
-            handoff.append((slot, b"%d" % round_, b"%d" % n))
-        with pytest.raises(BufferError, match="full"):
-            handoff.append((slot, b"x", b"x"))
-        while len(handoff):
-            handoff.drain(xpub, 100)
-            received += receive_all(sub)
-    received += receive_all(sub)
-    expected = [[b"custom", b"%d" % r, b"%d" % n] for r in range(20) for n in range(3)]
-    assert received == expected
-    with pytest.raises(TypeError, match="slot, meta, payload"):
-        handoff.append((slot, "text", b"p"))  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="slot, meta, payload"):
-        handoff.append(("not a slot", b"m", b"p"))  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="limit"):
-        HandOff(0, _Slot, send_address())
+    deadline = time.monotonic() + scaled(5)
+    while len(received) < 3:
+        assert time.monotonic() < deadline, f"received {len(received)} of 3"
+        delivery.drain(sender(xpub))
+        received += receive_all(sub)
+    assert [payload for _topic, _meta, payload in received] == [b"0", b"1", b"2"]
+    with delivery.lock:  # the outbox is empty again: the hand-off reopened
+        delivery.hand_over(custom, b"m", b"3")
+    assert (delivery.waiting(), delivery.held()) == (1, 0)
+    with delivery.lock:
+        delivery.close()
+        delivery.hand_over(custom, b"m", b"4")
+        lost, _report = delivery.stop()
+        delivery.hand_over(custom, b"m", b"5")  # after stop: dropped, counted
+    assert [entry.frames[2] for entry in lost] == [b"3", b"4"]
+    assert counters.dropped == {"custom": 1}
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.integers(min_value=0, max_value=LAST_INT64_NS), min_size=1, max_size=5))
-def test_c_timestamps_equal_the_envelope_text(stamps_ns: list[int]) -> None:
-    publisher = Publisher(url="ipc:///nonexistent/tradebus-test.sock", autostart=False)
-    try:
-        assert publisher.fast_path
-        path = publisher._fast_path
-        # in order and out of order: the per-millisecond text cache must follow
-        for ns in [*stamps_ns, *sorted(stamps_ns), stamps_ns[0] + 1]:
-            if ns <= LAST_INT64_NS:
-                assert path.timestamp(ns) == timestamp_bytes(ns)
-        with pytest.raises(ValueError, match="1970 or later"):
-            path.timestamp(-1)
-    finally:
-        publisher.close(timeout=0)
+def test_a_handed_over_event_wakes_a_dozing_io_thread() -> None:
+    delivery, _counters = open_delivery()
+    wakes: list[int] = []
+    delivery.set_waker(lambda: wakes.append(1))
+    assert delivery.doze()  # nothing handed over: it may sleep
+    with delivery.lock:
+        delivery.hand_over(slot("custom"), b"m", b"p")
+        delivery.hand_over(slot("custom"), b"m", b"p")
+    assert wakes == [1]  # once: the flag is down after the first
+    assert not delivery.doze()  # events wait: it must not sleep
+    delivery.awake()
 
 
-def test_fast_path_refuses_misuse_and_survives_hostile_keys(
-    proxy: Proxy, zmq_context: Context
-) -> None:
-    with pytest.raises(RuntimeError, match="not initialised"):
-        FastPath.__new__(FastPath).publish("custom", {})
+def test_publish_survives_hostile_keys(proxy: Proxy, zmq_context: Context) -> None:
     with (
         synced_subscriber(proxy, zmq_context, ["trading_loop"]) as sub,
         Publisher(
@@ -173,8 +141,6 @@ def test_fast_path_refuses_misuse_and_survives_hostile_keys(
             context=zmq_context,
         ) as publisher,
     ):
-        with pytest.raises(TypeError, match="already initialised"):
-            publisher._fast_path.__init__()
         publisher.publish("trading_loop", {"symbol": "BTC-USD", "n": 0})
 
         class Symbol:
@@ -221,8 +187,6 @@ def test_flat_out_publishing_arrives_whole_and_in_order(
             context=zmq_context,
         ) as publisher,
     ):
-        assert publisher.fast_path
-        assert isinstance(publisher._fast, HandOff)  # the I/O thread sends, lock- and GIL-free
         deadline = time.monotonic() + scaled(5)
         while not publisher.connected:
             assert time.monotonic() < deadline

@@ -1,5 +1,5 @@
 """The publisher's resend window and its state after a lost proxy (bot_client/resend.py),
-with plain values and clocks; and every ZeroMQ send path recording into it, on a real proxy."""
+with plain values and clocks; and what the ZeroMQ link sends recorded into it, on a real proxy."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from bot_client.errors import SettingsError
 from bot_client.resend import Resend, ResendWindow, SubscriptionWatch
 from bot_client.settings import PublisherSettings
 from bus.proxy import Proxy
-from bus.transport import ACCELERATOR_OFF_VARIABLE
 from tests.conftest import scaled
 
 pytestmark = pytest.mark.timeout(30)
@@ -260,34 +259,25 @@ def test_settings_from_the_environment() -> None:
 def test_off_with_zero_events(proxy: Proxy, zmq_context: zmq.Context[zmq.Socket[bytes]]) -> None:
     publisher = Publisher(url=proxy.frontend_endpoint, context=zmq_context, resend_events=0)
     try:
-        assert publisher._sent_log is None
+        link: Any = publisher._link
+        assert link._resend is None
     finally:
         publisher.close(timeout=1)
 
 
-@pytest.fixture(params=["c", "python"])
-def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "python":
-        monkeypatch.setenv(ACCELERATOR_OFF_VARIABLE, "1")
-    return request.param
-
-
-@pytest.mark.parametrize("caller_sends", [False, True])
-def test_every_send_path_records_what_it_sent_in_order(
-    proxy: Proxy, zmq_context: zmq.Context[zmq.Socket[bytes]], path: str, caller_sends: bool
+def test_every_event_sent_is_recorded_once_in_order(
+    proxy: Proxy, zmq_context: zmq.Context[zmq.Socket[bytes]]
 ) -> None:
-    """Two threads publishing flat out (the C hand-off is pushed to while it drains), and
-    the outbox used while disconnected: the window gets every event sent, once, in order."""
+    """Two threads publishing flat out through the hand-off, and the outbox used before the
+    connection: the window gets every event sent, once, in order."""
     publisher = Publisher(
         url=proxy.frontend_endpoint,
         context=zmq_context,
         heartbeat_interval=0,
         publish_interval=0,
         queue_size=50_000,
-        caller_sends=caller_sends,
     )
     try:
-        assert publisher.fast_path == (path == "c")
         publisher.publish("custom_event", {"n": -1}, "outbox")  # before the connection
         deadline = time.monotonic() + scaled(10)
         while not publisher.connected:
