@@ -7,9 +7,10 @@ while only the first bridge is up, so all are on it; then the second bridge star
 first is SIGKILLed, the bot publishes 100 events of the clients' topic, and the clients
 reconnect through HAProxy to the second bridge, which never saw those events: each resume
 is answered from the proxy's history. Reported: seconds from the reconnects' start to the
-last client's resume, how many said recovered:true, and that each client got its 100
-events exactly once. The clients run in this one Python process (about 100,000 frames to
-parse), so the figure includes their cost too.
+last client's resume, how many said recovered:true, that each client got its 100
+events exactly once, and how many history requests the second bridge sent the proxy
+(resumes asking the same share one). The clients run in this one Python process (about
+100,000 frames to parse), so the figure includes their cost too.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import websockets
 
@@ -84,6 +86,20 @@ async def until(condition: Any, what: str, within: float) -> None:
         await asyncio.sleep(0.05)
 
 
+async def metric_values(url: str, names: tuple[str, ...]) -> dict[str, str]:
+    """The bridge counters ``names`` (without the tradebus_bridge_ prefix); "n/a" for one a
+    bridge does not have (one older than the counter)."""
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        text = await response.text()
+    found = dict.fromkeys(names, "n/a")
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        short = name.removeprefix("tradebus_bridge_")
+        if short in found:
+            found[short] = str(int(float(value)))
+    return found
+
+
 async def measure(clients_wanted: int, directory: Path) -> None:
     stack = Stack(directory)
     bot: Bot | None = None
@@ -124,13 +140,19 @@ async def measure(clients_wanted: int, directory: Path) -> None:
         last = max(c.resumes[-1][1] for c in clients)
         recovered = sum(1 for c in clients if c.resumes[-1][0])
         exact = sum(1 for c in clients if c.received == list(range(1, MISSED + 2)))
+        asked = await metric_values(
+            f"http://127.0.0.1:{stack.bridge_ports[1]}/metrics",
+            ("history_requests_total", "resumes_from_bus_total"),
+        )
         print(
             f"{clients_wanted} clients, {MISSED} missed events each, bridge SIGKILLed: "
             f"last resume {last - reconnect_at:.2f} s after the reconnects began "
             f"({last - killed_at:.2f} s after the kill, which includes {MISSED} events "
             f"published and 0.5 s for the proxy to hold them); recovered:true "
             f"{recovered}/{clients_wanted}; every missed event exactly once: "
-            f"{exact}/{clients_wanted}",
+            f"{exact}/{clients_wanted}; the second bridge sent "
+            f"{asked['history_requests_total']} history requests to the proxy, "
+            f"{asked['resumes_from_bus_total']} resumes waited for one",
             flush=True,
         )
     finally:

@@ -12,33 +12,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
-import zmq
-import zmq.asyncio
 from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from zmq.utils.monitor import parse_monitor_message
 
-from bridge.admission import (
-    HostPolicy,
-    SourceRefused,
-    exposure_warning,
-    origin_allowed,
-    publish_rights,
-)
-from bridge.auth import Authenticator, token_from_request
+from bridge.admission import HostPolicy, exposure_warning
+from bridge.auth import Authenticator
+from bridge.bus_health import BusHealth
+from bridge.bus_link import BusLink, cancel_and_wait
+from bridge.client import Client, SlowConsumerError
 from bridge.config import BridgeConfig
 from bridge.edge import EdgeGuard, edge_of
-from bridge.errors import AuthError, ConfigError
-from bridge.hub import Client, Hub, SlowConsumerError
+from bridge.errors import ConfigError
+from bridge.handshake import Admission
+from bridge.hub import Hub
 from bridge.limits import TokenBucket
-from bridge.metrics import BridgeCollector
+from bridge.metrics import BridgeCollector, BridgeView
 from bridge.protocol import (
     Ignore,
     Ping,
@@ -49,24 +43,11 @@ from bridge.protocol import (
     parse_request,
 )
 from bridge.rfc6455 import CLOSE_PROTOCOL_ERROR, CLOSE_UNSUPPORTED_DATA, close_code_allowed
-from bus.errors import AuthError as BusAuthError
-from bus.errors import KeyFileError, TopicError
-from bus.history import HistoryPosition
-from bus.keys import ClientKeys, configure_client, connect_checked_async, load_client_keys
-from bus.proxy import (
-    HISTORY_COMMAND,
-    SNAPSHOT_COMMAND,
-    STATUS_OK,
-    SYNC_PREFIX,
-    history_request,
-    snapshot_request,
-)
-from bus.topics import Pattern, validate_source
-from bus.transport import receiver
+from bus.errors import KeyFileError
+from bus.keys import ClientKeys, load_client_keys
 from monitoring.logging import get_logger
 
 SUBPROTOCOL: Final = "tradebus"
-MAX_BATCH: Final = 4096
 BACKLOG_RETRY: Final = 0.005
 HOUSEKEEPING_INTERVAL: Final = 0.5
 # how often a closing connection's unsent bytes are checked before it is aborted
@@ -75,8 +56,6 @@ ABORT_POLL: Final = 0.1
 # cost as much of a connection's rate limit as one message
 WORK_PER_TOKEN: Final = 20.0
 LISTEN_BACKLOG: Final = 128  # as aiohttp's TCPSite
-PROBE_PATTERN: Final = "tradebus_probe"
-PROBE_TIMEOUT: Final = 2.0
 
 CLOSE_NORMAL: Final = 1000
 CLOSE_GOING_AWAY: Final = 1001
@@ -87,8 +66,6 @@ CLOSE_TRY_AGAIN_LATER: Final = 1013
 # after start-up, how long WebSocket publishers' events may wait for the bus links
 # before they are refused with "bus_unavailable"
 PUBLISH_HOLD_SECONDS: Final = 1.0
-# how far ahead of this host's clock a publisher's epoch (its start time) may be
-EPOCH_SKEW_NS: Final = 60 * 1_000_000_000
 CLOSE_TOKEN_EXPIRED: Final = 4001
 CLOSE_SLOW_CONSUMER: Final = 4008
 
@@ -100,7 +77,7 @@ PLACEHOLDER_PAGE: Final = (
 
 
 class Bridge:
-    """One bridge: the hub, the upstream sockets, the connections, the timers."""
+    """One bridge: the hub, the bus link, the connections, the timers."""
 
     def __init__(self, config: BridgeConfig) -> None:
         self.config = config
@@ -129,6 +106,7 @@ class Bridge:
             jwt_issuer=config.jwt_issuer,
             jwt_max_lifetime=config.jwt_max_lifetime,
         )
+        self.admission = Admission(config, self.auth)
         self.hosts = HostPolicy.from_settings(config.host, config.server_names)
         self.keys: ClientKeys | None = None
         if config.keys:
@@ -136,101 +114,68 @@ class Bridge:
                 self.keys = load_client_keys(config.keys, config.key_name)
             except KeyFileError as error:
                 raise ConfigError(f"bridge setting keys: {error}") from None
+        self.health = BusHealth(probing=bool(config.snapshot), publishing=bool(config.publish_to))
+        self.link = BusLink(
+            config,
+            self.keys,
+            self.hub,
+            on_batch=self.flush,
+            on_reply=self._after_reply,
+            on_answer=self._bus_seen,
+            on_link=self._link_changed,
+            on_publisher=self._publisher_linked,
+        )
         self.registry = CollectorRegistry()
-        self.registry.register(BridgeCollector(self))
-        self.ready = not config.snapshot
-        self.publish_ready = False
+        self.registry.register(BridgeCollector(self.view))
         # set while a WebSocket publisher's event can go onto the bus right away
         self._bus_usable = asyncio.Event()
         self._publish_grace_until = 0.0
-        self.connections: dict[str, int] = {}
-        # sources named by live publishing connections: one connection per source
-        self._publishing_sources: set[str] = set()
-        self.rejected: dict[str, int] = {}
         self.edge = EdgeGuard(
             handshake_timeout=config.handshake_timeout,
             max_handshakes_per_ip=config.max_handshakes_per_ip,
             max_handshakes=config.max_handshakes,
-            on_refused=lambda reason, ip: self._reject(reason, ip=ip),
+            on_refused=lambda reason, ip: self.admission.reject(reason, ip=ip),
         )
         self.slow_closed_bytes = 0
-        self._client_ids = itertools.count(1)
-        self._context: zmq.asyncio.Context | None = None
-        self._sub: zmq.asyncio.Socket | None = None
-        self._sub_raw: zmq.Socket[bytes] | None = None
-        self._dealer: zmq.asyncio.Socket | None = None
-        self._pub: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing_tasks: set[asyncio.Task[bool]] = set()
-        self._markers: dict[int, bytes] = {}
         self._job_waiters: dict[Client, asyncio.Future[None]] = {}
         self._backlog: set[Client] = set()
         self._backlog_timer: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
-        self._probe_sent = 0.0
-        self._probe_answered = 0.0
-        # the SUB socket's link to the proxy, from its monitor: a lost link makes the bridge
-        # unready at once, however short the outage (the probes alone see one within 2-7 s);
-        # until it says otherwise the probes alone decide, as before it existed
-        self._sub_up = True
-        self._sub_monitor: zmq.asyncio.Socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Connected to the bus: the proxy answers and the subscriber's link is up."""
+        return self.health.ready
+
+    @property
+    def publish_ready(self) -> bool:
+        return self.health.publish_ready
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Handshakes refused, by reason."""
+        return self.admission.rejected
+
+    def view(self) -> BridgeView:
+        """What /metrics reports, read at scrape time (bridge/metrics.py)."""
+        return BridgeView(
+            hub=self.hub,
+            rejected=self.admission.rejected,
+            handshakes_open=self.edge.handshakes_total,
+            protocol_errors=self.edge.protocol_errors,
+            ready=self.ready,
+        )
 
     # -- life cycle ---------------------------------------------------------------------
     async def start(self) -> None:
         config = self.config
         self._loop = asyncio.get_running_loop()
         self._publish_grace_until = time.monotonic() + PUBLISH_HOLD_SECONDS
-        self._context = zmq.asyncio.Context()
-        sub = self._context.socket(zmq.SUB)
-        sub.linger = 0
-        sub.rcvhwm = 1_000_000
-        sub.setsockopt(zmq.HEARTBEAT_IVL, 2000)
-        sub.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
-        self._sub = sub
-        if self.keys is None:
-            sub.connect(config.bus)
-        else:
-            configure_client(sub, self.keys)
-            try:
-                # a refused key stops start-up, not a bridge that stays silently empty
-                await connect_checked_async(sub, config.bus, self.keys)
-            except BusAuthError as error:
-                sub.close(linger=0)
-                self._sub = None
-                self._context.term()
-                self._context = None
-                raise ConfigError(str(error)) from None
-        # after connecting: a key check (connect_checked_async) uses a monitor of its own
-        self._sub_monitor = sub.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
-        )
-        self._sub_raw = zmq.Socket.shadow(sub.underlying)
-        if config.snapshot:
-            dealer = self._context.socket(zmq.DEALER)
-            dealer.linger = 0
-            if self.keys is not None:
-                configure_client(dealer, self.keys)
-            dealer.connect(config.snapshot)
-            self._dealer = dealer
-        if config.publish_to:
-            pub = self._context.socket(zmq.XPUB)
-            pub.linger = 1000
-            pub.sndhwm = 100_000
-            pub.setsockopt(zmq.XPUB_NODROP, 1)
-            if self.keys is not None:
-                configure_client(pub, self.keys)
-            pub.connect(config.publish_to)
-            self._pub = pub
-        self._apply_upstream()
-        self._loop.add_reader(int(self._sub_raw.getsockopt(zmq.FD)), self._on_upstream)
-        self._loop.call_soon(self._on_upstream)
-        self._tasks = [asyncio.create_task(self._watch_sub(), name="bridge-sub-monitor")]
-        if self._dealer is not None:
-            self._tasks.append(asyncio.create_task(self._read_snapshots(), name="bridge-snap"))
-        if self._pub is not None:
-            self._tasks.append(asyncio.create_task(self._read_publisher(), name="bridge-pub"))
-        self._tasks.append(asyncio.create_task(self._housekeeping(), name="bridge-timers"))
+        await self.link.start()
+        self._tasks = [asyncio.create_task(self._housekeeping(), name="bridge-timers")]
         self._probe(time.monotonic())
         self.log.info(
             "bridge.started",
@@ -245,173 +190,46 @@ class Bridge:
             self.log.warning("bridge.unauthenticated_exposure", host=config.host, risk=risk)
 
     async def stop(self) -> None:
-        if self._loop is not None and self._sub_raw is not None:
-            self._loop.remove_reader(int(self._sub_raw.getsockopt(zmq.FD)))
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        await cancel_and_wait(self._tasks)
         if self._backlog_timer is not None:
             self._backlog_timer.cancel()
-        # a reader call already scheduled must find no socket, not a closed one's handle
-        self._sub_raw = None
-        if self._sub is not None and self._sub_monitor is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                self._sub.disable_monitor()
-        for socket in (self._sub_monitor, self._sub, self._dealer, self._pub):
-            if socket is not None:
-                socket.close(linger=0)
-        if self._context is not None:
-            self._context.term()
+        await self.link.stop()
         self.log.info("bridge.stopped", deliveries=self.hub.stats.deliveries)
 
-    # -- upstream -----------------------------------------------------------------------
-    def _apply_upstream(self) -> None:
-        sub = self._sub
-        ops = self.hub.upstream_ops
-        if sub is None or not ops:
-            return
-        for op in ops:
-            if op[0] == "subscribe":
-                sub.subscribe(op[1])
-            elif op[0] == "unsubscribe":
-                sub.unsubscribe(op[1])
-            elif op[0] == "sync" and self._dealer is not None:
-                _kind, sync_id, nonce, patterns = op
-                sub.subscribe(SYNC_PREFIX + nonce)
-                self._markers[sync_id] = nonce
-                request = snapshot_request(nonce, patterns)
-                self._dealer.send_multipart([b"s%d" % sync_id, b"", *request])
-            elif op[0] == "history" and self._dealer is not None:
-                _kind, sync_id, nonce, positions, patterns = op
-                sub.subscribe(SYNC_PREFIX + nonce)
-                self._markers[sync_id] = nonce
-                wanted = [
-                    HistoryPosition(p.topic.encode(), p.source.encode(), p.epoch, p.seq)
-                    for p in positions
-                ]
-                request = history_request(nonce, wanted, patterns)
-                self._dealer.send_multipart([b"h%d" % sync_id, b"", *request])
-        ops.clear()
-        if self._loop is not None:
-            # a subscription is a send on the SUB socket, after which its edge-triggered
-            # FD may not signal messages already waiting: look for them explicitly
-            self._loop.call_soon(self._on_upstream)
+    def close_all(self) -> None:
+        """Close every client with 1001 (the server is going away)."""
+        for client in list(self.hub.clients):
+            self.close_client(client, CLOSE_GOING_AWAY, "server shutting down")
 
-    def _end_marker(self, sync_id: int) -> None:
-        nonce = self._markers.pop(sync_id, None)
-        if nonce is not None and self._sub is not None:
-            self._sub.unsubscribe(SYNC_PREFIX + nonce)
+    # -- bus health -----------------------------------------------------------------------
+    def _after_reply(self) -> None:
+        self.flush()
+        self._wake_job_waiters()
 
-    def _on_upstream(self) -> None:
-        """Drain the SUB socket in batches: route each batch, then write once per client.
-
-        The ZeroMQ FD is edge-triggered: it only signals again once the socket's events
-        were read, so this drains until nothing is queued and EVENTS agrees; after a full
-        batch it yields to the loop (clients' reads, timers) and continues in the next turn.
-        """
-        raw = self._sub_raw
-        if raw is None or raw.closed:
-            return
-        hub = self.hub
-        receive = receiver(raw)  # one C call per message (bus.transport)
-        readable = raw.getsockopt
-        while True:
-            batch: list[tuple[bytes, ...]] = []
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append(receive())
-                except zmq.Again:
-                    break
-            if batch:
-                hub.dispatch(batch, time.monotonic(), time.time_ns())
-                self.flush()
-            if len(batch) == MAX_BATCH:
-                assert self._loop is not None
-                self._loop.call_soon(self._on_upstream)
-                return
-            # reading EVENTS is what re-arms the edge-triggered FD; a message that arrived
-            # meanwhile is read now, or the FD would not signal it
-            if not int(readable(zmq.EVENTS)) & zmq.POLLIN:
-                return
-
-    async def _read_snapshots(self) -> None:
-        assert self._dealer is not None
-        while True:
-            frames = await self._dealer.recv_multipart()
-            if (
-                len(frames) < 4
-                or frames[1] != b""
-                or frames[2] not in (SNAPSHOT_COMMAND, HISTORY_COMMAND)
-            ):
-                self.log.warning("bridge.snapshot_malformed", frames=len(frames))
-                continue
-            tag, status, body = frames[0], frames[3], frames[4:]
-            now = time.monotonic()
-            self._bus_seen(now)
-            if tag.startswith(b"p"):
-                continue
-            try:
-                sync_id = int(tag[1:])
-            except ValueError:
-                continue
-            self._end_marker(sync_id)
-            if tag.startswith(b"h"):
-                # an old proxy (error: expected SNAPSHOT) or history off: served as before
-                complete = frames[2] == HISTORY_COMMAND and status == STATUS_OK
-                complete = complete and len(body) % 3 == 0
-                messages = [body[i : i + 3] for i in range(0, len(body), 3)] if complete else []
-                self.hub.history_reply(sync_id, complete, messages, now)
-            elif status in (STATUS_OK, b"unsynced") and len(body) % 3 == 0:
-                messages = [body[i : i + 3] for i in range(0, len(body), 3)]
-                self.hub.snapshot_reply(sync_id, status == STATUS_OK, messages, now)
-            else:
-                self.log.warning(
-                    "bridge.snapshot_failed",
-                    status=status.decode(errors="replace"),
-                    detail=body[0].decode(errors="replace") if body else None,
-                )
-                self.hub.sync_failed(sync_id)
-            self._apply_upstream()
-            self.flush()
-            self._wake_job_waiters()
-
-    async def _watch_sub(self) -> None:
-        assert self._sub_monitor is not None
-        while True:
-            event = parse_monitor_message(await self._sub_monitor.recv_multipart())
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._sub_up = True
-                # ready again once the snapshot service answers too: ask now, not in 5 s
-                self._probe_sent = 0.0
-                self._probe(time.monotonic())
-            elif event["event"] == zmq.EVENT_DISCONNECTED:
-                self._sub_up = False
-                if self.ready and self._dealer is not None:
-                    self.ready = False
-                    self._update_bus_usable()
-                    self.log.warning("bridge.bus_unavailable", bus=self.config.bus)
+    def _link_changed(self, up: bool) -> None:
+        if up:
+            if self.health.link_up():
+                # what the proxy forwarded before the subscriptions were back in force
+                # shows as gaps: the hub asks the proxy's history for those for a while
+                self.hub.link_restored(time.monotonic())
+            # ready again once the snapshot service answers too: ask now, not in 5 s
+            self._probe(time.monotonic())
+        elif self.health.link_down():
+            self._update_bus_usable()
+            self.log.warning("bridge.bus_unavailable", bus=self.config.bus)
 
     def _bus_seen(self, now: float) -> None:
-        self._probe_answered = now
-        if not self.ready and self._sub_up:
-            self.ready = True
+        if self.health.answered(now):
             self._update_bus_usable()
             self.log.info("bridge.bus_connected", bus=self.config.bus)
 
-    async def _read_publisher(self) -> None:
-        assert self._pub is not None
-        while True:
-            message = await self._pub.recv()
-            if message[:1] == b"\x01" and not self.publish_ready:
-                self.publish_ready = True
-                self._update_bus_usable()
-                self.log.info("bridge.publisher_connected", publish_to=self.config.publish_to)
+    def _publisher_linked(self) -> None:
+        if self.health.publisher_linked():
+            self._update_bus_usable()
+            self.log.info("bridge.publisher_connected", publish_to=self.config.publish_to)
 
     def _update_bus_usable(self) -> None:
-        if self._pub is not None and self.publish_ready and self.ready:
+        if self.health.usable:
             self._bus_usable.set()
         else:
             self._bus_usable.clear()
@@ -421,37 +239,25 @@ class Bridge:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
             now = time.monotonic()
             self.hub.housekeeping(now)
-            for sync_id in [s for s in self._markers if s not in self.hub.syncs]:
-                self._end_marker(sync_id)
+            self.link.end_finished_markers()
             self._probe(now)
             self._apply_upstream()
             self.flush()
             self._wake_job_waiters()
 
     def _probe(self, now: float) -> None:
-        if self._dealer is None:
-            return
-        if (
-            self.ready
-            and self._probe_sent > self._probe_answered
-            and now - self._probe_sent > PROBE_TIMEOUT
-        ):
-            self.ready = False
+        lost, send = self.health.probe(now)
+        if lost:
             self._update_bus_usable()
             self.log.warning("bridge.bus_unavailable", snapshot=self.config.snapshot)
-        interval = 5.0 if self.ready else 1.0
-        if now - self._probe_sent >= interval and (
-            self._probe_answered >= self._probe_sent or now - self._probe_sent > PROBE_TIMEOUT
-        ):
-            self._probe_sent = now
-            with contextlib.suppress(zmq.Again):
-                self._dealer.send_multipart(
-                    [b"p", b"", *snapshot_request(b"", [PROBE_PATTERN])], flags=zmq.NOBLOCK
-                )
+        if send:
+            self.link.send_probe()
+
+    def _apply_upstream(self) -> None:
+        self.link.apply()
 
     async def publish(self, frames: list[bytes]) -> None:
-        assert self._pub is not None
-        await self._pub.send_multipart(frames)
+        await self.link.publish(frames)
 
     # -- writing ------------------------------------------------------------------------
     def schedule_flush(self) -> None:
@@ -553,91 +359,6 @@ class Bridge:
         self._loop.call_later(ABORT_POLL, self._abort_once_flushed, transport, deadline)
 
     # -- connections --------------------------------------------------------------------
-    def _reject(self, reason: str, **fields: Any) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
-        self.log.warning("websocket.connection_rejected", reason=reason, **fields)
-
-    def _admit(self, request: web.Request) -> tuple[Client, list[Pattern] | None]:
-        """Handshake checks (raising the HTTP refusal) and the new client, not yet counted."""
-        config = self.config
-        ip = request.remote or ""
-        origin = request.headers.get("Origin")
-        if not origin_allowed(origin, request.headers.get("Host"), request.secure, config.origins):
-            self._reject("origin", ip=ip, origin=origin[:200] if origin else None)
-            raise web.HTTPForbidden(text="origin not allowed\n")
-        if sum(self.connections.values()) >= config.max_connections:
-            self._reject("max_connections", ip=ip)
-            raise web.HTTPServiceUnavailable(text="too many connections\n")
-        if self.connections.get(ip, 0) >= config.max_connections_per_ip:
-            self._reject("max_connections_per_ip", ip=ip)
-            raise web.HTTPTooManyRequests(text="too many connections from this address\n")
-        protocols = [
-            p.strip()
-            for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
-            if p.strip()
-        ]
-        token = token_from_request(
-            request.headers.get("Authorization"), protocols, request.query.get("token")
-        )
-        try:
-            grant = self.auth.authenticate(token, time.time())
-        except AuthError as error:
-            self._reject("auth", ip=ip, code=error.code)
-            raise web.HTTPUnauthorized(text=f"{error.code}: {error}\n") from None
-        query = request.query
-        source = query.get("source", "")
-        try:
-            if source:
-                validate_source(source)
-            epoch = int(query.get("epoch", "0") or 0)
-            if epoch < 0:
-                raise ValueError("epoch must be >= 0")
-            if epoch > time.time_ns() + EPOCH_SKEW_NS:
-                # an epoch is its run's start time: one in the future would make every
-                # receiver drop the real source's later runs as stale
-                raise ValueError("epoch is in the future (it is the publisher's start time in ns)")
-            # "?topics=" with no pattern: no event until the client subscribes (a resume
-            # must be in force before the first event, or the client's positions move past
-            # what the resume would replay); no "topics" at all: everything
-            initial = (
-                [Pattern(t) for t in query["topics"].split(",") if t.strip()]
-                if "topics" in query
-                else None
-            )
-        except (TopicError, ValueError) as error:
-            self._reject("bad_query", ip=ip)
-            raise web.HTTPBadRequest(text=f"{error}\n") from None
-        rights = publish_rights(
-            # a browser always sends Origin; its page may be any site's, so a trusted
-            # network's token-less publishing is not for it
-            browser=origin is not None,
-            network_trusted=config.publish_trusted(ip),
-            grant_publish=grant.publish,
-            grant_sources=grant.sources,
-        )
-        try:
-            source = rights.source_for(source)
-        except SourceRefused:
-            self._reject("source_forbidden", ip=ip, source=source, subject=grant.subject)
-            raise web.HTTPForbidden(
-                text=f"source_forbidden: your credentials may not publish as {source!r}\n"
-            ) from None
-        if source and source in self._publishing_sources:
-            self._reject("source_in_use", ip=ip)
-            raise web.HTTPConflict(
-                text=f"source {source!r} is already publishing on another connection\n"
-            )
-        client = Client(
-            next(self._client_ids),
-            grant=grant,
-            publisher=query.get("role") == "publisher",
-            may_publish=rights.may_publish,
-            ip=ip,
-            source=source,
-            epoch=epoch,
-        )
-        return client, initial
-
     async def handle_ws(self, request: web.Request) -> web.StreamResponse:
         """One WebSocket connection, from handshake to close (one coroutine per client)."""
         config, hub = self.config, self.hub
@@ -646,10 +367,10 @@ class Bridge:
         if edge is not None:
             early = edge.websocket_started()
             if early is not None:
-                self._reject("early_data", ip=request.remote or "")
+                self.admission.reject("early_data", ip=request.remote or "")
                 raise web.HTTPBadRequest(text=early + "\n")
         try:
-            client, initial = self._admit(request)
+            client, initial = self.admission.admit(request)
         except web.HTTPException:
             if edge is not None:
                 edge.websocket_refused()
@@ -666,10 +387,7 @@ class Bridge:
             protocols=(SUBPROTOCOL,),
         )
         # counted before the handshake's first await, so concurrent handshakes see it
-        self.connections[client.ip] = self.connections.get(client.ip, 0) + 1
-        claims_source = bool(client.source) and client.may_publish
-        if claims_source:
-            self._publishing_sources.add(client.source)
+        claims_source = self.admission.opened(client)
         try:
             await ws.prepare(request)
             if edge is not None:
@@ -802,13 +520,7 @@ class Bridge:
         finally:
             if edge is not None and not ws.prepared:
                 edge.websocket_refused()
-            if claims_source:
-                self._publishing_sources.discard(client.source)
-            left = self.connections.get(client.ip, 1) - 1
-            if left > 0:
-                self.connections[client.ip] = left
-            else:
-                self.connections.pop(client.ip, None)
+            self.admission.closed(client, claims_source)
 
     async def _jobs_served(self, client: Client) -> None:
         assert self._loop is not None
@@ -875,9 +587,7 @@ class Bridge:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._bus_usable.wait(), grace)
         if client.may_publish and not self._bus_usable.is_set():
-            self.hub.stats.publish_rejected["bus_unavailable"] = (
-                self.hub.stats.publish_rejected.get("bus_unavailable", 0) + 1
-            )
+            self.hub.stats.reject_publish("bus_unavailable")
             raise RequestError(
                 "bus_unavailable", "the bridge is not connected to the bus", request.request_id
             )
@@ -959,7 +669,7 @@ async def _host_allowlist(
         if isinstance(sockname, tuple) and len(sockname) >= 2:
             local_port = int(sockname[1])
     if not bridge.hosts.allows(host, local_port):
-        bridge._reject(
+        bridge.admission.reject(
             "host", ip=request.remote or "", host=host[:200] if host else None, path=request.path
         )
         raise web.HTTPMisdirectedRequest(
@@ -986,7 +696,13 @@ def create_app(config: BridgeConfig | None = None) -> web.Application:
         yield
         await bridge.stop()
 
+    async def going_away(_app: web.Application) -> None:
+        # before aiohttp's server shutdown cancels the handlers: every client is told
+        # 1001 rather than losing its connection without a close frame
+        bridge.close_all()
+
     app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(going_away)
     return app
 
 
@@ -1021,11 +737,9 @@ class BridgeServer:
         return self.app[BRIDGE_KEY]
 
     async def close(self) -> None:
-        bridge = self.app[BRIDGE_KEY]
         if self.listener is not None:
             self.listener.close()
-        for client in list(bridge.hub.clients):
-            bridge.close_client(client, CLOSE_GOING_AWAY, "server shutting down")
+        # the app's on_shutdown closes the clients (create_app)
         await self.runner.cleanup()
 
 

@@ -6,8 +6,8 @@ when /metrics is scraped, so metrics cost nothing per delivery.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -17,19 +17,31 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from bridge.app import Bridge
+from bridge.hub import Hub
 
 PREFIX = "tradebus_bridge_"
 
 
+@dataclass(frozen=True)
+class BridgeView:
+    """What a scrape reads: the hub's counters and state, and the adapter's own figures."""
+
+    hub: Hub
+    rejected: dict[str, int]  # handshakes refused, by reason
+    handshakes_open: int
+    protocol_errors: int
+    ready: bool
+
+
 class BridgeCollector(Collector):
-    def __init__(self, bridge: Bridge) -> None:
-        self.bridge = bridge
+    """Reads the bridge through ``read`` (called once per scrape), not the app itself."""
+
+    def __init__(self, read: Callable[[], BridgeView]) -> None:
+        self.read = read
 
     def collect(self) -> Iterator[Metric]:
-        bridge = self.bridge
-        hub = bridge.hub
+        view = self.read()
+        hub = view.hub
         stats = hub.stats
         events = CounterMetricFamily(
             PREFIX + "events_in", "Bus events received, by event type", labels=["type"]
@@ -75,18 +87,18 @@ class BridgeCollector(Collector):
         refused = CounterMetricFamily(
             PREFIX + "connections_rejected", "Handshakes refused, by reason", labels=["reason"]
         )
-        for reason, count in sorted(bridge.rejected.items()):
+        for reason, count in sorted(view.rejected.items()):
             refused.add_metric([reason], count)
         yield refused
         yield GaugeMetricFamily(
             PREFIX + "handshakes_open",
             "Open sockets that are not WebSockets: plain HTTP and handshakes in progress",
-            value=bridge.edge.handshakes_total,
+            value=view.handshakes_open,
         )
         yield CounterMetricFamily(
             PREFIX + "protocol_errors",
             "WebSocket connections failed by the edge with 1002 (unmasked client frames)",
-            value=bridge.edge.protocol_errors,
+            value=view.protocol_errors,
         )
         yield CounterMetricFamily(
             PREFIX + "snapshots", "Snapshots served to clients", value=stats.snapshots
@@ -107,6 +119,17 @@ class BridgeCollector(Collector):
             "Resumes recovered from the proxy's history (this bridge's own did not cover them)",
             value=stats.resumes_from_bus,
         )
+        yield CounterMetricFamily(
+            PREFIX + "history_requests",
+            "Requests to the proxy's history (resumes asking the same share one; gaps seen "
+            "after the bus link came back)",
+            value=stats.history_requests,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "gaps_refilled",
+            "Gaps seen after the bus link came back whose events the proxy's history held",
+            value=stats.gaps_refilled,
+        )
         clients = GaugeMetricFamily(
             PREFIX + "connected_clients", "Open WebSocket connections", labels=["role"]
         )
@@ -122,12 +145,12 @@ class BridgeCollector(Collector):
         yield GaugeMetricFamily(
             PREFIX + "upstream_subscriptions",
             "Topic prefixes subscribed on the bus",
-            value=len(hub.subscribed),
+            value=len(hub.upstream.subscribed),
         )
         yield GaugeMetricFamily(
             PREFIX + "lingering_subscriptions",
             "Bus subscriptions no client needs, kept for resumes (--upstream-linger)",
-            value=len(hub.linger_until),
+            value=len(hub.upstream.linger_until),
         )
         yield CounterMetricFamily(
             PREFIX + "linger_evicted",
@@ -142,13 +165,13 @@ class BridgeCollector(Collector):
             "Events of topics beyond --max-topics (delivered, not kept for snapshots)",
             value=stats.topics_untracked,
         )
-        yield GaugeMetricFamily(PREFIX + "sources", "Sources known", value=len(hub.sources))
+        yield GaugeMetricFamily(PREFIX + "sources", "Sources known", value=len(hub.sources.states))
         yield CounterMetricFamily(
             PREFIX + "sources_forgotten",
             "Sources forgotten after --forget-sources-after seconds stale",
             value=stats.sources_forgotten,
         )
-        yield GaugeMetricFamily(PREFIX + "ready", "1 when connected to the bus", value=bridge.ready)
+        yield GaugeMetricFamily(PREFIX + "ready", "1 when connected to the bus", value=view.ready)
         live = GaugeMetricFamily(
             PREFIX + "source_live", "1 when the source sent an event recently", labels=["source"]
         )

@@ -7,10 +7,12 @@ from collections import deque
 
 import pytest
 
-from bridge.hub import FORGET_TOPICS_PER_CALL, Client, Hub
+from bridge.client import Client
+from bridge.hub import FORGET_TOPICS_PER_CALL, Hub
 from bridge.limits import TokenBucket
 from bridge.protocol import Position, RequestError, Subscribe, Unsubscribe, parse_request
 from bridge.rfc6455 import MaskScanner, close_code_allowed
+from bridge.upstream import SnapshotSync, UnsubscribePrefix
 from bus.topics import Pattern
 from tests.conftest import scaled
 from tests.test_bridge_core import hub_with_clients, message, resumed
@@ -23,7 +25,7 @@ def consistent(hub: Hub) -> None:
         if state is None:
             continue
         if state.by_source is None:
-            assert {entry[1] for entry in state.history} <= state.sources
+            assert {entry.source for entry in state.history} <= state.sources
             assert len(state.sources) <= 1
             continue
         per_source = sorted(entry for entries in state.by_source.values() for entry in entries)
@@ -32,7 +34,7 @@ def consistent(hub: Hub) -> None:
 
 def test_resume_per_source_from_an_interleaved_history() -> None:
     hub, _clients = hub_with_clients(("t",), history_events=4)
-    hub.held_prefixes.add(b"t")
+    hub.upstream.held_prefixes.add(b"t")
     interleaved = [message("t", n, source=s) for n in (1, 2, 3) for s in ("a", "b")]
     hub.dispatch(interleaved, 1.0, 1)
     consistent(hub)  # a1 and b1 left the history (4 kept): a2 b2 a3 b3
@@ -58,7 +60,7 @@ def test_resume_per_source_from_an_interleaved_history() -> None:
 
 def test_a_single_source_topic_keeps_one_view_until_a_second_source_appears() -> None:
     hub, _clients = hub_with_clients(("t",), history_events=3)
-    hub.held_prefixes.add(b"t")
+    hub.upstream.held_prefixes.add(b"t")
     hub.dispatch([message("t", n, source="a") for n in range(1, 6)], 1.0, 1)
     state = hub.topics[b"t"]
     assert state is not None
@@ -88,8 +90,8 @@ def test_history_views_agree_after_time_trimming_and_snapshot_replies() -> None:
     client = Client(50)
     hub.add_client(client, 0)
     hub.subscribe(client, Subscribe((Pattern("u"),), True, None, None), 21.0)
-    (sync,) = [op for op in hub.upstream_ops if op[0] == "sync"]
-    hub.snapshot_reply(sync[1], True, [message("u.x", 4, source="c")[0:3]], 22.0)
+    (sync,) = [op for op in hub.upstream_ops if isinstance(op, SnapshotSync)]
+    hub.snapshot_reply(sync.sync_id, True, [message("u.x", 4, source="c")[0:3]], 22.0)
     consistent(hub)
 
 
@@ -121,7 +123,7 @@ def test_request_lists_are_capped_before_their_entries_are_parsed() -> None:
 
 def test_request_work_is_counted_for_the_rate_limit() -> None:
     hub, (client,) = hub_with_clients(("t",))
-    hub.held_prefixes.add(b"t")
+    hub.upstream.held_prefixes.add(b"t")
     hub.dispatch([message(f"t.k{n}", 1) for n in range(30)], 1.0, 1)
     client.work = 0
     hub.subscribe(client, Subscribe((Pattern("t"),), True, None, None), 2.0)
@@ -181,26 +183,26 @@ def test_lingering_subscriptions_are_capped_per_client_and_in_total() -> None:
         hub.add_client(client, 0)
     subscribe_to(hub, first, "a", "b", "c")
     unsubscribe_from(hub, first, "a", "b", "c", now=1.0)
-    assert list(hub.linger_until) == [b"a", b"b", b"c"]
+    assert list(hub.upstream.linger_until) == [b"a", b"b", b"c"]
     hub.upstream_ops.clear()
     # the same client lets three more linger: its own oldest go first
     subscribe_to(hub, first, "d", "e")
     unsubscribe_from(hub, first, "d", "e", now=2.0)
-    assert list(hub.linger_until) == [b"c", b"d", b"e"]
-    assert [op for op in hub.upstream_ops if op[0] == "unsubscribe"] == [
-        ("unsubscribe", b"a"),
-        ("unsubscribe", b"b"),
+    assert list(hub.upstream.linger_until) == [b"c", b"d", b"e"]
+    assert [op for op in hub.upstream_ops if isinstance(op, UnsubscribePrefix)] == [
+        UnsubscribePrefix(b"a"),
+        UnsubscribePrefix(b"b"),
     ]
     # another client's: the total cap (4) drops the oldest of anyone's
     subscribe_to(hub, second, "x", "y")
     unsubscribe_from(hub, second, "x", "y", now=3.0)
-    assert list(hub.linger_until) == [b"d", b"e", b"x", b"y"]
+    assert list(hub.upstream.linger_until) == [b"d", b"e", b"x", b"y"]
     assert hub.stats.linger_evicted == 3  # a, b (per client), c (in total)
-    assert hub.lingering_of == {1: {b"d": None, b"e": None}, 2: {b"x": None, b"y": None}}
+    assert hub.upstream.lingering_of == {1: {b"d": None, b"e": None}, 2: {b"x": None, b"y": None}}
     # a prefix needed again stops lingering, and no longer counts for its old owner
     subscribe_to(hub, second, "d")
-    assert list(hub.linger_until) == [b"e", b"x", b"y"]
-    assert hub.lingering_of[1] == {b"e": None}
+    assert list(hub.upstream.linger_until) == [b"e", b"x", b"y"]
+    assert hub.upstream.lingering_of[1] == {b"e": None}
 
 
 def test_expiry_and_forgetting_do_a_bounded_amount_of_work_per_call() -> None:
@@ -216,7 +218,7 @@ def test_expiry_and_forgetting_do_a_bounded_amount_of_work_per_call() -> None:
     assert len(hub.upstream_ops) == 64
     calls = 1
     durations: list[float] = []
-    while hub.linger_until or hub.forgetting:
+    while hub.upstream.linger_until or hub.upstream.forgetting:
         kept = len(hub.topics)
         started = time.perf_counter()
         hub.housekeeping(20.0)
@@ -240,15 +242,15 @@ def test_a_resume_is_not_recovered_across_a_break_in_the_subscription() -> None:
     client = Client(1)
     hub.add_client(client, 0)
     subscribe_to(hub, client, "t")
-    hub.held_prefixes.add(b"t")
+    hub.upstream.held_prefixes.add(b"t")
     hub.dispatch([message("t", 1), message("t", 2)], 1.0, 1)
     unsubscribe_from(hub, client, "t", now=2.0)
     hub.housekeeping(20.0)  # unsubscribed upstream; the topic is forgotten later
-    assert hub.upstream_ops[-1] == ("unsubscribe", b"t")
-    assert b"t" in hub.topics or hub.forgetting == deque()
-    hub.forgetting.clear()  # as if forgetting had not reached it yet
+    assert hub.upstream_ops[-1] == UnsubscribePrefix(b"t")
+    assert b"t" in hub.topics or hub.upstream.forgetting == deque()
+    hub.upstream.forgetting.clear()  # as if forgetting had not reached it yet
     subscribe_to(hub, client, "t", now=21.0)
-    hub.held_prefixes.add(b"t")
+    hub.upstream.held_prefixes.add(b"t")
     hub.dispatch([message("t", 5)], 22.0, 1)
     assert resumed(hub, (Position("t", "bot", 1, 1),))[0]["recovered"] is False  # hole 3-4
     assert resumed(hub, (Position("t", "bot", 1, 5),))[0]["recovered"] is True
@@ -259,13 +261,13 @@ def test_stale_sources_are_forgotten_and_their_number_is_capped() -> None:
     hub, _clients = hub_with_clients(("*",), max_sources=2, forget_sources_after=100.0)
     hub.dispatch([message("t", 1, source="a"), message("t", 1, source="b")], 1.0, 1)
     hub.dispatch([message("t", 1, source="c")], 1.0, 1)
-    assert set(hub.sources) == {b"a", b"b"}
+    assert set(hub.sources.states) == {b"a", b"b"}
     assert hub.stats.dropped == {"too_many_sources": 1}
     assert hub.tracker.position(b"c", b"t") is None
     hub.housekeeping(50.0)  # stale after 15 s
-    assert not hub.sources[b"a"].live
+    assert not hub.sources.states[b"a"].live
     hub.housekeeping(200.0)  # forgotten after 100 s stale
-    assert hub.sources == {}
+    assert hub.sources.states == {}
     assert hub.stats.sources_forgotten == 2
     assert hub.tracker.position(b"a", b"t") is None
     state = hub.topics[b"t"]
@@ -275,7 +277,7 @@ def test_stale_sources_are_forgotten_and_their_number_is_capped() -> None:
     hub.add_client(late, 0)
     assert [f for f in late.frames if b"source_status" in f] == []
     hub.dispatch([message("t", 2, source="c")], 201.0, 1)
-    assert set(hub.sources) == {b"c"}
+    assert set(hub.sources.states) == {b"c"}
 
 
 def test_topics_beyond_the_cap_are_delivered_but_not_kept() -> None:

@@ -11,10 +11,11 @@ import pytest
 
 from bridge.admission import origin_allowed
 from bridge.auth import Authenticator, Grant, covers, token_from_request
+from bridge.client import Client, SlowConsumerError
 from bridge.config import BridgeConfig
 from bridge.errors import AuthError, ConfigError
 from bridge.frames import close_frame, text_frame
-from bridge.hub import Client, Hub, SlowConsumerError
+from bridge.hub import Hub
 from bridge.limits import TokenBucket
 from bridge.protocol import (
     Ignore,
@@ -26,6 +27,7 @@ from bridge.protocol import (
     Unsubscribe,
     parse_request,
 )
+from bridge.upstream import SnapshotSync, SubscribePrefix, UnsubscribePrefix
 from bus.envelope import encode_event, encode_meta
 from bus.topics import Pattern
 
@@ -243,6 +245,23 @@ def test_queue_conflates_while_behind_and_overflows_as_slow() -> None:
         client.take(buffered=60, high_water=10, limit=100)
 
 
+def test_a_newer_event_never_overtakes_released_ones_while_behind() -> None:
+    """Conflation replaces a topic's queued frame in place: after a release while behind,
+    that frame precedes the released events, so a newer one must queue after them."""
+    client = Client(1)
+    client.push(b"first")
+    assert client.take(buffered=10, high_water=10, limit=1000) is None  # behind now
+    client.push_event(b"md-1", b"market_data.X", b"s", 1, 1, True)
+    client.hold()
+    client.push_event(b"md-2", b"market_data.X", b"s", 1, 2, True)
+    client.push_event(b"md-3", b"market_data.X", b"s", 1, 3, True)
+    client.release({})
+    client.push_event(b"md-4", b"market_data.X", b"s", 1, 4, True)
+    client.push_event(b"md-5", b"market_data.X", b"s", 1, 5, True)
+    assert client.frames == [b"first", b"md-1", b"md-2", b"md-3", b"md-5"]
+    assert client.conflated == 1
+
+
 def test_held_events_are_released_without_what_a_snapshot_sent() -> None:
     client = Client(1)
     client.hold()
@@ -329,31 +348,31 @@ def test_duplicates_dropped_and_gaps_reported() -> None:
 
 def test_upstream_follows_subscriptions_with_linger() -> None:
     hub = Hub(track_sources=True, upstream_linger=10.0)
-    assert hub.upstream_ops == [("subscribe", b"system_status")]
+    assert hub.upstream_ops == [SubscribePrefix(b"system_status")]
     hub.upstream_ops.clear()
     client = Client(1)
     hub.add_client(client, 0)
-    assert hub.upstream_ops == [("subscribe", b"")]  # everything, until it subscribes
+    assert hub.upstream_ops == [SubscribePrefix(b"")]  # everything, until it subscribes
     hub.upstream_ops.clear()
     hub.subscribe(client, Subscribe((Pattern("market_data.BTC-USD"),), False, None, None), 0.0)
     # the implicit "everything" goes at once: such a client cannot resume
-    assert hub.upstream_ops == [("unsubscribe", b""), ("subscribe", b"market_data.BTC-USD")]
+    assert hub.upstream_ops == [UnsubscribePrefix(b""), SubscribePrefix(b"market_data.BTC-USD")]
     hub.upstream_ops.clear()
     hub.remove_client(client, 20.0)
     hub.housekeeping(29.0)
     assert hub.upstream_ops == []  # kept for a resume within the linger time
     hub.housekeeping(31.0)
-    assert hub.upstream_ops == [("unsubscribe", b"market_data.BTC-USD")]
-    assert hub.subscribed == {b"system_status"}
+    assert hub.upstream_ops == [UnsubscribePrefix(b"market_data.BTC-USD")]
+    assert hub.upstream.subscribed == {b"system_status"}
 
 
 def test_snapshot_waits_for_the_proxy_then_releases_live_events_without_duplicates() -> None:
     hub, (client,) = hub_with_clients(("ai_decision",))
     hub.upstream_ops.clear()
     hub.subscribe(client, Subscribe((Pattern("market_data"),), True, None, 7), 0.0)
-    (sync,) = [op for op in hub.upstream_ops if op[0] == "sync"]
-    _kind, sync_id, _nonce, patterns = sync
-    assert patterns == ["market_data"]
+    (sync,) = [op for op in hub.upstream_ops if isinstance(op, SnapshotSync)]
+    sync_id = sync.sync_id
+    assert sync.patterns == ("market_data",)
     assert [m["type"] for m in texts(client)] == ["subscribed"]
     # live events arrive before the snapshot reply: held
     hub.dispatch([message("market_data.X", 5), message("market_data.X", 6)], 1.0, 1)
@@ -379,7 +398,7 @@ def test_snapshot_waits_for_the_proxy_then_releases_live_events_without_duplicat
     # the prefix is now held: the next snapshot is served at once, with no proxy round trip
     hub.upstream_ops.clear()
     hub.subscribe(client, Subscribe((Pattern("market_data.Y"),), True, None, 8), 3.0)
-    assert not [op for op in hub.upstream_ops if op[0] == "sync"]
+    assert not [op for op in hub.upstream_ops if isinstance(op, SnapshotSync)]
     assert [m["type"] for m in texts(client)][1:] == [
         "snapshot_begin",
         "market_data",
@@ -412,7 +431,7 @@ def resumed(hub: Hub, positions: tuple[Position, ...], pattern: str = "t") -> li
 
 def test_resume_from_history() -> None:
     hub, _clients = hub_with_clients(("t",), history_events=3)
-    hub.held_prefixes.add(b"t")
+    hub.upstream.held_prefixes.add(b"t")
     hub.dispatch([message("t", n) for n in range(1, 6)] + [message("t.new", 1)], 1.0, 1)
     got = resumed(hub, since("t", 3))
     assert got[0] == {"type": "snapshot_begin", "mode": "resume", "recovered": True}
@@ -431,10 +450,10 @@ def test_resume_from_history() -> None:
 
 def test_history_is_also_bounded_in_time() -> None:
     hub, _ = hub_with_clients(("t",), history_seconds=10.0)
-    hub.held_prefixes.add(b"t")
+    hub.upstream.held_prefixes.add(b"t")
     hub.dispatch([message("t", 1), message("t", 2)], 1.0, 1)
     hub.dispatch([message("t", 3)], 20.0, 1)
-    assert [entry[3] for entry in hub.topics[b"t"].history] == [3]  # type: ignore[union-attr]
+    assert [entry.seq for entry in hub.topics[b"t"].history] == [3]  # type: ignore[union-attr]
     assert resumed(hub, since("t", 1))[0]["recovered"] is False
     assert resumed(hub, since("t", 2))[0]["recovered"] is True
 

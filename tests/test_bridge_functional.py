@@ -8,11 +8,13 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import orjson
 import pytest
+import websockets
 import zmq
+from aiohttp import web
 from websockets.asyncio.client import ClientConnection
 
 from bot_client import PublisherSettings, WebSocketPublisher
-from bridge.app import BridgeServer, start_bridge
+from bridge.app import BRIDGE_KEY, BridgeServer, create_app, start_bridge
 from bridge.config import BridgeConfig
 from bus.proxy import Proxy, ProxyConfig
 from tests.conftest import scaled
@@ -291,17 +293,17 @@ async def test_upstream_subscriptions_follow_what_clients_need(
     config = bridge_config(proxy, upstream_linger=0, track_sources=False)
     async with running_bridge(config) as server:
         hub = server.bridge.hub
-        assert hub.subscribed == set()
+        assert hub.upstream.subscribed == set()
         client = await connect(server)
         await subscribe(client, ["ai_decision"])
-        assert hub.subscribed == {b"ai_decision"}
+        assert hub.upstream.subscribed == {b"ai_decision"}
         await publisher.publish("market_data.BTC-USD", {"price": 1})
         await publisher.publish("ai_decision", {"action": "BUY"})
         await collect_events(client, 1)
         # the bus never sent the market data: the bridge saw only what a client wanted
         assert hub.stats.events_by_type == {"ai_decision": 1}
         await request(client, {"op": "unsubscribe", "topics": ["ai_decision"]}, "unsubscribed")
-        await wait_for(lambda: hub.subscribed == set(), "upstream unsubscribe")
+        await wait_for(lambda: hub.upstream.subscribed == set(), "upstream unsubscribe")
         await client.close()
 
 
@@ -428,3 +430,26 @@ async def test_starts_without_proxy_and_becomes_ready_when_it_appears(
                 proxy.stop()
     finally:
         await server.close()
+
+
+async def test_app_shutdown_closes_clients_with_going_away(proxy: Proxy) -> None:
+    """The app itself (create_app on any aiohttp runner, not only BridgeServer) tells its
+    clients 1001 when aiohttp shuts it down."""
+    app = create_app(bridge_config(proxy))
+    runner = web.AppRunner(app, shutdown_timeout=scaled(5))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        await wait_for(lambda: app[BRIDGE_KEY].ready, "bridge ready")
+        client = await websockets.connect(
+            f"ws://127.0.0.1:{port}/ws", open_timeout=scaled(5), ping_interval=None
+        )
+        assert (await recv(client))["type"] == "connection_established"
+        await wait_for(lambda: len(app[BRIDGE_KEY].hub.clients) == 1, "client registered")
+    finally:
+        await runner.cleanup()
+    await asyncio.wait_for(client.wait_closed(), scaled(5))
+    assert client.close_code == 1001
+    assert client.close_reason == "server shutting down"

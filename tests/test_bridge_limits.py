@@ -253,7 +253,9 @@ async def test_a_publisher_cannot_take_over_a_live_source_or_claim_a_future_epoc
         await expect_refused(server, 400, f"role=publisher&source=bot-8&epoch={future}")
         await first.close()
         # once the first connection is gone the source is free again (a reconnecting bot)
-        await wait_for(lambda: "bot-7" not in server.bridge._publishing_sources, "source released")
+        await wait_for(
+            lambda: "bot-7" not in server.bridge.admission.publishing_sources, "source released"
+        )
         again = await connect(server, "role=publisher&source=bot-7")
         await again.close()
 
@@ -302,7 +304,9 @@ async def test_max_connections_total_and_per_address(proxy: Proxy) -> None:
         second = await connect(server)
         await expect_refused(server, 429)
         await first.close()
-        await wait_for(lambda: sum(server.bridge.connections.values()) == 1, "a slot to free")
+        await wait_for(
+            lambda: sum(server.bridge.admission.connections.values()) == 1, "a slot to free"
+        )
         third = await connect(server)
         for client in (second, third):
             await client.close()

@@ -217,7 +217,9 @@ async def test_a_publish_token_publishes_only_its_source(
             (event,) = await collect_events(reader, 1)
             assert event["source"] == source
             await writer.close()
-            await wait_for(lambda: not server.bridge._publishing_sources, "source released")
+            await wait_for(
+                lambda: not server.bridge.admission.publishing_sources, "source released"
+            )
         await reader.close()
 
 

@@ -39,8 +39,10 @@ def test_tradebus_js_holds_the_generated_block_unchanged() -> None:
 
 def test_symbol_keyed_types_are_the_publishers_and_the_bridges() -> None:
     assert core.SYMBOL_KEYED_TYPES is SYMBOL_KEYED_TYPES
-    assert (
-        Hub._derive_topic("indicator_update", {"symbol": "BTC-USD"}) == "indicator_update.BTC-USD"
+    # the bridge's WebSocket-publish intake derives topics (bridge/intake.py)
+    intake = Hub().intake
+    assert intake.derive_topic("indicator_update", {"symbol": "BTC-USD"}) == (
+        "indicator_update.BTC-USD"
     )
-    assert Hub._derive_topic("trading_decision", {"symbol": "BTC-USD"}) == "trading_decision"
+    assert intake.derive_topic("trading_decision", {"symbol": "BTC-USD"}) == "trading_decision"
     assert CONFLATABLE_TYPES <= SYMBOL_KEYED_TYPES  # state is kept per symbol
