@@ -102,6 +102,10 @@ class Delivery:
         self._closed = False
         self._stopped = False
         self._wake: Callable[[], None] = _nothing
+        # resend: when a list, drain appends the frames of every event it sends
+        # (topic, meta, payload, ...), for the ZeroMQ link's resend window
+        # (bot_client/resend.py). The link's thread only.
+        self.sent_log: list[bytes] | None = None
 
     def set_waker(self, wake: Callable[[], None]) -> None:
         """``wake()`` rouses the link's I/O thread (called with the lock held: never blocks)."""
@@ -192,6 +196,7 @@ class Delivery:
         handed = self._handed
         counters = self._counters
         popleft = handed.popleft
+        log = self.sent_log
         sent = 0
         # popleft is atomic and callers only append: no lock needed here. Each event is
         # counted before it leaves the hand-off: status() sees it in both, never in neither.
@@ -199,6 +204,8 @@ class Delivery:
             slot, meta, payload = handed[0]
             if not send(slot.topic_bytes, meta, payload):
                 return sent, True
+            if log is not None:  # resend
+                log += (slot.topic_bytes, meta, payload)
             counters.sent += 1
             popleft()
             sent += 1
@@ -215,9 +222,12 @@ class Delivery:
         try:
             with self.lock:
                 while outbox and sent + from_outbox < DRAIN_BATCH:
-                    if not send(*outbox.peek().frames):
+                    frames = outbox.peek().frames
+                    if not send(*frames):
                         blocked = True
                         break
+                    if log is not None:  # resend
+                        log += frames
                     outbox.pop()
                     from_outbox += 1
                 self._open = not outbox and not handed and not self._closed
