@@ -25,7 +25,8 @@ import pytest
 
 from bus import Event, Gap, Subscriber
 from tests.conftest import scaled
-from tests.test_scale_haproxy import RATE, Bot, free_port, wait_until
+from tests.support import free_port, wait_for
+from tests.test_scale_haproxy import RATE, Bot
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -114,7 +115,7 @@ async def kill_and_restart_under_load(tmp_path: Path, **settings: Any) -> dict[s
     bot = Bot(proxy.frontend, TOPICS, "bot-restart", **settings)
     try:
         async with recording(proxy.backend) as recorder:
-            await wait_until(lambda: bot.publisher.connected, "the bot on the bus", 20)
+            await wait_for(lambda: bot.publisher.connected, "the bot on the bus", 20)
             # the subscription is in force once events get through, on every topic
             for _probe in range(int(scaled(500))):
                 bot.publish_next()
@@ -128,14 +129,14 @@ async def kill_and_restart_under_load(tmp_path: Path, **settings: Any) -> dict[s
             proxy.signal(signal.SIGSTOP)
             await asyncio.sleep(HUNG)
             proxy.kill()
-            await wait_until(lambda: not bot.publisher.connected, "the bot to see the loss", 10)
+            await wait_for(lambda: not bot.publisher.connected, "the bot to see the loss", 10)
             await asyncio.sleep(OUTAGE)
             proxy.start()
-            await wait_until(lambda: bot.publisher.connected, "the bot back on the bus", 30)
+            await wait_for(lambda: bot.publisher.connected, "the bot back on the bus", 30)
             await asyncio.sleep(AFTER)
             published = bot.stop()
             assert bot.publisher.flush(scaled(10)), "the bot never got everything out"
-            await wait_until(
+            await wait_for(
                 lambda: all(recorder.has(topic, total) for topic, total in published.items()),
                 "the last events at the subscriber",
                 15,
