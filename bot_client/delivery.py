@@ -111,6 +111,10 @@ class Delivery:
         self._closed = False
         self._stopped = False
         self._wake: Callable[[], None] = _nothing
+        # resend: when a list, drain appends the frames of every event it sends
+        # (topic, meta, payload, ...), for the ZeroMQ link's resend window
+        # (bot_client/resend.py). The link's thread only.
+        self.sent_log: list[bytes] | None = None
 
     def set_waker(self, wake: Callable[[], None]) -> None:
         """``wake()`` rouses the link's I/O thread (called with the lock held: never blocks)."""
@@ -200,6 +204,7 @@ class Delivery:
         thread only, while connected."""
         handed = self._handed
         counters = self._counters
+        log = self.sent_log
         if handed:
             # popleft is atomic and callers only append: no lock here, so callers never
             # wait on the send
@@ -209,6 +214,9 @@ class Delivery:
             # never in neither
             counters.sent += sent
             popleft = handed.popleft
+            if log is not None:  # resend
+                for message in batch[:sent]:
+                    log += message[:3]
             for _ in range(sent):
                 popleft()
             return sent, sent < len(batch)
@@ -223,6 +231,9 @@ class Delivery:
             entries = outbox.oldest(DRAIN_BATCH)
             sent = send([entry.frames for entry in entries])
             counters.sent += sent
+            if log is not None:  # resend
+                for entry in entries[:sent]:
+                    log += entry.frames
             for _ in range(sent):
                 outbox.pop()
             self._open = not outbox and not handed and not self._closed

@@ -75,6 +75,12 @@ class PublisherSettings:
     token: str | None = field(default=None, repr=False)
     keys: str | None = None  # CURVE key directory for the bus (see bus.keys)
     key_name: str | None = None  # which pair in it; None: the only one
+    # ZeroMQ only: recently sent events kept to send again after losing the proxy
+    # (bot_client/resend.py); 0 events turns it off
+    resend_events: int = 100_000
+    resend_bytes: int = 32 * 1024 * 1024
+    resend_seconds: float = 10.0
+    resend_settle: float = 1.0
 
     def __post_init__(self) -> None:
         for setting in SPECS:
@@ -258,6 +264,22 @@ SPECS: Final = (
         "SYSTEM__TRADEBUS_KEY_NAME",
         Form("a key name: letters, digits, _ . - (the NAME of NAME.key_secret)", _key_name),
         optional=True,
+    ),
+    Setting(
+        "resend_events",
+        "SYSTEM__TRADEBUS_RESEND_EVENTS",
+        whole_number(0, expected="a whole number >= 0 (0 = no resending)"),
+    ),
+    Setting(
+        "resend_bytes",
+        "SYSTEM__TRADEBUS_RESEND_BYTES",
+        whole_number(1, expected="a whole number of bytes >= 1"),
+    ),
+    Setting("resend_seconds", "SYSTEM__TRADEBUS_RESEND_SECONDS", number(0, expected="seconds > 0")),
+    Setting(
+        "resend_settle",
+        "SYSTEM__TRADEBUS_RESEND_SETTLE",
+        number(0, above=False, expected="seconds >= 0"),
     ),
 )
 SPEC_BY_FIELD: Final = {setting.field: setting for setting in SPECS}

@@ -21,9 +21,10 @@ from zmq.utils.monitor import recv_monitor_message
 from bot_client.core import Entry
 from bot_client.errors import SettingsError
 from bot_client.links import BLOCKED_WAIT, IDLE_WAIT, LinkHost
+from bot_client.zmq_resend import ZmqResend
 from bus.errors import AuthError, KeyFileError
 from bus.keys import ClientKeys, configure_client, judge_handshake, load_client_keys
-from bus.transport import batch_sender
+from bus.transport import batch_sender, sender
 from monitoring.logging import redact
 
 # Messages libzmq itself holds per connection; beyond it our outbox's policy applies.
@@ -106,8 +107,16 @@ class ZmqLink:
             )
         self._monitor = xpub.get_monitor_socket(events)
         self._xpub = xpub
-        # many messages per call, sent with the GIL released (bus.transport)
-        self._send = batch_sender(xpub)
+        # the hand-off and outbox: many messages per call, sent with the GIL released
+        self._send_batch = batch_sender(xpub)
+        # the resend window: one call per three-frame message; False when the pipe is full
+        self._send = sender(xpub)
+        # resend: what was sent shortly before losing the proxy goes again (None: off).
+        # With it, ZMQ_IMMEDIATE: libzmq discards what it still held for a lost connection
+        # instead of sending it on the next one ahead of the older events sent again.
+        self._resend = ZmqResend.of(host)
+        if self._resend is not None:
+            xpub.setsockopt(zmq.IMMEDIATE, 1)
         xpub.connect(settings.url)
 
     def start(self) -> None:
@@ -128,10 +137,10 @@ class ZmqLink:
             self._wake_w.send(b"\x00")
 
     def in_flight(self) -> int:
-        return 0
+        return 0 if self._resend is None else self._resend.in_flight()  # resend
 
     def abandoned(self) -> list[Entry]:
-        return []
+        return [] if self._resend is None else self._resend.abandoned()  # resend
 
     # -- the thread -------------------------------------------------------------------------
     def _run(self) -> None:
@@ -156,10 +165,13 @@ class ZmqLink:
                     next_due = run_timers(now, self.connected)
                     self._read_monitor()
                     self._read_subscriptions()
-                sent, blocked = delivery.drain(self._send) if self.connected else (0, False)
+                    if self._resend is not None:  # resend
+                        self._resend.collect(now)
+                sent, blocked = self._drain() if self.connected else (0, False)
                 if sent:
                     last_busy = now
-                if self._stop.is_set() and (delivery.idle() or now >= self._deadline):
+                idle = delivery.idle() and not self.in_flight()
+                if self._stop.is_set() and (idle or now >= self._deadline):
                     break
                 if blocked:
                     selector.select(BLOCKED_WAIT)
@@ -185,6 +197,15 @@ class ZmqLink:
         finally:
             selector.close()
             self._close_sockets()
+
+    def _drain(self) -> tuple[int, bool]:
+        """(sent, the pipe is full): in-doubt events first (resend), then the delivery's."""
+        resend = self._resend
+        if resend is not None:
+            resent, blocked, hold = resend.drain(self._send, time.monotonic())
+            if hold:
+                return resent, blocked
+        return self._delivery.drain(self._send_batch)
 
     def _sleep(self, selector: selectors.BaseSelector, wait: float) -> None:
         delivery = self._delivery
@@ -213,6 +234,8 @@ class ZmqLink:
                 self._ever_up = True
             elif kind == zmq.EVENT_DISCONNECTED:
                 self._link_up = False
+                if self._resend is not None:  # resend
+                    self._resend.lost(time.monotonic())
             elif kind == zmq.EVENT_CONNECT_RETRIED:
                 attempts = counters.connect_attempts = counters.connect_attempts + 1
                 if attempts in (1, 10, 100) or attempts % 1000 == 0:
@@ -256,6 +279,8 @@ class ZmqLink:
                 message = self._xpub.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
+            if self._resend is not None:  # resend
+                self._resend.observe(message)
             # only the proxy's subscribe-all counts; it also forwards subscribers' own
             # (un)subscriptions, such as snapshot sync markers, which say nothing about us
             if message == b"\x01":
@@ -271,6 +296,8 @@ class ZmqLink:
         self.connected = connected
         url = self._host.settings.loggable_url
         if connected:
+            if self._resend is not None:  # resend
+                self._resend.reconnected(time.monotonic())
             self._log.info(
                 "bus.publisher_connected",
                 message="bus publisher connected to the bus",

@@ -251,13 +251,19 @@ class PublisherCollector(Collector):
             status.get("queued"),
         )
         yield counter(
+            "tradebus_publisher_resent_events",
+            "Events sent again after a reconnect (unacknowledged, or in doubt after a lost proxy)",
+            status.get("resent"),
+        )
+        yield counter(
             "tradebus_publisher_reconnects",
             "Connection attempts after the first",
             status.get("reconnects"),
         )
         dropped = CounterMetricFamily(
             "tradebus_publisher_dropped_events",
-            "Events dropped because the queue was full, by event type",
+            "Events dropped (queue full, in doubt after a lost proxy and not resendable,"
+            " rejected, undelivered at close), by event type",
             labels=["source", "type"],
         )
         drops = status.get("dropped")
