@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # toolchain (playwright, mypy, ruff, numpy...: about 420 MB).
 RUN_STAMP := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
-SOURCES := pyproject.toml bus/_wire.c
+SOURCES := pyproject.toml setup.py bus/_wire.pyx
 # setuptools' generic notices (an editable install; the ext-modules table is "experimental")
 # print as boxed warnings a newcomer takes for a failure; real errors still show
 QUIET_SETUPTOOLS := PYTHONWARNINGS='ignore:Editable installation,ignore:`[tool.setuptools.ext-modules]`'
@@ -18,12 +18,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# pip --quiet hides the build's warning when an optional accelerator was not built: say it
+ACCELERATOR_CHECK := $(BIN)/python -c "import bus.transport as t; t.ACCELERATED or print('WARNING: bus._wire is off, pyzmq calls only (slower):', t.ACCELERATOR_PROBLEM)"
+
 $(RUN_STAMP): $(BIN)/python $(SOURCES)
 	$(QUIET_SETUPTOOLS) $(BIN)/python -m pip install --quiet -e .
+	@$(ACCELERATOR_CHECK)
 	touch $(RUN_STAMP)
 
 $(TEST_STAMP): $(BIN)/python $(SOURCES)
 	$(QUIET_SETUPTOOLS) $(BIN)/python -m pip install --quiet -e '.[test]'
+	@$(ACCELERATOR_CHECK)
 	touch $(TEST_STAMP) $(RUN_STAMP)
 
 venv: $(TEST_STAMP)

@@ -4,10 +4,15 @@ Run: ``python -m bench.bench_bus_throughput`` (or ``make bench``). Prints, measu
 same run:
 
 * raw pyzmq PUB -> SUB, one 300-byte frame, no proxy, no envelope (the baseline);
-* tradebus publisher -> ``tradebus`` proxy with its last-value cache -> SUB, 300-byte
-  three-frame envelopes (topic + meta + payload);
+* tradebus publisher -> ``tradebus`` proxy (gate, last-value cache and history, the
+  defaults) -> SUB, 300-byte three-frame envelopes (topic + meta + payload);
+* the same on the pure-Python path (``TRADEBUS_NO_ACCELERATOR`` in all three processes:
+  pyzmq's calls instead of bus._wire), to show what the accelerator buys;
 * the same with the cache but no history (``history_events=0``), to show what the history
-  costs, and through a proxy with ``cache=False``, to show what the cache costs;
+  costs, without the gate (libzmq's own loop), with CURVE on every hop, and through a
+  proxy with ``cache=False``, to show what the cache costs;
+* CPU time per event of each process, and of the proxy's threads (forwarder, cache,
+  libzmq's I/O thread), so that "2 cores allow at most N events/s" can be read off;
 * below saturation, paced at ``--latency-rates``: publish -> receive latency through the
   proxy with the cache on and off (the cache must not slow forwarding).
 
@@ -40,7 +45,14 @@ import zmq.backend
 
 from bus.envelope import META_HEADER_SIZE, encode_meta, meta_publish_ns
 from bus.keys import ClientKeys, configure_client, create_key, load_client_keys, load_server_keys
-from bus.transport import ACCELERATED, NOBLOCK, receiver, sender
+from bus.transport import (
+    ACCELERATED,
+    ACCELERATOR_OFF_VARIABLE,
+    ACCELERATOR_PROBLEM,
+    NOBLOCK,
+    receiver,
+    sender,
+)
 
 EVENT_BYTES = 300
 HWM = 2_000_000
@@ -271,7 +283,8 @@ def _proxy(
     )
     cache = config.cache
     with Proxy(config) as proxy:
-        forwarder, *cache_thread = [t.native_id for t in reversed(proxy._threads)]
+        forwarder = proxy.threads["forwarder"].native_id
+        cache_thread = [t.native_id for job, t in proxy.threads.items() if job == "cache"]
         stop.wait()
         # the subscriber has everything; how far behind is the (lower-priority) cache?
         backlog = count - proxy.cache.stats.events if cache else 0
@@ -301,12 +314,15 @@ class Run:
     cache_gaps: int = 0
 
 
-def _free_endpoint() -> str:
-    context = zmq.Context.instance()
-    probe = context.socket(zmq.PUB)
-    port = probe.bind_to_random_port("tcp://127.0.0.1")
-    probe.close(linger=0)
-    return f"tcp://127.0.0.1:{port}"
+def _free_endpoints(count: int) -> list[str]:
+    """``count`` distinct loopback endpoints free right now (probed together: a port
+    probed and closed alone may be handed out again to the next probe)."""
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    probes = [context.socket(zmq.PUB) for _ in range(count)]
+    ports = [probe.bind_to_random_port("tcp://127.0.0.1") for probe in probes]
+    for probe in probes:
+        probe.close(linger=0)
+    return [f"tcp://127.0.0.1:{port}" for port in ports]
 
 
 @contextlib.contextmanager
@@ -329,9 +345,10 @@ def _measure(
     envelope: bool,
     proxy_options: dict[str, Any] | None,
     client_keys: tuple[ClientKeys, ClientKeys] | None = None,
+    environment: dict[str, str] | None = None,
 ) -> Run:
     """One run; ``proxy_options`` (ProxyConfig fields) None means no proxy (publisher binds,
-    subscriber connects)."""
+    subscriber connects); ``environment`` is added to every process's."""
     spawn = mp.get_context("spawn")
     go = spawn.Event()
     stop = spawn.Event()
@@ -340,11 +357,11 @@ def _measure(
     proxy_report, proxy_end = spawn.Pipe(duplex=False)
     processes = []
     if proxy_options is None:
-        endpoint = _free_endpoint()
+        (endpoint,) = _free_endpoints(1)
         pub_args = (endpoint, True, count, envelope, go, pub_end)
         sub_args = (endpoint, False, count, envelope, go, sub_end)
     else:
-        frontend, backend, snapshot = (_free_endpoint() for _ in range(3))
+        frontend, backend, snapshot = _free_endpoints(3)
         proxy_args = (frontend, backend, snapshot, proxy_options, count, stop, proxy_end)
         processes.append(spawn.Process(target=_proxy, args=proxy_args))
         publisher_keys, subscriber_keys = client_keys or (None, None)
@@ -352,7 +369,7 @@ def _measure(
         sub_args = (backend, False, count, envelope, go, sub_end, subscriber_keys)
     processes.append(spawn.Process(target=_subscriber, args=sub_args))
     processes.append(spawn.Process(target=_publisher, args=pub_args))
-    with _running(processes, stop):
+    with _environment(environment or {}), _running(processes, stop):
         started: float = pub_report.recv()
         finished, received, subscriber_cpu = sub_report.recv()
         run = Run(received / (finished - started), received, pub_report.recv(), subscriber_cpu)
@@ -360,6 +377,21 @@ def _measure(
         if proxy_options is not None:
             run.proxy_cpu, run.cache_backlog, run.cached, run.cache_gaps = proxy_report.recv()
     return run
+
+
+@contextlib.contextmanager
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+    """``variables`` set while processes start (spawn copies the environment then)."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _measure_latency(rate: int, seconds: float, proxy_cache: bool) -> tuple[int, ...]:
@@ -371,7 +403,7 @@ def _measure_latency(rate: int, seconds: float, proxy_cache: bool) -> tuple[int,
     pub_report, pub_end = spawn.Pipe(duplex=False)
     sub_report, sub_end = spawn.Pipe(duplex=False)
     _proxy_report, proxy_end = spawn.Pipe(duplex=False)
-    frontend, backend, snapshot = (_free_endpoint() for _ in range(3))
+    frontend, backend, snapshot = _free_endpoints(3)
     processes = [
         spawn.Process(
             target=_proxy,
@@ -392,7 +424,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="runs per configuration")
     parser.add_argument(
         "--only",
-        choices=["baseline", "cache", "nohistory", "nogate", "curve", "nocache"],
+        choices=["baseline", "cache", "python", "nohistory", "nogate", "curve", "nocache"],
         action="append",
         help="run only these",
     )
@@ -424,36 +456,43 @@ def main() -> None:
         load_client_keys(keys_dir, "bench-publisher"),
         load_client_keys(keys_dir, "bench-subscriber"),
     )
-    # (envelope, proxy options or None for no proxy, --only key, client keys)
+    pure_python = {ACCELERATOR_OFF_VARIABLE: "1"}
+    # (envelope, proxy options or None for no proxy, --only key, client keys, environment)
     configurations: dict[
-        str, tuple[bool, dict[str, Any] | None, str, tuple[ClientKeys, ClientKeys] | None]
+        str,
+        tuple[
+            bool, dict[str, Any] | None, str, tuple[ClientKeys, ClientKeys] | None, dict[str, str]
+        ],
     ] = {
-        "raw PUB -> SUB (baseline)": (False, None, "baseline", None),
-        "proxy, cache on": (True, cache_options, "cache", None),
-        # the cache with its history (bus/history.py, on by default) vs without
+        "raw PUB -> SUB (baseline)": (False, None, "baseline", None, {}),
+        # the default proxy: gate, cache and its history (bus/history.py)
+        "proxy, cache on": (True, cache_options, "cache", None, {}),
+        # the same on pyzmq's calls alone (bus._wire not used), at all three processes
+        "proxy, cache on, pure Python": (True, cache_options, "python", None, pure_python),
         "proxy, cache on, no history": (
             True,
             {**cache_options, "history_events": 0},
             "nohistory",
             None,
+            {},
         ),
-        "proxy, no gate, cache on": (True, {**cache_options, "gate": False}, "nogate", None),
-        "proxy, cache on, CURVE": (True, curve, "curve", curve_clients),
-        "proxy, cache off": (True, {"cache": False}, "nocache", None),
+        "proxy, no gate, cache on": (True, {**cache_options, "gate": False}, "nogate", None, {}),
+        "proxy, cache on, CURVE": (True, curve, "curve", curve_clients, {}),
+        "proxy, cache off": (True, {"cache": False}, "nocache", None, {}),
     }
     results: dict[str, list[Run]] = {name: [] for name in configurations}
     print(
         f"{args.events} events of {EVENT_BYTES} bytes per run, {args.rounds} rounds, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, "
-        f"C accelerator {'on' if ACCELERATED else 'OFF'}",
+        f"accelerator bus._wire {'on' if ACCELERATED else f'OFF ({ACCELERATOR_PROBLEM})'}",
         flush=True,
     )
     # interleave configurations so a busy spell on the machine hits them alike
     for _round in range(args.rounds):
-        for name, (envelope, options, key, clients) in configurations.items():
+        for name, (envelope, options, key, clients, environment) in configurations.items():
             if args.only and key not in args.only:
                 continue
-            results[name].append(_measure(args.events, envelope, options, clients))
+            results[name].append(_measure(args.events, envelope, options, clients, environment))
     medians = {}
     for name, runs in results.items():
         if not runs:
@@ -521,6 +560,9 @@ def main() -> None:
     without_gate = medians.get("proxy, no gate, cache on")
     if with_cache and without_gate:
         print(f"ratio proxy gate on / gate off:        {with_cache / without_gate:.2f}")
+    pure = medians.get("proxy, cache on, pure Python")
+    if with_cache and pure:
+        print(f"ratio proxy accelerated / pure Python:  {with_cache / pure:.2f}")
     with_curve = medians.get("proxy, cache on, CURVE")
     if with_cache and with_curve:
         print(f"ratio proxy CURVE on / off (gate on):  {with_curve / with_cache:.2f}")

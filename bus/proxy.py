@@ -1,11 +1,12 @@
 """The XSUB/XPUB proxy with a gate, a last-value cache and a snapshot service.
 
 The forwarding thread receives every publisher message, lets it pass only if the gate
-(bus/gate.py) accepts it, and sends it on to the subscribers and to the capture socket;
-refused messages are counted by reason and logged at a bounded rate. Subscriptions flow
-the other way untouched. The capture socket copies every forwarded message, in forwarding
-order and subscription messages included, to the cache thread, which keeps the latest
-event of every topic and answers snapshot requests. So nothing the gate refuses reaches a
+(bus/gate.py) accepts it, and sends it on to the subscribers and appends it to the
+capture queue; refused messages are counted by reason and logged at a bounded rate.
+Subscriptions flow the other way untouched. The capture queue holds every forwarded
+message, in forwarding order and subscription messages included, as the very frames the
+forwarder received, for the cache thread, which keeps the latest event of every topic and
+answers snapshot requests. So nothing the gate refuses reaches a
 subscriber, the cache or a snapshot.
 
 Publishers are identified per message by the ZAP User-Id libzmq attaches: with keys
@@ -15,7 +16,7 @@ connection when it is made (the proxy answers ZAP requests for the NULL mechanis
 Consistent snapshots (no gap, no unmarked duplicate between snapshot and live stream):
 a subscriber first subscribes to its patterns and to the marker ``\\x00sync.<nonce>``, then
 asks for a snapshot naming that nonce. The marker's subscription passes through the proxy
-after the subscriber's other subscriptions took effect, and the capture stream shows it at
+after the subscriber's other subscriptions took effect, and the capture queue shows it at
 exactly that point, so the cache answers with the state as of that point: every earlier
 event is in the snapshot, every later one reaches the subscriber live. Events that arrive
 live *and* in the snapshot carry the same (source, epoch, seq) and are dropped by the
@@ -32,6 +33,7 @@ import string
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final
@@ -50,7 +52,6 @@ from bus.topics import Pattern
 from bus.transport import (
     IdentifiedReceiver,
     Receiver,
-    cache_drainer,
     identified_receiver,
     receiver,
     sender,
@@ -87,7 +88,7 @@ MAX_PARKED_REQUESTS: Final = 10_000
 # off to CACHE_DRAIN_IDLE_MS when idle; a snapshot request always drains first.
 CACHE_DRAIN_BUSY_MS: Final = 2
 CACHE_DRAIN_IDLE_MS: Final = 100
-# at most this many messages per C call: the call holds the GIL (about 2 ms here)
+# at most this many messages per drain between two looks at snapshot requests
 CACHE_DRAIN_BATCH: Final = 2_000
 # a topic starts with a letter (docs/protocol.md), a payload is a JSON object
 _TOPIC_FIRST_BYTES: Final = frozenset(bytes([c]) for c in string.ascii_letters.encode())
@@ -221,20 +222,25 @@ class LastValueCache:
         return frames
 
 
-def drain_capture_python(
-    receive: Receiver, cache: LastValueCache, limit: int
+# the forwarder's copy of what it forwarded, for the cache thread (deque appends and
+# pops are atomic: the two threads need no lock)
+CaptureQueue = deque[tuple[bytes, ...]]
+
+
+def drain_capture(
+    captured: CaptureQueue, cache: LastValueCache, limit: int
 ) -> tuple[int, bytes | None]:
     """Feed up to ``limit`` captured messages to ``cache``: (messages, sync marker or None).
 
     Stops after a snapshot sync subscription and returns it, so that the caller answers
-    the snapshots waiting for it before later events reach the cache. bus/_wire.c's
-    cache_drain does the same in C; this is its reference (the tests compare them).
+    the snapshots waiting for it before later events reach the cache.
     """
+    take = captured.popleft
     count = 0
     while count < limit:
         try:
-            frames = receive()
-        except zmq.Again:
+            frames = take()
+        except IndexError:
             break
         count += 1
         if len(frames) == 3:
@@ -334,6 +340,12 @@ class Proxy:
         self._tag = f"{id(self):x}"
 
     @property
+    def threads(self) -> dict[str, threading.Thread]:
+        """The proxy's threads by job, once started: "forwarder", and "cache" when the
+        cache is on (benchmarks read their CPU time by ``native_id``)."""
+        return {thread.name.removeprefix("tradebus-"): thread for thread in self._threads}
+
+    @property
     def auth_refused(self) -> int:
         """Connections refused with keys on: keys not authorized, and peers without CURVE."""
         authenticator = self.authenticator
@@ -421,8 +433,13 @@ class Proxy:
         # cache, and publishers may take it as their "connected" signal.
         frontend.send(bytes([_SUBSCRIBE]))
 
+        # without the gate, libzmq's loop copies what it forwards to a capture socket, from
+        # which the cache thread fills the queue
+        captured: CaptureQueue | None = None
         capture: zmq.Socket[bytes] | None = None
+        capture_in: zmq.Socket[bytes] | None = None
         if config.cache:
+            captured = deque()
             snapshot = self._socket(zmq.ROUTER)
             # with ROUTER_MANDATORY a reply to a requester whose queue is full raises EAGAIN
             # (counted) instead of vanishing, and unread replies stay bounded
@@ -431,20 +448,21 @@ class Proxy:
             if keys is not None:
                 configure_server(snapshot, keys)
             self.snapshot_endpoint = _bind(snapshot, config.snapshot, "snapshot (ROUTER)")
-            capture = self._socket(zmq.PUB)
-            capture.sndhwm = config.capture_hwm
-            capture.bind(f"inproc://tradebus-capture-{self._tag}")
-            capture_in = self._socket(zmq.SUB)
-            capture_in.rcvhwm = config.capture_hwm
-            capture_in.subscribe(b"")
-            capture_in.connect(f"inproc://tradebus-capture-{self._tag}")
+            if not config.gate:
+                capture = self._socket(zmq.PUB)
+                capture.sndhwm = config.capture_hwm
+                capture.bind(f"inproc://tradebus-capture-{self._tag}")
+                capture_in = self._socket(zmq.SUB)
+                capture_in.rcvhwm = config.capture_hwm
+                capture_in.subscribe(b"")
+                capture_in.connect(f"inproc://tradebus-capture-{self._tag}")
             cache_control_in = self._socket(zmq.PAIR)
             cache_control_in.bind(f"inproc://tradebus-cache-control-{self._tag}")
             self._cache_control = self._socket(zmq.PAIR)
             self._cache_control.connect(f"inproc://tradebus-cache-control-{self._tag}")
             cache_thread = threading.Thread(
                 target=self._run_cache,
-                args=(capture_in, snapshot, cache_control_in),
+                args=(captured, capture_in, snapshot, cache_control_in),
                 name="tradebus-cache",
                 daemon=True,
             )
@@ -463,12 +481,20 @@ class Proxy:
                 monitor.linger = 0
                 self._sockets.append(monitor)
                 monitors.append(monitor)
-        forwarder = threading.Thread(
-            target=self._run_gate if config.gate else self._run_forwarder,
-            args=(frontend, backend, capture, control_in, zap, monitors),
-            name="tradebus-forwarder",
-            daemon=True,
-        )
+        if config.gate:
+            forwarder = threading.Thread(
+                target=self._run_gate,
+                args=(frontend, backend, captured, control_in, zap, monitors),
+                name="tradebus-forwarder",
+                daemon=True,
+            )
+        else:
+            forwarder = threading.Thread(
+                target=self._run_forwarder,
+                args=(frontend, backend, capture, control_in),
+                name="tradebus-forwarder",
+                daemon=True,
+            )
         self._threads.append(forwarder)
         for thread in self._threads:
             thread.start()
@@ -511,8 +537,6 @@ class Proxy:
         backend: zmq.Socket[bytes],
         capture: zmq.Socket[bytes] | None,
         control: zmq.Socket[bytes],
-        _zap: zmq.Socket[bytes] | None,
-        _monitors: list[zmq.Socket[bytes]],
     ) -> None:
         """Forwarding without the gate (benchmarks only): libzmq's loop, no Python per message."""
         with contextlib.suppress(zmq.ContextTerminated):
@@ -522,14 +546,13 @@ class Proxy:
         self,
         frontend: zmq.Socket[bytes],
         backend: zmq.Socket[bytes],
-        capture: zmq.Socket[bytes] | None,
+        captured: CaptureQueue | None,
         control: zmq.Socket[bytes],
         zap: zmq.Socket[bytes] | None,
         monitors: list[zmq.Socket[bytes]],
     ) -> None:
         receive = identified_receiver(frontend)
         send_out = sender(backend)
-        send_capture = sender(capture) if capture is not None else None
         refusals = RefusalLog()
         handshake_log = RefusalLog(per_second=1.0)
         poller = zmq.Poller()
@@ -549,9 +572,9 @@ class Proxy:
                     if monitor in ready:
                         self._count_handshake_failure(monitor, handshake_log)
                 if backend in ready:
-                    _forward_subscriptions(backend, frontend, capture)
+                    _forward_subscriptions(backend, frontend, captured)
                 if frontend in ready:
-                    self._forward_events(receive, send_out, send_capture, refusals)
+                    self._forward_events(receive, send_out, captured, refusals)
 
     def _count_handshake_failure(self, monitor: zmq.Socket[bytes], limiter: RefusalLog) -> None:
         event = recv_monitor_message(monitor, zmq.NOBLOCK)
@@ -570,11 +593,12 @@ class Proxy:
         self,
         receive: IdentifiedReceiver,
         send_out: Callable[[bytes, bytes, bytes], bool],
-        send_capture: Callable[[bytes, bytes, bytes], bool] | None,
+        captured: CaptureQueue | None,
         refusals: RefusalLog,
     ) -> None:
         """Up to GATE_BATCH queued publisher messages through the gate."""
         check = self.gate.check
+        capture_hwm = self.config.capture_hwm
         now = time.monotonic()
         wall_ns = time.time_ns()
         for _ in range(GATE_BATCH):
@@ -593,14 +617,16 @@ class Proxy:
             if refusal is None:
                 topic, meta, payload = frames
                 send_out(topic, meta, payload)
-                if send_capture is not None:
-                    send_capture(topic, meta, payload)
+                # past capture_hwm the cache misses the event (a cache gap), never a subscriber
+                if captured is not None and len(captured) < capture_hwm:
+                    captured.append(frames)
             else:
                 _log_refusal(refusal, refusals, now)
 
     def _run_cache(
         self,
-        capture: zmq.Socket[bytes],
+        captured: CaptureQueue,
+        capture: zmq.Socket[bytes] | None,
         snapshot: zmq.Socket[bytes],
         control: zmq.Socket[bytes],
     ) -> None:
@@ -609,16 +635,17 @@ class Proxy:
         # queue; only past capture_hwm are updates dropped, and counted as cache gaps.
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.cache_nice)
-        receive = receiver(capture)
-        drain = cache_drainer(capture) or functools.partial(drain_capture_python, receive)
+        # without the gate: what libzmq's loop copied to the capture socket
+        fill = functools.partial(_fill_capture, receiver(capture), captured) if capture else None
+        drain = functools.partial(drain_capture, captured)
         if self.history is not None:
-            # the cache hands what it kept to the history after each drain (bus/_wire.c)
+            # the cache hands what it kept to the history after each drain
             self.cache.accepted = []
-        # The capture socket is drained on a cadence, not when it becomes readable: waiting
-        # on it would make the forwarder wake this thread for every event, a system call
-        # (and on a VM an interrupt to the other CPU) made before the event goes on to the
-        # subscribers. Snapshot requests and stop still wake the thread at once, and each
-        # request is answered after a drain (docs/performance.md has the measurements).
+        # The capture queue is drained on a cadence: having the forwarder wake this thread
+        # for every event would cost a system call (and on a VM an interrupt to the other
+        # CPU) made before the event goes on to the subscribers. Snapshot requests and stop
+        # still wake the thread at once, and each request is answered after a drain
+        # (docs/performance.md has the measurements).
         poller = zmq.Poller()
         poller.register(snapshot, zmq.POLLIN)
         poller.register(control, zmq.POLLIN)
@@ -631,6 +658,8 @@ class Proxy:
             if control in ready:
                 return
             now = time.monotonic()
+            if fill is not None:
+                fill(CACHE_DRAIN_BATCH)
             drained = self._drain_capture(drain, snapshot, seen_syncs, parked, now)
             if drained >= CACHE_DRAIN_BATCH:
                 wait_ms = 0  # more is queued: go on after a look at requests
@@ -890,7 +919,7 @@ def _answer_zap(zap: zmq.Socket[bytes], connections: int) -> int:
 
 
 def _forward_subscriptions(
-    backend: zmq.Socket[bytes], frontend: zmq.Socket[bytes], capture: zmq.Socket[bytes] | None
+    backend: zmq.Socket[bytes], frontend: zmq.Socket[bytes], captured: CaptureQueue | None
 ) -> None:
     """Every queued (un)subscription from the subscribers on to the publishers and the cache."""
     while True:
@@ -899,8 +928,17 @@ def _forward_subscriptions(
         except zmq.Again:
             return
         frontend.send_multipart(message)
-        if capture is not None:
-            capture.send_multipart(message)
+        if captured is not None:
+            captured.append(tuple(message))
+
+
+def _fill_capture(receive: Receiver, captured: CaptureQueue, limit: int) -> None:
+    """Up to ``limit`` messages from the capture socket into the queue (no gate only)."""
+    for _ in range(limit):
+        try:
+            captured.append(receive())
+        except zmq.Again:
+            return
 
 
 def _log_refusal(refusal: Refusal, refusals: RefusalLog, now: float) -> None:

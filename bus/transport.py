@@ -2,28 +2,27 @@
 
 pyzmq costs about 0.5 us of interpreter work per frame on this project's machines, and
 ``send_multipart``/``recv_multipart`` several microseconds per frame; a bus message has
-three frames and every hop handles millions of them. ``bus._wire`` (bus/_wire.c) sends or
-receives a whole message in one C call: measured 0.35 us for the three frames of a send
-against 1.5 us for three of pyzmq's Cython sends (docs/performance.md).
+three frames and every hop handles millions of them. ``bus._wire`` (bus/_wire.pyx, Cython)
+sends or receives a whole message in one call: docs/performance.md has what it buys, with
+the pure pyzmq path measured beside it in the same run.
 
-The C module calls libzmq's functions as resolved through pyzmq's own extension module
-(and only if that libzmq reports pyzmq's version), so it acts on the same library instance
-and sockets as pyzmq. Where it cannot be built (no C compiler) or bound, the same
-functions run on pyzmq's Cython calls: ``ACCELERATED`` tells which, and the benchmarks
-print it.
+``bus._wire`` calls libzmq through the declarations pyzmq documents for Cython and is
+linked to the libzmq pyzmq loaded (setup.py). Where it was not built (no compiler, no
+zmq.h), or the libzmq it calls is not the version pyzmq reports, or
+``TRADEBUS_NO_ACCELERATOR`` is set, the same functions run on pyzmq's calls:
+``ACCELERATED`` tells which, ``ACCELERATOR_PROBLEM`` why not, and the benchmarks print it.
 
 ``sender(socket)`` and ``receiver(socket)`` return callables bound to one socket for hot
-loops. They hold the socket itself and read its address on every call: on a closed socket
-they raise ``zmq.ZMQError`` (ENOTSOCK), as pyzmq does.
+loops. They hold the socket itself: on a closed socket they raise ``zmq.ZMQError``
+(ENOTSOCK), as pyzmq does.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 import zmq
 import zmq.backend
@@ -45,71 +44,23 @@ AnySocket = zmq.Socket[bytes] | zmq.backend.Socket
 Sender = Callable[[bytes, bytes, bytes], bool]
 Receiver = Callable[[], tuple[bytes, ...]]
 
-_LIBZMQ_FUNCTIONS: Final = (
-    "zmq_send",
-    "zmq_msg_init",
-    "zmq_msg_recv",
-    "zmq_msg_data",
-    "zmq_msg_size",
-    "zmq_msg_more",
-    "zmq_msg_close",
-)
 
-
-def _pyzmq_libzmq() -> ctypes.CDLL | None:
-    """libzmq as pyzmq's own extension module sees it.
-
-    Symbols looked up through that module resolve the way the module's own calls do (its
-    bundled libzmq, a system one, or libzmq linked into it), so they belong to the library
-    instance that owns pyzmq's sockets, whatever else the process has loaded.
-    """
-    try:
-        from zmq.backend.cython import _zmq
-
-        library = ctypes.CDLL(_zmq.__file__)
-        version = library.zmq_version
-    except (ImportError, OSError, AttributeError):
-        return None
-    major, minor, patch = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-    version(ctypes.byref(major), ctypes.byref(minor), ctypes.byref(patch))
-    if (major.value, minor.value, patch.value) != zmq.zmq_version_info():
-        return None  # not the libzmq pyzmq reports: do not guess
-    return library
-
-
-def _bind_accelerator() -> bool:
+def _accelerator_problem() -> str | None:
+    """Why bus._wire is not used, or None when it is (and bound below)."""
     if os.environ.get(ACCELERATOR_OFF_VARIABLE):
-        return False
+        return f"{ACCELERATOR_OFF_VARIABLE} is set"
     try:
         from bus import _wire
-    except ImportError:
-        return False
-    library = _pyzmq_libzmq()
-    if library is None:
-        return False
-    try:
-        functions = [getattr(library, name) for name in _LIBZMQ_FUNCTIONS]
-    except AttributeError:
-        return False
-    found = [ctypes.cast(function, ctypes.c_void_p).value for function in functions]
-    addresses = [address for address in found if address]
-    if len(addresses) != len(_LIBZMQ_FUNCTIONS):
-        return False
-    send, msg_init, msg_recv, msg_data, msg_size, msg_more, msg_close = addresses
-    _wire.bind(
-        send, msg_init, msg_recv, msg_data, msg_size, msg_more, msg_close, zmq.ZMQError, zmq.Again
-    )
-    global _send3, _recv_message, _recv_identified, _cache_drain, _send_address
-    _send_address = send
+    except ImportError as error:
+        return f"bus._wire is not built or not loadable: {error}"
+    if _wire.libzmq_version() != zmq.zmq_version_info():
+        # linked to another libzmq than pyzmq's: never act on pyzmq's sockets through it
+        return f"bus._wire calls libzmq {_wire.libzmq_version()}, pyzmq {zmq.zmq_version_info()}"
+    global _send3, _recv_message, _recv_identified
     _send3 = _wire.send3
     _recv_message = _wire.recv_message
-    _cache_drain = _wire.cache_drain
-    gets = getattr(library, "zmq_msg_gets", None)
-    msg_gets = ctypes.cast(gets, ctypes.c_void_p).value if gets is not None else None
-    if msg_gets:
-        _wire.bind_metadata(msg_gets)
-        _recv_identified = _wire.recv_identified
-    return True
+    _recv_identified = _wire.recv_identified
+    return None
 
 
 def _python_send3(socket: AnySocket, topic: bytes, meta: bytes, payload: bytes) -> bool:
@@ -147,18 +98,12 @@ def _rest_of_message(socket: AnySocket, first: bytes) -> tuple[bytes, ...]:
     return tuple(frames)
 
 
-# the C functions once bound (their first argument is the pyzmq socket)
+# bus._wire's functions once bound (their first argument is the pyzmq socket)
 _send3: Callable[[AnySocket, bytes, bytes, bytes], bool] | None = None
 _recv_message: Callable[[AnySocket], tuple[bytes, ...]] | None = None
 _recv_identified: Callable[[AnySocket], tuple[bytes | None, tuple[bytes, ...]]] | None = None
-_cache_drain: Callable[[AnySocket, Any, int], tuple[int, bytes | None]] | None = None
-_send_address: int | None = None
-ACCELERATED: Final = _bind_accelerator()
-
-
-def libzmq_send_address() -> int | None:
-    """The address of the zmq_send the accelerator calls, for other C code; None when off."""
-    return _send_address
+ACCELERATOR_PROBLEM: Final = _accelerator_problem()
+ACCELERATED: Final = ACCELERATOR_PROBLEM is None
 
 
 def sender(socket: AnySocket) -> Sender:
@@ -189,13 +134,6 @@ def identified_receiver(socket: zmq.Socket[bytes]) -> IdentifiedReceiver:
     if _recv_identified is not None:
         return functools.partial(_recv_identified, socket)
     return functools.partial(_python_recv_identified, socket)
-
-
-def cache_drainer(socket: AnySocket) -> Callable[[Any, int], tuple[int, bytes | None]] | None:
-    """The C version of bus.proxy.drain_capture_python bound to ``socket``, if accelerated."""
-    if _cache_drain is not None:
-        return functools.partial(_cache_drain, socket)
-    return None
 
 
 def send_event(socket: AnySocket, topic: bytes, meta: bytes, payload: bytes) -> None:

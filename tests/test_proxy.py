@@ -6,8 +6,9 @@ import re
 import secrets
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 
 import pytest
@@ -17,9 +18,9 @@ from hypothesis import strategies as st
 
 from bus.envelope import encode_event
 from bus.errors import EndpointError
-from bus.proxy import LastValueCache, Proxy, ProxyConfig, drain_capture_python
+from bus.proxy import CaptureQueue, LastValueCache, Proxy, ProxyConfig, drain_capture
 from bus.topics import Pattern
-from bus.transport import ACCELERATED, _python_recv_message, cache_drainer, send_event
+from bus.transport import ACCELERATED, _python_recv_message, receiver, send_event
 from tests.conftest import scaled
 from tests.support import loopback_proxy_config, wait_until
 
@@ -165,6 +166,18 @@ def test_port_in_use_and_bad_endpoints_raise_endpoint_errors(
             Proxy(config).start()
 
 
+def test_threads_are_named_by_job(zmq_context: Context) -> None:
+    anywhere = "tcp://127.0.0.1:*"
+    config = ProxyConfig(frontend=anywhere, backend=anywhere, snapshot=anywhere)
+    with Proxy(config, zmq_context) as proxy:
+        threads = proxy.threads
+        assert sorted(threads) == ["cache", "forwarder"]
+        assert all(thread.is_alive() and thread.native_id for thread in threads.values())
+    without_cache = replace(config, cache=False)
+    with Proxy(without_cache) as proxy:  # its own context: one ZAP handler per context
+        assert list(proxy.threads) == ["forwarder"]
+
+
 def test_proxy_without_cache_forwards_and_has_no_snapshot_socket(zmq_context: Context) -> None:
     config = ProxyConfig(frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*", cache=False)
     with Proxy(config, context=zmq_context) as proxy:
@@ -226,7 +239,7 @@ def test_cache_tracks_each_source_of_a_shared_topic() -> None:
     assert cache.stats.by_type == {"system_status": 9}
 
 
-# -- the C cache drain against its Python reference ------------------------------------------
+# -- the cache fed through bus._wire and through pyzmq's calls ----------------------------
 
 _U64_MAX = 2**64 - 1
 _events = st.builds(
@@ -268,14 +281,14 @@ def _drain_all(
             return calls
 
 
-@pytest.mark.skipif(not ACCELERATED, reason="needs the C accelerator")
+@pytest.mark.skipif(not ACCELERATED, reason="needs the accelerator")
 @settings(max_examples=150, deadline=None)
 @given(
     st.lists(_events | _oddities, max_size=60),
     st.integers(1, 7),
     st.integers(1, 3) | st.sampled_from([2**62, sys.maxsize]),
 )
-def test_c_cache_drain_matches_the_python_reference(
+def test_cache_fed_through_the_accelerator_matches_pyzmqs_calls(
     messages: list[list[bytes]], limit: int, max_topics: int
 ) -> None:
     context: Context = zmq.Context()
@@ -295,23 +308,23 @@ def test_c_cache_drain_matches_the_python_reference(
                 push.send_multipart(frames)
             caches.append(LastValueCache(max_topics))
             caches[-1].accepted = []  # what the proxy's history takes (bus/history.py)
-            c_drain = cache_drainer(pull)
-            assert c_drain is not None
             # the reference reads with pyzmq's own calls, not the accelerator
-            python_receive = partial(_python_recv_message, pull)
-            drains.append(c_drain if index == 0 else partial(drain_capture_python, python_receive))
-        # both sockets hold every message (inproc delivers at send)
-        c_calls = _drain_all(drains[0], caches[0], limit)
+            receive = receiver(pull) if index == 0 else partial(_python_recv_message, pull)
+            captured: CaptureQueue = deque()
+            for _ in messages:
+                captured.append(receive())
+            drains.append(partial(drain_capture, captured))
+        accelerated_calls = _drain_all(drains[0], caches[0], limit)
         python_calls = _drain_all(drains[1], caches[1], limit)
-        assert c_calls == python_calls
-        assert sum(count for count, _sync in c_calls) == len(messages)
-        c_cache, python_cache = caches
-        assert c_cache.entries == python_cache.entries
-        assert list(c_cache.entries) == list(python_cache.entries)  # eviction order too
-        assert c_cache._positions == python_cache._positions
-        assert c_cache._counts == python_cache._counts
-        assert c_cache.accepted == python_cache.accepted
-        assert asdict(c_cache.stats) == asdict(python_cache.stats)
+        assert accelerated_calls == python_calls
+        assert sum(count for count, _sync in accelerated_calls) == len(messages)
+        accelerated_cache, python_cache = caches
+        assert accelerated_cache.entries == python_cache.entries
+        assert list(accelerated_cache.entries) == list(python_cache.entries)  # eviction order too
+        assert accelerated_cache._positions == python_cache._positions
+        assert accelerated_cache._counts == python_cache._counts
+        assert accelerated_cache.accepted == python_cache.accepted
+        assert asdict(accelerated_cache.stats) == asdict(python_cache.stats)
     finally:
         for socket in sockets:
             socket.close(linger=0)

@@ -61,12 +61,26 @@ def test_the_accelerator_is_built_and_bound() -> None:
 
 
 def test_the_variable_turns_the_accelerator_off() -> None:
-    probe = "import bus.transport as t; print(t.ACCELERATED)"
+    probe = "import bus.transport as t; print(t.ACCELERATED, t.ACCELERATOR_PROBLEM)"
     environment = {**os.environ, transport.ACCELERATOR_OFF_VARIABLE: "1"}
     output = subprocess.run(
         [sys.executable, "-c", probe], env=environment, capture_output=True, text=True, timeout=30
     )
-    assert output.stdout.strip() == "False", output.stderr
+    assert output.stdout.strip() == "False TRADEBUS_NO_ACCELERATOR is set", output.stderr
+    assert transport.ACCELERATOR_PROBLEM is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_the_accelerator_calls_the_libzmq_pyzmq_loaded() -> None:
+    # bus._wire is linked to pyzmq's own libzmq (setup.py): never a second copy in the process
+    probe = (
+        "import bus.transport as t; assert t.ACCELERATED, t.ACCELERATOR_PROBLEM; "
+        "print(len({line.split()[-1] for line in open('/proc/self/maps') if 'libzmq' in line}))"
+    )
+    output = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30
+    )
+    assert output.stdout.strip() == "1", output.stderr
 
 
 def test_three_frames_round_trip(
