@@ -3,7 +3,8 @@
 
 pyzmq costs about 0.5 us of interpreter work per frame on top of libzmq's own, and a bus
 message has three frames (docs/performance.md). These functions call libzmq directly,
-non-blocking, with the GIL held, on the libzmq socket of a pyzmq ``Socket``: both come from
+non-blocking, on the libzmq socket of a pyzmq ``Socket`` (with the GIL held, except
+``send_batch``'s sends, which run without it on frames already copied): both come from
 the declarations pyzmq publishes for Cython (``zmq.backend.cython.libzmq`` and the
 ``Socket.handle`` of ``zmq.backend.cython._zmq``; see pyzmq's examples/cython). The module
 is linked to the very libzmq that pyzmq loaded (setup.py says how and why), so it acts on
