@@ -41,10 +41,12 @@ distribution.run_command("build_ext")
 
 
 def _build(directory: Path, source: str, **environment: str) -> subprocess.CompletedProcess[str]:
+    # .ci/run exports TRADEBUS_REQUIRE_ACCELERATORS for the whole run; each test states its own
+    inherited = {k: v for k, v in os.environ.items() if k != "TRADEBUS_REQUIRE_ACCELERATORS"}
     return subprocess.run(
         [sys.executable, "-c", BUILD.format(root=str(ROOT)), source],
         cwd=directory,
-        env={**os.environ, **environment},
+        env={**inherited, **environment},
         capture_output=True,
         text=True,
         timeout=120,
